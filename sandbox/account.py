@@ -1,0 +1,243 @@
+"""One simulated Bouncer account: credits, batches, the processing queue and counters.
+
+No HTTP here. Time is a float of wall-clock seconds from `Clock` (monotonic underneath).
+Progress is computed from elapsed time, not from ticks: `advance(now)` replays every
+completion that fell due since the last call, in order, and starts the next queued batch
+at the exact moment a slot freed. So results do not depend on how often it is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sandbox.verdicts import STATUSES, unverified, verdict
+
+
+class Clock:
+    """Wall-clock seconds that never jump: anchored once, advanced by `time.monotonic`."""
+
+    def __init__(self) -> None:
+        self._wall0 = time.time()
+        self._mono0 = time.monotonic()
+
+    def now(self) -> float:
+        return self._wall0 + (time.monotonic() - self._mono0)
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC with milliseconds and a `Z`, as Bouncer prints it."""
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def address_key(email: str) -> str:
+    return email.strip().lower()
+
+
+def address_digest(email: str) -> bytes:
+    """8 bytes that stand for an address in the sandbox's own bookkeeping."""
+    return hashlib.blake2b(address_key(email).encode(), digest_size=8).digest()
+
+
+@dataclass
+class Batch:
+    batch_id: str
+    entries: list[dict[str, Any]]  # unique entries, first occurrence kept, as received
+    quantity: int  # entries received, duplicates included
+    duplicates: int
+    created: float
+    callback_url: str | None
+    credits: int  # charged at creation
+    status: str = "queued"  # queued | processing | completed | deleted
+    started: float | None = None
+    completed: float | None = None
+    due: float | None = None  # when a processing batch will be done
+    verified: int | None = None  # set when completed: entries that got a real verdict
+    stats: Counter[str] = field(default_factory=Counter)
+    tallied: int = 0  # entries counted into `stats` so far
+
+    @property
+    def unique(self) -> int:
+        return len(self.entries)
+
+
+class Account:
+    """State and rules of the simulated account. Call `advance(now)` before reading it."""
+
+    def __init__(
+        self,
+        *,
+        credits: int,
+        speed: float,
+        time_scale: float,
+        max_processing: int | None,
+    ) -> None:
+        if time_scale <= 0:
+            raise ValueError("time_scale must be > 0")
+        # Addresses per real second per processing batch; inf means instant.
+        self.rate = speed * time_scale if speed > 0 else math.inf
+        self.max_processing = max_processing if max_processing is not None else math.inf
+        self.initial_credits = credits
+        self.reset()
+
+    def reset(self) -> None:
+        self.credits = self.initial_credits
+        self.batches: dict[str, Batch] = {}
+        self.queue: deque[str] = deque()
+        self.processing: list[tuple[float, int, str]] = []  # heap of (due, seq, id)
+        self._seq = 0
+        self._active = 0  # batches in `processing` now
+        self.completed_since: list[Batch] = []  # drained by the app to send callbacks
+        self.credits_charged = 0
+        self.addresses_received = 0
+        self.seen: set[bytes] = set()
+        self.seen_twice: set[bytes] = set()
+        self.max_processing_seen = 0
+
+    # ---- creation -----------------------------------------------------------------------
+
+    def create(self, entries: list[dict[str, Any]], callback_url: str | None, now: float) -> Batch | int:
+        """Accept a batch, or return the credits left when they do not cover it."""
+        unique: list[dict[str, Any]] = []
+        keys: set[str] = set()
+        for entry in entries:
+            key = address_key(entry["email"])
+            if key not in keys:
+                keys.add(key)
+                unique.append(entry)
+        if len(unique) > self.credits:
+            return self.credits
+        self.credits -= len(unique)
+        self.credits_charged += len(unique)
+        self.addresses_received += len(entries)
+        for key in keys:
+            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            if digest in self.seen:
+                self.seen_twice.add(digest)
+            else:
+                self.seen.add(digest)
+        batch = Batch(
+            batch_id=secrets.token_hex(12),
+            entries=unique,
+            quantity=len(entries),
+            duplicates=len(entries) - len(unique),
+            created=now,
+            callback_url=callback_url,
+            credits=len(unique),
+        )
+        self.batches[batch.batch_id] = batch
+        self.queue.append(batch.batch_id)
+        self._fill_slots(now)
+        return batch
+
+    # ---- time ---------------------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Complete every batch due by `now`, starting queued ones as slots free."""
+        while self.processing and self.processing[0][0] <= now:
+            due, _, batch_id = heapq.heappop(self.processing)
+            batch = self.batches[batch_id]
+            if batch.status != "processing" or batch.due != due:
+                continue  # finished early or deleted; its heap entry is stale
+            self._complete(batch, due, verified=batch.unique)
+            self._fill_slots(due)
+        self._fill_slots(now)
+
+    def _fill_slots(self, at: float) -> None:
+        while self.queue and self._active < self.max_processing:
+            batch = self.batches[self.queue.popleft()]
+            batch.status = "processing"
+            batch.started = max(at, batch.created)
+            batch.due = batch.started + batch.unique / self.rate
+            self._active += 1
+            self.max_processing_seen = max(self.max_processing_seen, self._active)
+            if batch.due <= at:
+                # Instant: complete now, which frees the slot for the next one.
+                self._complete(batch, batch.due, verified=batch.unique)
+            else:
+                self._seq += 1
+                heapq.heappush(self.processing, (batch.due, self._seq, batch.batch_id))
+
+    def _complete(self, batch: Batch, at: float, *, verified: int) -> None:
+        if batch.status == "processing":
+            self._active -= 1
+        batch.status = "completed"
+        batch.completed = at
+        batch.verified = verified
+        batch.due = None
+        if batch.callback_url:
+            self.completed_since.append(batch)
+
+    def processed(self, batch: Batch, now: float) -> int:
+        if batch.status == "completed":
+            return batch.unique
+        if batch.status != "processing" or batch.started is None:
+            return 0
+        return min(batch.unique, int((now - batch.started) * self.rate))
+
+    # ---- reads and commands -------------------------------------------------------------
+
+    def get(self, batch_id: str) -> Batch | None:
+        batch = self.batches.get(batch_id)
+        return None if batch is None or batch.status == "deleted" else batch
+
+    def stats_of(self, batch: Batch, now: float) -> dict[str, int]:
+        """Counts by status of the addresses processed so far (tallied incrementally)."""
+        real = batch.verified if batch.status == "completed" else self.processed(batch, now)
+        assert real is not None
+        for entry in batch.entries[batch.tallied : real]:
+            batch.stats[verdict(entry["email"])["status"]] += 1
+        batch.tallied = max(batch.tallied, real)
+        out = {status: batch.stats.get(status, 0) for status in STATUSES}
+        if batch.status == "completed":
+            out["unknown"] += batch.unique - real
+        return out
+
+    def records(self, batch: Batch) -> list[dict[str, Any]]:
+        """One record per unique entry, the entry's own properties carried through."""
+        verified = batch.verified or 0
+        out = []
+        for index, entry in enumerate(batch.entries):
+            email = entry["email"]
+            result = verdict(email) if index < verified else unverified(email)
+            record = {"email": email}
+            record.update(entry)
+            record.update(result)
+            out.append(record)
+        return out
+
+    def finish(self, batch: Batch, now: float) -> None:
+        """Complete now; what was not processed yet comes back `unknown`."""
+        if batch.status == "completed":
+            return
+        if batch.status == "queued":
+            self.queue.remove(batch.batch_id)
+        verified = self.processed(batch, now)
+        self._complete(batch, now, verified=verified)
+        self._fill_slots(now)
+
+    def delete(self, batch: Batch, now: float) -> None:
+        if batch.status == "queued":
+            self.queue.remove(batch.batch_id)
+        if batch.status == "processing":
+            self._active -= 1
+        batch.status = "deleted"
+        batch.entries = []
+        batch.due = None
+        self._fill_slots(now)
+
+    def counts(self) -> dict[str, int]:
+        out = {"queued": 0, "processing": 0, "completed": 0, "deleted": 0}
+        for batch in self.batches.values():
+            out[batch.status] += 1
+        return out

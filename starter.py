@@ -1,0 +1,478 @@
+"""starter.py: submit lists, watch them, fetch results, pause/resume/cancel, run the dev stack.
+
+    python starter.py dev up                      # embedded stack in the background (.dev/)
+    python starter.py submit leads.csv --user alice --wait
+    python starter.py status [USER_BATCH_ID] [--json]
+    python starter.py results USER_BATCH_ID -o out.csv [--status deliverable]
+    python starter.py pause|resume USER_BATCH_ID   (or --lane deliverability)
+    python starter.py cancel USER_BATCH_ID
+
+Exit codes: 0 ok, 1 failed, 2 bad input or unknown id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import orjson
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.service import RPCError
+
+from activities.ingest import UnreadableInput, copy_items
+from devstack import DevStack
+from settings import LANES, Settings
+from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
+from workflows.models import scheduler_id, user_batch_workflow_id
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+dev_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the embedded dev stack (.dev/).")
+app.add_typer(dev_app, name="dev")
+out = Console()
+err = Console(stderr=True)
+
+
+class Priority(str, Enum):
+    critical = "critical"
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def emit_json(obj: object) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+async def temporal(s: Settings) -> Client:
+    try:
+        return await Client.connect(s.temporal_address, namespace=s.temporal_namespace)
+    except RuntimeError as exc:
+        raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. Is the stack up (`starter.py dev up`)?", 1)
+
+
+def db_connect(s: Settings) -> psycopg.Connection:
+    try:
+        return psycopg.connect(s.database_url)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise fail(f"cannot reach Postgres ({first}). Is the stack up (`starter.py dev up`)?", 1)
+
+
+def load_batch(conn: psycopg.Connection, user_batch_id: int, user: str | None) -> tuple:
+    row = conn.execute(
+        "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
+        " created_at, finished_at, summary from user_batches where id = %s",
+        (user_batch_id,),
+    ).fetchone()
+    if row is None or (user is not None and row[1] != user):
+        raise fail(f"no user batch {user_batch_id}" + (f" for user {user}" if user else ""))
+    return row
+
+
+# ---- dev stack ----------------------------------------------------------------------------
+
+
+def stack() -> DevStack:
+    return DevStack(Path(".dev"))
+
+
+@dev_app.command("up")
+def dev_up(
+    worker: Annotated[bool, typer.Option(help="Also start a worker")] = True,
+) -> None:
+    """Start Postgres, the Temporal dev server (Web UI), the Bouncer sandbox and a worker."""
+    st = stack()
+    with out.status("starting the embedded stack..."):
+        st.up(worker=worker)
+    out.print(f"stack up: Temporal {st.temporal_address}, Web UI http://127.0.0.1:{st.ui_port}, "
+              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}")
+
+
+@dev_app.command("down")
+def dev_down() -> None:
+    """Stop everything `dev up` started (state stays in .dev/)."""
+    stack().down()
+    out.print("stack down")
+
+
+@dev_app.command("status")
+def dev_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Which parts of the dev stack are running."""
+    st = stack().status()
+    if as_json:
+        emit_json(st)
+    else:
+        for k, v in st.items():
+            out.print(f"{k:>9}: {v}")
+
+
+# ---- submit -----------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="CSV file, or one address per line")],
+    user: Annotated[str, typer.Option(help="Owner of the user batch")],
+    name: Annotated[Optional[str], typer.Option(help="A label (defaults to the file name)")] = None,
+    priority: Annotated[Priority, typer.Option(help="Packing priority")] = Priority.normal,
+    column: Annotated[Optional[str], typer.Option(help="Email column name or 1-based number")] = None,
+    lanes: Annotated[str, typer.Option(help="Comma-separated lanes")] = "deliverability",
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress until done")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Stream a list into Postgres (COPY) and start its UserBatchWorkflow."""
+    s = settings()
+    lane_list = [x.strip() for x in lanes.split(",") if x.strip()]
+    bad = [x for x in lane_list if x not in LANES]
+    if bad or not lane_list:
+        raise fail(f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
+    if not file.is_file():
+        raise fail(f"cannot read {file}: no such file")
+    started = time.perf_counter()
+    with db_connect(s) as conn:
+        try:
+            with conn.transaction():
+                (ub_id,) = conn.execute(
+                    "insert into user_batches (user_id, name, priority, lanes, source, workflow_id)"
+                    " values (%s, %s, %s, %s, %s, null) returning id",
+                    (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file)),
+                ).fetchone()
+                with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                              console=err, disable=as_json, transient=True) as bar:
+                    task = bar.add_task(f"reading {file.name}")
+                    stats = copy_items(
+                        conn, ub_id, file, column,
+                        on_progress=lambda st: bar.update(task, description=f"reading {file.name}: {st.rows:,} rows"),
+                    )
+                conn.execute(
+                    "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
+                    (stats.rows, user_batch_workflow_id(ub_id), ub_id),
+                )
+        except UnreadableInput as exc:
+            raise fail(str(exc))
+    ingest_s = time.perf_counter() - started
+
+    async def start() -> Summary | None:
+        client = await temporal(s)
+        from workflows.user_batch import UserBatchWorkflow
+
+        try:
+            handle = await client.start_workflow(
+                UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue
+            )
+        except RPCError as exc:
+            with db_connect(s) as c:
+                c.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub_id,))
+            raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}", 1)
+        if not wait:
+            return None
+        return await follow(handle, as_json)
+
+    summary = asyncio.run(start())
+    result = {
+        "user_batch_id": ub_id,
+        "workflow_id": user_batch_workflow_id(ub_id),
+        "rows": stats.rows,
+        "invalid": stats.invalid,
+        "ingest_s": round(ingest_s, 3),
+    }
+    if summary is not None:
+        result.update(state=summary.state, by_state=summary.by_state, by_status=summary.by_status)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"user batch [bold]{ub_id}[/bold]: {stats.rows:,} rows ({stats.invalid:,} invalid) "
+                  f"read in {ingest_s:.1f}s; workflow {result['workflow_id']}")
+        if summary is not None:
+            print_summary(summary)
+
+
+async def follow(handle, quiet: bool) -> Summary:
+    """Progress bar from the workflow's `progress` query until it returns."""
+    result = asyncio.ensure_future(handle.result())
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=quiet) as bar:
+        task = bar.add_task("preparing", total=None)
+        while not result.done():
+            try:
+                p: BatchProgress | None = await handle.query("progress", result_type=BatchProgress)
+            except RPCError:
+                p = None
+            if p is not None and p.lanes:
+                unique = sum(lane.unique_addresses for lane in p.lanes)
+                bar.update(task, total=unique, completed=unique - p.remaining,
+                           description=f"{p.state}: addresses verified")
+            await asyncio.wait([result], timeout=0.5)
+    try:
+        return result.result()
+    except WorkflowFailureError as exc:
+        raise fail(f"user batch workflow {handle.id} failed: {exc.cause}", 1)
+
+
+def print_summary(summary: Summary) -> None:
+    t = Table(title=f"user batch {summary.user_batch_id}: {summary.state}")
+    t.add_column("outcome")
+    t.add_column("rows", justify="right")
+    for k, v in sorted(summary.by_state.items()):
+        t.add_row(k, f"{v:,}")
+    for k, v in sorted(summary.by_status.items()):
+        t.add_row(f"  status {k}", f"{v:,}")
+    out.print(t)
+
+
+# ---- status -----------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    user_batch_id: Annotated[Optional[int], typer.Argument(help="One user batch; omit for the overview")] = None,
+    user: Annotated[Optional[str], typer.Option(help="Only this user's batches")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A user batch's counts, or the lanes and recent user batches."""
+    s = settings()
+    with db_connect(s) as conn:
+        if user_batch_id is not None:
+            row = load_batch(conn, user_batch_id, user)
+            lanes = conn.execute(
+                "select lane, unique_addresses, cached, shared, enqueued, remaining, failed"
+                " from user_batch_lanes where user_batch_id = %s order by lane",
+                (user_batch_id,),
+            ).fetchall()
+            doc = batch_doc(row, lanes)
+            if as_json:
+                emit_json(doc)
+                return
+            t = Table(title=f"user batch {row[0]} ({row[2]}) of {row[1]}: {row[5]}")
+            for col in ("lane", "unique", "cached", "shared", "enqueued", "remaining", "failed"):
+                t.add_column(col, justify="right" if col != "lane" else "left")
+            for ln in lanes:
+                t.add_row(ln[0], *(f"{v:,}" for v in ln[1:]))
+            out.print(t)
+            out.print(f"rows {row[6]:,}: {row[7]:,} invalid, {row[8]:,} duplicates; priority {PRIORITIES[row[3]]}")
+            if row[12]:
+                out.print(f"outcome: {row[12]}")
+            return
+        batches = conn.execute(
+            "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
+            " created_at, finished_at, summary from user_batches where (%s::text is null or user_id = %s)"
+            " order by id desc limit 20",
+            (user, user),
+        ).fetchall()
+        queued = dict(conn.execute("select lane, count(*) from queue group by lane").fetchall())
+        dead = conn.execute("select count(*) from dead_letters").fetchone()[0]
+
+    async def lanes_status() -> list[dict]:
+        client = await temporal(s)
+        found = []
+        for lane in LANES:
+            try:
+                st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
+                found.append({**st.__dict__, "queued": queued.get(lane, 0)})
+            except RPCError:
+                found.append({"lane": lane, "running": False, "queued": queued.get(lane, 0)})
+        return found
+
+    lane_docs = asyncio.run(lanes_status())
+    if as_json:
+        emit_json({"lanes": lane_docs, "user_batches": [batch_doc(b, None) for b in batches], "dead_letters": dead})
+        return
+    t = Table(title="lanes")
+    for col in ("lane", "state", "queued", "in flight", "free slots", "dispatched"):
+        t.add_column(col)
+    for ld in lane_docs:
+        if "in_flight" in ld:
+            state = f"paused ({ld['pause_reason']})" if ld["paused"] else "running"
+            t.add_row(ld["lane"], state, f"{ld['queued']:,}", str(ld["in_flight"]), str(ld["free_slots"]),
+                      str(ld["dispatched_batches"]))
+        else:
+            t.add_row(ld["lane"], "not started", f"{ld['queued']:,}", "-", "-", "-")
+    out.print(t)
+    t = Table(title="recent user batches")
+    for col in ("id", "user", "name", "priority", "state", "rows"):
+        t.add_column(col)
+    for b in batches:
+        t.add_row(str(b[0]), b[1], b[2], PRIORITIES[b[3]], b[5], f"{b[6]:,}")
+    out.print(t)
+    out.print(f"dead letters: {dead:,}")
+
+
+def batch_doc(row: tuple, lanes: list | None) -> dict:
+    doc = {
+        "user_batch_id": row[0], "user": row[1], "name": row[2], "priority": PRIORITIES[row[3]],
+        "lanes": list(row[4]), "state": row[5], "rows": row[6], "invalid": row[7], "duplicates": row[8],
+        "workflow_id": row[9], "created_at": row[10].isoformat(),
+        "finished_at": row[11].isoformat() if row[11] else None, "summary": row[12],
+    }
+    if lanes is not None:
+        doc["lane_progress"] = [
+            dict(zip(("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"), ln))
+            for ln in lanes
+        ]
+    return doc
+
+
+# ---- results ----------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("row", "input", "email", "state", "status", "reason", "score", "accept_all", "verified_at")
+
+
+@app.command()
+def results(
+    user_batch_id: Annotated[int, typer.Argument()],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (default stdout)")] = None,
+    status_filter: Annotated[
+        Optional[str], typer.Option("--status", help="Only rows with this status or state, e.g. deliverable, invalid")
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.csv,
+    user: Annotated[Optional[str], typer.Option(help="Refuse batches of other users")] = None,
+) -> None:
+    """Stream a user batch's per-row results (CSV or JSON) in input order."""
+    s = settings()
+    with db_connect(s) as conn:
+        load_batch(conn, user_batch_id, user)
+        sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+        n = 0
+        try:
+            with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
+                cur.itersize = 10_000
+                cur.execute(
+                    "select row_no, raw, email, state, status, reason, score, accept_all, verified_at"
+                    " from item_outcomes where user_batch_id = %(ub)s"
+                    " and (%(f)s::text is null or status = %(f)s or state = %(f)s) order by row_no",
+                    {"ub": user_batch_id, "f": status_filter},
+                )
+                if fmt is Format.csv:
+                    w = csv.writer(sink)
+                    w.writerow(RESULT_COLUMNS)
+                    for r in cur:
+                        n += 1
+                        w.writerow((*r[:8], r[8].isoformat() if r[8] else ""))
+                else:
+                    sink.write("[")
+                    for r in cur:
+                        doc = dict(zip(RESULT_COLUMNS, (*r[:8], r[8].isoformat() if r[8] else None)))
+                        sink.write(("," if n else "") + "\n" + orjson.dumps(doc).decode())
+                        n += 1
+                    sink.write("\n]\n")
+        finally:
+            if output:
+                sink.close()
+    if output:
+        err.print(f"{n:,} rows written to {output}")
+
+
+# ---- control ------------------------------------------------------------------------------
+
+
+def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[str], pause: bool) -> None:
+    s = settings()
+    if (user_batch_id is None) == (lane is None):
+        raise fail("give a USER_BATCH_ID or --lane, not both")
+    if lane is not None and lane not in LANES:
+        raise fail(f"unknown lane {lane}; lanes are: {', '.join(LANES)}")
+    if user_batch_id is not None:
+        with db_connect(s) as conn:
+            row = load_batch(conn, user_batch_id, user)
+
+    async def go() -> None:
+        client = await temporal(s)
+        if lane is not None:
+            from workflows.models import LanePause
+
+            handle = client.get_workflow_handle(scheduler_id(lane))
+            try:
+                if pause:
+                    await handle.signal("pause", LanePause("paused by operator"))
+                else:
+                    await handle.signal("resume")
+            except RPCError as exc:
+                raise fail(f"lane {lane} has no running scheduler ({exc.message})", 1)
+            out.print(f"lane {lane} {'paused' if pause else 'resumed'}")
+            return
+        try:
+            p = await client.get_workflow_handle(row[9]).execute_update(
+                "pause" if pause else "resume", result_type=BatchProgress
+            )
+        except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+            raise fail(f"user batch {user_batch_id} cannot be {'paused' if pause else 'resumed'}: {exc}", 1)
+        out.print(f"user batch {user_batch_id} is {p.state}")
+
+    asyncio.run(go())
+
+
+@app.command()
+def pause(
+    user_batch_id: Annotated[Optional[int], typer.Argument()] = None,
+    lane: Annotated[Optional[str], typer.Option(help="Pause a whole lane instead")] = None,
+    user: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Pause a user batch (its queued addresses are skipped) or a lane (nothing new is dispatched)."""
+    _control(user_batch_id, lane, user, True)
+
+
+@app.command()
+def resume(
+    user_batch_id: Annotated[Optional[int], typer.Argument()] = None,
+    lane: Annotated[Optional[str], typer.Option(help="Resume a whole lane instead")] = None,
+    user: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Resume a paused user batch or lane."""
+    _control(user_batch_id, lane, user, False)
+
+
+@app.command()
+def cancel(
+    user_batch_id: Annotated[int, typer.Argument()],
+    user: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Cancel a user batch: queued addresses are withdrawn, unresolved rows end `cancelled`."""
+    s = settings()
+    with db_connect(s) as conn:
+        row = load_batch(conn, user_batch_id, user)
+
+    async def go() -> None:
+        client = await temporal(s)
+        handle = client.get_workflow_handle(row[9])
+        try:
+            await handle.cancel()
+        except RPCError as exc:
+            raise fail(f"user batch {user_batch_id} cannot be cancelled: {exc.message}", 1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            desc = await handle.describe()
+            if desc.status is not None and desc.status.name != "RUNNING":
+                out.print(f"user batch {user_batch_id}: {desc.status.name.lower()}")
+                return
+            await asyncio.sleep(0.3)
+        out.print(f"user batch {user_batch_id}: cancellation requested")
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,137 @@
+"""Worker host: `python worker.py`.
+
+Runs, in one process: the workflow worker (plus the database activities) on TASK_QUEUE, the
+batch-creation API activities on API_CREATE_TASK_QUEUE and the other API activities on
+API_TASK_QUEUE. The two API queues carry `max_task_queue_activities_per_second`, which the
+Temporal server enforces across every worker process (the global API budget). Also serves
+the completion-callback receiver when CALLBACK_LISTEN is set. SIGTERM/SIGINT drain and exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from datetime import timedelta
+
+import uvicorn
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+import callbacks
+import db
+from activities.bouncer_api import BouncerApiActivities
+from activities.packing import PackingActivities
+from activities.user_batches import UserBatchActivities
+from bouncer.client import BouncerClient
+from settings import Settings
+from workflows.bouncer_batch import BouncerBatchWorkflow
+from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.user_batch import UserBatchWorkflow
+
+WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow]
+log = logging.getLogger("worker")
+
+
+def build_workers(settings: Settings, client: Client, pool, bouncer: BouncerClient) -> list[Worker]:
+    """The three workers of a host; shared by worker.py and the tests."""
+    user_batches = UserBatchActivities(settings, pool, client)
+    packing = PackingActivities(pool)
+    api = BouncerApiActivities(settings, pool, bouncer)
+    drain = timedelta(seconds=settings.shutdown_grace_s)
+    return [
+        Worker(
+            client,
+            task_queue=settings.task_queue,
+            graceful_shutdown_timeout=drain,
+            workflows=WORKFLOWS,
+            activities=[
+                user_batches.prepare_user_batch,
+                user_batches.read_progress,
+                user_batches.set_paused,
+                user_batches.cancel_user_batch,
+                user_batches.finalize_user_batch,
+                user_batches.nudge_scheduler,
+                packing.pack_batches,
+                packing.unfinished_batches,
+            ],
+        ),
+        Worker(
+            client,
+            task_queue=settings.api_create_task_queue,
+            graceful_shutdown_timeout=drain,
+            activities=[api.submit_batch],
+            max_task_queue_activities_per_second=settings.creations_per_minute / 60.0,
+        ),
+        Worker(
+            client,
+            task_queue=settings.api_task_queue,
+            graceful_shutdown_timeout=drain,
+            activities=[api.await_batch_completion, api.store_results, api.abandon_batch, api.read_credits],
+            max_task_queue_activities_per_second=settings.requests_per_minute / 60.0,
+        ),
+    ]
+
+
+def bouncer_client(settings: Settings) -> BouncerClient:
+    return BouncerClient(
+        settings.bouncer_base_url,
+        settings.bouncer_api_key.get_secret_value(),
+        timeout=settings.bouncer_timeout_s,
+        max_concurrency=settings.bouncer_max_concurrency,
+        create_per_minute=settings.creations_per_minute,
+        requests_per_minute=settings.requests_per_minute,
+    )
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    db.migrate(settings.database_url)
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    async with AsyncExitStack() as stack:
+        pool = db.open_pool(settings.database_url, settings.db_pool_size)
+        await pool.open()
+        stack.push_async_callback(pool.close)
+        bouncer = await stack.enter_async_context(bouncer_client(settings))
+        workers = build_workers(settings, client, pool, bouncer)
+        server = None
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        if settings.callback_listen:
+            host, _, port = settings.callback_listen.rpartition(":")
+            config = uvicorn.Config(
+                callbacks.create_app(pool, client), host=host or "0.0.0.0", port=int(port), log_level="warning"
+            )
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT
+            tasks.append(asyncio.create_task(server.serve()))
+        log.info("worker up: queues %s, %s, %s", settings.task_queue, settings.api_create_task_queue,
+                 settings.api_task_queue)
+        await stop.wait()
+        log.info("draining: finishing running activities and workflow tasks")
+        if server is not None:
+            server.should_exit = True
+        await asyncio.gather(*(w.shutdown() for w in workers))
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every URL at INFO, and callback URLs carry their per-batch token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings = Settings()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""One Bouncer batch: submit -> await completion (callback, else polling) -> download + store -> notify."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.bouncer_api import (
+        BAD_REQUEST,
+        NOT_FOUND,
+        OUT_OF_CREDITS,
+        UNAUTHORIZED,
+        BouncerApiActivities,
+    )
+    from workflows.models import (
+        BatchFinished,
+        BouncerBatchInput,
+        LanePause,
+        StoreOutcome,
+        StoreRequest,
+        scheduler_id,
+    )
+
+NON_RETRYABLE = [OUT_OF_CREDITS, UNAUTHORIZED, BAD_REQUEST, NOT_FOUND]
+# 429s come back with next_retry_delay (the API's Retry-After); 5xx and timeouts back off to 2 min.
+API_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    non_retryable_error_types=NON_RETRYABLE,
+)
+
+
+def failure_type(err: BaseException) -> str:
+    cause = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(cause, ApplicationError):
+        return cause.type or "ApplicationError"
+    if isinstance(cause, TimeoutError):
+        return "Timeout"
+    return type(cause).__name__
+
+
+@workflow.defn
+class BouncerBatchWorkflow:
+    def __init__(self) -> None:
+        self._callback_received = False
+        self._phase = "submitting"
+
+    @workflow.signal
+    def completed(self) -> None:
+        """Sent by the callback receiver once Bouncer reports the batch done."""
+        self._callback_received = True
+
+    @workflow.query
+    def phase(self) -> str:
+        return self._phase
+
+    @workflow.run
+    async def run(self, inp: BouncerBatchInput) -> StoreOutcome:
+        bb = inp.bouncer_batch_id
+        outcome = "stored"
+        result = StoreOutcome(0, 0, 0)
+        try:
+            request, outcome = await self._submit_and_wait(inp)
+            self._phase = "storing"
+            workflow.set_current_details(f"storing results of Bouncer batch {bb}")
+            result = await workflow.execute_activity_method(
+                BouncerApiActivities.store_results,
+                request,
+                task_queue=inp.api_task_queue,
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=timedelta(minutes=5),
+                retry_policy=API_RETRY,
+            )
+            self._phase = outcome
+            workflow.set_current_details(
+                f"{result.stored} results stored, {result.requeued} re-queued, {result.dead_lettered} dead-lettered"
+            )
+            await asyncio.gather(*(self._notify(wid) for wid in result.touched_workflow_ids))
+            return result
+        finally:
+            # The scheduler owns the slot count; it must hear of every end, success or not.
+            await workflow.get_external_workflow_handle(scheduler_id(inp.lane)).signal(
+                "batch_finished", BatchFinished(bb, outcome)
+            )
+
+    async def _submit_and_wait(self, inp: BouncerBatchInput) -> tuple[StoreRequest, str]:
+        bb = inp.bouncer_batch_id
+        workflow.set_current_details(f"creating Bouncer batch {bb} at the API")
+        try:
+            submitted = await workflow.execute_activity_method(
+                BouncerApiActivities.submit_batch,
+                bb,
+                task_queue=inp.api_create_task_queue,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=API_RETRY,
+            )
+        except ActivityError as err:
+            kind = failure_type(err)
+            if kind == OUT_OF_CREDITS:
+                await self._pause_lane(inp.lane, "out of credits")
+                return StoreRequest(bb, inp.lane, download=False, count_attempt=False), "out_of_credits"
+            if kind == UNAUTHORIZED:
+                await self._pause_lane(inp.lane, "the API refused the key")
+            return StoreRequest(bb, inp.lane, download=False, failure_reason=f"create failed: {kind}: {err.cause}"), "failed"
+        if not submitted.submitted:
+            return StoreRequest(bb, inp.lane, download=False), "stored"
+
+        self._phase = "waiting"
+        workflow.set_current_details(f"Bouncer batch {bb}: {submitted.sent} addresses at the API, waiting")
+        # Callbacks usually end the wait; polling starts after one interval as the fallback.
+        poll_every = timedelta(seconds=inp.poll_interval_s)
+        try:
+            await workflow.wait_condition(lambda: self._callback_received, timeout=poll_every)
+        except asyncio.TimeoutError:
+            pass
+        if not self._callback_received:
+            poll = workflow.start_activity_method(
+                BouncerApiActivities.await_batch_completion,
+                bb,
+                task_queue=inp.api_task_queue,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_close_timeout=timedelta(seconds=max(inp.deadline_s - inp.poll_interval_s, 1)),
+                retry_policy=RetryPolicy(
+                    initial_interval=poll_every,
+                    backoff_coefficient=1.0,
+                    maximum_interval=poll_every,
+                    non_retryable_error_types=NON_RETRYABLE,
+                ),
+            )
+            callback = asyncio.ensure_future(workflow.wait_condition(lambda: self._callback_received))
+            await workflow.wait([poll, callback], return_when=asyncio.FIRST_COMPLETED)
+            if not poll.done():
+                poll.cancel()
+            if not callback.done():
+                callback.cancel()
+            if not self._callback_received:
+                try:
+                    poll.result()
+                except ActivityError as err:
+                    kind = failure_type(err)
+                    # Stuck past the deadline, or gone at the API: delete it there, re-queue its addresses.
+                    if kind in ("Timeout", NOT_FOUND):
+                        await workflow.execute_activity_method(
+                            BouncerApiActivities.abandon_batch,
+                            bb,
+                            task_queue=inp.api_task_queue,
+                            start_to_close_timeout=timedelta(seconds=60),
+                            retry_policy=API_RETRY,
+                        )
+                        return StoreRequest(bb, inp.lane, download=False), "abandoned"
+                    if kind == UNAUTHORIZED:
+                        await self._pause_lane(inp.lane, "the API refused the key")
+                    return StoreRequest(bb, inp.lane, download=False, failure_reason=f"status failed: {kind}"), "failed"
+        return StoreRequest(bb, inp.lane, download=True), "stored"
+
+    async def _pause_lane(self, lane: str, reason: str) -> None:
+        await workflow.get_external_workflow_handle(scheduler_id(lane)).signal("pause", LanePause(reason))
+
+    async def _notify(self, workflow_id: str) -> None:
+        try:
+            await workflow.get_external_workflow_handle(workflow_id).signal("progressed")
+        except Exception:  # noqa: BLE001 - a finished or cancelled user batch needs no news
+            workflow.logger.info("user batch %s no longer takes signals", workflow_id)

@@ -1,0 +1,181 @@
+"""Inputs, outputs and state of workflows and activities: ids and counts only, never an address.
+
+One dataclass per message so fields can be added later in a backward-compatible way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRIORITIES = ("critical", "high", "normal", "low")
+
+
+def scheduler_id(lane: str) -> str:
+    return f"scheduler-{lane}"
+
+
+def user_batch_workflow_id(user_batch_id: int) -> str:
+    return f"user-batch-{user_batch_id}"
+
+
+def bouncer_batch_workflow_id(lane: str, bouncer_batch_id: int) -> str:
+    return f"bouncer-batch-{lane}-{bouncer_batch_id}"
+
+
+# ---- user batch -------------------------------------------------------------------------
+
+
+@dataclass
+class UserBatchInput:
+    user_batch_id: int
+    progress_recheck_s: float = 60.0  # slow timer: re-read the database in case a signal was missed
+
+
+@dataclass
+class LaneProgress:
+    lane: str
+    unique_addresses: int = 0
+    cached: int = 0
+    shared: int = 0
+    enqueued: int = 0
+    remaining: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Progress:
+    user_batch_id: int
+    state: str
+    rows: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    lanes: list[LaneProgress] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return sum(lane.remaining for lane in self.lanes)
+
+
+@dataclass
+class Summary:
+    """What a finished user batch returns: item counts by terminal state and verdict."""
+
+    user_batch_id: int
+    state: str
+    rows: int
+    by_state: dict[str, int] = field(default_factory=dict)
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PauseRequest:
+    user_batch_id: int
+    paused: bool
+
+
+# ---- scheduler ---------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerInput:
+    lane: str
+    batch_size: int = 10_000
+    max_concurrent_batches: int = 15
+    poll_interval_s: float = 15.0
+    deadline_s: float = 6 * 3600.0
+    api_create_task_queue: str = "verify-api-create"
+    api_task_queue: str = "verify-api"
+    credit_check_s: float = 300.0
+    pack_linger_s: float = 0.5  # after new work arrives, gather concurrent submissions this long
+    # Carried across continue-as-new (a fresh start leaves it None and adopts unfinished batches).
+    state: SchedulerState | None = None
+
+
+@dataclass
+class SchedulerState:
+    in_flight: dict[str, int] = field(default_factory=dict)  # bouncer batch id (str) -> size
+    paused: bool = False
+    pause_reason: str = ""
+    packs: int = 0
+    dispatched_batches: int = 0
+    work_hint: bool = True
+    new_work: bool = False
+
+
+@dataclass
+class SchedulerStatus:
+    lane: str
+    paused: bool
+    pause_reason: str
+    in_flight: int
+    in_flight_addresses: int
+    free_slots: int
+    dispatched_batches: int
+    queued: int = -1  # filled by readers that ask the database; the workflow does not know it
+
+
+@dataclass
+class PackRequest:
+    lane: str
+    pack_key: str
+    slots: int
+    batch_size: int
+
+
+@dataclass
+class PackedBatch:
+    bouncer_batch_id: int
+    size: int
+
+
+@dataclass
+class PackResult:
+    batches: list[PackedBatch]
+    queue_drained: bool
+
+
+@dataclass
+class LanePause:
+    reason: str = "paused by operator"
+
+
+# ---- bouncer batch -----------------------------------------------------------------------
+
+
+@dataclass
+class BouncerBatchInput:
+    bouncer_batch_id: int
+    lane: str
+    poll_interval_s: float = 15.0
+    deadline_s: float = 6 * 3600.0
+    api_create_task_queue: str = "verify-api-create"
+    api_task_queue: str = "verify-api"
+
+
+@dataclass
+class SubmitOutcome:
+    sent: int
+    submitted: bool  # False when nothing was left to send (all had fresh results meanwhile)
+
+
+@dataclass
+class StoreRequest:
+    bouncer_batch_id: int
+    lane: str
+    download: bool  # False: nothing to fetch (abandoned or empty); only re-queue or resolve
+    failure_reason: str = ""  # non-empty: dead-letter the batch's addresses with this reason
+    count_attempt: bool = True  # False when the addresses were never sent (e.g. out of credits)
+
+
+@dataclass
+class StoreOutcome:
+    stored: int
+    requeued: int
+    dead_lettered: int
+    touched_workflow_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchFinished:
+    bouncer_batch_id: int
+    outcome: str  # stored, failed, out_of_credits

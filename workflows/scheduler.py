@@ -1,0 +1,209 @@
+"""The greedy scheduler of one lane: keeps every slot busy while queued work exists.
+
+One per lane (`scheduler-<lane>`), runs forever through continue-as-new. It is the single
+owner of the lane's slot count and the only packer. It wakes on `work_available` (a user
+batch enqueued), `batch_finished` (a slot freed) and `resume`; no timer polls the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.bouncer_api import BouncerApiActivities
+    from activities.packing import PackingActivities
+    from workflows.bouncer_batch import BouncerBatchWorkflow
+    from workflows.models import (
+        BatchFinished,
+        BouncerBatchInput,
+        LanePause,
+        PackRequest,
+        SchedulerInput,
+        SchedulerState,
+        SchedulerStatus,
+        bouncer_batch_workflow_id,
+    )
+
+CREDITS_PAUSE = "out of credits"
+DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+@workflow.defn
+class GreedySchedulerWorkflow:
+    def __init__(self) -> None:
+        self._state = SchedulerState()
+        self._input: SchedulerInput | None = None
+
+    # ---- messages ---------------------------------------------------------------------
+
+    @workflow.signal
+    def work_available(self) -> None:
+        self._state.work_hint = True
+        self._state.new_work = True
+
+    @workflow.signal
+    def batch_finished(self, finished: BatchFinished) -> None:
+        self._state.in_flight.pop(str(finished.bouncer_batch_id), None)
+        self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
+
+    @workflow.signal
+    def pause(self, request: LanePause) -> None:
+        """In-flight batches finish; nothing new is dispatched until `resume`."""
+        self._state.paused = True
+        self._state.pause_reason = request.reason
+
+    @workflow.signal
+    def resume(self) -> None:
+        self._state.paused = False
+        self._state.pause_reason = ""
+        self._state.work_hint = True
+
+    @workflow.query
+    def status(self) -> SchedulerStatus:
+        inp = self._input
+        slots = inp.max_concurrent_batches if inp else 0
+        return SchedulerStatus(
+            lane=inp.lane if inp else "",
+            paused=self._state.paused,
+            pause_reason=self._state.pause_reason,
+            in_flight=len(self._state.in_flight),
+            in_flight_addresses=sum(self._state.in_flight.values()),
+            free_slots=max(slots - len(self._state.in_flight), 0),
+            dispatched_batches=self._state.dispatched_batches,
+        )
+
+    # ---- main loop ----------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, inp: SchedulerInput) -> None:
+        self._input = inp
+        if inp.state is not None:
+            self._state = inp.state
+        else:
+            # A fresh start (first ever, or after a termination): adopt batches left mid-way.
+            adopted = await workflow.execute_activity_method(
+                PackingActivities.unfinished_batches,
+                inp.lane,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=DB_RETRY,
+            )
+            await self._start_children(adopted)
+        self._describe()
+
+        while not self._should_continue():
+            credit_wait = self._state.paused and self._state.pause_reason == CREDITS_PAUSE
+            try:
+                await workflow.wait_condition(
+                    lambda: self._can_pack() or self._should_continue(),
+                    timeout=timedelta(seconds=inp.credit_check_s) if credit_wait else None,
+                )
+            except asyncio.TimeoutError:
+                await self._check_credits()
+                continue
+            if self._can_pack():
+                await self._pack()
+            self._describe()
+
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            SchedulerInput(
+                lane=inp.lane,
+                batch_size=inp.batch_size,
+                max_concurrent_batches=inp.max_concurrent_batches,
+                poll_interval_s=inp.poll_interval_s,
+                deadline_s=inp.deadline_s,
+                api_create_task_queue=inp.api_create_task_queue,
+                api_task_queue=inp.api_task_queue,
+                credit_check_s=inp.credit_check_s,
+                pack_linger_s=inp.pack_linger_s,
+                state=self._state,
+            )
+        )
+
+    def _free_slots(self) -> int:
+        assert self._input is not None
+        return self._input.max_concurrent_batches - len(self._state.in_flight)
+
+    def _can_pack(self) -> bool:
+        return not self._state.paused and self._state.work_hint and self._free_slots() > 0
+
+    def _should_continue(self) -> bool:
+        info = workflow.info()
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() > 4000
+
+    async def _pack(self) -> None:
+        assert self._input is not None
+        inp = self._input
+        if self._state.new_work and inp.pack_linger_s > 0:
+            # Lists submitted together share Bouncer batches (the seed's John + Alice + Bob).
+            self._state.new_work = False
+            await workflow.sleep(timedelta(seconds=inp.pack_linger_s))
+        self._state.packs += 1
+        result = await workflow.execute_activity_method(
+            PackingActivities.pack_batches,
+            PackRequest(
+                lane=inp.lane,
+                pack_key=f"{workflow.info().run_id}:{self._state.packs}",
+                slots=self._free_slots(),
+                batch_size=inp.batch_size,
+            ),
+            start_to_close_timeout=timedelta(seconds=120),
+            retry_policy=DB_RETRY,
+        )
+        if result.queue_drained:
+            self._state.work_hint = False
+        await self._start_children(result.batches)
+
+    async def _start_children(self, batches: list) -> None:
+        assert self._input is not None
+        inp = self._input
+
+        async def start(bouncer_batch_id: int, size: int) -> None:
+            self._state.in_flight[str(bouncer_batch_id)] = size
+            try:
+                await workflow.start_child_workflow(
+                    BouncerBatchWorkflow.run,
+                    BouncerBatchInput(
+                        bouncer_batch_id=bouncer_batch_id,
+                        lane=inp.lane,
+                        poll_interval_s=inp.poll_interval_s,
+                        deadline_s=inp.deadline_s,
+                        api_create_task_queue=inp.api_create_task_queue,
+                        api_task_queue=inp.api_task_queue,
+                    ),
+                    id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
+                    parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                )
+            except WorkflowAlreadyStartedError:
+                pass  # adopted: it is already running and will signal batch_finished
+            self._state.dispatched_batches += 1
+
+        await asyncio.gather(*(start(b.bouncer_batch_id, b.size) for b in batches))
+
+    async def _check_credits(self) -> None:
+        assert self._input is not None
+        try:
+            credits = await workflow.execute_activity_method(
+                BouncerApiActivities.read_credits,
+                task_queue=self._input.api_task_queue,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            )
+        except ActivityError as err:
+            workflow.logger.warning("credit check failed, trying again later: %s", err.cause)
+            return
+        if credits >= self._input.batch_size:
+            self.resume()
+
+    def _describe(self) -> None:
+        s = self.status()
+        paused = f"; paused: {s.pause_reason}" if s.paused else ""
+        workflow.set_current_details(
+            f"lane {s.lane}: {s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
+            f"{s.free_slots} slots free, {s.dispatched_batches} dispatched{paused}"
+        )

@@ -1,0 +1,150 @@
+"""One user batch: prepare -> nudge the lane schedulers -> wait until every address is settled -> finalize."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.user_batches import UserBatchActivities
+    from workflows.models import PauseRequest, Progress, Summary, UserBatchInput
+
+DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
+
+
+@workflow.defn
+class UserBatchWorkflow:
+    def __init__(self) -> None:
+        self._id = 0
+        self._progress: Progress | None = None
+        self._news = 0  # bumped by `progressed` signals and by pause/resume
+        self._control = asyncio.Lock()
+
+    @workflow.signal
+    def progressed(self) -> None:
+        """Sent by Bouncer batch workflows when results for this batch were stored."""
+        self._news += 1
+
+    @workflow.query
+    def progress(self) -> Progress | None:
+        return self._progress
+
+    @workflow.update
+    async def pause(self) -> Progress:
+        """Stop dispatching this batch's queued addresses; in-flight ones finish."""
+        return await self._set_paused(True)
+
+    @workflow.update
+    async def resume(self) -> Progress:
+        return await self._set_paused(False)
+
+    @pause.validator
+    def _validate_pause(self) -> None:
+        self._reject_if_finished()
+
+    @resume.validator
+    def _validate_resume(self) -> None:
+        self._reject_if_finished()
+
+    def _reject_if_finished(self) -> None:
+        if self._progress is not None and self._progress.state in ("completed", "cancelled", "failed"):
+            raise ValueError(f"user batch {self._id} is {self._progress.state}")
+
+    @workflow.run
+    async def run(self, inp: UserBatchInput) -> Summary:
+        self._id = inp.user_batch_id
+        try:
+            async with self._control:
+                self._progress = await workflow.execute_activity_method(
+                    UserBatchActivities.prepare_user_batch,
+                    inp.user_batch_id,
+                    start_to_close_timeout=timedelta(minutes=30),
+                    retry_policy=DB_RETRY,
+                )
+            await self._nudge()
+            self._describe()
+            while not (self._progress.state == "queued" and self._progress.remaining == 0):
+                seen = self._news
+                try:
+                    await workflow.wait_condition(
+                        lambda: self._news != seen, timeout=timedelta(seconds=inp.progress_recheck_s)
+                    )
+                except asyncio.TimeoutError:
+                    pass  # the slow timer: re-read in case a signal was missed
+                async with self._control:
+                    self._progress = await self._read_progress()
+                self._describe()
+            async with self._control:
+                summary = await workflow.execute_activity_method(
+                    UserBatchActivities.finalize_user_batch,
+                    inp.user_batch_id,
+                    start_to_close_timeout=timedelta(minutes=30),
+                    retry_policy=DB_RETRY,
+                )
+            self._progress = await self._read_progress()
+            workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
+            return summary
+        except asyncio.CancelledError:
+            # Temporal cancellation: withdraw queued addresses, then end as cancelled.
+            summary = await workflow.execute_activity_method(
+                UserBatchActivities.cancel_user_batch,
+                inp.user_batch_id,
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=DB_RETRY,
+            )
+            await self._nudge()  # other batches may have inherited shared addresses
+            workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
+            raise
+
+    async def _set_paused(self, paused: bool) -> Progress:
+        async with self._control:
+            self._progress = await workflow.execute_activity_method(
+                UserBatchActivities.set_paused,
+                PauseRequest(self._id, paused),
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=DB_RETRY,
+            )
+        await self._nudge()
+        self._news += 1
+        self._describe()
+        return self._progress
+
+    async def _read_progress(self) -> Progress:
+        return await workflow.execute_activity_method(
+            UserBatchActivities.read_progress,
+            self._id,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=DB_RETRY,
+        )
+
+    async def _nudge(self) -> None:
+        lanes = [lane.lane for lane in (self._progress.lanes if self._progress else [])]
+        await asyncio.gather(
+            *(
+                workflow.execute_activity_method(
+                    UserBatchActivities.nudge_scheduler,
+                    lane,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=DB_RETRY,
+                )
+                for lane in lanes
+            )
+        )
+
+    def _describe(self) -> None:
+        p = self._progress
+        if p is None:
+            return
+        unique = sum(lane.unique_addresses for lane in p.lanes)
+        done = unique - p.remaining
+        workflow.set_current_details(
+            f"{p.state}: {done:,} of {unique:,} unique addresses settled; {p.rows:,} rows "
+            f"({p.invalid:,} invalid, {p.duplicates:,} duplicates)"
+        )
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {k}" for k, n in sorted(counts.items())) or "nothing"
