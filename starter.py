@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 import sys
 import time
 from enum import Enum
@@ -404,14 +405,21 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
         if lane is not None:
             from workflows.models import LanePause
 
-            handle = client.get_workflow_handle(scheduler_id(lane))
+            from activities.user_batches import scheduler_input
+            from workflows.scheduler import GreedySchedulerWorkflow
+
             try:
-                if pause:
-                    await handle.signal("pause", LanePause("paused by operator"))
-                else:
-                    await handle.signal("resume")
+                # Signal-with-start: a lane can be paused before its scheduler ever ran.
+                await client.start_workflow(
+                    GreedySchedulerWorkflow.run,
+                    scheduler_input(s, lane),
+                    id=scheduler_id(lane),
+                    task_queue=s.task_queue,
+                    start_signal="pause" if pause else "resume",
+                    start_signal_args=[LanePause("paused by operator")] if pause else [],
+                )
             except RPCError as exc:
-                raise fail(f"lane {lane} has no running scheduler ({exc.message})", 1)
+                raise fail(f"lane {lane} could not be {'paused' if pause else 'resumed'}: {exc.message}", 1)
             out.print(f"lane {lane} {'paused' if pause else 'resumed'}")
             return
         try:
@@ -474,5 +482,18 @@ def cancel(
     asyncio.run(go())
 
 
+def main() -> None:
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # The Temporal SDK's native runtime threads can abort the interpreter's finalization
+    # ("PyGILState_Release ... finalizing"); all work is done and flushed, so leave directly.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -93,10 +93,11 @@ class PackingActivities:
                 )
                 (bb_id,) = await cur.fetchone()
                 async with cur.copy(
-                    "copy bouncer_batch_parts (bouncer_batch_id, user_batch_id, seq_from, seq_to) from stdin"
+                    "copy bouncer_batch_parts (bouncer_batch_id, user_batch_id, seq_from, seq_to, addresses)"
+                    " from stdin"
                 ) as copy:
-                    for ub, seq_from, seq_to, _n in parts:
-                        await copy.write_row((bb_id, ub, seq_from, seq_to))
+                    for ub, seq_from, seq_to, n in parts:
+                        await copy.write_row((bb_id, ub, seq_from, seq_to, n))
                 for ub, _f, seq_to, n in parts:
                     await cur.execute(
                         "update user_batch_lanes set cursor = %s, dispatched = dispatched + %s"

@@ -167,6 +167,21 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
     return int(moved)
 
 
+def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
+    """The lane scheduler's configuration, from settings (used when signal-with-starting it)."""
+    return SchedulerInput(
+        lane=lane,
+        batch_size=settings.batch_size,
+        max_concurrent_batches=settings.max_concurrent_batches,
+        poll_interval_s=settings.poll_interval_s,
+        deadline_s=settings.batch_deadline_s,
+        api_create_task_queue=settings.api_create_task_queue,
+        api_task_queue=settings.api_task_queue,
+        credit_check_s=settings.credit_check_s,
+        pack_linger_s=settings.pack_linger_s,
+    )
+
+
 class UserBatchActivities:
     def __init__(self, settings: Settings, pool: AsyncConnectionPool, client: Client) -> None:
         self.settings = settings
@@ -355,17 +370,7 @@ class UserBatchActivities:
 
         await self.client.start_workflow(
             GreedySchedulerWorkflow.run,
-            SchedulerInput(
-                lane=lane,
-                batch_size=self.settings.batch_size,
-                max_concurrent_batches=self.settings.max_concurrent_batches,
-                poll_interval_s=self.settings.poll_interval_s,
-                deadline_s=self.settings.batch_deadline_s,
-                api_create_task_queue=self.settings.api_create_task_queue,
-                api_task_queue=self.settings.api_task_queue,
-                credit_check_s=self.settings.credit_check_s,
-                pack_linger_s=self.settings.pack_linger_s,
-            ),
+            scheduler_input(self.settings, lane),
             id=scheduler_id(lane),
             task_queue=self.settings.task_queue,
             start_signal="work_available",

@@ -44,15 +44,40 @@ def address_key(email: str) -> str:
     return email.strip().lower()
 
 
-def address_digest(email: str) -> bytes:
-    """8 bytes that stand for an address in the sandbox's own bookkeeping."""
-    return hashlib.blake2b(address_key(email).encode(), digest_size=8).digest()
+# An entry as stored: a bare email, an (email, name) pair, or the entry dict as received
+# for any other shape. A dict costs ~130 bytes more per address than a pair, which adds
+# up over millions of addresses.
+StoredEntry = str | tuple[str, Any] | dict[str, Any]
+
+
+def compact(entry: dict[str, Any]) -> StoredEntry:
+    if len(entry) == 1:
+        return entry["email"]
+    if len(entry) == 2 and "name" in entry and not isinstance(entry["name"], dict):
+        return (entry["email"], entry["name"])
+    return entry
+
+
+def email_of(stored: StoredEntry) -> str:
+    if isinstance(stored, str):
+        return stored
+    if isinstance(stored, tuple):
+        return stored[0]
+    return stored["email"]
+
+
+def properties_of(stored: StoredEntry) -> dict[str, Any]:
+    if isinstance(stored, str):
+        return {"email": stored}
+    if isinstance(stored, tuple):
+        return {"email": stored[0], "name": stored[1]}
+    return stored
 
 
 @dataclass
 class Batch:
     batch_id: str
-    entries: list[dict[str, Any]]  # unique entries, first occurrence kept, as received
+    entries: list[StoredEntry]  # unique entries, first occurrence kept
     quantity: int  # entries received, duplicates included
     duplicates: int
     created: float
@@ -108,19 +133,20 @@ class Account:
 
     def create(self, entries: list[dict[str, Any]], callback_url: str | None, now: float) -> Batch | int:
         """Accept a batch, or return the credits left when they do not cover it."""
-        unique: list[dict[str, Any]] = []
+        unique: list[StoredEntry] = []
         keys: set[str] = set()
         for entry in entries:
             key = address_key(entry["email"])
             if key not in keys:
                 keys.add(key)
-                unique.append(entry)
+                unique.append(compact(entry))
         if len(unique) > self.credits:
             return self.credits
         self.credits -= len(unique)
         self.credits_charged += len(unique)
         self.addresses_received += len(entries)
         for key in keys:
+            # 8-byte digests, not strings: millions of addresses stay affordable.
             digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
             if digest in self.seen:
                 self.seen_twice.add(digest)
@@ -196,7 +222,7 @@ class Account:
         real = batch.verified if batch.status == "completed" else self.processed(batch, now)
         assert real is not None
         for entry in batch.entries[batch.tallied : real]:
-            batch.stats[verdict(entry["email"])["status"]] += 1
+            batch.stats[verdict(email_of(entry))["status"]] += 1
         batch.tallied = max(batch.tallied, real)
         out = {status: batch.stats.get(status, 0) for status in STATUSES}
         if batch.status == "completed":
@@ -208,12 +234,9 @@ class Account:
         verified = batch.verified or 0
         out = []
         for index, entry in enumerate(batch.entries):
-            email = entry["email"]
+            email = email_of(entry)
             result = verdict(email) if index < verified else unverified(email)
-            record = {"email": email}
-            record.update(entry)
-            record.update(result)
-            out.append(record)
+            out.append({"email": email, **properties_of(entry), **result})
         return out
 
     def finish(self, batch: Batch, now: float) -> None:

@@ -96,7 +96,11 @@ def test_status_without_stats_has_no_processed_and_credits_only_when_completed(a
 
 def test_duplicates_are_counted_and_charged_once(api: httpx.Client) -> None:
     before = api.get("/v1.1/credits").json()["credits"]
-    entries = [{"email": "a@example.com", "name": "1"}, {"email": " A@Example.com", "name": "2"}, {"email": "b@example.com"}]
+    entries = [
+        {"email": "a@example.com", "name": "1"},
+        {"email": " A@Example.com", "name": "2"},
+        {"email": "b@example.com"},
+    ]
     body = create(api, entries).json()
     assert (body["quantity"], body["duplicates"]) == (3, 1)
     assert api.get("/v1.1/credits").json()["credits"] == before - 2
@@ -141,7 +145,8 @@ def test_402_when_credits_do_not_cover_the_unique_addresses(api: httpx.Client) -
 
 def test_missing_or_wrong_key_is_401_everywhere(fast: RunningSandbox) -> None:
     with httpx.Client(base_url=fast.url, headers={"x-api-key": "wrong"}) as client:
-        for method, path in [("GET", "/v1.1/credits"), ("POST", BATCH), ("GET", f"{BATCH}/x"), ("DELETE", f"{BATCH}/x")]:
+        calls = [("GET", "/v1.1/credits"), ("POST", BATCH), ("GET", f"{BATCH}/x"), ("DELETE", f"{BATCH}/x")]
+        for method, path in calls:
             response = client.request(method, path)
             assert response.status_code == 401 and response.json()["error"] == "Unauthorized"
     assert httpx.get(fast.url + "/v1.1/credits").status_code == 401

@@ -99,6 +99,7 @@ create table bouncer_batch_parts (
     user_batch_id    bigint not null,
     seq_from         bigint not null,
     seq_to           bigint not null,  -- exclusive
+    addresses        int    not null,  -- rows claimed in the range (seq numbers may have gaps)
     primary key (bouncer_batch_id, user_batch_id, seq_from)
 );
 
