@@ -339,7 +339,7 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
 
 # ---- results ----------------------------------------------------------------------------
 
-RESULT_COLUMNS = ("row", "input", "email", "state", "status", "reason", "score", "accept_all", "verified_at")
+RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
 
 
 @app.command()
@@ -362,7 +362,7 @@ def results(
             with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
                 cur.itersize = 10_000
                 cur.execute(
-                    "select row_no, raw, email, state, status, reason, score, accept_all, verified_at"
+                    "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at"
                     " from item_outcomes where user_batch_id = %(ub)s"
                     " and (%(f)s::text is null or status = %(f)s or state = %(f)s) order by row_no",
                     {"ub": user_batch_id, "f": status_filter},
@@ -372,11 +372,11 @@ def results(
                     w.writerow(RESULT_COLUMNS)
                     for r in cur:
                         n += 1
-                        w.writerow((*r[:8], r[8].isoformat() if r[8] else ""))
+                        w.writerow((*r[:9], r[9].isoformat() if r[9] else ""))
                 else:
                     sink.write("[")
                     for r in cur:
-                        doc = dict(zip(RESULT_COLUMNS, (*r[:8], r[8].isoformat() if r[8] else None)))
+                        doc = dict(zip(RESULT_COLUMNS, (*r[:9], r[9].isoformat() if r[9] else None)))
                         sink.write(("," if n else "") + "\n" + orjson.dumps(doc).decode())
                         n += 1
                     sink.write("\n]\n")

@@ -145,9 +145,11 @@ class Account:
         self.credits -= len(unique)
         self.credits_charged += len(unique)
         self.addresses_received += len(entries)
-        for key in keys:
+        # "Sent twice" is judged on the exact address (the client's pay-once promise), while the
+        # in-batch charge above folds case like a mailbox provider would.
+        for exact in {entry["email"].strip() for entry in entries}:
             # 8-byte digests, not strings: millions of addresses stay affordable.
-            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            digest = hashlib.blake2b(exact.encode(), digest_size=8).digest()
             if digest in self.seen:
                 self.seen_twice.add(digest)
             else:

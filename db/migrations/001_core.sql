@@ -138,8 +138,8 @@ create table events (
 create view item_outcomes as
 select i.user_batch_id, i.row_no, i.raw, i.email,
        case when i.state = 'pending' and r.status is not null then 'verified' else i.state end as state,
-       coalesce(i.reason, r.reason) as reason,
-       r.status, r.score, r.accept_all, r.verified_at, r.record
+       i.reason as note,  -- why invalid, duplicate of which line, cancelled, failed
+       r.status, r.reason, r.score, r.accept_all, r.verified_at, r.record
 from items i
 join user_batches b on b.id = i.user_batch_id
 left join addresses a on a.email = i.email and i.state in ('pending', 'duplicate')

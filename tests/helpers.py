@@ -1,0 +1,113 @@
+"""Shared test helpers: run the pipeline's workers in-process and submit lists the way the CLI does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import uvicorn
+from temporalio.client import Client, WorkflowHandle
+
+import callbacks
+import db
+from activities.ingest import copy_items
+from devstack import free_port
+from settings import Settings
+from worker import bouncer_client, build_workers
+from workflows.models import PRIORITIES, UserBatchInput, scheduler_id, user_batch_workflow_id
+from workflows.user_batch import UserBatchWorkflow
+
+
+def make_settings(db_url: str, sandbox, **overrides) -> Settings:
+    """Settings for one test: its own task queues, the sandbox, generous budgets, fast polling."""
+    tag = uuid.uuid4().hex[:8]
+    values = dict(
+        database_url=db_url,
+        bouncer_base_url=sandbox.url,
+        bouncer_api_key=sandbox.api_key,
+        task_queue=f"verify-{tag}",
+        api_create_task_queue=f"verify-api-create-{tag}",
+        api_task_queue=f"verify-api-{tag}",
+        creations_per_minute=6000,
+        requests_per_minute=60000,
+        poll_interval_s=0.5,
+        pack_linger_s=0.2,
+        callback_listen="",
+    )
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@dataclass
+class Pipeline:
+    client: Client
+    settings: Settings
+
+    async def submit_file(
+        self, path: Path, user: str, priority: str = "normal", lanes: tuple[str, ...] = ("deliverability",)
+    ) -> WorkflowHandle:
+        """Ingest like `starter.py submit` (COPY) and start the user batch workflow."""
+        with psycopg.connect(self.settings.database_url) as conn, conn.transaction():
+            (ub,) = conn.execute(
+                "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
+                " returning id",
+                (user, path.name, PRIORITIES.index(priority), list(lanes), str(path)),
+            ).fetchone()
+            stats = copy_items(conn, ub, path)
+            conn.execute(
+                "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
+                (stats.rows, user_batch_workflow_id(ub), ub),
+            )
+        return await self.client.start_workflow(
+            UserBatchWorkflow.run, UserBatchInput(ub, progress_recheck_s=5.0),
+            id=user_batch_workflow_id(ub), task_queue=self.settings.task_queue,
+        )
+
+    def sql(self, query: str, params=None) -> list[tuple]:
+        with psycopg.connect(self.settings.database_url) as conn:
+            return conn.execute(query, params).fetchall()
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(client: Client, settings: Settings, callbacks_on: bool = False) -> AsyncIterator[Pipeline]:
+    """The three workers of worker.py (and optionally the callback receiver), in this process."""
+    if callbacks_on:
+        settings = settings.model_copy(update={"callback_listen": f"127.0.0.1:{free_port()}"})
+    pool = db.open_pool(settings.database_url, 6)
+    await pool.open()
+    server = None
+    async with bouncer_client(settings) as bouncer:
+        workers = build_workers(settings, client, pool, bouncer)
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        if callbacks_on:
+            host, _, port = settings.callback_listen.rpartition(":")
+            server = uvicorn.Server(uvicorn.Config(callbacks.create_app(pool, client), host=host, port=int(port),
+                                                   log_level="warning"))
+            tasks.append(asyncio.create_task(server.serve()))
+            while not server.started:
+                await asyncio.sleep(0.02)
+        try:
+            yield Pipeline(client, settings)
+        finally:
+            for lane in ("deliverability", "catchall"):
+                with contextlib.suppress(Exception):
+                    await client.get_workflow_handle(scheduler_id(lane)).terminate("test finished")
+            if server is not None:
+                server.should_exit = True
+            await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+    await pool.close()
+
+
+def write_list(path: Path, emails: list[str], header: str | None = "email") -> Path:
+    with path.open("w") as f:
+        if header:
+            f.write(header + "\n")
+        for e in emails:
+            f.write(e + "\n")
+    return path
