@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     # Postgres
     database_url: str = Field(
-        "postgresql://postgres@/postgres?host=.dev/pg", description="Postgres connection URL"
+        "postgresql://postgres@localhost:5432/postgres", description="Postgres connection URL"
     )
     db_pool_size: int = Field(8, description="Connections per worker process")
 

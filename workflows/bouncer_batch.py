@@ -85,9 +85,12 @@ class BouncerBatchWorkflow:
             return result
         finally:
             # The scheduler owns the slot count; it must hear of every end, success or not.
-            await workflow.get_external_workflow_handle(scheduler_id(inp.lane)).signal(
-                "batch_finished", BatchFinished(bb, outcome)
-            )
+            try:
+                await workflow.get_external_workflow_handle(scheduler_id(inp.lane)).signal(
+                    "batch_finished", BatchFinished(bb, outcome)
+                )
+            except Exception:  # noqa: BLE001 - no scheduler running: a fresh one adopts from the database
+                workflow.logger.warning("scheduler of lane %s not reachable; batch %s finished", inp.lane, bb)
 
     async def _submit_and_wait(self, inp: BouncerBatchInput) -> tuple[StoreRequest, str]:
         bb = inp.bouncer_batch_id
