@@ -284,7 +284,10 @@ def status(
             " order by id desc limit 20",
             (user, user),
         ).fetchall()
-        queued = dict(conn.execute("select lane, count(*) from queue group by lane").fetchall())
+        queued = dict(conn.execute(
+            "select q.lane, count(*) from queue q join user_batch_lanes l"
+            " on l.user_batch_id = q.user_batch_id and l.lane = q.lane where q.seq >= l.cursor group by 1"
+        ).fetchall())
         dead = conn.execute("select count(*) from dead_letters").fetchone()[0]
 
     async def lanes_status() -> list[dict]:
@@ -293,6 +296,7 @@ def status(
         for lane in LANES:
             try:
                 st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
+                # The database's count is exact and current (the workflow's is as of its last pack).
                 found.append({**st.__dict__, "queued": queued.get(lane, 0)})
             except RPCError:
                 found.append({"lane": lane, "running": False, "queued": queued.get(lane, 0)})

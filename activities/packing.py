@@ -108,7 +108,8 @@ class PackingActivities:
                 if room > 0:
                     exhausted = True
             drained = exhausted or all(c[3] >= c[4] for c in candidates)
-            return PackResult(batches, queue_drained=drained)
+            queued = 0 if exhausted else sum(max(c[4] - c[3], 0) for c in candidates)
+            return PackResult(batches, queue_drained=drained, queued_after=queued)
 
     @activity.defn
     async def unfinished_batches(self, lane: str) -> list[PackedBatch]:

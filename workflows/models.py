@@ -100,6 +100,7 @@ class SchedulerState:
     dispatched_batches: int = 0
     work_hint: bool = True
     new_work: bool = False
+    queued: int = 0  # as of the last pack
 
 
 @dataclass
@@ -111,7 +112,7 @@ class SchedulerStatus:
     in_flight_addresses: int
     free_slots: int
     dispatched_batches: int
-    queued: int = -1  # filled by readers that ask the database; the workflow does not know it
+    queued: int  # addresses waiting in the lane's queues, as of the last pack
 
 
 @dataclass
@@ -132,6 +133,7 @@ class PackedBatch:
 class PackResult:
     batches: list[PackedBatch]
     queue_drained: bool
+    queued_after: int = 0  # addresses still queued in the lane (from cursors: an upper bound)
 
 
 @dataclass

@@ -75,6 +75,7 @@ class GreedySchedulerWorkflow:
             in_flight_addresses=sum(self._state.in_flight.values()),
             free_slots=max(slots - len(self._state.in_flight), 0),
             dispatched_batches=self._state.dispatched_batches,
+            queued=self._state.queued,
         )
 
     # ---- main loop ----------------------------------------------------------------------
@@ -155,6 +156,7 @@ class GreedySchedulerWorkflow:
             start_to_close_timeout=timedelta(seconds=120),
             retry_policy=DB_RETRY,
         )
+        self._state.queued = result.queued_after
         if result.queue_drained:
             self._state.work_hint = False
         await self._start_children(result.batches)
@@ -205,5 +207,5 @@ class GreedySchedulerWorkflow:
         paused = f"; paused: {s.pause_reason}" if s.paused else ""
         workflow.set_current_details(
             f"lane {s.lane}: {s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
-            f"{s.free_slots} slots free, {s.dispatched_batches} dispatched{paused}"
+            f"{s.free_slots} slots free, {s.queued:,} addresses queued, {s.dispatched_batches} dispatched{paused}"
         )
