@@ -90,9 +90,13 @@ class BouncerApiActivities:
                     join queue q on q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
                                 and q.seq >= p.seq_from and q.seq < p.seq_to
                     join addresses a on a.id = q.address_id
+                    join user_batches b on b.id = q.user_batch_id
                     where p.bouncer_batch_id = %(bb)s
                       and not exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
                                       and r.verified_at > now() - make_interval(secs => %(ttl)s))
+                      -- cancelled after packing and nobody else needs it: do not spend a credit
+                      and not (b.state = 'cancelled' and not exists (
+                               select 1 from waits w where w.lane = %(lane)s and w.address_id = q.address_id))
                     order by p.seq_from, q.seq
                     """,
                     {"bb": bouncer_batch_id, "lane": lane, "ttl": self._ttl_s},
@@ -268,9 +272,18 @@ class BouncerApiActivities:
                     where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
                       and q.seq >= bp.seq_from and q.seq < bp.seq_to
                     returning q.user_batch_id, q.address_id, q.attempts + %(inc)s as attempts)
-                select d.*, (%(reason_given)s or d.attempts >= %(max)s) as dead from d
+                select d.*, false as dead,
+                       (b.state = 'cancelled' and not exists (
+                            select 1 from waits w where w.lane = %(lane)s and w.address_id = d.address_id)) as withdrawn
+                from d join user_batches b on b.id = d.user_batch_id
                 """,
-                {**p, "reason_given": bool(request.failure_reason), "inc": int(request.count_attempt)},
+                {**p, "inc": int(request.count_attempt)},
+            )
+            # Withdrawn rows (their user batch was cancelled, nobody else waits) just leave the queue.
+            await cur.execute("delete from leftover where withdrawn")
+            await cur.execute(
+                "update leftover set dead = true where %(reason_given)s or attempts >= %(max)s",
+                {**p, "reason_given": bool(request.failure_reason)},
             )
             await cur.execute(
                 """
