@@ -13,6 +13,7 @@ example exact: John 5k + Alice 2k + Bob 3k, then Bob 3k.
 from __future__ import annotations
 
 import secrets
+import time
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
@@ -30,10 +31,12 @@ class PackingActivities:
 
         Idempotent by `pack_key`: a retry returns the batches the first attempt created.
         """
+        began = time.perf_counter()
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
-                "select id, size from bouncer_batches where pack_key like %s order by id",
-                (request.pack_key + ":%",),
+                # Keys are `<pack_key>:<n>`; a range (not LIKE) so the unique index serves it.
+                "select id, size from bouncer_batches where pack_key > %s and pack_key < %s order by id",
+                (request.pack_key + ":", request.pack_key + ";"),
             )
             done = await cur.fetchall()
             if done:
@@ -109,6 +112,11 @@ class PackingActivities:
                     exhausted = True
             drained = exhausted or all(c[3] >= c[4] for c in candidates)
             queued = 0 if exhausted else sum(max(c[4] - c[3], 0) for c in candidates)
+            await cur.execute(
+                "insert into pack_runs (lane, pack_key, batches, addresses, duration_ms) values (%s, %s, %s, %s, %s)",
+                (request.lane, request.pack_key, len(batches), sum(b.size for b in batches),
+                 (time.perf_counter() - began) * 1000.0),
+            )
             return PackResult(batches, queue_drained=drained, queued_after=queued)
 
     @activity.defn

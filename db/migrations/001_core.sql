@@ -103,6 +103,17 @@ create table bouncer_batch_parts (
     primary key (bouncer_batch_id, user_batch_id, seq_from)
 );
 
+-- One row per pack call: how long packing took (the scheduler's critical path).
+create table pack_runs (
+    id          bigserial primary key,
+    lane        text        not null,
+    pack_key    text        not null,
+    batches     int         not null,
+    addresses   int         not null,
+    duration_ms real        not null,
+    created_at  timestamptz not null default now()
+);
+
 create table results (
     address_id  bigint      not null,
     lane        text        not null,
