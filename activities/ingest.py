@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from email_validator import EmailNotValidError, validate_email
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
 EMAIL_HEADERS = ("email", "e-mail", "email_address", "emailaddress", "mail", "address", "e-mail address")
 _MAX_FIELD = 16 * 1024 * 1024
@@ -24,9 +24,12 @@ csv.field_size_limit(_MAX_FIELD)
 # Plain ASCII addresses (almost all rows) take this fast path; anything else goes through
 # email-validator, the well-kept reference, so IDN domains and odd forms are judged by it.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?:{_LABEL}\.)+[a-z](?:[a-z0-9-]{{0,61}}[a-z0-9])?")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# One match for the common case: optional mailto:, dot-atom local part, LDH labels, alphabetic
+# start of the TLD, optional trailing dot. Groups: local part, domain.
+_FAST = re.compile(rf"(?i:mailto:)?\s*({_ATOM}(?:\.{_ATOM})*)@((?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?)\.?")
+
+_SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES)  # .test, .local, ...: email-validator refuses them
 
 
 class UnreadableInput(Exception):
@@ -40,6 +43,17 @@ def normalize_address(value: str) -> tuple[str | None, str | None]:
     and punycode the domain. The local part keeps its case (RFC 5321), so dedupe is
     case-insensitive on the domain only.
     """
+    m = _FAST.fullmatch(value.strip())
+    if m is not None:
+        local, domain = m.groups()
+        domain = domain.lower()
+        email = f"{local}@{domain}"
+        if len(local) <= 64 and len(email) <= 254 and domain.rpartition(".")[2] not in _SPECIAL_USE:
+            return email, None
+    return _normalize_slow(value)
+
+
+def _normalize_slow(value: str) -> tuple[str | None, str | None]:
     s = value.strip()
     if s[:7].lower() == "mailto:":
         s = s[7:].strip()
@@ -55,20 +69,13 @@ def normalize_address(value: str) -> tuple[str | None, str | None]:
     domain = domain.rstrip(".").lower()
     if not domain:
         return None, "empty domain"
-    if s.isascii():
-        if len(local) > 64:
-            return None, "local part longer than 64 characters"
-        if _LOCAL.fullmatch(local) and _DOMAIN.fullmatch(domain):
-            email = f"{local}@{domain}"
-            if len(email) > 254:
-                return None, "address longer than 254 characters"
-            return email, None
+    if len(local) > 64:
+        return None, "local part longer than 64 characters"
     try:
         checked = validate_email(f"{local}@{domain}", check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:
         return None, str(exc)
-    ascii_domain = checked.ascii_domain
-    email = f"{checked.local_part}@{ascii_domain}"
+    email = f"{checked.local_part}@{checked.ascii_domain}"
     if len(email) > 254:
         return None, "address longer than 254 characters"
     return email, None
