@@ -177,11 +177,20 @@ class DevStack:
         )
         _wait_port(self.sandbox_port, "Bouncer sandbox", self.root / "sandbox.log")
 
-    def start_worker(self) -> None:
-        if self._running("worker"):
-            return
-        self._spawn("worker", [sys.executable, "worker.py"], env=self.env())
-        _wait_port(self.callback_port, "worker (callback receiver)", self.root / "worker.log")
+    def start_worker(self, name: str = "worker", callbacks: bool = True) -> subprocess.Popen | None:
+        """Start a `python worker.py` process; extra workers (benchmarks) run without a receiver."""
+        if self._running(name):
+            return None
+        env = self.env()
+        if not callbacks:  # advertise the first worker's receiver, serve none
+            env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=f"http://127.0.0.1:{self.callback_port}")
+        proc = self._spawn(name, [sys.executable, "worker.py"], env=env)
+        if callbacks:
+            _wait_port(self.callback_port, f"{name} (callback receiver)", self.root / f"{name}.log")
+        return proc
+
+    def pid(self, name: str) -> int | None:
+        return self._running(name)
 
     def stop(self, name: str, timeout: float = 20.0) -> None:
         pid = self._running(name)

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.user_batches import UserBatchActivities
@@ -87,7 +88,10 @@ class UserBatchWorkflow:
             self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
             return summary
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ActivityError) as err:
+            # A cancel that lands while an activity runs arrives as ActivityError(CancelledError).
+            if not is_cancelled_exception(err):
+                raise
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
             summary = await workflow.execute_activity_method(
                 UserBatchActivities.cancel_user_batch,

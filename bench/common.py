@@ -1,0 +1,134 @@
+"""What every benchmark shares: an isolated embedded stack, list generation, submission, audits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+
+from devstack import ROOT, DevStack, free_port
+
+
+@contextlib.contextmanager
+def bench_stack(sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1) -> Iterator[DevStack]:
+    """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports."""
+    root = Path(tempfile.mkdtemp(prefix="bench-"))
+    os.chmod(root, 0o755)  # the embedded Postgres runs as its own system user when we are root
+    st = DevStack(
+        root, temporal_port=free_port(), ui_port=free_port(), sandbox_port=free_port(),
+        callback_port=free_port(), sandbox_args=sandbox_args, worker_env=worker_env,
+    )
+    try:
+        st.up(worker=False)
+        st.start_worker("worker")
+        for i in range(2, workers + 1):
+            st.start_worker(f"worker-{i}", callbacks=False)
+        yield st
+    finally:
+        st.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def write_lists(folder: Path, users: int, per_user: int, tag: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for u in range(users):
+        path = folder / f"user{u}.csv"
+        with path.open("w") as f:
+            f.write("email,first_name\n")
+            f.writelines(f"u{u}.{tag}.{i}@company{i % 997}.example,Name {i}\n" for i in range(per_user))
+        paths.append(path)
+    return paths
+
+
+def submit(st: DevStack, path: Path, user: str, *extra: str) -> dict:
+    """`starter.py submit ... --json` as a real process; adds its peak RSS (MB) to the result."""
+    proc = subprocess.Popen(
+        [sys.executable, "starter.py", "submit", str(path), "--user", user, "--json", *extra],
+        cwd=ROOT, env={**os.environ, **st.env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"submit {path} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return {**orjson.loads(out), "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def wait_completed(st: DevStack, user_batch_ids: list[int], timeout: float) -> float:
+    """Block until every listed user batch is completed; returns the monotonic time it happened."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(st.database_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            (done,) = conn.execute(
+                "select count(*) from user_batches where id = any(%s) and state = 'completed'", (user_batch_ids,)
+            ).fetchone()
+            if done == len(user_batch_ids):
+                return time.monotonic()
+            time.sleep(0.05)
+    raise TimeoutError(f"user batches not completed within {timeout:.0f}s; see {st.root}/worker.log")
+
+
+def peak_rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
+
+
+def _payload_sizes(message) -> Iterator[int]:
+    from temporalio.api.common.v1 import Payload
+
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = list(value.values())
+        elif hasattr(value, "ListFields"):
+            items = [value]
+        else:
+            items = list(value)  # a repeated field
+        for item in items:
+            if not hasattr(item, "ListFields"):
+                continue
+            if isinstance(item, Payload):
+                yield item.ByteSize()
+            else:
+                yield from _payload_sizes(item)
+
+
+async def history_limits(st: DevStack) -> dict:
+    """Largest history (events) and largest single payload (bytes) over every workflow run."""
+    from temporalio.client import Client
+
+    client = await Client.connect(st.temporal_address)
+    max_events = max_payload = runs = 0
+    async for wf in client.list_workflows():
+        history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+        runs += 1
+        max_events = max(max_events, len(history.events))
+        for event in history.events:
+            for size in _payload_sizes(event):
+                max_payload = max(max_payload, size)
+    return {"workflow_runs": runs, "max_history_events": max_events, "max_payload_bytes": max_payload}

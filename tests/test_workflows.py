@@ -1,0 +1,585 @@
+"""Workflow behaviour on the time-skipping test server, with the real activities, a fresh
+Postgres database per test and the sandbox over HTTP.
+
+Time on the V1 time-skipping server runs at wall-clock speed while it is "locked" and jumps
+ahead to the next timer while it is unlocked and nothing runs. It is unlocked only while a
+`handle.result()` of a handle returned by `start_workflow` is awaited (unless inside
+`env.auto_time_skipping_disabled()`) and during `env.sleep(...)`. The tests below rely on
+that: a long `poll_interval_s` holds a Bouncer batch "at the API" for as long as the test
+keeps time locked, and skipping makes it complete when the test wants it to.
+
+Assertions go through the database, workflow queries and results, histories, and the
+sandbox's own counters; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import httpx
+import psycopg
+import pytest
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
+from temporalio.exceptions import CancelledError
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Replayer
+
+from activities.user_batches import scheduler_input
+from helpers import Pipeline, make_settings, running_pipeline, write_list
+from worker import WORKFLOWS
+from workflows.models import (
+    BatchFinished,
+    LanePause,
+    Progress,
+    SchedulerInput,
+    SchedulerState,
+    SchedulerStatus,
+    Summary,
+    UserBatchInput,
+    bouncer_batch_workflow_id,
+    scheduler_id,
+)
+from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.user_batch import UserBatchWorkflow
+
+LANE = "deliverability"
+TERMINAL = {"verified", "invalid", "duplicate", "cancelled", "failed"}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def emails(tag: str, n: int, start: int = 0) -> list[str]:
+    return [f"{tag}.{i}@company{i % 7}.example" for i in range(start, start + n)]
+
+
+def sandbox_stats(sandbox) -> dict:
+    return httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+
+
+def status_requests(stats: dict) -> int:
+    return sum(stats["requests"].get("status", {}).values())
+
+
+async def eventually(check: Callable, what: str, timeout: float = 15.0, interval: float = 0.05):
+    """Poll `check` (sync or async) in real time until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def prepared(handle: WorkflowHandle) -> Progress:
+    """Wait until the user batch's prepare activity is done (its progress query says so)."""
+
+    async def check():
+        p = await handle.query(UserBatchWorkflow.progress)
+        return p if p is not None and p.state in ("queued", "paused") else None
+
+    return await eventually(check, f"{handle.id} to be prepared")
+
+
+async def events(client: Client, workflow_id: str, run_id: str | None = None) -> list:
+    return (await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()).events
+
+
+def scheduled_activities(history_events: list) -> Counter:
+    return Counter(
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history_events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    )
+
+
+def signals(history_events: list) -> Counter:
+    return Counter(
+        e.workflow_execution_signaled_event_attributes.signal_name
+        for e in history_events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+    )
+
+
+async def idle_after_signal(client: Client, workflow_id: str, signal_name: str) -> list:
+    """Wait until the workflow has received `signal_name` and finished reacting to it.
+
+    Idle = the last event is a completed workflow task: no activity, timer or child pending.
+    """
+
+    async def check():
+        evs = await events(client, workflow_id)
+        ok = signals(evs)[signal_name] > 0 and evs[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+        return evs if ok else None
+
+    return await eventually(check, f"{workflow_id} to settle after {signal_name}")
+
+
+async def scheduler_status(client: Client) -> SchedulerStatus:
+    return await client.get_workflow_handle(scheduler_id(LANE)).query(GreedySchedulerWorkflow.status)
+
+
+def lane_row(p: Pipeline, user_batch_id: int) -> dict:
+    cols = ("unique_addresses", "cached", "shared", "enqueued", "remaining", "failed", "dispatched")
+    (row,) = p.sql(f"select {', '.join(cols)} from user_batch_lanes where user_batch_id = %s and lane = %s",
+                   (user_batch_id, LANE))
+    return dict(zip(cols, row))
+
+
+def item_states(p: Pipeline, user_batch_id: int) -> dict[str, int]:
+    return dict(p.sql("select state, count(*) from item_outcomes where user_batch_id = %s group by 1",
+                      (user_batch_id,)))
+
+
+def ub_id(handle: WorkflowHandle) -> int:
+    return int(handle.id.rsplit("-", 1)[1])
+
+
+async def run_histories(client: Client, p: Pipeline) -> list[WorkflowHistory]:
+    """Every run of every workflow the test produced (the test server cannot list workflows).
+
+    Ids come from the database (user batches, Bouncer batches) plus the lane schedulers;
+    continue-as-new chains are followed backwards through `continued_execution_run_id`.
+    """
+    ids = [wid for (wid,) in p.sql("select workflow_id from user_batches where workflow_id is not null order by id")]
+    ids += [bouncer_batch_workflow_id(lane, bb) for bb, lane in p.sql("select id, lane from bouncer_batches order by id")]
+    ids += [scheduler_id(lane) for lane in ("deliverability", "catchall")]
+    histories = []
+    for wid in ids:
+        run_id = None
+        while True:
+            try:
+                history = await client.get_workflow_handle(wid, run_id=run_id).fetch_history()
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    break
+                raise
+            histories.append(history)
+            run_id = history.events[0].workflow_execution_started_event_attributes.continued_execution_run_id
+            if not run_id:
+                break
+    return histories
+
+
+async def _iterate(histories: list[WorkflowHistory]) -> AsyncIterator[WorkflowHistory]:
+    for h in histories:
+        yield h
+
+
+async def assert_replays(client: Client, p: Pipeline) -> list[WorkflowHistory]:
+    """Invariant 5: the recorded histories replay against today's workflow code."""
+    histories = await run_histories(client, p)
+    assert histories
+    results = await Replayer(workflows=WORKFLOWS).replay_workflows(_iterate(histories), raise_on_replay_failure=False)
+    assert not results.replay_failures, {run: repr(err) for run, err in results.replay_failures.items()}
+    return histories
+
+
+# ---- 1. polling ---------------------------------------------------------------------------------
+
+
+async def test_polling_completes_a_user_batch_with_status_requests_and_no_callbacks(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    env = skipping_env
+    rows = emails("poll", 250) + ["poll.1@COMPANY1.example", "not-an-address", "poll.7@company0.example"]
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    async with running_pipeline(env.client, settings, callbacks_on=False) as p:
+        handle = await p.submit_file(write_list(tmp_path / "poll.csv", rows), "pam")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+
+        assert summary.state == "completed"
+        assert summary.rows == len(rows)
+        assert summary.by_state == {"verified": 250, "duplicate": 2, "invalid": 1}
+        assert item_states(p, summary.user_batch_id) == summary.by_state
+        assert set(summary.by_state) <= TERMINAL
+        assert p.sql("select count(*) from items where user_batch_id = %s", (summary.user_batch_id,)) == [(len(rows),)]
+
+        stats = sandbox_stats(sandbox)
+        assert status_requests(stats) > 0, stats["requests"]  # completion came from polling
+        assert stats["callbacks_sent"] == 0
+        assert stats["batches_created"] == 3
+        assert stats["addresses_received"] == 250 and stats["addresses_sent_twice"] == 0
+        assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("stored", 3)]
+        assert p.sql("select count(*) from queue") == [(0,)]
+        for (bb,) in p.sql("select id from bouncer_batches"):
+            assert scheduled_activities(await events(env.client, bouncer_batch_workflow_id(LANE, bb)))[
+                "await_batch_completion"
+            ] == 1
+        await assert_replays(env.client, p)
+
+
+# ---- 2. callbacks -------------------------------------------------------------------------------
+
+
+async def test_callbacks_complete_a_user_batch_without_any_status_request(skipping_env, db_url, sandbox, tmp_path):
+    """With an hour between polls, only the callback signal can end the wait.
+
+    Time skipping stays disabled while waiting: otherwise the server would jump the hour as
+    soon as every Bouncer batch sat in its timer (before the sandbox's HTTP callback arrived)
+    and polling would win the race. Locked, time runs at wall-clock speed, so a status
+    request would take an hour: zero status requests proves the callback path did it.
+    """
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100, poll_interval_s=3600)
+    async with running_pipeline(env.client, settings, callbacks_on=True) as p:
+        handle = await p.submit_file(write_list(tmp_path / "cb.csv", emails("cb", 230)), "carl")
+        with env.auto_time_skipping_disabled():
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+
+        assert summary.state == "completed"
+        assert summary.by_state == {"verified": 230}
+        stats = sandbox_stats(sandbox)
+        assert stats["batches_created"] == 3
+        assert stats["callbacks_sent"] >= stats["batches_created"]
+        assert status_requests(stats) == 0, stats["requests"]
+        batches = httpx.get(f"{sandbox.url}/_sandbox/batches").json()
+        assert len(batches) == 3 and all(b["callback"] for b in batches)
+        for (bb,) in p.sql("select id from bouncer_batches"):
+            evs = await events(env.client, bouncer_batch_workflow_id(LANE, bb))
+            assert signals(evs)["completed"] == 1
+            assert "await_batch_completion" not in scheduled_activities(evs)
+        await assert_replays(env.client, p)
+
+
+# ---- 3. lane pause / resume -----------------------------------------------------------------------
+
+
+async def test_a_paused_lane_dispatches_nothing_until_resumed(skipping_env, db_url, sandbox, tmp_path):
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    async with running_pipeline(env.client, settings) as p:
+        # Like `starter.py pause --lane`: signal-with-start, before the scheduler ever ran.
+        await env.client.start_workflow(
+            GreedySchedulerWorkflow.run,
+            scheduler_input(p.settings, LANE),
+            id=scheduler_id(LANE),
+            task_queue=p.settings.task_queue,
+            start_signal="pause",
+            start_signal_args=[LanePause("test")],
+        )
+        handle = await p.submit_file(write_list(tmp_path / "lp.csv", emails("lp", 150)), "lena")
+        await prepared(handle)
+        # The user batch nudged the scheduler (work_available) and the scheduler settled without packing.
+        evs = await idle_after_signal(env.client, scheduler_id(LANE), "work_available")
+        assert "pack_batches" not in scheduled_activities(evs)
+        await asyncio.sleep(0.3)  # longer than pack_linger_s: a pack would have begun by now
+        status = await scheduler_status(env.client)
+        assert status.paused and status.pause_reason == "test"
+        assert status.in_flight == 0 and status.dispatched_batches == 0
+        assert sandbox_stats(sandbox)["batches_created"] == 0
+        assert p.sql("select count(*) from bouncer_batches") == [(0,)]
+        assert p.sql("select count(*) from queue where user_batch_id = %s", (ub_id(handle),)) == [(150,)]
+
+        await env.client.start_workflow(
+            GreedySchedulerWorkflow.run,
+            scheduler_input(p.settings, LANE),
+            id=scheduler_id(LANE),
+            task_queue=p.settings.task_queue,
+            start_signal="resume",
+        )
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+        assert summary.state == "completed" and summary.by_state == {"verified": 150}
+        status = await scheduler_status(env.client)
+        assert not status.paused and status.pause_reason == ""
+        assert status.dispatched_batches == 2
+        stats = sandbox_stats(sandbox)
+        assert stats["batches_created"] == 2 and stats["addresses_received"] == 150
+        await assert_replays(env.client, p)
+
+
+# ---- 4. user batch pause / resume ----------------------------------------------------------------
+
+
+async def test_pausing_a_user_batch_withdraws_its_unclaimed_addresses_and_resume_sends_each_once(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """One slot, 100 per Bouncer batch, 500 addresses; the first batch waits 30 s at the API
+    (a poll interval that passes only when the test lets time skip)."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "ub.csv", emails("ub", 500)), "uma")
+        ub = ub_id(handle)
+        await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "the first Bouncer batch")
+
+        progress: Progress = await handle.execute_update(UserBatchWorkflow.pause)
+        assert progress.state == "paused"
+        assert progress.remaining == 100  # only the in-flight Bouncer batch is still outstanding
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("paused",)]
+        # Unclaimed rows withdrawn; the claimed (in-flight) ones stay until their results are stored.
+        assert p.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(100,)]
+        assert p.sql(
+            "select count(*) from queue q join user_batch_lanes l using (user_batch_id, lane)"
+            " where q.user_batch_id = %s and q.seq >= l.cursor",
+            (ub,),
+        ) == [(0,)]
+
+        # Let the in-flight batch finish (time skips past its poll interval); nothing more may go out.
+        await env.sleep(45)
+        await eventually(
+            lambda: p.sql("select count(*) from bouncer_batches where state = 'stored'") == [(1,)], "batch 1 stored"
+        )
+        await idle_after_signal(env.client, scheduler_id(LANE), "batch_finished")
+        stats = sandbox_stats(sandbox)
+        assert stats["batches_created"] == 1
+        assert stats["addresses_received"] == 100 < 500
+        assert (await scheduler_status(env.client)).in_flight == 0
+        assert (await handle.query(UserBatchWorkflow.progress)).state == "paused"
+        assert p.sql("select count(*) from queue") == [(0,)]
+
+        progress = await handle.execute_update(UserBatchWorkflow.resume)
+        assert progress.state == "queued"
+        assert progress.remaining == 400
+        assert lane_row(p, ub)["cached"] == 100  # the stored results are reused, not re-sent
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+
+        assert summary.state == "completed" and summary.by_state == {"verified": 500}
+        stats = sandbox_stats(sandbox)
+        assert stats["addresses_received"] == 500
+        assert stats["unique_addresses_received"] == 500
+        assert stats["addresses_sent_twice"] == 0
+        assert stats["batches_created"] == 5
+        await assert_replays(env.client, p)
+
+
+# ---- 5. cancel ------------------------------------------------------------------------------------
+
+
+async def test_cancelling_a_user_batch_cancels_its_rows_and_hands_shared_addresses_to_another(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """A: 300 addresses, its first 100 in flight (one slot, 30 s poll interval), 200 queued.
+    B shares 50 of A's in-flight addresses and 100 of A's queued ones, plus 50 of its own.
+    Cancelling A: its queued addresses are withdrawn, the 100 B waits on move to B's queue,
+    A's rows end `cancelled`; B completes with every address sent exactly once."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30)
+    a_rows = emails("a", 300)
+    b_rows = a_rows[:50] + a_rows[200:] + emails("b", 50)
+    async with running_pipeline(env.client, settings) as p:
+        a = await p.submit_file(write_list(tmp_path / "a.csv", a_rows), "ann")
+        await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "A's first Bouncer batch")
+        b = await p.submit_file(write_list(tmp_path / "b.csv", b_rows), "ben")
+        await prepared(b)
+        assert lane_row(p, ub_id(b))["shared"] == 150 and lane_row(p, ub_id(b))["enqueued"] == 50
+
+        await a.cancel()
+        with env.auto_time_skipping_disabled():  # keep A's in-flight batch at the API meanwhile
+            with pytest.raises(WorkflowFailureError) as raised:
+                await asyncio.wait_for(a.result(), timeout=15)
+        assert isinstance(raised.value.cause, CancelledError)
+        assert (await a.describe()).status == WorkflowExecutionStatus.CANCELED
+
+        ua = ub_id(a)
+        assert p.sql("select state from user_batches where id = %s", (ua,)) == [("cancelled",)]
+        assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ua,)) == [
+            ("cancelled", 300)
+        ]
+        # Only the claimed (in-flight) rows remain, until their batch stores.
+        assert p.sql(
+            "select count(*) from queue q join user_batch_lanes l using (user_batch_id, lane)"
+            " where q.user_batch_id = %s and q.seq >= l.cursor",
+            (ua,),
+        ) == [(0,)]
+        assert p.sql("select count(*) from queue where user_batch_id = %s", (ua,)) == [(100,)]
+        lb = lane_row(p, ub_id(b))
+        assert (lb["enqueued"], lb["shared"], lb["remaining"]) == (150, 50, 200)
+        assert p.sql("select count(*) from waits where user_batch_id = %s", (ub_id(b),)) == [(50,)]
+
+        summary: Summary = await asyncio.wait_for(b.result(), timeout=30)
+        assert summary.state == "completed" and summary.by_state == {"verified": 200}
+        stats = sandbox_stats(sandbox)
+        assert stats["addresses_received"] == 100 + 150  # A's batch 1, then B's; a.100..a.199 never sent
+        assert stats["addresses_sent_twice"] == 0
+        assert p.sql("select count(*) from queue") == [(0,)]
+        assert p.sql("select count(*) from waits") == [(0,)]
+        assert item_states(p, ua) == {"cancelled": 300}
+        await assert_replays(env.client, p)
+
+
+async def test_cancelling_a_user_batch_during_an_activity_still_withdraws_it(skipping_env, db_url, sandbox, tmp_path):
+    """Hold a lock prepare_user_batch needs, cancel while it waits, then let it finish.
+
+    The cancel reaches the workflow while its prepare activity runs (the activity's cancel
+    request is in the history before the lock is released), which is also what happens
+    when a user cancels a 2M-row import during prepare, or at any moment the workflow is
+    in read_progress. The batch must still end `cancelled` with nothing left queued.
+    """
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    async with running_pipeline(env.client, settings) as p:
+        with psycopg.connect(db_url) as blocker:
+            blocker.execute("lock table addresses in share mode")  # prepare's insert into addresses waits
+            handle = await p.submit_file(write_list(tmp_path / "c.csv", emails("c", 120)), "cid")
+            await eventually(
+                lambda: p.sql("select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                              " and datname = current_database()") == [(1,)],
+                "prepare_user_batch to block on the lock",
+            )
+            await handle.cancel()
+            await eventually(
+                lambda: _has_event(env.client, handle.id, EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED),
+                "the workflow to request the running activity's cancellation",
+            )
+            blocker.rollback()
+        with env.auto_time_skipping_disabled():
+            with pytest.raises(WorkflowFailureError) as raised:
+                await asyncio.wait_for(handle.result(), timeout=15)
+        assert isinstance(raised.value.cause, CancelledError)
+        ub = ub_id(handle)
+        # The abandoned prepare attempt still commits once the lock is gone.
+        await eventually(
+            lambda: p.sql("select state from user_batches where id = %s", (ub,)) != [("receiving",)], "prepare"
+        )
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("cancelled",)]
+        assert p.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(0,)]
+        assert "pending" not in item_states(p, ub)
+        assert "cancel_user_batch" in scheduled_activities(await events(env.client, handle.id))
+
+
+async def _has_event(client: Client, workflow_id: str, event_type) -> bool:
+    return any(e.event_type == event_type for e in await events(client, workflow_id))
+
+
+# ---- 6. scheduler continue-as-new ------------------------------------------------------------------
+
+
+async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_state(skipping_env, db_url, sandbox):
+    env = skipping_env
+    settings = make_settings(db_url, sandbox)
+    async with running_pipeline(env.client, settings) as p:
+        inp = scheduler_input(p.settings, LANE)
+        inp.state = SchedulerState(
+            in_flight={"123": 10, "124": 20}, paused=True, pause_reason="held by test", packs=3, dispatched_batches=7,
+            queued=55,
+        )
+        first = await env.client.start_workflow(
+            GreedySchedulerWorkflow.run, inp, id=scheduler_id(LANE), task_queue=p.settings.task_queue
+        )
+        expected = SchedulerStatus(
+            lane=LANE, paused=True, pause_reason="held by test", in_flight=2, in_flight_addresses=30,
+            free_slots=p.settings.max_concurrent_batches - 2, dispatched_batches=7, queued=55,
+        )
+        assert await first.query(GreedySchedulerWorkflow.status) == expected
+
+        # Every signal is a history event: push the history past the 4,000-event threshold.
+        original = env.client.get_workflow_handle(scheduler_id(LANE), run_id=first.first_execution_run_id)
+        gate = asyncio.Semaphore(64)
+
+        async def nudge() -> None:
+            async with gate:
+                await env.client.get_workflow_handle(scheduler_id(LANE)).signal(GreedySchedulerWorkflow.work_available)
+
+        for _ in range(12):
+            await asyncio.gather(*(nudge() for _ in range(500)))
+            if (await original.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                break
+        await eventually(
+            lambda: _status_is(original, WorkflowExecutionStatus.CONTINUED_AS_NEW), "continue-as-new"
+        )
+        first_run = await events(env.client, scheduler_id(LANE), first.first_execution_run_id)
+        assert len(first_run) > 4000
+        assert first_run[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW
+        assert "pack_batches" not in scheduled_activities(first_run)  # paused all along
+
+        latest = env.client.get_workflow_handle(scheduler_id(LANE))
+        assert (await latest.describe()).run_id != first.first_execution_run_id
+        assert await latest.query(GreedySchedulerWorkflow.status) == expected
+        # The new run got the same configuration, plus the carried state.
+        started = (await events(env.client, scheduler_id(LANE)))[0].workflow_execution_started_event_attributes
+        assert started.continued_execution_run_id == first.first_execution_run_id
+        (carried,) = await env.client.data_converter.decode(started.input.payloads, [SchedulerInput])
+        assert carried.state is not None and carried.state.in_flight == {"123": 10, "124": 20}
+        assert dataclasses.replace(carried, state=None) == dataclasses.replace(inp, state=None)
+
+        # The carried in-flight entries are real slots: finishing one frees it.
+        await latest.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(123, "stored"))
+        status = await eventually(lambda: _status_if(latest, lambda s: s.in_flight == 1), "slot 123 freed")
+        assert status.in_flight_addresses == 20 and status.free_slots == p.settings.max_concurrent_batches - 1
+        assert status.paused and status.dispatched_batches == 7
+
+        await latest.signal(GreedySchedulerWorkflow.resume)
+        await latest.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(124, "stored"))
+        status = await eventually(lambda: _status_if(latest, lambda s: s.in_flight == 0 and not s.paused), "resume")
+        assert status.free_slots == p.settings.max_concurrent_batches and status.dispatched_batches == 7
+        # Resumed with an empty queue: it packs once, finds nothing, and dispatches nothing.
+        evs = await eventually(
+            lambda: _idle_with(env.client, lambda evs: scheduled_activities(evs)["pack_batches"] >= 1), "a pack"
+        )
+        assert p.sql("select count(*) from bouncer_batches") == [(0,)]
+        assert (await latest.query(GreedySchedulerWorkflow.status)).dispatched_batches == 7
+        assert len(evs) < 4000
+
+        histories = await assert_replays(env.client, p)
+        assert sum(h.workflow_id == scheduler_id(LANE) for h in histories) == 2
+
+
+async def _status_is(handle: WorkflowHandle, status: WorkflowExecutionStatus) -> bool:
+    return (await handle.describe()).status == status
+
+
+async def _status_if(handle: WorkflowHandle, pred) -> SchedulerStatus | None:
+    s = await handle.query(GreedySchedulerWorkflow.status)
+    return s if pred(s) else None
+
+
+async def _idle_with(client: Client, pred) -> list | None:
+    evs = await events(client, scheduler_id(LANE))
+    return evs if pred(evs) and evs[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED else None
+
+
+# ---- 7. replay --------------------------------------------------------------------------------------
+
+
+@workflow.defn(name="UserBatchWorkflow", sandboxed=False)
+class ReorderedUserBatchWorkflow:
+    """A careless change to UserBatchWorkflow: a timer before the prepare activity."""
+
+    @workflow.run
+    async def run(self, inp: UserBatchInput) -> Summary:
+        await workflow.sleep(timedelta(seconds=1))
+        return Summary(inp.user_batch_id, "completed", 0)
+
+
+async def test_recorded_histories_replay_without_nondeterminism(skipping_env, db_url, sandbox, tmp_path):
+    """Two user batches sharing addresses, callbacks and polling both on, one paused and resumed:
+    every history replays against the current workflow code, and a reordering change is caught."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    x_rows = emails("x", 180) + ["bad-row"]
+    y_rows = x_rows[100:160] + emails("y", 90) + [x_rows[0]]
+    async with running_pipeline(env.client, settings, callbacks_on=True) as p:
+        x = await p.submit_file(write_list(tmp_path / "x.csv", x_rows), "xia", priority="high")
+        y = await p.submit_file(write_list(tmp_path / "y.csv", y_rows), "yan", priority="low")
+        await prepared(y)
+        await y.execute_update(UserBatchWorkflow.pause)
+        await y.execute_update(UserBatchWorkflow.resume)
+        summaries = await asyncio.wait_for(asyncio.gather(x.result(), y.result()), timeout=30)
+        assert [s.state for s in summaries] == ["completed", "completed"]
+        assert sum(summaries[0].by_state.values()) == len(x_rows)
+        assert sum(summaries[1].by_state.values()) == len(y_rows)
+        assert sandbox_stats(sandbox)["addresses_sent_twice"] == 0
+
+    histories = await assert_replays(env.client, p)
+    kinds = Counter(h.workflow_id.rsplit("-", 1)[0] for h in histories)
+    assert kinds["user-batch"] == 2
+    assert kinds[f"bouncer-batch-{LANE}"] >= 3
+    assert kinds["scheduler"] == 1
+
+    # The guard is live: the same user batch histories fail against a changed workflow.
+    replayer = Replayer(workflows=[ReorderedUserBatchWorkflow])
+    for history in (h for h in histories if h.workflow_id.startswith("user-batch-")):
+        result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+        assert isinstance(result.replay_failure, workflow.NondeterminismError), result.replay_failure
