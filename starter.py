@@ -40,7 +40,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 dev_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the embedded dev stack (.dev/).")
 app.add_typer(dev_app, name="dev")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line: no hard wrap at 80 columns
 
 
 class Priority(str, Enum):
@@ -153,34 +153,35 @@ def submit(
         raise fail(f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
     if not file.is_file():
         raise fail(f"cannot read {file}: no such file")
-    started = time.perf_counter()
-    with db_connect(s) as conn:
-        try:
-            with conn.transaction():
-                (ub_id,) = conn.execute(
-                    "insert into user_batches (user_id, name, priority, lanes, source, workflow_id)"
-                    " values (%s, %s, %s, %s, %s, null) returning id",
-                    (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file)),
-                ).fetchone()
-                with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                              console=err, disable=as_json, transient=True) as bar:
-                    task = bar.add_task(f"reading {file.name}")
-                    stats = copy_items(
-                        conn, ub_id, file, column,
-                        on_progress=lambda st: bar.update(task, description=f"reading {file.name}: {st.rows:,} rows"),
-                    )
-                conn.execute(
-                    "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
-                    (stats.rows, user_batch_workflow_id(ub_id), ub_id),
-                )
-        except UnreadableInput as exc:
-            raise fail(str(exc))
-    ingest_s = time.perf_counter() - started
 
-    async def start() -> Summary | None:
+    async def run() -> tuple[int, object, float, Summary | None]:
+        # Temporal first: an unreachable server must not leave stored rows behind.
         client = await temporal(s)
         from workflows.user_batch import UserBatchWorkflow
 
+        started = time.perf_counter()
+        with db_connect(s) as conn:
+            try:
+                with conn.transaction():
+                    (ub_id,) = conn.execute(
+                        "insert into user_batches (user_id, name, priority, lanes, source, workflow_id)"
+                        " values (%s, %s, %s, %s, %s, %s) returning id",
+                        (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file), None),
+                    ).fetchone()
+                    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                  console=err, disable=as_json, transient=True) as bar:
+                        task = bar.add_task(f"reading {file.name}")
+                        stats = copy_items(
+                            conn, ub_id, file, column,
+                            on_progress=lambda st: bar.update(task, description=f"reading {file.name}: {st.rows:,} rows"),
+                        )
+                    conn.execute(
+                        "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
+                        (stats.rows, user_batch_workflow_id(ub_id), ub_id),
+                    )
+            except UnreadableInput as exc:
+                raise fail(str(exc))
+        ingest_s = time.perf_counter() - started
         try:
             handle = await client.start_workflow(
                 UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue
@@ -189,11 +190,10 @@ def submit(
             with db_connect(s) as c:
                 c.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub_id,))
             raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}", 1)
-        if not wait:
-            return None
-        return await follow(handle, as_json)
+        summary = await follow(handle, as_json) if wait else None
+        return ub_id, stats, ingest_s, summary
 
-    summary = asyncio.run(start())
+    ub_id, stats, ingest_s, summary = asyncio.run(run())
     result = {
         "user_batch_id": ub_id,
         "workflow_id": user_batch_workflow_id(ub_id),

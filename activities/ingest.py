@@ -27,7 +27,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # One match for the common case: optional mailto:, dot-atom local part, LDH labels, alphabetic
 # start of the TLD, optional trailing dot. Groups: local part, domain.
-_FAST = re.compile(rf"(?i:mailto:)?\s*({_ATOM}(?:\.{_ATOM})*)@((?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?)\.?")
+_FAST = re.compile(rf"(?i:mailto:)?\s*({_ATOM}(?:\.{_ATOM})*)@((?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z])?)\.?")
 
 _SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES)  # .test, .local, ...: email-validator refuses them
 
@@ -48,7 +48,8 @@ def normalize_address(value: str) -> tuple[str | None, str | None]:
         local, domain = m.groups()
         domain = domain.lower()
         email = f"{local}@{domain}"
-        if len(local) <= 64 and len(email) <= 254 and domain.rpartition(".")[2] not in _SPECIAL_USE:
+        # `--` (punycode and reserved labels) is left to email-validator's IDNA checks.
+        if len(local) <= 64 and len(email) <= 254 and "--" not in domain and domain.rpartition(".")[2] not in _SPECIAL_USE:
             return email, None
     return _normalize_slow(value)
 
@@ -112,22 +113,22 @@ def detect_shape(sample: str, column: str | None) -> CsvShape:
         if column.lower() not in header:
             raise UnreadableInput(f"column {column!r} not found in the header: {', '.join(rows[0])}")
         return CsvShape(delimiter, True, header.index(column.lower()))
-    has_header = not any("@" in c for c in rows[0])
+    mailish = [i for i, name in enumerate(header) if name in EMAIL_HEADERS or "mail" in name]
+    # A first row without `@` is a header only if it looks like one; a lone bad address on the
+    # first line of a plain list stays a row (reported invalid, never silently skipped).
+    has_header = not any("@" in c for c in rows[0]) and (bool(mailish) or len(rows[0]) > 1)
+    data = rows[1:] if has_header else rows
+    with_at = [i for i in range(max(map(len, data), default=0)) if any(i < len(r) and "@" in r[i] for r in data)]
     if has_header:
-        for name in EMAIL_HEADERS:
+        for name in EMAIL_HEADERS:  # an exact email header wins
             if name in header:
                 return CsvShape(delimiter, True, header.index(name))
-        for i, name in enumerate(header):
-            if "mail" in name:
+        for i in mailish:  # "Work Email" over "Mailing Street": the one whose data has addresses
+            if i in with_at:
                 return CsvShape(delimiter, True, i)
-        data = rows[1:]
-    else:
-        data = rows
-    for row in data:
-        for i, cell in enumerate(row):
-            if "@" in cell:
-                return CsvShape(delimiter, has_header, i)
-    return CsvShape(delimiter, has_header, 0)
+    if with_at:
+        return CsvShape(delimiter, has_header, with_at[0])
+    return CsvShape(delimiter, has_header, mailish[0] if mailish else 0)
 
 
 def _text_stream(raw: io.BufferedIOBase) -> io.TextIOBase:
@@ -156,10 +157,13 @@ def iter_rows(path: Path, column: str | None = None) -> Iterator[tuple[int, str,
                 header_pending = False
                 continue
             if shape.column >= len(record):
-                cell = shape.delimiter.join(record)
+                cell = shape.delimiter.join(record).replace("\x00", "\ufffd")
                 yield start, cell, None, f"no value in column {shape.column + 1}"
                 continue
             cell = record[shape.column]
+            if "\x00" in cell:  # Postgres text cannot hold NUL; keep the row, report it
+                yield start, cell.replace("\x00", "\ufffd"), None, "contains a NUL byte"
+                continue
             email, reason = normalize_address(cell)
             yield start, cell, email, reason
 

@@ -39,8 +39,12 @@ class PackingActivities:
                 (request.pack_key + ":", request.pack_key + ";"),
             )
             done = await cur.fetchall()
-            if done:
-                return PackResult([PackedBatch(i, s) for i, s in done], queue_drained=len(done) < request.slots)
+            if done:  # a retry: answer what the first attempt answered
+                await cur.execute(
+                    "select queue_drained, queued_after from pack_runs where pack_key = %s", (request.pack_key,)
+                )
+                drained, queued_after = await cur.fetchone()
+                return PackResult([PackedBatch(i, s) for i, s in done], drained, queued_after)
 
             await cur.execute(
                 """
@@ -113,8 +117,9 @@ class PackingActivities:
             drained = exhausted or all(c[3] >= c[4] for c in candidates)
             queued = 0 if exhausted else sum(max(c[4] - c[3], 0) for c in candidates)
             await cur.execute(
-                "insert into pack_runs (lane, pack_key, batches, addresses, duration_ms) values (%s, %s, %s, %s, %s)",
-                (request.lane, request.pack_key, len(batches), sum(b.size for b in batches),
+                "insert into pack_runs (lane, pack_key, batches, addresses, queue_drained, queued_after, duration_ms)"
+                " values (%s, %s, %s, %s, %s, %s, %s)",
+                (request.lane, request.pack_key, len(batches), sum(b.size for b in batches), drained, queued,
                  (time.perf_counter() - began) * 1000.0),
             )
             return PackResult(batches, queue_drained=drained, queued_after=queued)

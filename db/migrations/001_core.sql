@@ -76,7 +76,7 @@ create index waits_user_batch on waits (user_batch_id);
 create table bouncer_batches (
     id                bigserial primary key,
     lane              text        not null,
-    pack_key          text        not null unique,  -- the scheduler's idempotency key
+    pack_key          text collate "C" not null unique,  -- `<scheduler key>:<n>`; C order for range lookups
     state             text        not null default 'packed',  -- packed, submitting, submitted, stored, failed
     size              int         not null,
     sent              int,
@@ -105,14 +105,17 @@ create table bouncer_batch_parts (
 
 -- One row per pack call: how long packing took (the scheduler's critical path).
 create table pack_runs (
-    id          bigserial primary key,
-    lane        text        not null,
-    pack_key    text        not null,
-    batches     int         not null,
-    addresses   int         not null,
-    duration_ms real        not null,
-    created_at  timestamptz not null default now()
+    id            bigserial primary key,
+    lane          text        not null,
+    pack_key      text        not null,
+    batches       int         not null,
+    addresses     int         not null,
+    queue_drained bool        not null,
+    queued_after  bigint      not null,
+    duration_ms   real        not null,
+    created_at    timestamptz not null default now()
 );
+create index pack_runs_key on pack_runs (pack_key);
 
 create table results (
     address_id  bigint      not null,

@@ -1,0 +1,279 @@
+"""`python starter.py ...` as a user runs it, against a real (embedded) Postgres.
+
+The cases the README promises run `python starter.py` as a subprocess; the many variants run the
+same Typer app in-process (typer.testing.CliRunner), since each interpreter start costs ~1 s of
+imports. Temporal points at a port where nothing listens: these commands must not need it (or
+must fail cleanly when they do). The submit happy path needs Temporal; test_end_to_end covers it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+import starter
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_TEMPORAL = "127.0.0.1:1"  # connection refused at once
+RESULT_HEADER = "row,input,email,state,note,status,reason,score,accept_all,verified_at"
+
+
+@dataclass
+class Run:
+    args: tuple[str, ...]
+    code: int
+    out: str
+    err: str
+
+
+def _env(db_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "DATABASE_", "BOUNCER_"))}
+    env.pop("COLUMNS", None)  # as in a pipe or a CI log: Rich's default width
+    env.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=NO_TEMPORAL, PYTHONUNBUFFERED="1")
+    return env
+
+
+def starter_many(db_url: str, *commands: tuple[str, ...], timeout: float = 60) -> list[Run]:
+    """Run several `starter.py` commands at once (each is a fresh interpreter, ~1 s of imports)."""
+    env = _env(db_url)
+    procs = [
+        subprocess.Popen([sys.executable, "starter.py", *args], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for args in commands
+    ]
+    runs = []
+    for args, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        runs.append(Run(tuple(args), proc.returncode, out, err))
+    return runs
+
+
+def run_starter(db_url: str, *args: str) -> Run:
+    return starter_many(db_url, args)[0]
+
+
+def cli(db_url: str, *args: str) -> Run:
+    """The same app in this process: exit code, stdout and stderr kept apart."""
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
+    overrides.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=NO_TEMPORAL, COLUMNS=None)
+    result = CliRunner(env=overrides).invoke(starter.app, list(args), catch_exceptions=False)
+    return Run(tuple(args), result.exit_code, result.stdout, result.stderr)
+
+
+def assert_clean_error(run: Run, code: int, *needles: str) -> None:
+    assert run.code == code, run
+    assert "Traceback" not in run.err, run.err
+    assert run.err.startswith("error: "), run.err
+    for needle in needles:
+        assert needle in run.err, run.err
+
+
+def assert_one_line(run: Run) -> None:
+    assert run.err.count("\n") == 1 and run.err.endswith("\n"), run.err
+
+
+@pytest.fixture(scope="module")
+def read_only_db(pg_server) -> str:
+    """One fresh migrated database for the tests whose commands only read (or are refused before writing)."""
+    name = f"cli_ro_{os.getpid()}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"create database {name} template pipeline_template")
+    return pg_server.replace("/postgres?", f"/{name}?")
+
+
+# ---- help -------------------------------------------------------------------------------------
+
+COMMANDS = [("submit",), ("status",), ("results",), ("pause",), ("resume",), ("cancel",),
+            ("dev",), ("dev", "up"), ("dev", "down"), ("dev", "status")]
+
+
+def test_help_works_for_every_command(read_only_db):
+    db_url = read_only_db
+    for command in COMMANDS:
+        run = cli(db_url, *command, "--help")
+        assert run.code == 0, run
+        assert "Usage" in run.out, run
+        assert run.err == "", run
+    assert "--user" in cli(db_url, "submit", "--help").out
+    assert "--format" in cli(db_url, "results", "--help").out
+    assert "--lane" in cli(db_url, "pause", "--help").out
+
+
+# ---- bad input: exit 2, one clean line --------------------------------------------------------
+
+
+def test_the_real_entry_point_help_and_bad_input(db_url, tmp_path):
+    """`python starter.py`: help, unknown ids and refused submissions exit 2 with one line, no traceback."""
+    listed = tmp_path / "ok.csv"
+    listed.write_text("email\na@b.com\n")
+    assert not (ROOT / "missing.csv").exists()
+    top, status, results, missing, bogus = starter_many(
+        db_url,
+        ("--help",),
+        ("status", "999999", "--json"),
+        ("results", "999999"),
+        ("submit", "missing.csv", "--user", "u"),
+        ("submit", str(listed), "--user", "u", "--lanes", "bogus"),
+    )
+    assert top.code == 0 and top.err == "", top
+    for name in ("submit", "status", "results", "pause", "resume", "cancel", "dev"):
+        assert name in top.out
+    assert_clean_error(status, 2, "no user batch 999999")
+    assert status.out == ""
+    assert_clean_error(results, 2, "no user batch 999999")
+    assert results.out == ""
+    assert_clean_error(missing, 2, "missing.csv")
+    assert_clean_error(bogus, 2, "bogus", "deliverability")
+    for run in (status, results, missing, bogus):
+        assert_one_line(run)
+    with psycopg.connect(db_url) as conn:  # nothing was stored by the refused submissions
+        assert conn.execute("select count(*) from user_batches").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("results", "999999", "--format", "json"), ("no user batch 999999",)),
+        (("status", "999999"), ("no user batch 999999",)),
+        (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", ","), ("unknown lane (none)",)),
+        (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", "deliverability,nope"), ("nope",)),
+        (("submit", "{tmp}", "--user", "u"), ("no such file",)),
+        (("pause",), ("USER_BATCH_ID",)),
+        (("resume", "1", "--lane", "deliverability"), ("not both",)),
+        (("pause", "--lane", "bogus"), ("unknown lane bogus",)),
+        (("pause", "999999"), ("no user batch 999999",)),
+        (("resume", "999999"), ("no user batch 999999",)),
+        (("cancel", "999999"), ("no user batch 999999",)),
+    ],
+)
+def test_more_bad_input_exits_2(read_only_db, tmp_path, args, needles):
+    (tmp_path / "list.csv").write_text("email\na@b.com\n")
+    run = cli(read_only_db, *(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert_clean_error(run, 2, *needles)
+    assert run.out == ""
+    with psycopg.connect(read_only_db) as conn:  # refused before anything was stored
+        assert conn.execute("select count(*) from user_batches").fetchone()[0] == 0
+
+
+
+
+def test_error_for_a_missing_file_with_a_long_path_is_one_line_naming_the_file(read_only_db, tmp_path):
+    missing = tmp_path / "a-rather-long-folder-name-as-uploads-get" / "leads-2026-11-22-export-final.csv"
+    run = cli(read_only_db, "submit", str(missing), "--user", "u")
+    assert_clean_error(run, 2, str(missing))
+    assert_one_line(run)
+
+
+def test_unreachable_postgres_exits_1_with_one_line(tmp_path):
+    run = cli(f"postgresql://postgres@/nodb?host={tmp_path}", "status", "1", "--json")
+    assert_clean_error(run, 1, "cannot reach Postgres")
+    assert_one_line(run)
+
+
+def test_submit_with_temporal_down_leaves_no_batch_waiting_forever(db_url, tmp_path):
+    listed = tmp_path / "list.csv"
+    listed.write_text("email\na@b.com\nc@d.com\n")
+    run = run_starter(db_url, "submit", str(listed), "--user", "u")
+    assert run.code == 1, run
+    assert "cannot reach Temporal" in run.err and "Traceback" not in run.err
+    with psycopg.connect(db_url) as conn:
+        states = [s for (s,) in conn.execute("select state from user_batches").fetchall()]
+    assert states in ([], ["failed"])
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def batch(db_url) -> int:
+    """A user batch made directly in the database: five rows, one verified address (two rows name it)."""
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        (ub,) = conn.execute(
+            "insert into user_batches (user_id, name, state, rows_total, invalid, duplicates, workflow_id)"
+            " values ('ann', 'leads.csv', 'queued', 5, 1, 1, 'user-batch-x') returning id"
+        ).fetchone()
+        (aid,) = conn.execute("insert into addresses (email) values ('Ann@x.com') returning id").fetchone()
+        conn.execute("insert into addresses (email) values ('bob@y.com')")
+        conn.execute(
+            "insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)"
+            " values (%s, 'deliverability', 'deliverable', 'accepted_email', 100, 'no', '{}',"
+            " '2026-01-02T03:04:05+00:00')",
+            (aid,),
+        )
+        # Inserted out of order: the output follows row numbers.
+        with conn.cursor().copy("copy items (user_batch_id, row_no, raw, email, state, reason) from stdin") as copy:
+            for row in [
+                (ub, 6, "bob@y.com", "bob@y.com", "pending", None),
+                (ub, 2, " Ann@X.com ", "Ann@x.com", "pending", None),
+                (ub, 4, "not, an address", None, "invalid", "missing @"),
+                (ub, 5, "ANN@x.com.", "Ann@x.com", "duplicate", "duplicate of line 2"),
+                (ub, 3, "cid@z.com", "cid@z.com", "cancelled", "user batch cancelled"),
+            ]:
+                copy.write_row(row)
+    return ub
+
+
+def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, batch, tmp_path):
+    full = run_starter(db_url, "results", str(batch))  # the real entry point
+    invalid = cli(db_url, "results", str(batch), "--status", "invalid")
+    deliverable = cli(db_url, "results", str(batch), "--status", "deliverable", "--user", "ann")
+    as_json = cli(db_url, "results", str(batch), "--format", "json")
+    other_user = cli(db_url, "results", str(batch), "--user", "bob")
+    to_file = cli(db_url, "results", str(batch), "-o", str(tmp_path / "out.csv"))
+    assert full.code == 0, full
+    lines = full.out.splitlines()
+    assert lines[0] == RESULT_HEADER
+    assert lines[1:] == [
+        '2, Ann@X.com ,Ann@x.com,verified,,deliverable,accepted_email,100,no,2026-01-02T03:04:05+00:00',
+        "3,cid@z.com,cid@z.com,cancelled,user batch cancelled,,,,,",
+        '4,"not, an address",,invalid,missing @,,,,,',
+        "5,ANN@x.com.,Ann@x.com,duplicate,duplicate of line 2,deliverable,accepted_email,100,no,"
+        "2026-01-02T03:04:05+00:00",
+        "6,bob@y.com,bob@y.com,pending,,,,,,",
+    ]
+    parsed = list(csv.DictReader(io.StringIO(full.out)))
+    assert [r["row"] for r in parsed] == ["2", "3", "4", "5", "6"]
+
+    assert invalid.code == 0
+    assert invalid.out.splitlines() == [RESULT_HEADER, '4,"not, an address",,invalid,missing @,,,,,']
+    assert deliverable.code == 0
+    assert [ln.split(",")[0] for ln in deliverable.out.splitlines()[1:]] == ["2", "5"]
+
+    assert as_json.code == 0, as_json
+    docs = json.loads(as_json.out)
+    assert [d["row"] for d in docs] == [2, 3, 4, 5, 6]
+    assert list(docs[0]) == RESULT_HEADER.split(",")
+    assert docs[0]["status"] == "deliverable" and docs[0]["score"] == 100
+    assert docs[2] == {"row": 4, "input": "not, an address", "email": None, "state": "invalid", "note": "missing @",
+                       "status": None, "reason": None, "score": None, "accept_all": None, "verified_at": None}
+
+    assert_clean_error(other_user, 2, f"no user batch {batch} for user bob")
+
+    assert to_file.code == 0, to_file
+    assert to_file.out == ""
+    assert "5 rows written" in to_file.err
+    assert (tmp_path / "out.csv").read_text().splitlines() == lines
+
+
+def test_results_of_a_batch_without_rows(db_url):
+    with psycopg.connect(db_url) as conn:
+        (ub,) = conn.execute("insert into user_batches (user_id) values ('ann') returning id").fetchone()
+    csv_run = cli(db_url, "results", str(ub))
+    json_run = cli(db_url, "results", str(ub), "--format", "json")
+    status_run = cli(db_url, "status", str(ub), "--json")
+    assert csv_run.code == 0 and csv_run.out == RESULT_HEADER + "\n"
+    assert json_run.code == 0 and json.loads(json_run.out) == []
+    assert status_run.code == 0, status_run
+    doc = json.loads(status_run.out)
+    assert doc["user_batch_id"] == ub and doc["user"] == "ann" and doc["state"] == "receiving"
+    assert doc["lane_progress"] == []

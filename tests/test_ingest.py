@@ -1,0 +1,499 @@
+"""Reading submitted lists: address normalization, CSV shape detection, line numbers, COPY into `items`.
+
+Files are written byte for byte into tmp_path; `copy_items` runs against a fresh migrated
+embedded-Postgres database. Rows in = rows out: every non-blank row is exactly one `items` row.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from pathlib import Path
+
+import psycopg
+import pytest
+from email_validator import EmailNotValidError, validate_email
+
+from activities.ingest import UnreadableInput, copy_items, iter_rows, normalize_address
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def rows(path: Path, column: str | None = None) -> list[tuple[int, str, str | None, str | None]]:
+    return list(iter_rows(path, column))
+
+
+# ---- normalize_address ----------------------------------------------------------------------
+
+VALID = [
+    ("john@example.com", "john@example.com"),
+    ("  john@example.com \t", "john@example.com"),  # surrounding whitespace trimmed
+    ("John.Doe@Example.COM", "John.Doe@example.com"),  # domain lowered, local part keeps its case
+    ("a@b.com.", "a@b.com"),  # trailing dot of the domain dropped
+    ("mailto:A@B.com", "A@b.com"),
+    ("MAILTO: a@b.com", "a@b.com"),
+    ("Mailto:a@B.Com.", "a@b.com"),
+    ("user@bücher.de", "user@xn--bcher-kva.de"),  # IDN domain -> punycode
+    ("user@BÜCHER.de", "user@xn--bcher-kva.de"),
+    ("José@Bücher.DE", "José@xn--bcher-kva.de"),  # internationalized local part kept (SMTPUTF8)
+    ("first.last+tag@sub.example.org", "first.last+tag@sub.example.org"),
+    ("o'brien@example.ie", "o'brien@example.ie"),
+    ("!#$%&'*+/=?^_`{|}~-@example.com", "!#$%&'*+/=?^_`{|}~-@example.com"),
+    ("x@a-b.c", "x@a-b.c"),
+    ("a" * 64 + "@example.com", "a" * 64 + "@example.com"),  # local part at the limit
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), VALID)
+def test_normalize_accepts_and_normalizes(raw, expected):
+    assert normalize_address(raw) == (expected, None)
+
+
+def _long_address(total: int) -> str:
+    """An ASCII address of exactly `total` characters: 60-char local part, labels of at most 63."""
+    local, tld = "a" * 60, "com"
+    room = total - len(local) - 1 - len(tld)  # each label takes len + 1 (its dot)
+    labels = []
+    while room > 0:
+        n = min(63, room - 1)
+        if room - (n + 1) == 1:  # never leave room for an empty label
+            n -= 1
+        labels.append("b" * n)
+        room -= n + 1
+    address = f"{local}@{'.'.join(labels)}.{tld}"
+    assert len(address) == total
+    return address
+
+
+INVALID = [
+    ("", "empty address"),
+    ("   ", "empty address"),
+    ("mailto:", "empty address"),
+    ("john.example.com", "missing @"),
+    ("@example.com", "empty local part"),
+    ("john@", "empty domain"),
+    ("john@.", "empty domain"),
+    ("jo..hn@example.com", "two periods"),
+    (".john@example.com", "start with a period"),
+    ("john.@example.com", "period"),
+    ("john@example..com", "two periods"),
+    ("john@.example.com", "period"),
+    ("a" * 65 + "@example.com", "local part longer than 64"),
+    ("john doe@example.com", "SPACE"),
+    ("john@exa mple.com", "invalid characters"),
+    ('"john doe"@example.com', "Quoting"),
+    ('"john"@example.com', "Quoting"),
+    ("john@localhost", "period"),
+    ("john@-example.com", "hyphen"),
+    ("john@example-.com", "hyphen"),
+    ("john@exa_mple.com", "invalid characters"),
+    ("john@" + "b" * 64 + ".com", "so many characters"),
+    ("a@b@example.com", "invalid characters"),
+    ("John Doe <john@example.com>", None),
+    ("john@1.2.3.4", "top-level domain"),
+    ("x@\ufffd.com", "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason_part"), INVALID)
+def test_normalize_rejects_with_a_reason(raw, reason_part):
+    email, reason = normalize_address(raw)
+    assert email is None
+    assert reason  # a reason a person can read
+    if reason_part is not None:
+        assert reason_part in reason, reason
+
+
+@pytest.mark.parametrize("total", [255, 260, 300])
+def test_normalize_rejects_addresses_longer_than_254(total):
+    address = _long_address(total)
+    assert len(address) >= 255
+    email, reason = normalize_address(address)
+    assert email is None
+    assert "254" in reason or "too long" in reason
+
+
+def test_normalize_accepts_an_address_of_exactly_254():
+    address = _long_address(254)
+    assert len(address) == 254
+    assert normalize_address(address) == (address, None)
+
+
+# ---- agreement with email-validator (the reference) -----------------------------------------
+
+_SPECIALS = "!#$%&'*+/=?^_`{|}~-"
+_BAD_LOCAL_CHARS = ' "(),:;<>[\\]'
+
+
+def _word(rng: random.Random, alphabet: str, lo: int = 1, hi: int = 10) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _local(rng: random.Random) -> str:
+    alnum = string.ascii_letters + string.digits
+    kind = rng.randrange(10)
+    if kind <= 3:
+        return _word(rng, alnum)
+    if kind == 4:
+        return ".".join(_word(rng, alnum, 1, 6) for _ in range(rng.randint(2, 3)))
+    if kind == 5:
+        return _word(rng, alnum, 1, 4) + rng.choice(_SPECIALS) + _word(rng, alnum, 0, 4)
+    if kind == 6:  # dots in the wrong places
+        w = _word(rng, alnum, 1, 5)
+        return rng.choice([f".{w}", f"{w}.", f"{w}..{w}"])
+    if kind == 7:  # characters a dot-atom does not allow
+        w = _word(rng, alnum, 1, 5)
+        return w + rng.choice(_BAD_LOCAL_CHARS) + w
+    if kind == 8:
+        return "x" * rng.choice([63, 64, 65, 70])
+    return _word(rng, alnum + _SPECIALS + ".", 1, 12)
+
+
+def _label(rng: random.Random) -> str:
+    alnum = string.ascii_letters + string.digits
+    kind = rng.randrange(8)
+    if kind <= 3:
+        return _word(rng, alnum, 1, 12)
+    if kind == 4:  # single hyphens inside (never two in a row: that is a known gap, below)
+        return _word(rng, alnum, 1, 4) + "-" + _word(rng, alnum, 1, 4)
+    if kind == 5:  # hyphen at an end, underscore, empty label
+        w = _word(rng, alnum, 1, 5)
+        return rng.choice([f"-{w}", f"{w}-", f"{w}_{w}", ""])
+    if kind == 6:
+        return "d" * rng.choice([62, 63, 64])
+    return _word(rng, string.digits, 1, 3)
+
+
+_GOOD_TLDS = ["com", "org", "net", "io", "de", "museum", "c", "co.uk", "example"]
+_BAD_TLDS = ["123", "-com", "com-", "4b"]
+# Once accepted by the fast path, refused by email-validator: the fast path must refuse them too.
+_GAP_TLDS = ["test", "local", "localhost", "invalid", "onion", "arpa", "c1", "com2"]
+_GAP_LABELS = ["ab--cd", "xn--abc", "xn--zz"]
+
+
+def _domain(rng: random.Random, gaps: bool) -> str:
+    labels = [_label(rng) for _ in range(rng.randint(1, 3))]
+    if gaps and rng.random() < 0.5:
+        if rng.random() < 0.5:
+            return ".".join(labels + [rng.choice(_GAP_TLDS)])
+        return ".".join([rng.choice(_GAP_LABELS)] + labels + [rng.choice(_GOOD_TLDS)])
+    if rng.random() < 0.05:
+        return _word(rng, string.ascii_letters, 1, 8)  # no dot at all
+    tld = rng.choice(_GOOD_TLDS + _BAD_TLDS if rng.random() < 0.8 else _BAD_TLDS)
+    return ".".join(labels + [tld])
+
+
+def corpus(seed: int, n: int, gaps: bool) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        address = f"{_local(rng)}@{_domain(rng, gaps)}"
+        if rng.random() < 0.05:
+            address = address.replace("@", "@" + "e" * 60 + "." + "f" * 60 + "." + "g" * 60 + ".", 1)
+        if rng.random() < 0.15:  # upper-case domains: normalized by both
+            local, _, domain = address.rpartition("@")
+            address = f"{local}@{domain.upper()}"
+        out.append(address)
+    return out
+
+
+def _reference(address: str) -> str | None:
+    # strict=True: the RFC 5321 limit of 64 characters before the @ (our normalizer enforces it on purpose).
+    try:
+        v = validate_email(address, check_deliverability=False, strict=True)
+    except EmailNotValidError:
+        return None
+    return f"{v.local_part}@{v.ascii_domain}"
+
+
+def _disagreements(addresses: list[str]) -> list[tuple[str, str | None, str | None]]:
+    found = []
+    for address in addresses:
+        ours, _reason = normalize_address(address)
+        ref = _reference(address)
+        if ours != ref:
+            found.append((address, ours, ref))
+    return found
+
+
+def test_corpus_is_mixed():
+    addresses = corpus(7, 220, gaps=False)
+    judged = [_reference(a) is not None for a in addresses]
+    assert 60 <= sum(judged) <= 160, sum(judged)  # both valid and invalid forms are well represented
+
+
+def test_fast_path_agrees_with_email_validator_on_ordinary_ascii_addresses():
+    """Never accept what email-validator rejects (and never reject or re-shape what it accepts)."""
+    addresses = corpus(7, 220, gaps=False)
+    assert len(addresses) == 220
+    assert _disagreements(addresses) == []
+
+
+@pytest.mark.parametrize(
+    "address", ["a@b.test", "a@b.local", "a@host.localhost", "a@b.invalid", "a@b.onion", "a@b.arpa", "a@B.TEST"]
+)
+def test_special_use_domains_are_refused_like_email_validator_does(address):
+    assert _reference(address) is None
+    email, reason = normalize_address(address)
+    assert email is None and "special-use" in reason
+
+
+def test_local_part_limit_also_holds_for_internationalized_local_parts():
+    email, reason = normalize_address("ü" + "x" * 70 + "@example.de")
+    assert email is None and "64" in reason
+
+
+
+
+def test_fast_path_agrees_with_email_validator_including_reserved_and_odd_domains():
+    addresses = corpus(11, 220, gaps=True)
+    assert _disagreements(addresses) == []
+
+
+@pytest.mark.parametrize("address", ["a@b.c1", "a@b.com2", "a@ab--cd.com", "a@xn--abc.com", "a@x.xn--zz"])
+def test_fast_path_rejects_what_email_validator_rejects(address):
+    assert _reference(address) is None
+    assert normalize_address(address)[0] is None
+
+
+# ---- CSV shape, line numbers ---------------------------------------------------------------
+
+
+def test_header_detected_by_name_among_other_columns(tmp_path):
+    p = write(tmp_path, "a.csv", b"first_name,E-Mail,company\nAnn,ann@x.com,X\nBob,bob@y.com,Y\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None), (3, "bob@y.com", "bob@y.com", None)]
+
+
+def test_header_detected_by_email_substring(tmp_path):
+    p = write(tmp_path, "a.csv", b"name,Work Email\nAnn,ann@x.com\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None)]
+
+
+def test_email_column_found_by_at_sign_in_data_when_header_names_nothing(tmp_path):
+    p = write(tmp_path, "a.csv", b"id,contact,city\n1,ann@x.com,Paris\n2,bob@y.com,Rome\n")
+    assert [r[1] for r in rows(p)] == ["ann@x.com", "bob@y.com"]
+
+
+def test_mailing_address_column_is_not_mistaken_for_the_email_column(tmp_path):
+    p = write(tmp_path, "a.csv", b"name,mailing_street,contact\nAnn,1 Main St,ann@x.com\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None)]
+
+
+def test_no_header(tmp_path):
+    p = write(tmp_path, "a.csv", b"ann@x.com,Ann\nnot-an-address,Bob\ncid@z.com,Cid\n")
+    assert rows(p) == [
+        (1, "ann@x.com", "ann@x.com", None),
+        (2, "not-an-address", None, "missing @"),
+        (3, "cid@z.com", "cid@z.com", None),
+    ]
+
+
+def test_no_header_email_in_second_column(tmp_path):
+    p = write(tmp_path, "a.csv", b"Ann,ann@x.com\nBob,bob@y.com\n")
+    assert [r[:2] for r in rows(p)] == [(1, "ann@x.com"), (2, "bob@y.com")]
+
+
+def test_column_by_name_case_insensitive(tmp_path):
+    p = write(tmp_path, "a.csv", b"work,home\nann@work.com,ann@home.com\n")
+    assert [r[1] for r in rows(p, "HOME")] == ["ann@home.com"]
+    assert [r[1] for r in rows(p, "work")] == ["ann@work.com"]
+
+
+def test_column_by_number_with_and_without_header(tmp_path):
+    with_header = write(tmp_path, "h.csv", b"work,home\nann@work.com,ann@home.com\n")
+    assert rows(with_header, "2") == [(2, "ann@home.com", "ann@home.com", None)]
+    without = write(tmp_path, "n.csv", b"ann@work.com,ann@home.com\nbob@work.com,bob@home.com\n")
+    assert [r[:2] for r in rows(without, "2")] == [(1, "ann@home.com"), (2, "bob@home.com")]
+    assert [r[:2] for r in rows(without, "1")] == [(1, "ann@work.com"), (2, "bob@work.com")]
+
+
+def test_column_by_name_not_in_header_is_unreadable(tmp_path):
+    p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\n")
+    with pytest.raises(UnreadableInput, match="'mobile'"):
+        rows(p, "mobile")
+
+
+def test_column_number_beyond_the_row_makes_the_row_invalid(tmp_path):
+    p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\nBob\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None), (3, "Bob", None, "no value in column 2")]
+
+
+@pytest.mark.parametrize("delimiter", [b";", b"\t", b"|"])
+def test_other_delimiters(tmp_path, delimiter):
+    data = delimiter.join([b"name", b"email", b"note"]) + b"\n" + delimiter.join([b"Ann", b"ann@x.com", b"a,b"]) + b"\n"
+    p = write(tmp_path, "a.csv", data)
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None)]
+
+
+def test_semicolon_without_header(tmp_path):
+    p = write(tmp_path, "a.csv", b"Ann;ann@x.com\nBob;bob@y.com\n")
+    assert [r[1] for r in rows(p)] == ["ann@x.com", "bob@y.com"]
+
+
+def test_utf8_bom_before_header(tmp_path):
+    p = write(tmp_path, "a.csv", "\ufeffemail,name\nann@x.com,Ann\n".encode())
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None)]
+    assert rows(p, "email") == [(2, "ann@x.com", "ann@x.com", None)]
+
+
+def test_utf8_bom_without_header(tmp_path):
+    p = write(tmp_path, "a.csv", "\ufeffann@x.com\nbob@y.com\n".encode())
+    assert rows(p) == [(1, "ann@x.com", "ann@x.com", None), (2, "bob@y.com", "bob@y.com", None)]
+
+
+def test_crlf_line_endings(tmp_path):
+    p = write(tmp_path, "a.csv", b"email,name\r\nann@x.com,Ann\r\n\r\nbob@y.com,Bob\r\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None), (4, "bob@y.com", "bob@y.com", None)]
+
+
+def test_bare_cr_line_endings(tmp_path):
+    p = write(tmp_path, "a.csv", b"email\rann@x.com\rbob@y.com\r")
+    assert [r[:2] for r in rows(p)] == [(2, "ann@x.com"), (3, "bob@y.com")]
+
+
+def test_quoted_fields_with_commas_and_newlines_report_the_line_where_the_row_starts(tmp_path):
+    data = (
+        b"name,email,note\n"  # 1
+        b'"Doe, John",john@x.com,plain\n'  # 2
+        b'"Multi\nLine\nName",multi@x.com,"a, b"\n'  # 3-5
+        b'Ann,ann@x.com,"note\r\nwith crlf"\n'  # 6-7
+        b'Bob,"bob@y.com",x\n'  # 8
+    )
+    p = write(tmp_path, "a.csv", data)
+    assert rows(p) == [
+        (2, "john@x.com", "john@x.com", None),
+        (3, "multi@x.com", "multi@x.com", None),
+        (6, "ann@x.com", "ann@x.com", None),
+        (8, "bob@y.com", "bob@y.com", None),
+    ]
+
+
+def test_blank_lines_are_skipped_not_rows_and_line_numbers_stay_physical(tmp_path):
+    p = write(tmp_path, "a.csv", b"\n\nemail\n\nann@x.com\n   \n\t\nbob@y.com\n\n")
+    assert rows(p) == [(5, "ann@x.com", "ann@x.com", None), (8, "bob@y.com", "bob@y.com", None)]
+
+
+def test_bytes_that_are_not_utf8_make_that_row_invalid(tmp_path):
+    p = write(tmp_path, "a.csv", b"email,name\nj\xe9r\xf4me@x.com,J\nann@x.com,Ann\n\xff\xfe@y.com,Z\n")
+    got = rows(p)
+    assert [(r[0], r[2], r[3]) for r in got] == [
+        (2, None, "not valid UTF-8"),
+        (3, "ann@x.com", None),
+        (4, None, "not valid UTF-8"),
+    ]
+
+
+def test_non_utf8_bytes_in_another_column_do_not_invalidate_the_address(tmp_path):
+    p = write(tmp_path, "a.csv", b"email,name\nann@x.com,Ren\xe9e\n")
+    assert rows(p) == [(2, "ann@x.com", "ann@x.com", None)]
+
+
+def test_a_multibyte_character_across_the_read_boundary_is_decoded(tmp_path):
+    # The first 64 KiB are sampled for the shape and the stream is read in chunks: "ü" straddles byte 65536.
+    head = b"email\n"
+    filler = b"z" * (65535 - len(head) - 1) + b"\n"
+    data = head + filler + "ü@bücher.de\n".encode() * 3
+    assert data[65535:65537] == "ü".encode()
+    got = rows(write(tmp_path, "a.csv", data))
+    assert got[0][:1] == (2,) and got[0][3] == "missing @"
+    assert [r[:3] for r in got[1:]] == [(n, "ü@bücher.de", "ü@xn--bcher-kva.de") for n in (3, 4, 5)]
+
+
+def test_empty_file_has_no_rows(tmp_path):
+    assert rows(write(tmp_path, "a.csv", b"")) == []
+
+
+@pytest.mark.parametrize("data", [b"email\n", b"email\r\n", b"email", b"\xef\xbb\xbfemail\n", b"name,email\n\n\n"])
+def test_header_only_has_no_rows(tmp_path, data):
+    assert rows(write(tmp_path, "a.csv", data)) == []
+
+
+def test_unreadable_path_names_the_file(tmp_path):
+    missing = tmp_path / "nope" / "missing.csv"
+    with pytest.raises(UnreadableInput, match="missing.csv"):
+        rows(missing)
+    with pytest.raises(UnreadableInput, match=re.escape(tmp_path.name)):
+        rows(tmp_path)  # a directory
+
+
+def test_raw_cell_keeps_what_was_written(tmp_path):
+    p = write(tmp_path, "a.csv", b"email\n  MAILTO:Ann@X.COM.  \n")
+    assert rows(p) == [(2, "  MAILTO:Ann@X.COM.  ", "Ann@x.com", None)]
+
+
+# ---- copy_items: rows in = rows out --------------------------------------------------------
+
+
+def _copy(db_url: str, path: Path, user_batch_id: int = 1, column: str | None = None):
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        stats = copy_items(conn, user_batch_id, path, column)
+    with psycopg.connect(db_url) as conn:
+        by_state = dict(conn.execute(
+            "select state, count(*) from items where user_batch_id = %s group by 1", (user_batch_id,)
+        ).fetchall())
+        items = conn.execute(
+            "select row_no, raw, email, state, reason from items where user_batch_id = %s order by row_no",
+            (user_batch_id,),
+        ).fetchall()
+    return stats, by_state, items
+
+
+def test_copy_items_rows_in_equal_rows_out(db_url, tmp_path):
+    lines = ["email,name"]
+    expected_valid = expected_invalid = 0
+    for i in range(3000):
+        if i % 10 == 3:
+            lines.append(f"broken{i}.example.com,Row {i}")
+            expected_invalid += 1
+        elif i % 10 == 7:
+            lines.append(f'"Row, {i}@x.com",x')  # a quoted cell with a comma and a space
+            expected_invalid += 1
+        elif i % 97 == 50:
+            lines.append("")  # blank line: not a row
+        else:
+            lines.append(f"user{i}@Company{i % 13}.Example,Row {i}")
+            expected_valid += 1
+    p = write(tmp_path, "list.csv", ("\n".join(lines) + "\n").encode())
+    stats, by_state, items = _copy(db_url, p)
+    assert stats.rows == expected_valid + expected_invalid == len(items)
+    assert (stats.pending, stats.invalid) == (expected_valid, expected_invalid)
+    assert by_state == {"pending": expected_valid, "invalid": expected_invalid}
+    # Row numbers are the physical lines; invalid rows carry their reason; no email for them.
+    first = items[0]
+    assert first[0] == 2 and first[2] == "user0@Company0.Example".rsplit("@")[0] + "@company0.example"
+    for row_no, raw, email, state, reason in items:
+        assert lines[row_no - 1].startswith(raw) or raw in lines[row_no - 1]
+        assert (email is None) == (state == "invalid") == (reason is not None)
+
+
+def test_copy_items_counts_duplicates_as_rows_and_keeps_line_numbers(db_url, tmp_path):
+    p = write(tmp_path, "dups.csv", b"email\nann@x.com\n\nANN@X.COM\nann@x.com\nAnn@x.com\n")
+    stats, by_state, items = _copy(db_url, p)
+    assert stats.rows == 4 and by_state == {"pending": 4}
+    assert [(r[0], r[2]) for r in items] == [
+        (2, "ann@x.com"), (4, "ANN@x.com"), (5, "ann@x.com"), (6, "Ann@x.com")
+    ]
+
+
+def test_copy_items_of_empty_and_header_only_files(db_url, tmp_path):
+    for i, data in enumerate([b"", b"email\n"], 1):
+        stats, by_state, items = _copy(db_url, write(tmp_path, f"{i}.csv", data), user_batch_id=i)
+        assert stats.rows == 0 and by_state == {} and items == []
+
+
+def test_copy_items_of_non_utf8_rows(db_url, tmp_path):
+    p = write(tmp_path, "latin1.csv", b"email\nj\xe9r\xf4me@x.com\nann@x.com\n")
+    stats, by_state, items = _copy(db_url, p)
+    assert stats.rows == 2 and by_state == {"pending": 1, "invalid": 1}
+    assert items[0][0] == 2 and items[0][3:] == ("invalid", "not valid UTF-8")
+
+
+def test_copy_items_nul_byte_makes_only_that_row_invalid(db_url, tmp_path):
+    p = write(tmp_path, "nul.csv", b"email,name\nann\x00@x.com,Ann\nbob@y.com,Bob\n")
+    stats, by_state, _items = _copy(db_url, p)
+    assert stats.rows == 2 and by_state == {"pending": 1, "invalid": 1}

@@ -1,0 +1,409 @@
+"""The packer on a real database: the activities are called directly, outside Temporal.
+
+User batches are ingested the way the CLI does (insert `user_batches`, COPY the rows with
+`copy_items`), prepared with `UserBatchActivities.prepare_user_batch`, then packed with
+`PackingActivities.pack_batches`. Assertions read `bouncer_batch_parts`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import psycopg
+import pytest
+
+import db
+from activities.ingest import copy_items
+from activities.packing import PackingActivities
+from activities.user_batches import UserBatchActivities
+from helpers import make_settings, write_list
+from workflows.models import PRIORITIES, PackRequest, PackResult, PauseRequest
+
+LANE = "deliverability"
+
+
+class World:
+    """One test's database, pool and activities, plus helpers to submit, prepare and pack."""
+
+    def __init__(self, db_url: str, pool, tmp_path: Path) -> None:
+        self.db_url = db_url
+        self.tmp_path = tmp_path
+        settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"))
+        self.user_batches = UserBatchActivities(settings, pool, client=None)
+        self.packer = PackingActivities(pool)
+        self._files = 0
+
+    def sql(self, query: str, params=None) -> list[tuple]:
+        with psycopg.connect(self.db_url) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def submit(self, user: str, emails: list[str], priority: str = "normal") -> int:
+        """Ingest like `starter.py submit`: a user_batches row and the file's rows COPYed into items."""
+        self._files += 1
+        path = write_list(self.tmp_path / f"{self._files}-{user}.csv", emails)
+        with psycopg.connect(self.db_url) as conn, conn.transaction():
+            (ub,) = conn.execute(
+                "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
+                " returning id",
+                (user, path.name, PRIORITIES.index(priority), [LANE], str(path)),
+            ).fetchone()
+            stats = copy_items(conn, ub, path)
+            conn.execute("update user_batches set rows_total = %s where id = %s", (stats.rows, ub))
+        assert stats.rows == len(emails)
+        return ub
+
+    async def add(self, user: str, emails: list[str], priority: str = "normal") -> int:
+        ub = self.submit(user, emails, priority)
+        progress = await self.user_batches.prepare_user_batch(ub)
+        assert progress.state == "queued"
+        return ub
+
+    async def pack(self, key: str, slots: int = 15, batch_size: int = 10_000) -> PackResult:
+        return await self.packer.pack_batches(PackRequest(lane=LANE, pack_key=key, slots=slots, batch_size=batch_size))
+
+    def parts(self, bouncer_batch_id: int | None = None) -> list[tuple[int, str, int, int, int, int]]:
+        """(bouncer batch, user, user batch, seq_from, seq_to, addresses), in batch then user-batch order."""
+        return self.sql(
+            "select p.bouncer_batch_id, b.user_id, p.user_batch_id, p.seq_from, p.seq_to, p.addresses"
+            " from bouncer_batch_parts p join user_batches b on b.id = p.user_batch_id"
+            " where %(bb)s::bigint is null or p.bouncer_batch_id = %(bb)s"
+            " order by p.bouncer_batch_id, p.user_batch_id, p.seq_from",
+            {"bb": bouncer_batch_id},
+        )
+
+    def composition(self, bouncer_batch_id: int) -> dict[str, int]:
+        made: dict[str, int] = defaultdict(int)
+        for _bb, user, _ub, _f, _t, n in self.parts(bouncer_batch_id):
+            made[user] += n
+        return dict(made)
+
+    def packed_addresses(self, user_batch_id: int) -> int:
+        return self.sql(
+            "select coalesce(sum(addresses), 0) from bouncer_batch_parts where user_batch_id = %s", (user_batch_id,)
+        )[0][0]
+
+    def address_id(self, email: str) -> int:
+        return self.sql("select id from addresses where email = %s", (email,))[0][0]
+
+
+def emails(user: str, n: int, start: int = 0) -> list[str]:
+    return [f"{user}.{i}@company{i % 41}.example" for i in range(start, start + n)]
+
+
+def fifo_pack_of_last_user(queues: list[tuple[str, int]], batch_size: int) -> int:
+    """In which pack (1-based) the last user's first address goes out if batches are filled oldest first."""
+    ahead = sum(n for _u, n in queues[:-1])
+    return ahead // batch_size + 1
+
+
+@pytest.fixture
+async def world(db_url, tmp_path):
+    pool = db.open_pool(db_url, 4)
+    await pool.open()
+    try:
+        yield World(db_url, pool, tmp_path)
+    finally:
+        await pool.close()
+
+
+# ---- the seed's example ----------------------------------------------------------------------
+
+
+async def test_seed_example_john_alice_bob(world):
+    john = await world.add("john", emails("john", 5_000))
+    alice = await world.add("alice", emails("alice", 2_000))
+    bob = await world.add("bob", emails("bob", 6_000))
+
+    result = await world.pack("k1")
+
+    assert [b.size for b in result.batches] == [10_000, 3_000]
+    assert result.queue_drained
+    first, second = (b.bouncer_batch_id for b in result.batches)
+    assert world.parts(first) == [
+        (first, "john", john, 0, 5_000, 5_000),
+        (first, "alice", alice, 0, 2_000, 2_000),
+        (first, "bob", bob, 0, 3_000, 3_000),
+    ]
+    assert world.parts(second) == [(second, "bob", bob, 3_000, 6_000, 3_000)]
+    assert world.sql("select id, size, state from bouncer_batches order by id") == [
+        (first, 10_000, "packed"), (second, 3_000, "packed")
+    ]
+    # Cursors moved past everything; the queue keeps the claimed rows until results are stored.
+    assert world.sql(
+        "select user_batch_id, cursor, next_seq, dispatched from user_batch_lanes order by user_batch_id"
+    ) == [(john, 5_000, 5_000, 5_000), (alice, 2_000, 2_000, 2_000), (bob, 6_000, 6_000, 6_000)]
+    assert world.sql("select count(*) from queue")[0][0] == 13_000
+
+    again = await world.pack("k2")
+    assert again.batches == [] and again.queue_drained
+
+
+# ---- order: priority, fair share, age -------------------------------------------------------
+
+
+async def test_critical_batch_submitted_after_a_low_one_is_packed_first(world):
+    low = await world.add("lou", emails("lou", 300), priority="low")
+    normal = await world.add("nora", emails("nora", 300), priority="normal")
+    critical = await world.add("cara", emails("cara", 300), priority="critical")
+
+    result = await world.pack("k1", slots=3, batch_size=300)
+
+    assert [world.parts(b.bouncer_batch_id)[0][2] for b in result.batches] == [critical, normal, low]
+
+
+async def test_priority_outranks_fair_share(world):
+    # cara has been served a lot already; her critical batch still goes before a fresh user's normal one.
+    await world.add("cara", emails("cara", 1_000), priority="critical")
+    await world.pack("k1", slots=1, batch_size=500)
+    fresh = await world.add("fred", emails("fred", 200), priority="normal")
+    result = await world.pack("k2", slots=2, batch_size=500)
+    assert world.composition(result.batches[0].bouncer_batch_id) == {"cara": 500}
+    assert world.composition(result.batches[1].bouncer_batch_id) == {"fred": 200}
+    assert world.packed_addresses(fresh) == 200
+
+
+async def test_a_small_batch_is_not_starved_behind_a_big_import(world):
+    big = await world.add("alice", emails("alice", 50_000))
+    first = await world.pack("k1", slots=1)
+    assert world.composition(first.batches[0].bouncer_batch_id) == {"alice": 10_000}
+    assert not first.queue_drained
+
+    small = await world.add("bob", emails("bob", 100))
+    second = await world.pack("k2", slots=1)
+
+    # Fair share: bob (nothing dispatched yet) goes first, alice fills the rest of the batch.
+    assert world.composition(second.batches[0].bouncer_batch_id) == {"bob": 100, "alice": 9_900}
+    assert world.packed_addresses(small) == 100
+    # FIFO (priority, then age) would have filled pack 2 with alice's next 10,000 and kept bob
+    # waiting until pack 6.
+    assert fifo_pack_of_last_user([("alice", 50_000), ("bob", 100)], 10_000) == 6
+
+    # The rest of alice's import still goes out, each address once.
+    rest = await world.pack("k3", slots=15)
+    assert sum(b.size for b in rest.batches) == 50_000 - 10_000 - 9_900
+    assert rest.queue_drained
+    assert world.packed_addresses(big) == 50_000
+
+
+async def test_within_one_priority_and_equal_share_older_batches_go_first(world):
+    older = await world.add("ann", emails("ann", 50))
+    newer = await world.add("ben", emails("ben", 50))
+    result = await world.pack("k1", slots=2, batch_size=50)
+    assert [world.parts(b.bouncer_batch_id)[0][2] for b in result.batches] == [older, newer]
+
+
+# ---- pause / resume ---------------------------------------------------------------------------
+
+
+async def test_a_paused_user_batch_is_skipped_and_packed_after_resume(world):
+    paused = await world.add("pam", emails("pam", 1_000))
+    other = await world.add("otto", emails("otto", 500))
+
+    progress = await world.user_batches.set_paused(PauseRequest(paused, True))
+    assert progress.state == "paused"
+    result = await world.pack("k1")
+    assert [world.composition(b.bouncer_batch_id) for b in result.batches] == [{"otto": 500}]
+    assert world.packed_addresses(paused) == 0
+    assert world.packed_addresses(other) == 500
+
+    progress = await world.user_batches.set_paused(PauseRequest(paused, False))
+    assert progress.state == "queued"
+    result = await world.pack("k2")
+    assert [world.composition(b.bouncer_batch_id) for b in result.batches] == [{"pam": 1_000}]
+    assert world.packed_addresses(paused) == 1_000
+    assert world.sql("select count(*), count(distinct address_id) from queue where user_batch_id = %s", (paused,)) == [
+        (1_000, 1_000)
+    ]
+
+
+async def test_pausing_after_a_partial_pack_releases_only_unclaimed_addresses(world):
+    ub = await world.add("pam", emails("pam", 1_500))
+    first = await world.pack("k1", slots=1, batch_size=1_000)
+    assert first.batches[0].size == 1_000
+
+    await world.user_batches.set_paused(PauseRequest(ub, True))
+    # In-flight addresses stay (they are paid for); the 500 unclaimed ones are withdrawn.
+    assert world.sql("select count(*) from queue where user_batch_id = %s", (ub,))[0][0] == 1_000
+    assert (await world.pack("k2", batch_size=1_000)).batches == []
+
+    await world.user_batches.set_paused(PauseRequest(ub, False))
+    resumed = await world.pack("k3", batch_size=1_000)
+    assert [b.size for b in resumed.batches] == [500]
+    # Pay once: every address of the list was packed exactly once.
+    assert world.packed_addresses(ub) == 1_500
+    assert world.sql("select count(distinct address_id) from queue where user_batch_id = %s", (ub,))[0][0] == 1_500
+
+
+async def test_pausing_the_owner_of_a_shared_address_hands_it_to_the_batch_waiting_on_it(world):
+    shared = "shared.lead@company1.example"
+    owner = await world.add("ann", [shared, *emails("ann", 9)])
+    waiter = await world.add("ben", [shared, *emails("ben", 4)])
+    sid = world.address_id(shared)
+    assert world.sql("select user_batch_id from queue where address_id = %s", (sid,)) == [(owner,)]
+
+    await world.user_batches.set_paused(PauseRequest(owner, True))
+    assert world.sql("select user_batch_id from queue where address_id = %s", (sid,)) == [(waiter,)]
+    assert world.sql("select user_batch_id from waits where address_id = %s", (sid,)) == []
+
+    result = await world.pack("k1")
+    assert [world.composition(b.bouncer_batch_id) for b in result.batches] == [{"ben": 5}]
+
+    # On resume the former owner waits on the address instead of queueing it again.
+    await world.user_batches.set_paused(PauseRequest(owner, False))
+    assert world.sql("select user_batch_id from waits where address_id = %s", (sid,)) == [(owner,)]
+    result = await world.pack("k2")
+    assert [world.composition(b.bouncer_batch_id) for b in result.batches] == [{"ann": 9}]
+
+
+# ---- idempotency ------------------------------------------------------------------------------
+
+
+async def test_pack_is_idempotent_by_pack_key(world):
+    await world.add("ann", emails("ann", 1_200))
+    await world.add("ben", emails("ben", 1_300))
+
+    first = await world.pack("k1", slots=2, batch_size=1_000)
+    state = world.sql("select user_batch_id, cursor, dispatched from user_batch_lanes order by 1")
+    parts = world.parts()
+    again = await world.pack("k1", slots=2, batch_size=1_000)
+
+    assert [b.size for b in first.batches] == [1_000, 1_000] and not first.queue_drained
+    assert again.batches == first.batches
+    assert not again.queue_drained
+    # Nothing more was claimed.
+    assert world.sql("select count(*) from bouncer_batches")[0][0] == 2
+    assert world.parts() == parts
+    assert world.sql("select user_batch_id, cursor, dispatched from user_batch_lanes order by 1") == state
+
+    # A new key goes on from where the first pack stopped; the old key still answers the same batches.
+    nxt = await world.pack("k2", slots=2, batch_size=1_000)
+    assert [b.size for b in nxt.batches] == [500] and nxt.queue_drained
+    assert (await world.pack("k1", slots=2, batch_size=1_000)).batches == first.batches
+
+
+async def test_pack_keys_that_share_a_prefix_do_not_see_each_others_batches(world):
+    await world.add("ann", emails("ann", 500))
+    seen = set()
+    for key in ("k1", "k10", "k1_", "k1%", "k", "run-1:1", "run-1:10", "run-1:2"):
+        result = await world.pack(key, slots=1, batch_size=50)
+        assert [b.size for b in result.batches] == [50], key
+        assert result.batches[0].bouncer_batch_id not in seen, key
+        seen.add(result.batches[0].bouncer_batch_id)
+
+
+async def test_pack_retry_answers_exactly_what_the_first_attempt_answered(world):
+    ann = await world.add("ann", emails("ann", 1_500))
+    first = await world.pack("k1", slots=1, batch_size=1_000)  # 500 left
+    assert first.queued_after == 500 and not first.queue_drained
+    second = await world.pack("k2", slots=1, batch_size=500)  # every slot filled, queue drained
+    assert second.queue_drained and world.packed_addresses(ann) == 1_500
+    assert (await world.pack("k1", slots=1, batch_size=1_000), await world.pack("k2", slots=1, batch_size=500)) == (
+        first, second
+    )
+
+
+# ---- cross-batch dedupe and the result cache --------------------------------------------------
+
+
+async def test_an_address_in_two_user_batches_is_queued_once_and_the_second_waits(world):
+    shared = "shared.lead@company1.example"
+    ann = await world.add("ann", [shared, *emails("ann", 3)])
+    ben = await world.add("ben", [*emails("ben", 2), shared])
+    sid = world.address_id(shared)
+
+    assert world.sql("select user_batch_id from queue where lane = %s and address_id = %s", (LANE, sid)) == [(ann,)]
+    assert world.sql("select user_batch_id from waits where lane = %s and address_id = %s", (LANE, sid)) == [(ben,)]
+    progress = await world.user_batches.read_progress(ben)
+    lane = progress.lanes[0]
+    assert (lane.unique_addresses, lane.cached, lane.shared, lane.enqueued, lane.remaining) == (3, 0, 1, 2, 3)
+
+    result = await world.pack("k1")
+    assert sum(b.size for b in result.batches) == 6  # 4 + 2: the shared address once
+    assert world.composition(result.batches[0].bouncer_batch_id) == {"ann": 4, "ben": 2}
+
+
+async def test_a_fresh_result_is_reused_and_a_stale_one_is_not(world):
+    fresh, stale, shared = "fresh@company1.example", "stale@company2.example", "shared@company3.example"
+    await world.add("ann", [shared])
+    with psycopg.connect(world.db_url) as conn:
+        conn.execute("insert into addresses (email) values (%s), (%s)", (fresh, stale))
+        conn.execute(
+            "insert into results (address_id, lane, status, record, verified_at)"
+            " select id, %s, 'deliverable', '{}', case when email = %s then now() else now() - interval '90 days' end"
+            " from addresses where email in (%s, %s)",
+            (LANE, fresh, fresh, stale),
+        )
+    cid = await world.add("cid", [fresh, stale, shared, *emails("cid", 2)])
+
+    lane = (await world.user_batches.read_progress(cid)).lanes[0]
+    assert (lane.unique_addresses, lane.cached, lane.shared, lane.enqueued, lane.remaining) == (5, 1, 1, 3, 4)
+    queued = {e for (e,) in world.sql(
+        "select a.email from queue q join addresses a on a.id = q.address_id where q.user_batch_id = %s", (cid,)
+    )}
+    assert fresh not in queued and stale in queued and shared not in queued
+
+    result = await world.pack("k1")
+    assert world.composition(result.batches[0].bouncer_batch_id) == {"ann": 1, "cid": 3}
+
+
+async def test_prepare_is_idempotent(world):
+    ub = world.submit("ann", [*emails("ann", 20), "ann.0@company0.example", "not-an-address"])
+    first = await world.user_batches.prepare_user_batch(ub)
+    again = await world.user_batches.prepare_user_batch(ub)
+    assert again == first
+    assert (first.rows, first.invalid, first.duplicates) == (22, 1, 1)
+    assert first.lanes[0].enqueued == 20
+    assert world.sql("select count(*) from queue")[0][0] == 20
+
+
+# ---- cost ---------------------------------------------------------------------------------
+
+
+def _backlog(db_url: str, user: str, rows: int, first_address: int) -> int:
+    """A prepared user batch of `rows` queued addresses, built set-wise (no CSV: only the queue matters)."""
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        (ub,) = conn.execute(
+            "insert into user_batches (user_id, state) values (%s, 'queued') returning id", (user,)
+        ).fetchone()
+        conn.execute(
+            "insert into user_batch_lanes (user_batch_id, lane, unique_addresses, enqueued, remaining, next_seq)"
+            " values (%s, %s, %s, %s, %s, %s)",
+            (ub, LANE, rows, rows, rows, rows),
+        )
+        conn.execute(
+            "insert into queue (user_batch_id, lane, seq, address_id)"
+            " select %s, %s, g, %s + g from generate_series(0, %s - 1) g",
+            (ub, LANE, first_address, rows),
+        )
+    return ub
+
+
+async def test_pack_cost_does_not_grow_with_the_backlog(world):
+    began = time.perf_counter()
+    small = _backlog(world.db_url, "small", 35_000, 0)
+    big = _backlog(world.db_url, "big", 250_000, 10_000_000)
+    if time.perf_counter() - began > 8:
+        pytest.skip("building the backlog is too slow on this machine")
+    with psycopg.connect(world.db_url, autocommit=True) as conn:
+        conn.execute("analyze queue")
+
+    async def timed(user_batch_id: int, keys: list[str]) -> float:
+        # Only this batch is eligible: pause the other one by state (no release; this is about read cost).
+        other = big if user_batch_id == small else small
+        with psycopg.connect(world.db_url) as conn:
+            conn.execute("update user_batches set state = 'paused' where id = %s", (other,))
+            conn.execute("update user_batches set state = 'queued' where id = %s", (user_batch_id,))
+        times = []
+        for key in keys:
+            t = time.perf_counter()
+            result = await world.pack(key, slots=1)
+            times.append(time.perf_counter() - t)
+            assert [b.size for b in result.batches] == [10_000]
+        return sorted(times)[len(times) // 2]
+
+    t_small = await timed(small, ["s1", "s2", "s3"])
+    t_big = await timed(big, ["b1", "b2", "b3"])
+    assert t_big < 3 * t_small + 0.05, (t_small, t_big)
