@@ -123,8 +123,23 @@ def main() -> None:
     began = time.perf_counter()
     st = DevStack(Path(".dev"), sandbox_args=["--time-scale", "120", "--speed", "50"])
     with console.status("starting the embedded stack (Postgres, Temporal dev server + Web UI, sandbox, worker)"):
-        st.up()
+        try:
+            st.up()
+        except RuntimeError as exc:
+            st.down()
+            raise SystemExit(f"error: {exc}") from None
     console.print(f"stack up in {time.perf_counter() - began:.1f}s")
+    try:
+        run_demo(st, began)
+    finally:
+        if os.environ.get("KEEP") == "1":
+            console.print("KEEP=1: the stack keeps running; stop it with `python starter.py dev down`")
+        else:
+            st.down()
+            console.print("stack stopped (KEEP=1 keeps it running)")
+
+
+def run_demo(st: DevStack, began: float) -> None:
     run = uuid.uuid4().hex[:6]
     files = write_lists(st.root / "demo", run)
     env = {**os.environ, **st.env()}
@@ -146,16 +161,14 @@ def main() -> None:
                   + ", ".join(f"{u} → user batch {i}" for u, i in ids.items()))
     wait_prepared(st, list(ids.values()))
     starter("resume", "--lane", "deliverability")
-    asyncio.run(follow(st, ids))
+    try:
+        asyncio.run(asyncio.wait_for(follow(st, ids), timeout=300))
+    except TimeoutError:
+        raise SystemExit(f"error: the demo's user batches did not finish in 5 minutes; see {st.root}/worker.log")
     report(st, ids)
     console.print(f"Temporal Web UI: http://127.0.0.1:{st.ui_port}  (workflows user-batch-*, scheduler-deliverability, "
                   "bouncer-batch-*)")
     console.print(f"demo finished in {time.perf_counter() - began:.1f}s")
-    if os.environ.get("KEEP") == "1":
-        console.print("KEEP=1: the stack keeps running; stop it with `python starter.py dev down`")
-    else:
-        st.down()
-        console.print("stack stopped (KEEP=1 keeps it running)")
 
 
 if __name__ == "__main__":

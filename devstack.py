@@ -42,6 +42,20 @@ def _wait_port(port: int, what: str, log: Path, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{what} did not open port {port} within {timeout:.0f}s; see {log}\n{tail}")
 
 
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _claim_port(port: int, what: str) -> None:
+    if _port_open(port):
+        raise RuntimeError(
+            f"cannot start {what}: port {port} is already in use (another dev stack? run "
+            f"`python starter.py dev down` in its checkout, or stop whatever listens there)"
+        )
+
+
 def _alive(pid: int) -> bool:
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child (a zombie)
@@ -150,6 +164,8 @@ class DevStack:
     def start_temporal(self) -> None:
         if self._running("temporal"):
             return
+        _claim_port(self.temporal_port, "the Temporal dev server")
+        _claim_port(self.ui_port, "the Temporal Web UI")
         self._spawn(
             "temporal",
             [
@@ -170,6 +186,7 @@ class DevStack:
     def start_sandbox(self) -> None:
         if self._running("sandbox"):
             return
+        _claim_port(self.sandbox_port, "the Bouncer sandbox")
         self._spawn(
             "sandbox",
             [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(self.sandbox_port),
@@ -181,6 +198,8 @@ class DevStack:
         """Start a `python worker.py` process; extra workers (benchmarks) run without a receiver."""
         if self._running(name):
             return None
+        if callbacks:
+            _claim_port(self.callback_port, f"{name} (callback receiver)")
         env = self.env()
         if not callbacks:  # advertise the first worker's receiver, serve none
             env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=f"http://127.0.0.1:{self.callback_port}")
