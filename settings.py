@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     pack_linger_s: float = Field(
         0.5, description="After new work arrives, wait this long so lists submitted together share batches"
     )
+    fair_share: bool = Field(
+        True, description="Within a priority, serve the least-served user first; false means FIFO by age"
+    )
     poll_interval_s: float = Field(15.0, description="Status polling interval (fallback to callbacks)")
     batch_deadline_s: float = Field(
         6 * 3600.0, description="A Bouncer batch not completed after this long is abandoned and re-queued"

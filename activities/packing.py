@@ -75,7 +75,7 @@ class PackingActivities:
                 # Users in turn: priority, least served, oldest batch (candidates are age-sorted).
                 order = sorted(
                     range(len(candidates)),
-                    key=lambda i: (candidates[i][2], served.get(candidates[i][1], 0), i),
+                    key=lambda i: (candidates[i][2], served.get(candidates[i][1], 0) if request.fair_share else 0, i),
                 )
                 for i in order:
                     ub, user, _prio, cursor, next_seq = candidates[i]

@@ -179,6 +179,7 @@ def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
         api_task_queue=settings.api_task_queue,
         credit_check_s=settings.credit_check_s,
         pack_linger_s=settings.pack_linger_s,
+        fair_share=settings.fair_share,
     )
 
 

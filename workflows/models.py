@@ -87,6 +87,7 @@ class SchedulerInput:
     api_task_queue: str = "verify-api"
     credit_check_s: float = 300.0
     pack_linger_s: float = 0.5  # after new work arrives, gather concurrent submissions this long
+    fair_share: bool = True  # False: plain FIFO within a priority (for comparison)
     # Carried across continue-as-new (a fresh start leaves it None and adopts unfinished batches).
     state: SchedulerState | None = None
 
@@ -121,6 +122,7 @@ class PackRequest:
     pack_key: str
     slots: int
     batch_size: int
+    fair_share: bool = True
 
 
 @dataclass

@@ -122,6 +122,7 @@ class GreedySchedulerWorkflow:
                 api_task_queue=inp.api_task_queue,
                 credit_check_s=inp.credit_check_s,
                 pack_linger_s=inp.pack_linger_s,
+                fair_share=inp.fair_share,
                 state=self._state,
             )
         )
@@ -152,6 +153,7 @@ class GreedySchedulerWorkflow:
                 pack_key=f"{workflow.info().run_id}:{self._state.packs}",
                 slots=self._free_slots(),
                 batch_size=inp.batch_size,
+                fair_share=inp.fair_share,
             ),
             start_to_close_timeout=timedelta(seconds=120),
             retry_policy=DB_RETRY,
