@@ -23,6 +23,7 @@ from workflows.models import (
     scheduler_id,
 )
 
+ANALYZE_ABOVE_ROWS = 10_000
 _FRESH = "r.verified_at > now() - make_interval(secs => %(ttl)s)"
 
 
@@ -46,6 +47,7 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         """,
         p,
     )
+    await cur.execute("analyze ub_addr")
     await cur.execute(
         """
         select count(*), count(*) filter (where fresh),
@@ -207,12 +209,26 @@ class UserBatchActivities:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
             if state in ("receiving", "preparing"):
                 p = {"ub": user_batch_id}
+                await cur.execute("select rows_total from user_batches where id = %s", (user_batch_id,))
+                if (await cur.fetchone())[0] >= ANALYZE_ABOVE_ROWS:
+                    # Freshly COPYed rows have no statistics until autovacuum gets to them; without
+                    # them the planner picks nested loops that take minutes on a 100k-row list.
+                    await cur.execute("analyze items")
+                await cur.execute(
+                    """
+                    create temp table ub_dups on commit drop as
+                    select row_no, first from (
+                        select row_no, first_value(row_no) over (partition by email order by row_no) as first
+                        from items where user_batch_id = %(ub)s and state = 'pending') d
+                    where row_no <> first
+                    """,
+                    p,
+                )
+                await cur.execute("analyze ub_dups")
                 await cur.execute(
                     """
                     update items i set state = 'duplicate', reason = 'duplicate of line ' || d.first
-                    from (select row_no, first_value(row_no) over (partition by email order by row_no) as first
-                          from items where user_batch_id = %(ub)s and state = 'pending') d
-                    where i.user_batch_id = %(ub)s and i.row_no = d.row_no and d.row_no <> d.first
+                    from ub_dups d where i.user_batch_id = %(ub)s and i.row_no = d.row_no
                     """,
                     p,
                 )

@@ -1,12 +1,16 @@
 """Benchmarks: programs that start the embedded stack themselves and print one JSON object.
 
     python -m bench pipeline --addresses 2000000 --users 20 [--workers 2] --json
+    python -m bench saturation [--callback/--no-callback] --json
+    python -m bench fairness --json
+    python -m bench dispatch --json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import orjson
@@ -21,12 +25,49 @@ def main() -> None:
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
+    p = sub.add_parser("saturation", help="slot utilization and dispatch gaps under the documented limits")
+    p.add_argument("--callback", action=argparse.BooleanOptionalAction, default=True,
+                   help="completion callbacks on (default) or off (polling only)")
+    p.add_argument("--time-scale", type=float, default=20.0)
+    p.add_argument("--speed", type=float, default=30.0, help="sandbox addresses/s per batch (before scaling)")
+    p.add_argument("--batches", type=int, default=60, help="backlog in Bouncer batches")
+    p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
+    p = sub.add_parser("fairness", help="a 100-address list behind a 1M import: fair share vs FIFO")
+    p.add_argument("--big", type=int, default=1_000_000)
+    p.add_argument("--small", type=int, default=100)
+    p.add_argument("--time-scale", type=float, default=25.0)
+    p.add_argument("--speed", type=float, default=50.0, help="sandbox addresses/s per batch (before scaling)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
+    p = sub.add_parser("dispatch", help="submit → first and last Bouncer batch created at the API")
+    p.add_argument("--lists", type=int, default=5)
+    p.add_argument("--per-list", type=int, default=10_000)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--warm", action="store_true", help="start the lane's scheduler before the first submit")
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
     args = parser.parse_args()
+    # `timeout` and Ctrl-C must still tear the stack down (the `finally` of bench_stack).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.name == "pipeline":
         from bench import pipeline
 
         result = pipeline.run(args.addresses, args.users, args.workers)
+    elif args.name == "saturation":
+        from bench import saturation
+
+        result = saturation.run(args.callback, args.time_scale, args.speed, args.batches, args.batch_size)
+    elif args.name == "fairness":
+        from bench import fairness
+
+        result = fairness.run(args.big, args.small, args.time_scale, args.speed)
+    elif args.name == "dispatch":
+        from bench import dispatch
+
+        result = dispatch.run(args.lists, args.per_list, args.time_scale, args.warm)
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
     os._exit(0)  # see starter.main: the Temporal SDK's native threads can abort finalization
