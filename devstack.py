@@ -240,7 +240,8 @@ class DevStack:
             self.start_worker()
 
     def down(self) -> None:
-        for name in ("worker", "sandbox", "temporal"):
+        workers = sorted(p.stem for p in self.root.glob("worker*.pid"))
+        for name in (*workers, "sandbox", "temporal"):
             self.stop(name)
         self.stop_postgres()
         (self.root / "stack.env").unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
@@ -23,6 +24,7 @@ from temporalio.worker import Worker
 import callbacks
 import db
 from activities.bouncer_api import BouncerApiActivities
+from activities.ingest import IngestActivities
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from bouncer.client import BouncerClient
@@ -38,6 +40,7 @@ log = logging.getLogger("worker")
 def build_workers(settings: Settings, client: Client, pool, bouncer: BouncerClient) -> list[Worker]:
     """The three workers of a host; shared by worker.py and the tests."""
     user_batches = UserBatchActivities(settings, pool, client)
+    ingest = IngestActivities(settings.database_url)
     packing = PackingActivities(pool)
     api = BouncerApiActivities(settings, pool, bouncer)
     drain = timedelta(seconds=settings.shutdown_grace_s)
@@ -47,7 +50,11 @@ def build_workers(settings: Settings, client: Client, pool, bouncer: BouncerClie
             task_queue=settings.task_queue,
             graceful_shutdown_timeout=drain,
             workflows=WORKFLOWS,
+            # Sync activities (ingest parses CPU-bound) run here, off the event loop.
+            activity_executor=ThreadPoolExecutor(max_workers=4),
             activities=[
+                ingest.ingest_source,
+                user_batches.register_user_batch,
                 user_batches.prepare_user_batch,
                 user_batches.read_progress,
                 user_batches.set_paused,

@@ -7,6 +7,7 @@ Every input row becomes exactly one `items` row: `pending` with its normalized a
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import re
@@ -14,8 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from workflows.models import IngestOutcome, IngestRequest
 
 EMAIL_HEADERS = ("email", "e-mail", "email_address", "emailaddress", "mail", "address", "e-mail address")
 _MAX_FIELD = 16 * 1024 * 1024
@@ -136,16 +142,67 @@ def _text_stream(raw: io.BufferedIOBase) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
 
 
-def iter_rows(path: Path, column: str | None = None) -> Iterator[tuple[int, str, str | None, str | None]]:
-    """Yield (line number, raw cell, normalized address or None, reason or None) for every row."""
+class _Prefixed(io.RawIOBase):
+    """A non-seekable byte stream with its first bytes already read (for shape detection)."""
+
+    def __init__(self, head: bytes, rest: Iterator[bytes]) -> None:
+        self._buf = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # noqa: ANN001 - io protocol
+        while not self._buf:
+            try:
+                self._buf = next(self._rest)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+@contextlib.contextmanager
+def open_source(uri: str | Path) -> Iterator[tuple[bytes, io.RawIOBase]]:
+    """(first 64 KiB, a byte stream from the start) for a file path or an http(s) URL."""
+    text = str(uri)
+    if text.startswith(("http://", "https://")):
+        try:
+            with httpx.stream("GET", text, timeout=60.0, follow_redirects=True) as resp:
+                if resp.status_code != 200:
+                    raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code}")
+                chunks = resp.iter_bytes(256 * 1024)
+                head = b""
+                for chunk in chunks:
+                    head += chunk
+                    if len(head) >= 64 * 1024:
+                        break
+                yield head[: 64 * 1024], _Prefixed(head, chunks)
+        except httpx.HTTPError as exc:
+            raise UnreadableInput(f"cannot read {text}: {exc}") from exc
+        return
+    path = Path(text.removeprefix("file://"))
     try:
         raw = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise UnreadableInput(f"cannot read {path}: {exc.strerror or exc}") from exc
     with raw:
-        sample = codecs.decode(raw.read(64 * 1024), "utf-8-sig", errors="replace")
+        head = raw.read(64 * 1024)
         raw.seek(0)
-        shape = detect_shape(sample, column)
+        yield head, raw
+
+
+def iter_rows(uri: str | Path, column: str | None = None, skip_through: int = 0
+              ) -> Iterator[tuple[int, str, str | None, str | None]]:
+    """Yield (line number, raw cell, normalized address or None, reason or None) for every row.
+
+    `skip_through`: rows starting at or before this line are parsed but not checked or yielded
+    (a resumed ingest skips what the database already holds).
+    """
+    with open_source(uri) as (head, raw):
+        shape = detect_shape(codecs.decode(head, "utf-8-sig", errors="replace"), column)
         reader = csv.reader(_text_stream(raw), delimiter=shape.delimiter)
         line = 1
         header_pending = shape.has_header
@@ -155,6 +212,8 @@ def iter_rows(path: Path, column: str | None = None) -> Iterator[tuple[int, str,
                 continue  # blank line: not a row
             if header_pending:
                 header_pending = False
+                continue
+            if start <= skip_through:
                 continue
             if shape.column >= len(record):
                 cell = shape.delimiter.join(record).replace("\x00", "\ufffd")
@@ -168,27 +227,105 @@ def iter_rows(path: Path, column: str | None = None) -> Iterator[tuple[int, str,
             yield start, cell, email, reason
 
 
+def _write_item(copy, user_batch_id: int, stats: IngestStats, row: tuple) -> None:
+    row_no, cell, email, reason = row
+    stats.rows += 1
+    if email is None:
+        stats.invalid += 1
+        copy.write_row((user_batch_id, row_no, cell[:1000], None, "invalid", reason))
+    else:
+        stats.pending += 1
+        copy.write_row((user_batch_id, row_no, cell[:1000], email, "pending", None))
+
+
+_COPY_ITEMS = "copy items (user_batch_id, row_no, raw, email, state, reason) from stdin"
+
+
 def copy_items(
     conn: psycopg.Connection,
     user_batch_id: int,
-    path: Path,
+    path: str | Path,
     column: str | None = None,
     on_progress: Callable[[IngestStats], None] | None = None,
 ) -> IngestStats:
     """Stream the file into `items` with COPY inside the caller's transaction."""
     stats = IngestStats()
     with conn.cursor() as cur:
-        with cur.copy("copy items (user_batch_id, row_no, raw, email, state, reason) from stdin") as copy:
-            for row_no, cell, email, reason in iter_rows(path, column):
-                stats.rows += 1
-                if email is None:
-                    stats.invalid += 1
-                    copy.write_row((user_batch_id, row_no, cell[:1000], None, "invalid", reason))
-                else:
-                    stats.pending += 1
-                    copy.write_row((user_batch_id, row_no, cell[:1000], email, "pending", None))
+        with cur.copy(_COPY_ITEMS) as copy:
+            for row in iter_rows(path, column):
+                _write_item(copy, user_batch_id, stats, row)
                 if on_progress is not None and stats.rows % 50_000 == 0:
                     on_progress(stats)
     if on_progress is not None:
         on_progress(stats)
     return stats
+
+
+def copy_items_resumable(
+    database_url: str,
+    user_batch_id: int,
+    uri: str,
+    column: str | None,
+    chunk_rows: int,
+    on_chunk: Callable[[int, IngestStats], None],
+) -> IngestStats:
+    """Stream a source into `items` in committed chunks; safe to re-run after a crash.
+
+    The database is the truth: rows up to the last committed line are skipped, so a re-run
+    neither loses nor duplicates a row. `on_chunk(last_line, stats)` follows each commit.
+    Returns the counts over the whole source (committed before and now).
+    """
+    with psycopg.connect(database_url, autocommit=True) as conn:  # each chunk commits on its own
+        (done_through,) = conn.execute(
+            "select coalesce(max(row_no), 0) from items where user_batch_id = %s", (user_batch_id,)
+        ).fetchone()
+        stats = IngestStats()
+        rows = iter_rows(uri, column, skip_through=done_through)
+        while True:
+            last_line = 0
+            with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_ITEMS) as copy:
+                for n, row in enumerate(rows, 1):
+                    _write_item(copy, user_batch_id, stats, row)
+                    last_line = row[0]
+                    if n == chunk_rows:
+                        break
+            if last_line == 0:
+                break
+            on_chunk(last_line, stats)
+        total = conn.execute(
+            "select count(*), count(*) filter (where state = 'invalid') from items where user_batch_id = %s",
+            (user_batch_id,),
+        ).fetchone()
+    return IngestStats(rows=total[0], pending=total[0] - total[1], invalid=total[1])
+
+
+class IngestActivities:
+    """The ingest activity of SDK submissions: the worker streams the source itself."""
+
+    def __init__(self, database_url: str, chunk_rows: int = 50_000) -> None:
+        self.database_url = database_url
+        self.chunk_rows = chunk_rows
+
+    @activity.defn
+    def ingest_source(self, request: IngestRequest) -> IngestOutcome:
+        """Stream `request.uri` into `items` in committed chunks, heartbeating the last line.
+
+        A sync activity (run in the worker's thread pool): parsing is CPU work. After a crash
+        the retry skips what was committed, so rows in = rows out. Unreadable sources fail
+        without retry, naming the source and the problem.
+        """
+        details = activity.info().heartbeat_details
+        resumed = int(details[0]) if details else 0
+
+        def on_chunk(last_line: int, stats: IngestStats) -> None:
+            activity.heartbeat(last_line, stats.rows)
+
+        try:
+            stats = copy_items_resumable(
+                self.database_url, request.user_batch_id, request.uri, request.column, self.chunk_rows, on_chunk
+            )
+        except UnreadableInput as exc:
+            raise ApplicationError(str(exc), type="UnreadableInput", non_retryable=True) from None
+        with psycopg.connect(self.database_url) as conn:
+            conn.execute("update user_batches set rows_total = %s where id = %s", (stats.rows, request.user_batch_id))
+        return IngestOutcome(rows=stats.rows, invalid=stats.invalid, resumed_after_line=resumed)

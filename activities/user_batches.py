@@ -13,9 +13,11 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from settings import Settings
+from settings import LANES, Settings
 from workflows.models import (
+    PRIORITIES,
     LaneProgress,
+    RegisterRequest,
     PauseRequest,
     Progress,
     SchedulerInput,
@@ -203,17 +205,55 @@ class UserBatchActivities:
         return list(row[0]), row[1]
 
     @activity.defn
+    async def register_user_batch(self, request: RegisterRequest) -> int:
+        """Create the user batch row of an SDK submission; idempotent by workflow id.
+
+        Inputs are checked here, so a bad one fails the workflow at once with a clear reason.
+        """
+        src = request.source
+        problems = []
+        if not src.user_id.strip():
+            problems.append("user_id is empty")
+        if src.priority not in PRIORITIES:
+            problems.append(f"priority {src.priority!r} is not one of {', '.join(PRIORITIES)}")
+        bad_lanes = [lane for lane in src.lanes if lane not in LANES]
+        if not src.lanes or bad_lanes:
+            problems.append(f"lanes {bad_lanes or src.lanes!r} are not a non-empty subset of {', '.join(LANES)}")
+        if not src.uri.strip():
+            problems.append("uri is empty")
+        if problems:
+            raise ApplicationError("invalid user batch source: " + "; ".join(problems),
+                                   type="InvalidInput", non_retryable=True)
+        async with self.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    """
+                    insert into user_batches (user_id, name, priority, lanes, source, workflow_id)
+                    values (%s, %s, %s, %s, %s, %s)
+                    on conflict (workflow_id) do update set workflow_id = excluded.workflow_id
+                    returning id
+                    """,
+                    (src.user_id, src.name or src.uri.rsplit("/", 1)[-1], PRIORITIES.index(src.priority),
+                     src.lanes, src.uri, request.workflow_id),
+                )
+            ).fetchone()
+        return int(row[0])
+
+    @activity.defn
     async def prepare_user_batch(self, user_batch_id: int) -> Progress:
         """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("select rows_total, state from user_batches where id = %s",
+                                            (user_batch_id,))).fetchone()
+            if row is not None and row[0] >= ANALYZE_ABOVE_ROWS and row[1] in ("receiving", "preparing"):
+                # Freshly COPYed rows have no statistics until autovacuum gets to them; without
+                # them the planner picks nested loops that take minutes on a 100k-row list.
+                # Outside the transaction: ANALYZE's lock would otherwise serialize all prepares.
+                await conn.execute("analyze items")
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
             if state in ("receiving", "preparing"):
                 p = {"ub": user_batch_id}
-                await cur.execute("select rows_total from user_batches where id = %s", (user_batch_id,))
-                if (await cur.fetchone())[0] >= ANALYZE_ABOVE_ROWS:
-                    # Freshly COPYed rows have no statistics until autovacuum gets to them; without
-                    # them the planner picks nested loops that take minutes on a 100k-row list.
-                    await cur.execute("analyze items")
                 await cur.execute(
                     """
                     create temp table ub_dups on commit drop as

@@ -118,11 +118,8 @@ def _payload_sizes(message) -> Iterator[int]:
                 yield from _payload_sizes(item)
 
 
-async def history_limits(st: DevStack) -> dict:
+async def history_limits(client) -> dict:
     """Largest history (events) and largest single payload (bytes) over every workflow run."""
-    from temporalio.client import Client
-
-    client = await Client.connect(st.temporal_address)
     max_events = max_payload = runs = 0
     async for wf in client.list_workflows():
         history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()

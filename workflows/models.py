@@ -26,9 +26,43 @@ def bouncer_batch_workflow_id(lane: str, bouncer_batch_id: int) -> str:
 
 
 @dataclass
+class SourceSpec:
+    """A list the worker reads itself (SDK clients): a file path or an http(s) URL, not its rows."""
+
+    uri: str
+    user_id: str
+    name: str = ""
+    priority: str = "normal"
+    lanes: list[str] = field(default_factory=lambda: ["deliverability"])
+    column: str | None = None
+
+
+@dataclass
 class UserBatchInput:
-    user_batch_id: int
+    user_batch_id: int = 0  # rows already stored (starter.py); 0: register and ingest `source`
     progress_recheck_s: float = 60.0  # slow timer: re-read the database in case a signal was missed
+    source: SourceSpec | None = None
+    ingest_heartbeat_s: float = 60.0
+
+
+@dataclass
+class RegisterRequest:
+    workflow_id: str
+    source: SourceSpec
+
+
+@dataclass
+class IngestRequest:
+    user_batch_id: int
+    uri: str
+    column: str | None = None
+
+
+@dataclass
+class IngestOutcome:
+    rows: int
+    invalid: int
+    resumed_after_line: int = 0  # > 0 when a previous attempt had committed rows up to this line
 
 
 @dataclass

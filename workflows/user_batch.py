@@ -7,11 +7,12 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.ingest import IngestActivities
     from activities.user_batches import UserBatchActivities
-    from workflows.models import PauseRequest, Progress, Summary, UserBatchInput
+    from workflows.models import IngestRequest, PauseRequest, Progress, RegisterRequest, Summary, UserBatchInput
 
 DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
@@ -58,10 +59,12 @@ class UserBatchWorkflow:
     async def run(self, inp: UserBatchInput) -> Summary:
         self._id = inp.user_batch_id
         try:
+            if not self._id:
+                await self._register_and_ingest(inp)
             async with self._control:
                 self._progress = await workflow.execute_activity_method(
                     UserBatchActivities.prepare_user_batch,
-                    inp.user_batch_id,
+                    self._id,
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=DB_RETRY,
                 )
@@ -81,7 +84,7 @@ class UserBatchWorkflow:
             async with self._control:
                 summary = await workflow.execute_activity_method(
                     UserBatchActivities.finalize_user_batch,
-                    inp.user_batch_id,
+                    self._id,
                     start_to_close_timeout=timedelta(minutes=30),
                     retry_policy=DB_RETRY,
                 )
@@ -93,15 +96,38 @@ class UserBatchWorkflow:
             if not is_cancelled_exception(err):
                 raise
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
+            if not self._id:
+                raise  # cancelled before its row existed: nothing to withdraw
             summary = await workflow.execute_activity_method(
                 UserBatchActivities.cancel_user_batch,
-                inp.user_batch_id,
+                self._id,
                 start_to_close_timeout=timedelta(minutes=10),
                 retry_policy=DB_RETRY,
             )
             await self._nudge()  # other batches may have inherited shared addresses
             workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
             raise
+
+    async def _register_and_ingest(self, inp: UserBatchInput) -> None:
+        """SDK submissions by URI: create the row, then stream the source (heartbeating, resumable)."""
+        if inp.source is None:
+            raise ApplicationError("UserBatchInput needs a user_batch_id or a source", type="InvalidInput",
+                                   non_retryable=True)
+        self._id = await workflow.execute_activity_method(
+            UserBatchActivities.register_user_batch,
+            RegisterRequest(workflow.info().workflow_id, inp.source),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=DB_RETRY,
+        )
+        workflow.set_current_details(f"user batch {self._id}: reading its list")
+        ingested = await workflow.execute_activity_method(
+            IngestActivities.ingest_source,
+            IngestRequest(self._id, inp.source.uri, inp.source.column),
+            start_to_close_timeout=timedelta(hours=6),
+            heartbeat_timeout=timedelta(seconds=inp.ingest_heartbeat_s),
+            retry_policy=DB_RETRY,
+        )
+        workflow.logger.info("user batch %s: %s rows ingested", self._id, ingested.rows)
 
     async def _set_paused(self, paused: bool) -> Progress:
         async with self._control:
