@@ -31,8 +31,9 @@ def main() -> None:
                    help="completion callbacks on (default) or off (polling only)")
     p.add_argument("--time-scale", type=float, default=20.0)
     p.add_argument("--speed", type=float, default=30.0, help="sandbox addresses/s per batch (before scaling)")
-    p.add_argument("--batches", type=int, default=60, help="backlog in Bouncer batches")
+    p.add_argument("--batches", type=int, default=45, help="backlog in Bouncer batches (3 × 15 slots)")
     p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--profile", metavar="DIR", help="py-spy the worker and the sandbox into DIR (raw stacks)")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
     p = sub.add_parser("fairness", help="a 100-address list behind a 1M import: fair share vs FIFO")
@@ -59,7 +60,8 @@ def main() -> None:
     elif args.name == "saturation":
         from bench import saturation
 
-        result = saturation.run(args.callback, args.time_scale, args.speed, args.batches, args.batch_size)
+        result = saturation.run(args.callback, args.time_scale, args.speed, args.batches, args.batch_size,
+                                profile=args.profile)
     elif args.name == "fairness":
         from bench import fairness
 

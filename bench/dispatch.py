@@ -24,6 +24,12 @@ waiting, as it is in steady state.
 the first submit returned) from the Temporal histories (server wall clock): the user batch
 workflow, its prepare and nudge activities, the scheduler's linger timer, pack activity and
 child start, the Bouncer batch workflow's submit activity, and the API's `created`.
+`per_batch_ms` does the same for every Bouncer batch; `submit_queue_wait_ms` is, per batch, the
+submit activity's wait between scheduled and started: the create queue's server-side rate
+limit (`max_task_queue_activities_per_second`), which the Temporal server divides among the
+task queue's partitions (4 by default), so tasks landing on one partition are spaced 4× wider
+than CREATIONS_PER_MINUTE implies. (The sandbox stamps `created` when the request reaches its
+handler, before the body is parsed.)
 """
 
 from __future__ import annotations
@@ -106,6 +112,31 @@ def first_dispatch_timeline(st, t0: float) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
+def per_batch_steps(st, t0: float, api: list[dict]) -> list[dict[str, float]]:
+    """For each Bouncer batch: workflow started, submit scheduled / started (the wait between is
+    the create queue's server-side rate limit), created at the API; ms after `t0`."""
+    import psycopg
+
+    from workflows.models import bouncer_batch_workflow_id
+
+    with psycopg.connect(st.database_url) as conn:
+        rows = conn.execute("select id, provider_batch_id from bouncer_batches order by id").fetchall()
+    created = {b["batchId"]: b["created"] for b in api}
+    wids = [bouncer_batch_workflow_id(LANE, bb) for bb, _ in rows]
+    histories = asyncio.run(_histories(st, wids))
+    out = []
+    for (bb, pid), wid in zip(rows, wids):
+        steps = {label: at for at, label in reversed(_events(histories[wid], 0.0))}  # first occurrence wins
+        row = {"bouncer_batch": bb}
+        for label in ("workflow_execution_started", "submit_batch_scheduled", "submit_batch_started"):
+            if label in steps:
+                row[label] = round((steps[label] - t0) * 1000.0, 1)
+        if pid in created:
+            row["api_created"] = round((created[pid] - t0) * 1000.0, 1)
+        out.append(row)
+    return out
+
+
 def run(lists: int = 5, per_list: int = 10_000, time_scale: float = 1.0, warm: bool = False) -> dict:
     total = lists * per_list
     env = scaled_env(time_scale)
@@ -125,6 +156,7 @@ def run(lists: int = 5, per_list: int = 10_000, time_scale: float = 1.0, warm: b
         api = api_batches(st)
         stats = sandbox_stats(st)
         timeline = first_dispatch_timeline(st, t0)
+        steps = per_batch_steps(st, t0, api)
     created = sorted(b["created"] for b in api)
     return {
         "benchmark": "dispatch",
@@ -141,5 +173,8 @@ def run(lists: int = 5, per_list: int = 10_000, time_scale: float = 1.0, warm: b
         "submit_ingest_s": [s["ingest_s"] for s in submitted],
         "responses_429": sum(int(c.get("429", 0)) for c in stats["requests"].values()),
         "first_dispatch_timeline_ms": timeline,
+        "per_batch_ms": steps,
+        "submit_queue_wait_ms": [round(s["submit_batch_started"] - s["submit_batch_scheduled"], 1)
+                                 for s in steps if "submit_batch_started" in s and "submit_batch_scheduled" in s],
         "wall_s": round(time.monotonic() - began, 1),
     }

@@ -4,7 +4,7 @@ The sandbox keeps the documented limits (60 creations/min, 200 other requests/mi
 processing at once, a per-batch speed), all shrunk by `--time-scale F` so a run fits in about
 two minutes; the worker's own budgets are scaled alike so it still sits just under them:
 CREATIONS_PER_MINUTE = 50·F, REQUESTS_PER_MINUTE = 180·F, POLL_INTERVAL_S = 15/F. A backlog of
-`batches` (default 60 = 4 × MAX_CONCURRENT_BATCHES) full Bouncer batches is queued *before*
+`batches` (default 45 = 3 × MAX_CONCURRENT_BATCHES) full Bouncer batches is queued *before*
 dispatch starts: the lane is paused (signal-with-start of its scheduler), the lists are
 submitted and prepared, then the lane is resumed. So queued work exists from the first
 creation at the API until the last one.
@@ -181,6 +181,81 @@ def p50(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+# ---- where the CPU goes -----------------------------------------------------------------------
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the stack between `start()` and `stop()`, and the
+    machine's busy share over the same time (2 cores: 1.0 = both busy)."""
+
+    def __init__(self, st: DevStack) -> None:
+        self.st = st
+
+    def _pids(self) -> dict[str, list[int]]:
+        parts = {name: [p] for name in ("worker", "sandbox", "temporal") if (p := self.st.pid(name))}
+        try:
+            postmaster = int((self.st.pgdata / "postmaster.pid").read_text().split()[0])
+            parts["postgres"] = [postmaster, *_children(postmaster)]
+        except (OSError, ValueError):
+            pass
+        return parts
+
+    def _sample(self) -> tuple[dict[str, dict[int, float]], float, float]:
+        per = {name: {p: _proc_cpu(p) for p in pids} for name, pids in self._pids().items()}
+        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = cpu[3] + cpu[4]
+        return per, sum(cpu) - idle, sum(cpu)
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._first = self._sample()
+
+    def stop(self) -> dict:
+        (a, busy0, all0), (b, busy1, all1) = self._first, self._sample()
+        used = {name: round(sum(v - a.get(name, {}).get(p, 0.0) for p, v in pids.items()), 1)
+                for name, pids in b.items()}
+        return {"cpu_s": used, "wall_s": round(time.monotonic() - self._t0, 1),
+                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3)}
+
+
+@contextlib.contextmanager
+def profiled(st: DevStack, folder: str | None, names: tuple[str, ...] = ("worker", "sandbox")) -> Iterator[None]:
+    """py-spy (from the venv) sampling the named processes while the block runs, if `folder`."""
+    if not folder:
+        yield
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    procs = [
+        subprocess.Popen([spy, "record", "--pid", str(st.pid(n)), "--rate", "50", "--format", "raw",
+                          "--output", f"{folder}/{n}.txt", "--nonblocking"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for n in names if st.pid(n)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
 async def _histories(st: DevStack, workflow_ids: list[str]) -> dict[str, list]:
     from temporalio.client import Client
 
@@ -280,8 +355,8 @@ def slot_metrics(api: list[dict], slots: int) -> dict:
 # ---- the benchmark ------------------------------------------------------------------------
 
 
-def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, batches: int = 4 * SLOTS,
-        batch_size: int = 10_000, users: int = 4, timeout: float = 240.0) -> dict:
+def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, batches: int = 3 * SLOTS,
+        batch_size: int = 10_000, users: int = 3, timeout: float = 240.0, profile: str | None = None) -> dict:
     addresses = batches * batch_size
     env = scaled_env(time_scale, BATCH_SIZE=batch_size)
     began = time.monotonic()
@@ -294,9 +369,13 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         ids = [s["user_batch_id"] for s in submitted]
         wait_user_batches(st, ids, ("queued",), timeout)
         prepared_s = time.monotonic() - began
-        starter(st, "resume", "--lane", LANE)
-        resumed = time.time()
-        wait_for(lambda: sandbox_stats(st)["addresses_received"] >= addresses, timeout, "all batches created", 0.2)
+        meter = CpuMeter(st)
+        with profiled(st, profile):
+            meter.start()
+            starter(st, "resume", "--lane", LANE)
+            resumed = time.time()
+            wait_for(lambda: sandbox_stats(st)["addresses_received"] >= addresses, timeout, "all batches created", 0.2)
+            cpu = meter.stop()
         api = api_batches(st)
         stats = sandbox_stats(st)
         timelines = batch_timelines(st, api)
@@ -331,6 +410,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         "callbacks_sent": stats["callbacks_sent"],
         "addresses_sent_twice": stats["addresses_sent_twice"],
         "phases_ms_p50": phase_breakdown(timelines, SLOTS),
+        "cpu_during_backlog": cpu,
         "setup_s": {"stack": round(stack_s, 1), "lists_prepared": round(prepared_s, 1)},
         "wall_s": round(time.monotonic() - began, 1),
     }
