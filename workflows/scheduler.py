@@ -8,6 +8,7 @@ batch enqueued), `batch_finished` (a slot freed) and `resume`; no timer polls th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
@@ -111,21 +112,7 @@ class GreedySchedulerWorkflow:
             self._describe()
 
         await workflow.wait_condition(workflow.all_handlers_finished)
-        workflow.continue_as_new(
-            SchedulerInput(
-                lane=inp.lane,
-                batch_size=inp.batch_size,
-                max_concurrent_batches=inp.max_concurrent_batches,
-                poll_interval_s=inp.poll_interval_s,
-                deadline_s=inp.deadline_s,
-                api_create_task_queue=inp.api_create_task_queue,
-                api_task_queue=inp.api_task_queue,
-                credit_check_s=inp.credit_check_s,
-                pack_linger_s=inp.pack_linger_s,
-                fair_share=inp.fair_share,
-                state=self._state,
-            )
-        )
+        workflow.continue_as_new(dataclasses.replace(inp, state=self._state))
 
     def _free_slots(self) -> int:
         assert self._input is not None
