@@ -38,6 +38,8 @@ import asyncio
 import time
 import uuid
 
+import psycopg
+
 from bench.common import submit, write_lists
 from bench.saturation import (
     LANE,
@@ -76,24 +78,25 @@ def _events(events, since: float) -> list[tuple[float, str]]:
     return out
 
 
-def first_dispatch_timeline(st, t0: float) -> dict[str, float]:
+def first_dispatch_timeline(st, t0: float, api: list[dict]) -> dict[str, float]:
+    """The first user batch, the scheduler, and the Bouncer batch the API received first."""
     from workflows.models import bouncer_batch_workflow_id, scheduler_id, user_batch_workflow_id
 
-    import psycopg
-
     with psycopg.connect(st.database_url) as conn:
-        row = conn.execute("select min(id) from user_batches").fetchone()
-        bb = conn.execute("select min(id) from bouncer_batches").fetchone()
+        (ub,) = conn.execute("select min(id) from user_batches").fetchone()
+        (bb,) = conn.execute("select id from bouncer_batches where provider_batch_id = %s",
+                             (api[0]["batchId"],)).fetchone()
     wids = {
-        "user_batch": user_batch_workflow_id(row[0]),
+        "user_batch": user_batch_workflow_id(ub),
         "scheduler": scheduler_id(LANE),
-        "bouncer_batch": bouncer_batch_workflow_id(LANE, bb[0]),
+        "bouncer_batch": bouncer_batch_workflow_id(LANE, bb),
     }
     histories = asyncio.run(_histories(st, list(wids.values())))
     wanted = {
         "user_batch": ["workflow_execution_started", "prepare_user_batch_started", "prepare_user_batch_completed",
                        "nudge_scheduler_started", "nudge_scheduler_completed"],
-        "scheduler": ["signal_work_available", "workflow_task_started", "unfinished_batches_completed", "timer_started", "timer_fired",
+        "scheduler": ["signal_work_available", "workflow_task_started", "unfinished_batches_completed",
+                      "timer_started", "timer_fired",
                       "pack_batches_scheduled", "pack_batches_started", "pack_batches_completed",
                       "start_child_workflow_execution_initiated", "child_workflow_execution_started"],
         "bouncer_batch": ["workflow_execution_started", "workflow_task_started", "submit_batch_scheduled",
@@ -115,8 +118,6 @@ def first_dispatch_timeline(st, t0: float) -> dict[str, float]:
 def per_batch_steps(st, t0: float, api: list[dict]) -> list[dict[str, float]]:
     """For each Bouncer batch: workflow started, submit scheduled / started (the wait between is
     the create queue's server-side rate limit), created at the API; ms after `t0`."""
-    import psycopg
-
     from workflows.models import bouncer_batch_workflow_id
 
     with psycopg.connect(st.database_url) as conn:
@@ -155,7 +156,7 @@ def run(lists: int = 5, per_list: int = 10_000, time_scale: float = 1.0, warm: b
         wait_for(lambda: sandbox_stats(st)["addresses_received"] >= total, 300, "all addresses at the API", 0.05)
         api = api_batches(st)
         stats = sandbox_stats(st)
-        timeline = first_dispatch_timeline(st, t0)
+        timeline = first_dispatch_timeline(st, t0, api)
         steps = per_batch_steps(st, t0, api)
     created = sorted(b["created"] for b in api)
     return {

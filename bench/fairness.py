@@ -26,6 +26,7 @@ batch holding B's addresses to its completion; `small_batch_packed_with` is that
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +34,9 @@ from pathlib import Path
 import psycopg
 
 from bench.common import submit
+from bench.dispatch import _events
 from bench.saturation import (
+    _histories,
     api_batches,
     documented_limits,
     sandbox_stats,
@@ -54,11 +57,6 @@ def _write(path: Path, n: int, tag: str) -> Path:
 
 def _small_timeline(st, workflow_id: str, t0: float) -> dict[str, float]:
     """B's user batch workflow: its steps in ms after B's submit returned (server clock)."""
-    import asyncio
-
-    from bench.dispatch import _events
-    from bench.saturation import _histories
-
     events = asyncio.run(_histories(st, [workflow_id]))[workflow_id]
     out: dict[str, float] = {}
     for at, label in _events(events, 0.0):

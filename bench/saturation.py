@@ -46,6 +46,13 @@ batch workflows (event times are the server's wall clock): API completed → com
 stored, → workflow closed (notifications), slot freed → the next child workflow started
 (scheduler: signal, pack activity, child start; matched in sorted order like the gaps), child
 started → submit_batch started → created at the API.
+
+Defaults: F = 20 and 30 addresses/s per batch, so a 10,000 batch spends 16.7 s (wall) at the API
+(333 s unscaled); a run takes ~1.5–2 minutes. Everything shares the machine's cores, the
+sandbox included (it computes every verdict in Python, serially, on one event loop), so
+`cpu_during_backlog` gives the CPU seconds of each part while the backlog lasted and the
+machine's busy share; `--profile DIR` also samples the worker and the sandbox with py-spy
+(raw collapsed stacks, for flame graphs).
 """
 
 from __future__ import annotations

@@ -78,6 +78,11 @@ async def running_pipeline(client: Client, settings: Settings, callbacks_on: boo
     """The three workers of worker.py (and optionally the callback receiver), in this process."""
     if callbacks_on:
         settings = settings.model_copy(update={"callback_listen": f"127.0.0.1:{free_port()}"})
+    # Schedulers are named per lane: one left by another test (on its own task queue) would
+    # swallow this test's signals. Tests run one at a time, so end any that is still running.
+    for lane in ("deliverability", "catchall"):
+        with contextlib.suppress(Exception):
+            await client.get_workflow_handle(scheduler_id(lane)).terminate("a new test starts")
     pool = db.open_pool(settings.database_url, 6)
     await pool.open()
     server = None

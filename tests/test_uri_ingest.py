@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.server
 import os
@@ -138,3 +139,5 @@ async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_ur
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
+        with contextlib.suppress(Exception):  # its scheduler would outlive the workers otherwise
+            await dev_env.client.get_workflow_handle("scheduler-deliverability").terminate("test finished")
