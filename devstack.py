@@ -194,18 +194,31 @@ class DevStack:
         )
         _wait_port(self.sandbox_port, "Bouncer sandbox", self.root / "sandbox.log")
 
-    def start_worker(self, name: str = "worker", callbacks: bool = True) -> subprocess.Popen | None:
-        """Start a `python worker.py` process; extra workers (benchmarks) run without a receiver."""
+    def start_worker(self, name: str = "worker", callbacks: bool = True, advertise: bool = True
+                     ) -> subprocess.Popen | None:
+        """Start a `python worker.py` process.
+
+        `callbacks`: it serves the callback receiver. Without one, `advertise` makes it hand out
+        the first worker's receiver URL (extra workers); otherwise the worker polls only.
+        """
         if self._running(name):
             return None
         if callbacks:
             _claim_port(self.callback_port, f"{name} (callback receiver)")
         env = self.env()
-        if not callbacks:  # advertise the first worker's receiver, serve none
-            env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=f"http://127.0.0.1:{self.callback_port}")
+        if not callbacks:
+            public = f"http://127.0.0.1:{self.callback_port}" if advertise else ""
+            env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=public)
         proc = self._spawn(name, [sys.executable, "worker.py"], env=env)
+        log = self.root / f"{name}.log"
         if callbacks:
-            _wait_port(self.callback_port, f"{name} (callback receiver)", self.root / f"{name}.log")
+            _wait_port(self.callback_port, f"{name} (callback receiver)", log)
+        else:
+            deadline = time.monotonic() + 60
+            while "worker up" not in (log.read_text(errors="replace") if log.exists() else ""):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{name} did not start; see {log}")
+                time.sleep(0.05)
         return proc
 
     def pid(self, name: str) -> int | None:

@@ -20,8 +20,13 @@ from devstack import ROOT, DevStack, free_port
 
 
 @contextlib.contextmanager
-def bench_stack(sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1) -> Iterator[DevStack]:
-    """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports."""
+def bench_stack(
+    sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1, callbacks: bool = True
+) -> Iterator[DevStack]:
+    """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports.
+
+    `callbacks=False`: no worker serves or advertises a callback receiver (polling only).
+    """
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     os.chmod(root, 0o755)  # the embedded Postgres runs as its own system user when we are root
     st = DevStack(
@@ -30,9 +35,9 @@ def bench_stack(sandbox_args: list[str], worker_env: dict[str, str], workers: in
     )
     try:
         st.up(worker=False)
-        st.start_worker("worker")
+        st.start_worker("worker", callbacks=callbacks, advertise=False)
         for i in range(2, workers + 1):
-            st.start_worker(f"worker-{i}", callbacks=False)
+            st.start_worker(f"worker-{i}", callbacks=False, advertise=callbacks)
         yield st
     finally:
         st.down()

@@ -40,7 +40,7 @@ import uuid
 
 import psycopg
 
-from bench.common import submit, write_lists
+from bench.common import bench_stack, submit, write_lists
 from bench.saturation import (
     LANE,
     _histories,
@@ -48,7 +48,6 @@ from bench.saturation import (
     documented_limits,
     sandbox_stats,
     scaled_env,
-    stack,
     starter,
     wait_for,
 )
@@ -142,7 +141,7 @@ def run(lists: int = 5, per_list: int = 10_000, time_scale: float = 1.0, warm: b
     total = lists * per_list
     env = scaled_env(time_scale)
     began = time.monotonic()
-    with stack(documented_limits(time_scale, 50.0, 2 * total), env) as st:
+    with bench_stack(documented_limits(time_scale, 50.0, 2 * total), env) as st:
         files = write_lists(st.root / "lists", lists, per_list, uuid.uuid4().hex[:6])  # not timed
         if warm:
             starter(st, "resume", "--lane", LANE)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import submit
+from bench.common import bench_stack, submit
 from bench.dispatch import _events
 from bench.saturation import (
     _histories,
@@ -41,7 +41,6 @@ from bench.saturation import (
     documented_limits,
     sandbox_stats,
     scaled_env,
-    stack,
     wait_for,
     wait_user_batches,
 )
@@ -70,7 +69,7 @@ def _small_timeline(st, workflow_id: str, t0: float) -> dict[str, float]:
 def one_run(big: int, small: int, time_scale: float, speed: float, fair: bool, timeout: float = 600.0) -> dict:
     env = scaled_env(time_scale, FAIR_SHARE="true" if fair else "false")
     began = time.monotonic()
-    with stack(documented_limits(time_scale, speed, 2 * (big + small)), env) as st:
+    with bench_stack(documented_limits(time_scale, speed, 2 * (big + small)), env) as st:
         tag = uuid.uuid4().hex[:6]
         a_file = _write(st.root / "lists" / "a.csv", big, f"a{tag}")
         b_file = _write(st.root / "lists" / "b.csv", small, f"b{tag}")

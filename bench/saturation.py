@@ -64,7 +64,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -76,7 +75,7 @@ import httpx
 import psycopg
 
 from bench.common import bench_stack, percentile, submit, write_lists
-from devstack import ROOT, DevStack, free_port
+from devstack import ROOT, DevStack
 
 LANE = "deliverability"
 SLOTS = 15
@@ -102,32 +101,6 @@ def documented_limits(time_scale: float, speed: float, credits: int) -> list[str
         "--time-scale", f"{time_scale:g}", "--speed", f"{speed:g}", "--max-processing", "25",
         "--create-per-minute", "60", "--requests-per-minute", "200", "--credits", str(credits),
     ]
-
-
-@contextlib.contextmanager
-def stack(sandbox_args: list[str], worker_env: dict[str, str], callbacks: bool = True) -> Iterator[DevStack]:
-    """`bench_stack` with one worker; with `callbacks=False` a worker that serves and advertises
-    no callback receiver at all (bench_stack's first worker always has one)."""
-    if callbacks:
-        with bench_stack(sandbox_args, worker_env) as st:
-            yield st
-        return
-    root = Path(tempfile.mkdtemp(prefix="bench-"))
-    os.chmod(root, 0o755)  # the embedded Postgres runs as its own system user when we are root
-    st = DevStack(
-        root, temporal_port=free_port(), ui_port=free_port(), sandbox_port=free_port(),
-        callback_port=free_port(), sandbox_args=sandbox_args,
-        worker_env={**worker_env, "CALLBACK_LISTEN": "", "CALLBACK_PUBLIC_URL": ""},
-    )
-    try:
-        st.up(worker=False)
-        st._spawn("worker", [sys.executable, "worker.py"], env=st.env())
-        log = root / "worker.log"
-        wait_for(lambda: log.exists() and "worker up" in log.read_text(errors="replace"), 60, "worker start")
-        yield st
-    finally:
-        st.down()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -367,7 +340,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
     addresses = batches * batch_size
     env = scaled_env(time_scale, BATCH_SIZE=batch_size)
     began = time.monotonic()
-    with stack(documented_limits(time_scale, speed, 2 * addresses), env, callbacks=callback) as st:
+    with bench_stack(documented_limits(time_scale, speed, 2 * addresses), env, callbacks=callback) as st:
         stack_s = time.monotonic() - began
         files = write_lists(st.root / "lists", users, addresses // users, uuid.uuid4().hex[:6])
         starter(st, "pause", "--lane", LANE)  # the whole backlog is queued before dispatch starts
