@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -181,6 +183,11 @@ async def assert_replays(client: Client, p: Pipeline) -> list[WorkflowHistory]:
     """Invariant 5: the recorded histories replay against today's workflow code."""
     histories = await run_histories(client, p)
     assert histories
+    if os.environ.get("RECORD_HISTORIES"):  # refresh tests/histories/ (see test_replay_recorded.py)
+        out = Path(os.environ["RECORD_HISTORIES"])
+        out.mkdir(parents=True, exist_ok=True)
+        for h in histories:
+            (out / f"{h.workflow_id}-{h.run_id[:8]}.json").write_text(h.to_json())
     results = await Replayer(workflows=WORKFLOWS).replay_workflows(_iterate(histories), raise_on_replay_failure=False)
     assert not results.replay_failures, {run: repr(err) for run, err in results.replay_failures.items()}
     return histories
