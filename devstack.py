@@ -179,6 +179,11 @@ class DevStack:
                 "--search-attribute", "Lane=Keyword",
                 "--search-attribute", "BatchState=Keyword",
                 "--search-attribute", "Priority=Keyword",
+                # One partition per task queue: the server divides a task queue's rate limit
+                # among its partitions (4 by default), so with one the API queues dispatch at the
+                # full budget and at once. Production: the same keys, constrained to the API queues.
+                "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
+                "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
             ],
         )
         _wait_port(self.temporal_port, "Temporal dev server", self.root / "temporal.log")

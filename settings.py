@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     fair_share: bool = Field(
         True, description="Within a priority, serve the least-served user first; false means FIFO by age"
     )
+    express_slots: int = Field(
+        5, description="Extra slots per lane for small lists only, sent alone (keep MAX_CONCURRENT_BATCHES "
+        "+ EXPRESS_SLOTS <= the API's 25 parallel batches)"
+    )
+    express_max_addresses: int = Field(
+        1_000, description="A list of at most this many addresses to verify may use an express slot; 0 turns express off"
+    )
     poll_interval_s: float = Field(15.0, description="Status polling interval (fallback to callbacks)")
     batch_deadline_s: float = Field(
         6 * 3600.0, description="A Bouncer batch not completed after this long is abandoned and re-queued"

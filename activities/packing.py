@@ -12,6 +12,7 @@ example exact: John 5k + Alice 2k + Bob 3k, then Bob 3k.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 
@@ -27,15 +28,19 @@ class PackingActivities:
 
     @activity.defn
     async def pack_batches(self, request: PackRequest) -> PackResult:
-        """Form up to `slots` Bouncer batches of up to `batch_size` addresses.
+        """Form up to `slots` regular and `express_slots` express Bouncer batches.
 
         Idempotent by `pack_key`: a retry returns the batches the first attempt created.
         """
+        if request.linger_s > 0 and 0 < await self._queued(request.lane) < request.batch_size:
+            # Less than a full batch: give lists submitted together a moment to arrive and share
+            # Bouncer batches (the seed's John + Alice + Bob). A full batch is never held back.
+            await asyncio.sleep(request.linger_s)
         began = time.perf_counter()
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
                 # Keys are `<pack_key>:<n>`; a range (not LIKE) so the unique index serves it.
-                "select id, size from bouncer_batches where pack_key > %s and pack_key < %s order by id",
+                "select id, size, express from bouncer_batches where pack_key > %s and pack_key < %s order by id",
                 (request.pack_key + ":", request.pack_key + ";"),
             )
             done = await cur.fetchall()
@@ -44,7 +49,7 @@ class PackingActivities:
                     "select queue_drained, queued_after from pack_runs where pack_key = %s", (request.pack_key,)
                 )
                 drained, queued_after = await cur.fetchone()
-                return PackResult([PackedBatch(i, s) for i, s in done], drained, queued_after)
+                return PackResult([PackedBatch(*row) for row in done], drained, queued_after)
 
             await cur.execute(
                 """
@@ -65,75 +70,114 @@ class PackingActivities:
                 """,
                 (request.lane,),
             )
-            served = {u: int(n) for u, n in await cur.fetchall()}
+            packer = _Packer(cur, request, candidates, {u: int(n) for u, n in await cur.fetchall()})
 
             batches: list[PackedBatch] = []
-            exhausted = False
-            while len(batches) < request.slots and not exhausted:
-                parts: list[tuple[int, int, int, int]] = []  # (user batch, from, to, count)
-                room = request.batch_size
-                # Users in turn: priority, least served, oldest batch (candidates are age-sorted).
-                order = sorted(
-                    range(len(candidates)),
-                    key=lambda i: (candidates[i][2], served.get(candidates[i][1], 0) if request.fair_share else 0, i),
-                )
-                for i in order:
-                    ub, user, _prio, cursor, next_seq = candidates[i]
-                    if room == 0 or cursor >= next_seq:
-                        continue
-                    take_to, count = await _claim(cur, ub, request.lane, cursor, room)
-                    if count == 0:
-                        candidates[i][3] = next_seq
-                        continue
-                    parts.append((ub, cursor, take_to, count))
-                    candidates[i][3] = take_to
-                    room -= count
-                    served[user] = served.get(user, 0) + count
-                if not parts:
-                    exhausted = True
+            express_size = min(request.express_max_addresses, request.batch_size)
+            if express_size > 0:
+                # Small lists (all they ever queued fits), not the tail of a big import.
+                small = [c for c in candidates if c[4] <= express_size]
+                while len(batches) < request.express_slots:
+                    batch = await packer.form(small, express_size, express=True)
+                    if batch is None:
+                        break
+                    batches.append(batch)
+            regular = 0
+            while regular < request.slots:
+                batch = await packer.form(candidates, request.batch_size, express=False)
+                if batch is None:
                     break
-                size = request.batch_size - room
-                await cur.execute(
-                    "insert into bouncer_batches (lane, pack_key, size, callback_token) values (%s, %s, %s, %s)"
-                    " returning id",
-                    (request.lane, f"{request.pack_key}:{len(batches)}", size, secrets.token_urlsafe(24)),
-                )
-                (bb_id,) = await cur.fetchone()
-                async with cur.copy(
-                    "copy bouncer_batch_parts (bouncer_batch_id, user_batch_id, seq_from, seq_to, addresses)"
-                    " from stdin"
-                ) as copy:
-                    for ub, seq_from, seq_to, n in parts:
-                        await copy.write_row((bb_id, ub, seq_from, seq_to, n))
-                for ub, _f, seq_to, n in parts:
-                    await cur.execute(
-                        "update user_batch_lanes set cursor = %s, dispatched = dispatched + %s"
-                        " where user_batch_id = %s and lane = %s",
-                        (seq_to, n, ub, request.lane),
-                    )
-                batches.append(PackedBatch(bb_id, size))
-                if room > 0:
-                    exhausted = True
-            drained = exhausted or all(c[3] >= c[4] for c in candidates)
-            queued = 0 if exhausted else sum(max(c[4] - c[3], 0) for c in candidates)
+                batches.append(batch)
+                regular += 1
+                if batch.size < request.batch_size:
+                    break  # the queue ran out
+            left = sum(max(c[4] - c[3], 0) for c in candidates)
             await cur.execute(
                 "insert into pack_runs (lane, pack_key, batches, addresses, queue_drained, queued_after, duration_ms)"
                 " values (%s, %s, %s, %s, %s, %s, %s)",
-                (request.lane, request.pack_key, len(batches), sum(b.size for b in batches), drained, queued,
+                (request.lane, request.pack_key, len(batches), sum(b.size for b in batches), left == 0, left,
                  (time.perf_counter() - began) * 1000.0),
             )
-            return PackResult(batches, queue_drained=drained, queued_after=queued)
+            return PackResult(batches, queue_drained=left == 0, queued_after=left)
+
+    async def _queued(self, lane: str) -> int:
+        """Addresses waiting in the lane (from cursors: an upper bound)."""
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "select coalesce(sum(l.next_seq - l.cursor), 0) from user_batch_lanes l"
+                " join user_batches b on b.id = l.user_batch_id"
+                " where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq",
+                (lane,),
+            )
+            return int((await cur.fetchone())[0])
 
     @activity.defn
     async def unfinished_batches(self, lane: str) -> list[PackedBatch]:
         """Bouncer batches of the lane not yet stored or failed: a fresh scheduler adopts them."""
         async with self.pool.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "select id, size from bouncer_batches where lane = %s and state in ('packed', 'submitting', 'submitted')"
+                "select id, size, express from bouncer_batches"
+                " where lane = %s and state in ('packed', 'submitting', 'submitted')"
                 " order by id",
                 (lane,),
             )
-            return [PackedBatch(i, s) for i, s in await cur.fetchall()]
+            return [PackedBatch(*row) for row in await cur.fetchall()]
+
+
+class _Packer:
+    """Forms Bouncer batches from candidate user batches, one pack at a time.
+
+    A candidate is `[user batch, user, priority, cursor, next_seq]`; forming a batch moves
+    cursors (in memory and in the database) and records the parts.
+    """
+
+    def __init__(self, cur, request: PackRequest, candidates: list[list], served: dict[str, int]) -> None:
+        self.cur = cur
+        self.request = request
+        self.served = served
+        self.index = {id(c): i for i, c in enumerate(candidates)}  # age order, for ties
+        self.formed = 0
+
+    async def form(self, candidates: list[list], size: int, express: bool) -> PackedBatch | None:
+        cur, lane = self.cur, self.request.lane
+        parts: list[tuple[int, int, int, int]] = []  # (user batch, from, to, count)
+        room = size
+        # Users in turn: priority, least served, oldest batch.
+        fair = self.request.fair_share
+        for c in sorted(candidates, key=lambda c: (c[2], self.served.get(c[1], 0) if fair else 0, self.index[id(c)])):
+            ub, user, _prio, cursor, next_seq = c
+            if room == 0:
+                break
+            if cursor >= next_seq:
+                continue
+            take_to, count = await _claim(cur, ub, lane, cursor, room)
+            c[3] = take_to if count else next_seq
+            if count == 0:
+                continue
+            parts.append((ub, cursor, take_to, count))
+            room -= count
+            self.served[user] = self.served.get(user, 0) + count
+        if not parts:
+            return None
+        await cur.execute(
+            "insert into bouncer_batches (lane, pack_key, size, callback_token, express) values (%s, %s, %s, %s, %s)"
+            " returning id",
+            (lane, f"{self.request.pack_key}:{self.formed}", size - room, secrets.token_urlsafe(24), express),
+        )
+        (bb_id,) = await cur.fetchone()
+        self.formed += 1
+        async with cur.copy(
+            "copy bouncer_batch_parts (bouncer_batch_id, user_batch_id, seq_from, seq_to, addresses) from stdin"
+        ) as copy:
+            for part in parts:
+                await copy.write_row((bb_id, *part))
+        for ub, _f, seq_to, n in parts:
+            await cur.execute(
+                "update user_batch_lanes set cursor = %s, dispatched = dispatched + %s"
+                " where user_batch_id = %s and lane = %s",
+                (seq_to, n, ub, lane),
+            )
+        return PackedBatch(bb_id, size - room, express)
 
 
 async def _claim(cur, user_batch_id: int, lane: str, cursor: int, room: int) -> tuple[int, int]:

@@ -184,6 +184,8 @@ def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
         credit_check_s=settings.credit_check_s,
         pack_linger_s=settings.pack_linger_s,
         fair_share=settings.fair_share,
+        express_slots=settings.express_slots,
+        express_max_addresses=settings.express_max_addresses,
     )
 
 

@@ -61,8 +61,10 @@ class World:
         assert progress.state == "queued"
         return ub
 
-    async def pack(self, key: str, slots: int = 15, batch_size: int = 10_000) -> PackResult:
-        return await self.packer.pack_batches(PackRequest(lane=LANE, pack_key=key, slots=slots, batch_size=batch_size))
+    async def pack(self, key: str, slots: int = 15, batch_size: int = 10_000, **express) -> PackResult:
+        return await self.packer.pack_batches(
+            PackRequest(lane=LANE, pack_key=key, slots=slots, batch_size=batch_size, **express)
+        )
 
     def parts(self, bouncer_batch_id: int | None = None) -> list[tuple[int, str, int, int, int, int]]:
         """(bouncer batch, user, user batch, seq_from, seq_to, addresses), in batch then user-batch order."""
@@ -186,6 +188,32 @@ async def test_a_small_batch_is_not_starved_behind_a_big_import(world):
     assert sum(b.size for b in rest.batches) == 50_000 - 10_000 - 9_900
     assert rest.queue_drained
     assert world.packed_addresses(big) == 50_000
+
+
+async def test_express_slots_send_small_lists_alone_even_when_regular_slots_are_full(world):
+    big = await world.add("a", emails("a", 3_000))
+    small1 = await world.add("b", emails("b", 100))
+    small2 = await world.add("c", emails("c", 150))
+    over = await world.add("d", emails("d", 300))  # more than EXPRESS_MAX_ADDRESSES: regular only
+
+    result = await world.pack("x1", slots=0, batch_size=1_000, express_slots=2, express_max_addresses=200)
+
+    # No regular slot: only the small lists go, together (both fit in one express batch), unpadded.
+    assert [(b.size, b.express) for b in result.batches] == [(200, True), (50, True)]
+    first, second = (b.bouncer_batch_id for b in result.batches)
+    assert world.composition(first) == {"b": 100, "c": 100}
+    assert world.composition(second) == {"c": 50}
+    assert world.sql("select id, express from bouncer_batches order by id") == [(first, True), (second, True)]
+    assert world.packed_addresses(big) == world.packed_addresses(over) == 0
+    assert world.packed_addresses(small1) == 100 and world.packed_addresses(small2) == 150
+
+    # Regular slots then take the rest; the retry of a pack answers with the express flag too.
+    regular = await world.pack("x2", slots=15, batch_size=1_000, express_slots=2, express_max_addresses=200)
+    assert all(not b.express for b in regular.batches)
+    assert sum(b.size for b in regular.batches) == 3_300 and regular.queue_drained
+    again = await world.pack("x1", slots=0, batch_size=1_000, express_slots=2, express_max_addresses=200)
+    assert again.batches == result.batches
+    assert (await world.packer.unfinished_batches(LANE))[:2] == result.batches
 
 
 async def test_within_one_priority_and_equal_share_older_batches_go_first(world):

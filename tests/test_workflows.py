@@ -470,7 +470,7 @@ async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_s
         inp = scheduler_input(p.settings, LANE)
         inp.state = SchedulerState(
             in_flight={"123": 10, "124": 20}, paused=True, pause_reason="held by test", packs=3, dispatched_batches=7,
-            queued=55,
+            queued=55, express_in_flight={"125": 40},
         )
         first = await env.client.start_workflow(
             GreedySchedulerWorkflow.run, inp, id=scheduler_id(LANE), task_queue=p.settings.task_queue
@@ -478,6 +478,7 @@ async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_s
         expected = SchedulerStatus(
             lane=LANE, paused=True, pause_reason="held by test", in_flight=2, in_flight_addresses=30,
             free_slots=p.settings.max_concurrent_batches - 2, dispatched_batches=7, queued=55,
+            express_in_flight=1, free_express_slots=p.settings.express_slots - 1,
         )
         assert await first.query(GreedySchedulerWorkflow.status) == expected
 
@@ -509,6 +510,7 @@ async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_s
         assert started.continued_execution_run_id == first.first_execution_run_id
         (carried,) = await env.client.data_converter.decode(started.input.payloads, [SchedulerInput])
         assert carried.state is not None and carried.state.in_flight == {"123": 10, "124": 20}
+        assert carried.state.express_in_flight == {"125": 40}
         assert dataclasses.replace(carried, state=None) == dataclasses.replace(inp, state=None)
 
         # The carried in-flight entries are real slots: finishing one frees it.

@@ -69,6 +69,11 @@ class BouncerBatchWorkflow:
             request, outcome = await self._submit_and_wait(inp)
             self._phase = "storing"
             workflow.set_current_details(f"storing results of Bouncer batch {bb}")
+            if workflow.patched("free-slot-before-store"):
+                # The batch no longer occupies one of the API's parallel slots: the scheduler may
+                # dispatch the next one while this one downloads and stores (the end signal in
+                # `finally` repeats it harmlessly and wakes the scheduler for re-queued addresses).
+                await self._batch_finished(inp, BatchFinished(bb, "done_at_api"))
             result = await workflow.execute_activity_method(
                 BouncerApiActivities.store_results,
                 request,
@@ -85,12 +90,13 @@ class BouncerBatchWorkflow:
             return result
         finally:
             # The scheduler owns the slot count; it must hear of every end, success or not.
-            try:
-                await workflow.get_external_workflow_handle(scheduler_id(inp.lane)).signal(
-                    "batch_finished", BatchFinished(bb, outcome)
-                )
-            except Exception:  # noqa: BLE001 - no scheduler running: a fresh one adopts from the database
-                workflow.logger.warning("scheduler of lane %s not reachable; batch %s finished", inp.lane, bb)
+            await self._batch_finished(inp, BatchFinished(bb, outcome))
+
+    async def _batch_finished(self, inp: BouncerBatchInput, finished: BatchFinished) -> None:
+        try:
+            await workflow.get_external_workflow_handle(scheduler_id(inp.lane)).signal("batch_finished", finished)
+        except Exception:  # noqa: BLE001 - no scheduler running: a fresh one adopts from the database
+            workflow.logger.warning("scheduler of lane %s not reachable; batch %s finished", inp.lane, finished.bouncer_batch_id)
 
     async def _submit_and_wait(self, inp: BouncerBatchInput) -> tuple[StoreRequest, str]:
         bb = inp.bouncer_batch_id

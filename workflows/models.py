@@ -122,6 +122,8 @@ class SchedulerInput:
     credit_check_s: float = 300.0
     pack_linger_s: float = 0.5  # after new work arrives, gather concurrent submissions this long
     fair_share: bool = True  # False: plain FIFO within a priority (for comparison)
+    express_slots: int = 0  # extra slots for small lists only (see PackRequest)
+    express_max_addresses: int = 0
     # Carried across continue-as-new (a fresh start leaves it None and adopts unfinished batches).
     state: SchedulerState | None = None
 
@@ -129,6 +131,7 @@ class SchedulerInput:
 @dataclass
 class SchedulerState:
     in_flight: dict[str, int] = field(default_factory=dict)  # bouncer batch id (str) -> size
+    express_in_flight: dict[str, int] = field(default_factory=dict)  # the same, in express slots
     paused: bool = False
     pause_reason: str = ""
     packs: int = 0
@@ -148,6 +151,8 @@ class SchedulerStatus:
     free_slots: int
     dispatched_batches: int
     queued: int  # addresses waiting in the lane's queues, as of the last pack
+    express_in_flight: int = 0
+    free_express_slots: int = 0
 
 
 @dataclass
@@ -157,12 +162,19 @@ class PackRequest:
     slots: int
     batch_size: int
     fair_share: bool = True
+    # Express slots carry small lists alone (no padding from a big import), so a 100-address
+    # list is not processed at the pace of a 10,000-address Bouncer batch.
+    express_slots: int = 0
+    express_max_addresses: int = 0
+    # Wait this long first if less than one full batch is queued (lists submitted together share).
+    linger_s: float = 0.0
 
 
 @dataclass
 class PackedBatch:
     bouncer_batch_id: int
     size: int
+    express: bool = False
 
 
 @dataclass

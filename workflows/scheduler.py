@@ -50,6 +50,7 @@ class GreedySchedulerWorkflow:
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
         self._state.in_flight.pop(str(finished.bouncer_batch_id), None)
+        self._state.express_in_flight.pop(str(finished.bouncer_batch_id), None)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
 
     @workflow.signal
@@ -77,6 +78,8 @@ class GreedySchedulerWorkflow:
             free_slots=max(slots - len(self._state.in_flight), 0),
             dispatched_batches=self._state.dispatched_batches,
             queued=self._state.queued,
+            express_in_flight=len(self._state.express_in_flight),
+            free_express_slots=max(self._free_express(), 0) if inp else 0,
         )
 
     # ---- main loop ----------------------------------------------------------------------
@@ -118,8 +121,18 @@ class GreedySchedulerWorkflow:
         assert self._input is not None
         return self._input.max_concurrent_batches - len(self._state.in_flight)
 
+    def _free_express(self) -> int:
+        assert self._input is not None
+        if self._input.express_max_addresses <= 0:
+            return 0
+        return self._input.express_slots - len(self._state.express_in_flight)
+
     def _can_pack(self) -> bool:
-        return not self._state.paused and self._state.work_hint and self._free_slots() > 0
+        return (
+            not self._state.paused
+            and self._state.work_hint
+            and (self._free_slots() > 0 or self._free_express() > 0)
+        )
 
     def _should_continue(self) -> bool:
         info = workflow.info()
@@ -128,10 +141,19 @@ class GreedySchedulerWorkflow:
     async def _pack(self) -> None:
         assert self._input is not None
         inp = self._input
-        if self._state.new_work and inp.pack_linger_s > 0:
+        # Since release 2 the pack activity lingers (to the millisecond, and only when less than
+        # a full batch is queued), and the hint is cleared before packing so that a signal
+        # arriving during the pack is not lost. Histories of release 1 replay the old path.
+        linger_in_activity = workflow.patched("linger-in-pack-activity")
+        linger_s = 0.0
+        if linger_in_activity:
+            self._state.work_hint = False
+            if self._state.new_work:
+                linger_s = inp.pack_linger_s
+        elif self._state.new_work and inp.pack_linger_s > 0:
             # Lists submitted together share Bouncer batches (the seed's John + Alice + Bob).
-            self._state.new_work = False
             await workflow.sleep(timedelta(seconds=inp.pack_linger_s))
+        self._state.new_work = False
         self._state.packs += 1
         result = await workflow.execute_activity_method(
             PackingActivities.pack_batches,
@@ -141,12 +163,15 @@ class GreedySchedulerWorkflow:
                 slots=self._free_slots(),
                 batch_size=inp.batch_size,
                 fair_share=inp.fair_share,
+                express_slots=max(self._free_express(), 0),
+                express_max_addresses=inp.express_max_addresses,
+                linger_s=linger_s,
             ),
             start_to_close_timeout=timedelta(seconds=120),
             retry_policy=DB_RETRY,
         )
         self._state.queued = result.queued_after
-        if result.queue_drained:
+        if not linger_in_activity and result.queue_drained:
             self._state.work_hint = False
         await self._start_children(result.batches)
 
@@ -154,8 +179,8 @@ class GreedySchedulerWorkflow:
         assert self._input is not None
         inp = self._input
 
-        async def start(bouncer_batch_id: int, size: int) -> None:
-            self._state.in_flight[str(bouncer_batch_id)] = size
+        async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
+            (self._state.express_in_flight if express else self._state.in_flight)[str(bouncer_batch_id)] = size
             try:
                 await workflow.start_child_workflow(
                     BouncerBatchWorkflow.run,
@@ -174,7 +199,7 @@ class GreedySchedulerWorkflow:
                 pass  # adopted: it is already running and will signal batch_finished
             self._state.dispatched_batches += 1
 
-        await asyncio.gather(*(start(b.bouncer_batch_id, b.size) for b in batches))
+        await asyncio.gather(*(start(b.bouncer_batch_id, b.size, b.express) for b in batches))
 
     async def _check_credits(self) -> None:
         assert self._input is not None
@@ -196,5 +221,6 @@ class GreedySchedulerWorkflow:
         paused = f"; paused: {s.pause_reason}" if s.paused else ""
         workflow.set_current_details(
             f"lane {s.lane}: {s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
-            f"{s.free_slots} slots free, {s.queued:,} addresses queued, {s.dispatched_batches} dispatched{paused}"
+            f"{s.free_slots} slots free, {s.express_in_flight} express, {s.queued:,} addresses queued, "
+            f"{s.dispatched_batches} dispatched{paused}"
         )

@@ -70,14 +70,24 @@ class UserBatchWorkflow:
                 )
             await self._nudge()
             self._describe()
+            recheck: asyncio.Future | None = None
             while not (self._progress.state == "queued" and self._progress.remaining == 0):
                 seen = self._news
-                try:
-                    await workflow.wait_condition(
-                        lambda: self._news != seen, timeout=timedelta(seconds=inp.progress_recheck_s)
-                    )
-                except asyncio.TimeoutError:
-                    pass  # the slow timer: re-read in case a signal was missed
+                if workflow.patched("recheck-timer-not-cancelled"):
+                    # The slow timer re-reads in case a signal was missed. It runs out on its own
+                    # instead of being cancelled by each signal: two history events per period,
+                    # not per Bouncer batch.
+                    if recheck is None or recheck.done():
+                        recheck = asyncio.ensure_future(workflow.sleep(inp.progress_recheck_s))
+                    timer = recheck
+                    await workflow.wait_condition(lambda: self._news != seen or timer.done())
+                else:
+                    try:
+                        await workflow.wait_condition(
+                            lambda: self._news != seen, timeout=timedelta(seconds=inp.progress_recheck_s)
+                        )
+                    except asyncio.TimeoutError:
+                        pass
                 async with self._control:
                     self._progress = await self._read_progress()
                 self._describe()
