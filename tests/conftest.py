@@ -25,6 +25,26 @@ import db  # noqa: E402
 from sandbox.process import running_sandbox  # noqa: E402
 
 SANDBOX_KEY = "test-key"
+
+
+def pytest_configure(config):
+    """A base temp dir of this run's own: pytest's shared numbered dirs are pruned by whichever
+    run starts next, which deleted the Postgres data dir under another run on the same machine."""
+    import tempfile
+
+    if not config.option.basetemp:
+        config.option.basetemp = tempfile.mkdtemp(prefix="pytest-bouncer-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0 and str(session.config.option.basetemp).startswith(tempfile_prefix()):
+        shutil.rmtree(session.config.option.basetemp, ignore_errors=True)  # kept after a failure, for its logs
+
+
+def tempfile_prefix() -> str:
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "pytest-bouncer-")
 _db_names = itertools.count(1)
 
 

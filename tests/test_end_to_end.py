@@ -56,7 +56,16 @@ async def test_three_user_batches_end_with_every_row_terminal_and_the_sandboxs_v
         stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
         assert stats["addresses_received"] == unique
         assert stats["addresses_sent_twice"] == 0
-        assert stats["batches_created"] == -(-unique // 1000)
+        # Alice's list (≤ EXPRESS_MAX_ADDRESSES) went alone in an express slot; the rest were packed full.
+        express = p.sql(
+            "select b.user_id, sum(pt.addresses) from bouncer_batches bb join bouncer_batch_parts pt"
+            " on pt.bouncer_batch_id = bb.id join user_batches b on b.id = pt.user_batch_id"
+            " where bb.express group by 1"
+        )
+        assert [user for user, _n in express] == ["alice"]
+        regular = unique - sum(n for _u, n in express)
+        assert p.sql("select count(*) from bouncer_batches where not express") == [(-(-regular // 1000),)]
+        assert stats["batches_created"] == -(-regular // 1000) + 1
         assert stats["callbacks_sent"] == stats["batches_created"]
 
         # Nothing left queued; the scheduler saw every slot come back.
