@@ -497,3 +497,13 @@ def test_copy_items_nul_byte_makes_only_that_row_invalid(db_url, tmp_path):
     p = write(tmp_path, "nul.csv", b"email,name\nann\x00@x.com,Ann\nbob@y.com,Bob\n")
     stats, by_state, _items = _copy(db_url, p)
     assert stats.rows == 2 and by_state == {"pending": 1, "invalid": 1}
+
+
+def test_copy_items_stores_tabs_backslashes_and_newlines_in_cells_exactly(db_url, tmp_path):
+    cells = ["a\tb@x.com", "back\\slash@x.com", "two\nlines@x.com", "cr\rhere@x.com", "\\N", "\\."]
+    data = "email\n" + "".join('"' + c + '"\n' for c in cells) + "ok@x.com\n"
+    stats, by_state, items = _copy(db_url, write(tmp_path, "esc.csv", data.encode()))
+    assert stats.rows == len(cells) + 1
+    assert [raw for _n, raw, *_r in items] == [*cells, "ok@x.com"]
+    assert all(state == "invalid" and reason for _n, _raw, _e, state, reason in items[:-1])
+    assert items[-1][2:4] == ("ok@x.com", "pending")
