@@ -75,9 +75,10 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         insert into queue (user_batch_id, lane, seq, address_id)
         select %(ub)s, %(lane)s, l.next_seq + row_number() over (order by t.row_no) - 1, t.address_id
         from ub_addr t join user_batch_lanes l on l.user_batch_id = %(ub)s and l.lane = %(lane)s
-        where not t.fresh and not exists (select 1 from queue q where q.lane = %(lane)s and q.address_id = t.address_id)
+        where not t.fresh
         order by t.row_no
-        on conflict do nothing
+        on conflict do nothing  -- queued by another batch: a probe of the unique index per row, where
+                                -- an anti-join would hash the lane's whole backlog on every prepare
         """,
         p,
     )

@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.workflow import ActivityCancellationType
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
@@ -129,10 +130,17 @@ class BouncerBatchWorkflow:
         except asyncio.TimeoutError:
             pass
         if not self._callback_received:
+            # A callback that overtakes polling abandons the poll rather than cancelling it: no
+            # cancel request to race the poll's own completion (the time-skipping test server
+            # rejects that race), and an abandoned poll ends with its next attempt anyway.
+            abandon = workflow.patched("abandon-poll-on-callback")
             poll = workflow.start_activity_method(
                 BouncerApiActivities.await_batch_completion,
                 bb,
                 task_queue=inp.api_task_queue,
+                cancellation_type=(
+                    ActivityCancellationType.ABANDON if abandon else ActivityCancellationType.TRY_CANCEL
+                ),
                 start_to_close_timeout=timedelta(seconds=60),
                 schedule_to_close_timeout=timedelta(seconds=max(inp.deadline_s - inp.poll_interval_s, 1)),
                 retry_policy=RetryPolicy(
