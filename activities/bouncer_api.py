@@ -24,6 +24,7 @@ from bouncer.errors import (
     Transient,
     Unauthorized,
 )
+from db import copy_text
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
 
@@ -33,6 +34,10 @@ UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
 NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
+
+
+def _copy_or_null(value) -> str:
+    return "\\N" if value is None else copy_text(str(value))
 
 
 def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
@@ -224,19 +229,24 @@ class BouncerApiActivities:
                 "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
                 " accept_all text, record jsonb) on commit drop"
             )
-            stored = 0
+            lines = []
+            for rec in records:
+                try:
+                    address_id = int(rec.get("name") or "")
+                except ValueError:
+                    continue  # not one of ours: the API echoes `name`, which we always set
+                accept_all = (rec.get("domain") or {}).get("acceptAll")
+                lines.append("\t".join((
+                    str(address_id),
+                    copy_text(str(rec.get("status") or "unknown")),
+                    _copy_or_null(rec.get("reason")),
+                    _copy_or_null(rec.get("score")),
+                    _copy_or_null(accept_all),
+                    copy_text(orjson.dumps(rec).decode()),
+                )) + "\n")
+            stored = len(lines)
             async with cur.copy("copy incoming from stdin") as copy:
-                for rec in records:
-                    try:
-                        address_id = int(rec.get("name") or "")
-                    except ValueError:
-                        continue  # not one of ours: the API echoes `name`, which we always set
-                    stored += 1
-                    domain = rec.get("domain") or {}
-                    await copy.write_row(
-                        (address_id, rec.get("status") or "unknown", rec.get("reason"), rec.get("score"),
-                         domain.get("acceptAll"), orjson.dumps(rec).decode())
-                    )
+                await copy.write("".join(lines))
             await cur.execute(
                 """
                 insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)

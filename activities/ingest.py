@@ -21,6 +21,7 @@ from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, valida
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from db import copy_text
 from workflows.models import IngestOutcome, IngestRequest
 
 EMAIL_HEADERS = ("email", "e-mail", "email_address", "emailaddress", "mail", "address", "e-mail address")
@@ -227,21 +228,8 @@ def iter_rows(uri: str | Path, column: str | None = None, skip_through: int = 0
             yield start, cell, email, reason
 
 
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]").search
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: str) -> str:
-    """A value in COPY's text format (most addresses need no escaping)."""
-    return value.translate(_ESCAPES) if _NEEDS_ESCAPE(value) else value
-
-
 class _ItemWriter:
-    """Formats `items` rows as COPY text and writes them in blocks.
-
-    Measured: psycopg's per-row `write_row` was most of the COPY loop's time; joining lines and
-    writing a block per few thousand rows leaves the CSV parse and the checks as the cost.
-    """
+    """Formats `items` rows as COPY text and writes them in blocks (see `db.copy_text`)."""
 
     BLOCK = 4096
 
@@ -255,13 +243,13 @@ class _ItemWriter:
         row_no, cell, email, reason = row
         stats = self.stats
         stats.rows += 1
-        raw = _copy_text(cell[:1000])
+        raw = copy_text(cell[:1000])
         if email is None:
             stats.invalid += 1
-            self.lines.append(f"{self.prefix}{row_no}\t{raw}\t\\N\tinvalid\t{_copy_text(reason or '')}\n")
+            self.lines.append(f"{self.prefix}{row_no}\t{raw}\t\\N\tinvalid\t{copy_text(reason or '')}\n")
         else:
             stats.pending += 1
-            self.lines.append(f"{self.prefix}{row_no}\t{raw}\t{_copy_text(email)}\tpending\t\\N\n")
+            self.lines.append(f"{self.prefix}{row_no}\t{raw}\t{copy_text(email)}\tpending\t\\N\n")
         if len(self.lines) >= self.BLOCK:
             self.flush()
 
