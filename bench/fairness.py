@@ -1,7 +1,8 @@
 """`python -m bench fairness --json`: a 100-address list submitted behind a 1,000,000 import.
 
-Two stack runs, same settings except FAIR_SHARE (true, then false = FIFO by age within a
-priority). In each: user A submits `big` addresses; once A's first Bouncer batch exists at the
+Two stack runs: the defaults (fair share and express slots), then the seeds' single FIFO
+queue (FAIR_SHARE=false and EXPRESS_MAX_ADDRESSES=0: FIFO by age within a priority, no express
+slot). In each: user A submits `big` addresses; once A's first Bouncer batch exists at the
 API (`/_sandbox/stats` batches_created ≥ 1), user B submits `small` addresses at the same
 priority. The sandbox keeps the documented limits, time-scaled by F, and the worker's budgets
 are scaled alike (CREATIONS_PER_MINUTE = 50·F, REQUESTS_PER_MINUTE = 180·F,
@@ -15,7 +16,7 @@ turnovers_before_small_done
     Bouncer batches whose `completed` at the API (sandbox read-back, real wall-clock) falls
     between those two instants; this includes the batch that carried B's addresses.
 fifo_small_batch_done_s, fifo_turnovers_before_small_done
-    The same with FAIR_SHARE=false.
+    The same with FAIR_SHARE=false and EXPRESS_MAX_ADDRESSES=0.
 ratio
     fifo_small_batch_done_s / small_batch_done_s.
 
@@ -67,7 +68,8 @@ def _small_timeline(st, workflow_id: str, t0: float) -> dict[str, float]:
 
 
 def one_run(big: int, small: int, time_scale: float, speed: float, fair: bool, timeout: float = 600.0) -> dict:
-    env = scaled_env(time_scale, FAIR_SHARE="true" if fair else "false")
+    env = scaled_env(time_scale, FAIR_SHARE="true") if fair else scaled_env(
+        time_scale, FAIR_SHARE="false", EXPRESS_MAX_ADDRESSES="0")
     began = time.monotonic()
     with bench_stack(documented_limits(time_scale, speed, 2 * (big + small)), env) as st:
         tag = uuid.uuid4().hex[:6]
