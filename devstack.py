@@ -115,6 +115,8 @@ class DevStack:
             "DATABASE_URL": self.database_url,
             "BOUNCER_BASE_URL": self.sandbox_url,
             "BOUNCER_API_KEY": SANDBOX_KEY,
+            "CATCHALL_BASE_URL": f"{self.sandbox_url}/catchall",  # the sandbox's catch-all endpoint
+            "CATCHALL_API_KEY": SANDBOX_KEY,
             "CALLBACK_LISTEN": f"127.0.0.1:{self.callback_port}",
             "POLL_INTERVAL_S": "2",
             **self.worker_env,

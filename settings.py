@@ -6,10 +6,29 @@ environment. Every field is listed in the README with its env var and default.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LANES = ("deliverability", "catchall")
+DELIVERABILITY, CATCHALL = LANES
+
+
+@dataclass(frozen=True)
+class LaneApi:
+    """What differs between lanes: the endpoint, its key, its task queues (API budgets) and slots."""
+
+    lane: str
+    base_url: str
+    api_key: SecretStr
+    create_task_queue: str
+    api_task_queue: str
+    creations_per_minute: float
+    requests_per_minute: float
+    max_concurrency: int
+    batch_size: int
+    max_concurrent_batches: int
 
 
 class Settings(BaseSettings):
@@ -66,6 +85,27 @@ class Settings(BaseSettings):
     max_address_attempts: int = Field(3, description="Sends of one address before it is dead-lettered")
     result_ttl_days: float = Field(30.0, description="A result younger than this is reused, not re-verified")
 
+    max_in_flight_per_user: int = Field(
+        0, description="Addresses one user may have in flight per lane (0: no cap); user_limits overrides per user"
+    )
+
+    # Catch-all lane: a Bouncer-compatible endpoint of its own, with its own budgets and slots
+    catchall_base_url: str = Field(
+        "", description="Base URL of the catch-all verification API; empty turns the catchall lane off"
+    )
+    catchall_api_key: SecretStr = Field(SecretStr(""), description="API key of the catch-all endpoint (secret)")
+    catchall_api_create_task_queue: str = Field(
+        "verify-catchall-api-create", description="Task queue of the catchall lane's batch creations"
+    )
+    catchall_api_task_queue: str = Field(
+        "verify-catchall-api", description="Task queue of the catchall lane's other API calls"
+    )
+    catchall_creations_per_minute: float = Field(20, description="Catch-all batch creations per minute (server-enforced)")
+    catchall_requests_per_minute: float = Field(100, description="Other catch-all API requests per minute")
+    catchall_max_concurrency: int = Field(5, description="Catch-all API requests in flight per process")
+    catchall_batch_size: int = Field(10_000, description="Addresses per catch-all batch")
+    catchall_max_concurrent_batches: int = Field(5, description="Catch-all batches in flight")
+
     shutdown_grace_s: float = Field(30.0, description="On SIGTERM, running activities get this long to finish")
 
     # Completion callbacks (an HTTP receiver in worker.py signals the Bouncer batch workflow)
@@ -81,6 +121,24 @@ class Settings(BaseSettings):
         if self.callback_public_url:
             return self.callback_public_url.rstrip("/")
         return f"http://{self.callback_listen}" if self.callback_listen else ""
+
+    def lane_api(self, lane: str) -> LaneApi:
+        """The settings group of one lane."""
+        if lane == CATCHALL:
+            return LaneApi(
+                lane, self.catchall_base_url, self.catchall_api_key, self.catchall_api_create_task_queue,
+                self.catchall_api_task_queue, self.catchall_creations_per_minute, self.catchall_requests_per_minute,
+                self.catchall_max_concurrency, self.catchall_batch_size, self.catchall_max_concurrent_batches,
+            )
+        return LaneApi(
+            lane, self.bouncer_base_url, self.bouncer_api_key, self.api_create_task_queue, self.api_task_queue,
+            self.creations_per_minute, self.requests_per_minute, self.bouncer_max_concurrency, self.batch_size,
+            self.max_concurrent_batches,
+        )
+
+    def lanes_enabled(self) -> tuple[str, ...]:
+        """Lanes this deployment serves: catchall only once its endpoint is configured."""
+        return LANES if self.catchall_base_url else (DELIVERABILITY,)
 
     def __repr__(self) -> str:  # SecretStr already masks the key; keep repr short
         return f"Settings(temporal={self.temporal_address}, db=..., bouncer={self.bouncer_base_url})"

@@ -31,8 +31,9 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities.ingest import UnreadableInput, copy_items
+from activities.user_batches import lane_problem
 from devstack import DevStack
-from settings import LANES, Settings
+from settings import CATCHALL, LANES, Settings
 from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
 from workflows.models import scheduler_id, user_batch_workflow_id
 
@@ -151,6 +152,8 @@ def submit(
     bad = [x for x in lane_list if x not in LANES]
     if bad or not lane_list:
         raise fail(f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
+    if lane_problem(lane_list, s):
+        raise fail(lane_problem(lane_list, s))
     if not file.is_file():
         raise fail(f"cannot read {file}: no such file")
 
@@ -344,6 +347,13 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
 # ---- results ----------------------------------------------------------------------------
 
 RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
+# Appended for user batches that asked for the catchall lane: its verdict of accept-all addresses.
+CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "catchall_verified_at")
+
+
+def _result_row(r: tuple) -> tuple:
+    """Timestamps as ISO 8601; everything else as stored (None is an empty CSV cell)."""
+    return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:13], r[13].isoformat() if r[13] else None)
 
 
 @app.command()
@@ -359,28 +369,30 @@ def results(
     """Stream a user batch's per-row results (CSV or JSON) in input order."""
     s = settings()
     with db_connect(s) as conn:
-        load_batch(conn, user_batch_id, user)
+        lanes = load_batch(conn, user_batch_id, user)[4]
+        columns = RESULT_COLUMNS + (CATCHALL_COLUMNS if CATCHALL in lanes else ())
         sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
         n = 0
         try:
             with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
                 cur.itersize = 10_000
                 cur.execute(
-                    "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at"
-                    " from item_outcomes where user_batch_id = %(ub)s"
-                    " and (%(f)s::text is null or status = %(f)s or state = %(f)s) order by row_no",
+                    "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
+                    " catchall_status, catchall_reason, catchall_score, catchall_verified_at from item_outcomes where user_batch_id = %(ub)s"
+                    " and (%(f)s::text is null or status = %(f)s or state = %(f)s or catchall_status = %(f)s)"
+                    " order by row_no",
                     {"ub": user_batch_id, "f": status_filter},
                 )
                 if fmt is Format.csv:
                     w = csv.writer(sink)
-                    w.writerow(RESULT_COLUMNS)
+                    w.writerow(columns)
                     for r in cur:
                         n += 1
-                        w.writerow((*r[:9], r[9].isoformat() if r[9] else ""))
+                        w.writerow(_result_row(r)[: len(columns)])
                 else:
                     sink.write("[")
                     for r in cur:
-                        doc = dict(zip(RESULT_COLUMNS, (*r[:9], r[9].isoformat() if r[9] else None)))
+                        doc = dict(zip(columns, _result_row(r)))
                         sink.write(("," if n else "") + "\n" + orjson.dumps(doc).decode())
                         n += 1
                     sink.write("\n]\n")

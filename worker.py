@@ -28,7 +28,7 @@ from activities.ingest import IngestActivities
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from bouncer.client import BouncerClient
-from settings import Settings
+from settings import CATCHALL, DELIVERABILITY, LaneApi, Settings
 from workflows.bouncer_batch import BouncerBatchWorkflow
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
@@ -37,14 +37,16 @@ WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow]
 log = logging.getLogger("worker")
 
 
-def build_workers(settings: Settings, client: Client, pool, bouncer: BouncerClient) -> list[Worker]:
-    """The three workers of a host; shared by worker.py and the tests."""
+def build_workers(
+    settings: Settings, client: Client, pool, bouncer: BouncerClient, catchall: BouncerClient | None = None
+) -> list[Worker]:
+    """The workers of a host; shared by worker.py and the tests. `catchall` is the catchall
+    lane's API client (its two task queues are served only when it is given)."""
     user_batches = UserBatchActivities(settings, pool, client)
     ingest = IngestActivities(settings.database_url)
-    packing = PackingActivities(pool)
-    api = BouncerApiActivities(settings, pool, bouncer)
+    packing = PackingActivities(pool, settings.max_in_flight_per_user)
     drain = timedelta(seconds=settings.shutdown_grace_s)
-    return [
+    workers = [
         Worker(
             client,
             task_queue=settings.task_queue,
@@ -65,31 +67,44 @@ def build_workers(settings: Settings, client: Client, pool, bouncer: BouncerClie
                 packing.unfinished_batches,
             ],
         ),
+    ]
+    lanes = [(DELIVERABILITY, bouncer)] + ([(CATCHALL, catchall)] if catchall is not None else [])
+    for lane, lane_client in lanes:
+        workers += api_workers(client, settings, settings.lane_api(lane),
+                               BouncerApiActivities(settings, pool, lane_client))
+    return workers
+
+
+def api_workers(client: Client, settings: Settings, lane: LaneApi, api: BouncerApiActivities) -> list[Worker]:
+    """A lane's two API queues; their rate limits are that lane's budgets, held by the server."""
+    drain = timedelta(seconds=settings.shutdown_grace_s)
+    return [
         Worker(
             client,
-            task_queue=settings.api_create_task_queue,
+            task_queue=lane.create_task_queue,
             graceful_shutdown_timeout=drain,
             activities=[api.submit_batch],
-            max_task_queue_activities_per_second=settings.creations_per_minute / 60.0,
+            max_task_queue_activities_per_second=lane.creations_per_minute / 60.0,
         ),
         Worker(
             client,
-            task_queue=settings.api_task_queue,
+            task_queue=lane.api_task_queue,
             graceful_shutdown_timeout=drain,
             activities=[api.await_batch_completion, api.store_results, api.abandon_batch, api.read_credits],
-            max_task_queue_activities_per_second=settings.requests_per_minute / 60.0,
+            max_task_queue_activities_per_second=lane.requests_per_minute / 60.0,
         ),
     ]
 
 
-def bouncer_client(settings: Settings) -> BouncerClient:
+def bouncer_client(settings: Settings, lane: str = DELIVERABILITY) -> BouncerClient:
+    api = settings.lane_api(lane)
     return BouncerClient(
-        settings.bouncer_base_url,
-        settings.bouncer_api_key.get_secret_value(),
+        api.base_url,
+        api.api_key.get_secret_value(),
         timeout=settings.bouncer_timeout_s,
-        max_concurrency=settings.bouncer_max_concurrency,
-        create_per_minute=settings.creations_per_minute,
-        requests_per_minute=settings.requests_per_minute,
+        max_concurrency=api.max_concurrency,
+        create_per_minute=api.creations_per_minute,
+        requests_per_minute=api.requests_per_minute,
     )
 
 
@@ -101,7 +116,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await pool.open()
         stack.push_async_callback(pool.close)
         bouncer = await stack.enter_async_context(bouncer_client(settings))
-        workers = build_workers(settings, client, pool, bouncer)
+        catchall = None
+        if CATCHALL in settings.lanes_enabled():
+            catchall = await stack.enter_async_context(bouncer_client(settings, CATCHALL))
+        workers = build_workers(settings, client, pool, bouncer, catchall)
         server = None
         tasks = [asyncio.create_task(w.run()) for w in workers]
         if settings.callback_listen:

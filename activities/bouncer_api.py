@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities.catchall import NEXT_LANE, hand_off
 from bouncer.client import BouncerClient
 from bouncer.errors import (
     BadRequest,
@@ -349,6 +350,7 @@ class BouncerApiActivities:
                 """,
                 p,
             )
+            handed_off = await hand_off(cur, lane, self._ttl_s)  # accept-all addresses -> the catchall lane
             await cur.execute(
                 """
                 select array_agg(b.workflow_id order by b.id) from user_batches b
@@ -368,4 +370,5 @@ class BouncerApiActivities:
                 " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
                 ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
             )
-        return StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched)
+        return StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched,
+                            handed_off=handed_off, handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")

@@ -23,8 +23,9 @@ from workflows.models import PackedBatch, PackRequest, PackResult
 
 
 class PackingActivities:
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, max_in_flight_per_user: int = 0) -> None:
         self.pool = pool
+        self.max_in_flight_per_user = max_in_flight_per_user  # 0: no cap unless `user_limits` sets one
 
     @activity.defn
     async def pack_batches(self, request: PackRequest) -> PackResult:
@@ -70,7 +71,9 @@ class PackingActivities:
                 """,
                 (request.lane,),
             )
-            packer = _Packer(cur, request, candidates, {u: int(n) for u, n in await cur.fetchall()})
+            served = {u: int(n) for u, n in await cur.fetchall()}
+            allowance = await _allowances(cur, request.lane, self.max_in_flight_per_user)
+            packer = _Packer(cur, request, candidates, served, allowance)
 
             batches: list[PackedBatch] = []
             express_size = min(request.express_max_addresses, request.batch_size)
@@ -131,10 +134,13 @@ class _Packer:
     cursors (in memory and in the database) and records the parts.
     """
 
-    def __init__(self, cur, request: PackRequest, candidates: list[list], served: dict[str, int]) -> None:
+    def __init__(
+        self, cur, request: PackRequest, candidates: list[list], served: dict[str, int], allowance: dict[str, int]
+    ) -> None:
         self.cur = cur
         self.request = request
         self.served = served
+        self.allowance = allowance  # capped users: addresses they may still have dispatched
         self.index = {id(c): i for i, c in enumerate(candidates)}  # age order, for ties
         self.formed = 0
 
@@ -148,15 +154,18 @@ class _Packer:
             ub, user, _prio, cursor, next_seq = c
             if room == 0:
                 break
-            if cursor >= next_seq:
+            want = min(room, self.allowance.get(user, room))
+            if cursor >= next_seq or want <= 0:
                 continue
-            take_to, count = await _claim(cur, ub, lane, cursor, room)
+            take_to, count = await _claim(cur, ub, lane, cursor, want)
             c[3] = take_to if count else next_seq
             if count == 0:
                 continue
             parts.append((ub, cursor, take_to, count))
             room -= count
             self.served[user] = self.served.get(user, 0) + count
+            if user in self.allowance:
+                self.allowance[user] -= count
         if not parts:
             return None
         await cur.execute(
@@ -178,6 +187,31 @@ class _Packer:
                 (seq_to, n, ub, lane),
             )
         return PackedBatch(bb_id, size - room, express)
+
+
+async def _allowances(cur, lane: str, default_cap: int) -> dict[str, int]:
+    """Addresses each capped user may still have dispatched in this lane (per-user in-flight cap).
+
+    The cap is `user_limits.max_in_flight` for the user, else `default_cap`; 0 means none.
+    In flight = addresses in the lane's open Bouncer batches (a handful of rows: <= slots).
+    """
+    await cur.execute(
+        """
+        with capped as (
+            select u.user_id, coalesce(ul.max_in_flight, %(cap)s) as cap
+            from (select distinct b.user_id from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
+                  where l.lane = %(lane)s and b.state = 'queued' and l.cursor < l.next_seq) u
+            left join user_limits ul on ul.user_id = u.user_id),
+        flying as (
+            select b.user_id, sum(p.addresses) as n
+            from bouncer_batches bb join bouncer_batch_parts p on p.bouncer_batch_id = bb.id
+            join user_batches b on b.id = p.user_batch_id
+            where bb.lane = %(lane)s and bb.state in ('packed', 'submitting', 'submitted') group by 1)
+        select c.user_id, c.cap - coalesce(f.n, 0) from capped c left join flying f using (user_id) where c.cap > 0
+        """,
+        {"lane": lane, "cap": default_cap},
+    )
+    return {user: int(left) for user, left in await cur.fetchall()}
 
 
 async def _claim(cur, user_batch_id: int, lane: str, cursor: int, room: int) -> tuple[int, int]:

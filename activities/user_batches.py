@@ -13,7 +13,8 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from settings import LANES, Settings
+from activities.catchall import CANDIDATES
+from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     PRIORITIES,
     LaneProgress,
@@ -44,7 +45,7 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         select a.id as address_id, min(i.row_no) as row_no,
                bool_or(exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s and {_FRESH})) as fresh
         from items i join addresses a on a.email = i.email
-        where i.user_batch_id = %(ub)s and i.state = 'pending'
+        where i.user_batch_id = %(ub)s and i.state = 'pending' {CANDIDATES if lane == CATCHALL else ""}
         group by a.id
         """,
         p,
@@ -172,16 +173,26 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
     return int(moved)
 
 
+def lane_problem(lanes: list[str], settings: Settings) -> str:
+    """Why this lane list cannot be served ('' if it can); shared by the CLI and SDK submissions."""
+    if CATCHALL in lanes and DELIVERABILITY not in lanes:
+        return "the catchall lane re-verifies what the deliverability lane found accept-all: ask for both"
+    if CATCHALL in lanes and CATCHALL not in settings.lanes_enabled():
+        return "the catchall lane is not configured here: set CATCHALL_BASE_URL and CATCHALL_API_KEY"
+    return ""
+
+
 def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
     """The lane scheduler's configuration, from settings (used when signal-with-starting it)."""
+    api = settings.lane_api(lane)  # each lane has its own slots and API task queues (budgets)
     return SchedulerInput(
         lane=lane,
-        batch_size=settings.batch_size,
-        max_concurrent_batches=settings.max_concurrent_batches,
+        batch_size=api.batch_size,
+        max_concurrent_batches=api.max_concurrent_batches,
         poll_interval_s=settings.poll_interval_s,
         deadline_s=settings.batch_deadline_s,
-        api_create_task_queue=settings.api_create_task_queue,
-        api_task_queue=settings.api_task_queue,
+        api_create_task_queue=api.create_task_queue,
+        api_task_queue=api.api_task_queue,
         credit_check_s=settings.credit_check_s,
         pack_linger_s=settings.pack_linger_s,
         fair_share=settings.fair_share,
@@ -222,6 +233,8 @@ class UserBatchActivities:
         bad_lanes = [lane for lane in src.lanes if lane not in LANES]
         if not src.lanes or bad_lanes:
             problems.append(f"lanes {bad_lanes or src.lanes!r} are not a non-empty subset of {', '.join(LANES)}")
+        elif lane_problem(src.lanes, self.settings):
+            problems.append(lane_problem(src.lanes, self.settings))
         if not src.uri.strip():
             problems.append("uri is empty")
         if problems:

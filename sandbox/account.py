@@ -99,6 +99,8 @@ class Batch:
 class Account:
     """State and rules of the simulated account. Call `advance(now)` before reading it."""
 
+    verdict = staticmethod(verdict)  # what a verified address gets (the catch-all endpoint's differs)
+
     def __init__(
         self,
         *,
@@ -224,7 +226,7 @@ class Account:
         real = batch.verified if batch.status == "completed" else self.processed(batch, now)
         assert real is not None
         for entry in batch.entries[batch.tallied : real]:
-            batch.stats[verdict(email_of(entry))["status"]] += 1
+            batch.stats[self.verdict(email_of(entry))["status"]] += 1
         batch.tallied = max(batch.tallied, real)
         out = {status: batch.stats.get(status, 0) for status in STATUSES}
         if batch.status == "completed":
@@ -237,7 +239,7 @@ class Account:
         out = []
         for index, entry in enumerate(batch.entries):
             email = email_of(entry)
-            result = verdict(email) if index < verified else unverified(email)
+            result = self.verdict(email) if index < verified else unverified(email)
             out.append({"email": email, **properties_of(entry), **result})
         return out
 

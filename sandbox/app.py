@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import hmac
 import io
 import logging
@@ -34,14 +35,14 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from sandbox.account import Account, Batch, Clock, iso
 from sandbox.callbacks import CallbackSender
 from sandbox.faults import FaultConfig, FaultInjector
 from sandbox.ratelimit import SlidingWindow
-from sandbox.verdicts import STATUSES
+from sandbox.verdicts import STATUSES, catchall_verdict
 
 log = logging.getLogger("sandbox")
 
@@ -437,6 +438,8 @@ async def admin_credits(request: Request) -> Response:
 async def admin_reset(request: Request) -> Response:
     sandbox: Sandbox = request.app.state.sandbox
     sandbox.reset()
+    for linked in getattr(request.app.state, "linked", ()):  # the top-level reset also resets /catchall
+        linked.reset()
     return _json({"reset": True})
 
 
@@ -471,27 +474,47 @@ async def _ticker(sandbox: Sandbox) -> None:
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
+CATCHALL_PREFIX = "/catchall"
+
+
 def create_app(config: SandboxConfig) -> Starlette:
-    """A Starlette app serving the sandbox described by `config` (host/port unused here)."""
+    """A Starlette app serving the sandbox described by `config` (host/port unused here).
+
+    Under `/catchall` a second, independent account (own credits, limits, stats, faults)
+    speaks the same API and answers with `catchall_verdict`: the catchall lane's endpoint.
+    """
     sandbox = Sandbox(config)
+    catchall = Sandbox(dataclasses.replace(config, state_file=None))
+    catchall.account.verdict = catchall_verdict
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if config.state_file and os.path.exists(config.state_file):
             sandbox.load(config.state_file)
-        ticker = asyncio.get_running_loop().create_task(_ticker(sandbox))
+        tickers = [asyncio.get_running_loop().create_task(_ticker(sb)) for sb in (sandbox, catchall)]
         try:
             yield
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            for ticker in tickers:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
             await sandbox.callbacks.aclose()
+            await catchall.callbacks.aclose()
             if config.state_file:
                 sandbox.save(config.state_file)
 
+    catchall_app = SandboxApp(routes=_routes())
+    catchall_app.state.sandbox = catchall
+    app = SandboxApp(routes=[Mount(CATCHALL_PREFIX, app=catchall_app), *_routes()], lifespan=lifespan)
+    app.state.sandbox = sandbox
+    app.state.linked = [catchall]
+    return app
+
+
+def _routes() -> list[Route]:
     batch = "/v1.1/email/verify/batch"
-    routes = [
+    return [
         Route(batch, create_batch, methods=["POST"]),
         Route(batch + "/{batch_id}", batch_status, methods=["GET"]),
         Route(batch + "/{batch_id}", delete, methods=["DELETE"]),
@@ -506,6 +529,3 @@ def create_app(config: SandboxConfig) -> Starlette:
         Route("/_sandbox/reset", admin_reset, methods=["POST"]),
         Route("/_sandbox/save", admin_save, methods=["POST"]),
     ]
-    app = SandboxApp(routes=routes, lifespan=lifespan)
-    app.state.sandbox = sandbox
-    return app

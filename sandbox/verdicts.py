@@ -219,3 +219,31 @@ def unverified(email: str) -> dict[str, Any]:
         accept_all="unknown", disposable="unknown", role="unknown", disabled="unknown",
         full_mailbox="unknown",
     )
+
+
+# The catch-all endpoint's answers for accept-all addresses, cumulative on a second hash.
+_CATCHALL_DELIVERABLE_BELOW = 0.55
+_CATCHALL_UNDELIVERABLE_BELOW = 0.85
+
+
+def catchall_verdict(email: str) -> dict[str, Any]:
+    """What the sandbox's catch-all endpoint (`/catchall/v1.1/...`) answers for `email`.
+
+    For an address the batch API calls accept-all (`risky`, `domain.acceptAll = "yes"`) the
+    answer is decisive for 85% of them: `deliverable` / `accepted_email` or `undeliverable` /
+    `rejected_email`; the rest stay `risky`. Any other address gets its ordinary verdict.
+    Pure and deterministic, like `verdict`.
+    """
+    base = verdict(email)
+    if base["status"] != "risky" or base["domain"]["acceptAll"] != "yes":
+        return base
+    address = email.strip().lower()
+    digest = hashlib.blake2b(b"catchall:" + address.encode(), digest_size=16).digest()
+    roll = _unit(digest, 0)
+    if roll < _CATCHALL_DELIVERABLE_BELOW:
+        status, reason, score = "deliverable", "accepted_email", 75 + digest[8] % 26
+    elif roll < _CATCHALL_UNDELIVERABLE_BELOW:
+        status, reason, score = "undeliverable", "rejected_email", digest[8] % 11
+    else:
+        return base
+    return {**base, "status": status, "reason": reason, "score": score}

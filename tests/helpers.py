@@ -17,7 +17,8 @@ import callbacks
 import db
 from activities.ingest import copy_items
 from devstack import free_port
-from settings import Settings
+from sandbox.app import CATCHALL_PREFIX
+from settings import CATCHALL, Settings
 from worker import bouncer_client, build_workers
 from workflows.models import PRIORITIES, UserBatchInput, scheduler_id, user_batch_workflow_id
 from workflows.user_batch import UserBatchWorkflow
@@ -35,6 +36,12 @@ def make_settings(db_url: str, sandbox, **overrides) -> Settings:
         api_task_queue=f"verify-api-{tag}",
         creations_per_minute=6000,
         requests_per_minute=60000,
+        catchall_base_url=sandbox.url + CATCHALL_PREFIX,
+        catchall_api_key=sandbox.api_key,
+        catchall_api_create_task_queue=f"verify-catchall-api-create-{tag}",
+        catchall_api_task_queue=f"verify-catchall-api-{tag}",
+        catchall_creations_per_minute=6000,
+        catchall_requests_per_minute=60000,
         poll_interval_s=0.5,
         pack_linger_s=0.2,
         callback_listen="",
@@ -86,8 +93,8 @@ async def running_pipeline(client: Client, settings: Settings, callbacks_on: boo
     pool = db.open_pool(settings.database_url, 6)
     await pool.open()
     server = None
-    async with bouncer_client(settings) as bouncer:
-        workers = build_workers(settings, client, pool, bouncer)
+    async with bouncer_client(settings) as bouncer, bouncer_client(settings, CATCHALL) as catchall:
+        workers = build_workers(settings, client, pool, bouncer, catchall)
         tasks = [asyncio.create_task(w.run()) for w in workers]
         if callbacks_on:
             host, _, port = settings.callback_listen.rpartition(":")

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
         UNAUTHORIZED,
         BouncerApiActivities,
     )
+    from activities.user_batches import UserBatchActivities
     from workflows.models import (
         BatchFinished,
         BouncerBatchInput,
@@ -88,6 +89,15 @@ class BouncerBatchWorkflow:
                 f"{result.stored} results stored, {result.requeued} re-queued, {result.dead_lettered} dead-lettered"
             )
             await asyncio.gather(*(self._notify(wid) for wid in result.touched_workflow_ids))
+            if result.handed_off:
+                # Signal-with-start: the next lane's scheduler may not be running yet.
+                await workflow.execute_activity_method(
+                    UserBatchActivities.nudge_scheduler,
+                    result.handoff_lane,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                             maximum_interval=timedelta(seconds=30)),
+                )
             return result
         finally:
             # The scheduler owns the slot count; it must hear of every end, success or not.

@@ -223,6 +223,8 @@ class StoreOutcome:
     requeued: int
     dead_lettered: int
     touched_workflow_ids: list[str] = field(default_factory=list)
+    handed_off: int = 0  # addresses queued on `handoff_lane` (accept-all ones, for the catchall lane)
+    handoff_lane: str = ""
 
 
 @dataclass
