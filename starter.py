@@ -292,6 +292,7 @@ def status(
             " on l.user_batch_id = q.user_batch_id and l.lane = q.lane where q.seq >= l.cursor group by 1"
         ).fetchall())
         dead = conn.execute("select count(*) from dead_letters").fetchone()[0]
+        users = user_loads(conn, s.max_in_flight_per_user)
 
     async def lanes_status() -> list[dict]:
         client = await temporal(s)
@@ -307,7 +308,8 @@ def status(
 
     lane_docs = asyncio.run(lanes_status())
     if as_json:
-        emit_json({"lanes": lane_docs, "user_batches": [batch_doc(b, None) for b in batches], "dead_letters": dead})
+        emit_json({"lanes": lane_docs, "user_batches": [batch_doc(b, None) for b in batches], "dead_letters": dead,
+                   "users": users})
         return
     t = Table(title="lanes")
     for col in ("lane", "state", "queued", "in flight", "free slots", "dispatched"):
@@ -326,7 +328,68 @@ def status(
     for b in batches:
         t.add_row(str(b[0]), b[1], b[2], PRIORITIES[b[3]], b[5], f"{b[6]:,}")
     out.print(t)
+    if users:
+        t = Table(title="users with work (in-flight addresses per lane against the per-user cap)")
+        for col in ("user", *LANES, "queued", "cap"):
+            t.add_column(col, justify="left" if col == "user" else "right")
+        for u in users:
+            t.add_row(u["user"], *(f"{u['in_flight'].get(lane, 0):,}" for lane in LANES), f"{u['queued']:,}",
+                      f"{u['cap']:,}" if u["cap"] else "none")
+        out.print(t)
     out.print(f"dead letters: {dead:,}")
+
+
+def user_loads(conn: psycopg.Connection, default_cap: int) -> list[dict]:
+    """Per user with work: addresses in flight per lane (open Bouncer batches), unclaimed queued
+    addresses, and the cap the packer holds them to (`user_limits`, else MAX_IN_FLIGHT_PER_USER)."""
+    rows = conn.execute(
+        """
+        with flying as (
+            select b.user_id, bb.lane, sum(p.addresses) as n
+            from bouncer_batches bb join bouncer_batch_parts p on p.bouncer_batch_id = bb.id
+            join user_batches b on b.id = p.user_batch_id
+            where bb.state in ('packed', 'submitting', 'submitted') group by 1, 2),
+        queued as (
+            select b.user_id, count(*) as n from queue q
+            join user_batch_lanes l on l.user_batch_id = q.user_batch_id and l.lane = q.lane and q.seq >= l.cursor
+            join user_batches b on b.id = q.user_batch_id group by 1),
+        users as (select user_id from flying union select user_id from queued)
+        select u.user_id, coalesce(jsonb_object_agg(f.lane, f.n) filter (where f.lane is not null), '{}'),
+               coalesce(max(q.n), 0), coalesce(max(ul.max_in_flight), %s)
+        from users u left join flying f using (user_id) left join queued q using (user_id)
+        left join user_limits ul using (user_id)
+        group by 1 order by 1
+        """,
+        (default_cap,),
+    ).fetchall()
+    return [{"user": u, "in_flight": {k: int(v) for k, v in fl.items()}, "queued": int(q), "cap": int(cap) or None}
+            for u, fl, q, cap in rows]
+
+
+@app.command()
+def cap(
+    user: Annotated[str, typer.Argument(help="The user to cap")],
+    max_in_flight: Annotated[Optional[int], typer.Argument(help="Addresses in flight per lane; 0: no cap")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Back to MAX_IN_FLIGHT_PER_USER")] = False,
+) -> None:
+    """Set one user's cap on in-flight addresses (packing holds the rest back), or show it."""
+    s = settings()
+    if max_in_flight is not None and (clear or max_in_flight < 0):
+        raise fail("give a cap >= 0 or --clear, not both")
+    with db_connect(s) as conn:
+        if clear:
+            conn.execute("delete from user_limits where user_id = %s", (user,))
+        elif max_in_flight is not None:
+            conn.execute(
+                "insert into user_limits (user_id, max_in_flight) values (%s, %s)"
+                " on conflict (user_id) do update set max_in_flight = excluded.max_in_flight",
+                (user, max_in_flight),
+            )
+        row = conn.execute("select max_in_flight from user_limits where user_id = %s", (user,)).fetchone()
+    current = row[0] if row else s.max_in_flight_per_user
+    source = "user_limits" if row else "MAX_IN_FLIGHT_PER_USER"
+    out.print(f"user {user}: " + (f"at most {current:,} addresses in flight per lane" if current else "no cap")
+              + f" ({source})")
 
 
 def batch_doc(row: tuple, lanes: list | None) -> dict:
