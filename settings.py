@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     catchall_batch_size: int = Field(10_000, description="Addresses per catch-all batch")
     catchall_max_concurrent_batches: int = Field(5, description="Catch-all batches in flight")
 
+    # Events to subscribers (signed webhooks)
+    event_fetch_wait_s: float = Field(5.0, description="The dispatcher waits this long for new events per fetch")
+    event_max_attempts: int = Field(8, description="POSTs of one delivery before it is marked failed (dead letter)")
+    event_retry_initial_s: float = Field(1.0, description="First retry delay of a failed delivery (then doubling)")
+    event_retry_max_s: float = Field(300.0, description="Longest delay between two attempts of a delivery")
+    event_timeout_s: float = Field(10.0, description="HTTP timeout of one webhook POST, seconds")
+
     shutdown_grace_s: float = Field(30.0, description="On SIGTERM, running activities get this long to finish")
 
     # Completion callbacks (an HTTP receiver in worker.py signals the Bouncer batch workflow)

@@ -30,6 +30,7 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
+from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
 from devstack import DevStack
@@ -559,6 +560,113 @@ def cancel(
         out.print(f"user batch {user_batch_id}: cancellation requested")
 
     asyncio.run(go())
+
+
+# ---- events to subscribers ---------------------------------------------------------------------
+
+events_app = typer.Typer(no_args_is_help=True, help="Webhook subscriptions to events, and their deliveries.")
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("subscribe")
+def events_subscribe(
+    topic: Annotated[str, typer.Option(help=f"One of {', '.join(TOPICS)}, a `prefix.*`, or `*`")],
+    url: Annotated[str, typer.Option(help="http(s) URL that receives signed POSTs")],
+    secret: Annotated[str, typer.Option(help="HMAC-SHA256 key the receiver verifies signatures with")],
+    user: Annotated[Optional[str], typer.Option(help="Only this user's events (default: everyone's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Subscribe a webhook to a topic; every matching event is POSTed to it, signed, with retries."""
+    known = topic == "*" or topic in TOPICS or topic.startswith("alert.") or (
+        topic.endswith(".*") and any(t.startswith(topic[:-1]) for t in TOPICS))
+    if not known:
+        raise fail(f"unknown topic {topic!r}; topics are: {', '.join(TOPICS)} (or `prefix.*`, `*`)")
+    if not url.startswith(("http://", "https://")):
+        raise fail(f"url {url!r} is not an http(s) URL")
+    if len(secret) < 16:
+        raise fail("the secret must have at least 16 characters")
+    with db_connect(settings()) as conn:
+        (sub_id,) = conn.execute(
+            "insert into subscriptions (topic, url, secret, user_id) values (%s, %s, %s, %s) returning id",
+            (topic, url, secret, user),
+        ).fetchone()
+    if as_json:
+        emit_json({"subscription_id": sub_id, "topic": topic, "url": url, "user": user})
+    else:
+        out.print(f"subscription {sub_id}: {topic} -> {url}" + (f" (user {user})" if user else ""))
+
+
+@events_app.command("unsubscribe")
+def events_unsubscribe(subscription_id: Annotated[int, typer.Argument()]) -> None:
+    """Remove a subscription; its undelivered events are marked failed ('unsubscribed')."""
+    with db_connect(settings()) as conn, conn.transaction():
+        row = conn.execute("delete from subscriptions where id = %s returning topic, url", (subscription_id,)).fetchone()
+        if row is None:
+            raise fail(f"no subscription {subscription_id}")
+        conn.execute("update deliveries set state = 'failed', last_error = 'unsubscribed'"
+                     " where subscription_id = %s and state = 'pending'", (subscription_id,))
+    out.print(f"subscription {subscription_id} ({row[0]} -> {row[1]}) removed")
+
+
+@events_app.command("list")
+def events_list(
+    state: Annotated[Optional[str], typer.Option(help="Only deliveries in this state: pending, delivered, failed")]
+    = None,
+    limit: Annotated[int, typer.Option(help="Most recent deliveries shown")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Subscriptions, and the most recent deliveries with their state, attempts and last error."""
+    with db_connect(settings()) as conn:
+        subs = conn.execute("select id, topic, url, user_id, created_at from subscriptions order by id").fetchall()
+        deliveries = conn.execute(
+            "select d.id, d.event_id, e.kind, e.user_batch_id, d.subscription_id, d.state, d.attempts, d.last_status,"
+            " d.last_error, e.created_at, d.delivered_at from deliveries d join events e on e.id = d.event_id"
+            " where %(s)s::text is null or d.state = %(s)s order by d.id desc limit %(n)s",
+            {"s": state, "n": limit},
+        ).fetchall()
+        pending_events = conn.execute("select count(*) from events where not fanned_out").fetchone()[0]
+    keys = ("delivery_id", "event_id", "topic", "user_batch_id", "subscription_id", "state", "attempts",
+            "last_status", "last_error", "event_at", "delivered_at")
+    docs = [dict(zip(keys, (*d[:9], d[9].isoformat(), d[10].isoformat() if d[10] else None))) for d in deliveries]
+    if as_json:
+        emit_json({
+            "subscriptions": [{"subscription_id": i, "topic": t, "url": u, "user": us, "created_at": c.isoformat()}
+                              for i, t, u, us, c in subs],
+            "deliveries": docs, "events_not_fanned_out": pending_events,
+        })
+        return
+    t = Table(title="subscriptions")
+    for col in ("id", "topic", "url", "user"):
+        t.add_column(col)
+    for i, topic, url, user, _c in subs:
+        t.add_row(str(i), topic, url, user or "(all)")
+    out.print(t)
+    t = Table(title="deliveries (newest first)")
+    for col in ("id", "event", "topic", "user batch", "sub", "state", "attempts", "last"):
+        t.add_column(col)
+    for d in docs:
+        last = str(d["last_status"] or "") if d["state"] == "delivered" else (d["last_error"] or "")
+        t.add_row(str(d["delivery_id"]), str(d["event_id"]), d["topic"], str(d["user_batch_id"] or "-"),
+                  str(d["subscription_id"]), d["state"], str(d["attempts"]), last[:60])
+    out.print(t)
+
+
+@events_app.command("retry")
+def events_retry(
+    delivery_ids: Annotated[Optional[list[int]], typer.Argument(help="Deliveries to send again")] = None,
+    all_failed: Annotated[bool, typer.Option("--failed", help="Every failed (dead-lettered) delivery")] = False,
+) -> None:
+    """Send failed deliveries again (each gets a fresh set of attempts)."""
+    if not delivery_ids and not all_failed:
+        raise fail("give DELIVERY_ID... or --failed")
+    with db_connect(settings()) as conn, conn.transaction():
+        n = conn.execute(
+            "update deliveries set state = 'pending', ready_seq = nextval('delivery_ready_seq')"
+            " where state = 'failed' and (%(all)s or id = any(%(ids)s))",
+            {"all": all_failed, "ids": delivery_ids or []},
+        ).rowcount
+        conn.execute(f"select pg_notify('{EVENTS_CHANNEL}', '')")  # wakes the dispatcher's fetch
+    out.print(f"{n} deliveries queued again")
 
 
 def main() -> None:

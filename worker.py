@@ -24,16 +24,18 @@ from temporalio.worker import Worker
 import callbacks
 import db
 from activities.bouncer_api import BouncerApiActivities
+from activities.events import EventActivities, ensure_dispatcher
 from activities.ingest import IngestActivities
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from bouncer.client import BouncerClient
 from settings import CATCHALL, DELIVERABILITY, LaneApi, Settings
 from workflows.bouncer_batch import BouncerBatchWorkflow
+from workflows.events import EventDispatcherWorkflow
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
-WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow]
+WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow, EventDispatcherWorkflow]
 log = logging.getLogger("worker")
 
 
@@ -45,6 +47,7 @@ def build_workers(
     user_batches = UserBatchActivities(settings, pool, client)
     ingest = IngestActivities(settings.database_url)
     packing = PackingActivities(pool, settings.max_in_flight_per_user)
+    events = EventActivities(settings, pool)
     drain = timedelta(seconds=settings.shutdown_grace_s)
     workers = [
         Worker(
@@ -65,6 +68,11 @@ def build_workers(
                 user_batches.nudge_scheduler,
                 packing.pack_batches,
                 packing.unfinished_batches,
+                events.fetch_deliveries,
+                events.deliver,
+                events.fail_delivery,
+                events.record_lane_paused,
+                events.fail_user_batch,
             ],
         ),
     ]
@@ -122,6 +130,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         workers = build_workers(settings, client, pool, bouncer, catchall)
         server = None
         tasks = [asyncio.create_task(w.run()) for w in workers]
+        await ensure_dispatcher(client, settings)  # delivers events to subscribers; one per namespace
         if settings.callback_listen:
             host, _, port = settings.callback_listen.rpartition(":")
             config = uvicorn.Config(

@@ -15,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.catchall import NEXT_LANE, hand_off
+from activities.events import record_progress
 from bouncer.client import BouncerClient
 from bouncer.errors import (
     BadRequest,
@@ -361,6 +362,11 @@ class BouncerApiActivities:
                 p,
             )
             touched = list((await cur.fetchone())[0] or [])
+            await cur.execute(
+                "select array_agg(distinct user_batch_id) from (select user_batch_id from settled"
+                " union select user_batch_id from leftover) t"
+            )
+            await record_progress(cur, list((await cur.fetchone())[0] or []))  # throttled user_batch.progress
             await cur.execute(
                 "select count(*) filter (where not dead), count(*) filter (where dead) from leftover"
             )

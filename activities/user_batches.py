@@ -14,6 +14,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from activities.catchall import CANDIDATES
+from activities.events import record_event
 from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     PRIORITIES,
@@ -171,6 +172,16 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
     await cur.execute("select count(*) from heirs")
     (moved,) = await cur.fetchone()
     return int(moved)
+
+
+async def announce(cur: psycopg.AsyncCursor, topic: str, summary: Summary) -> None:
+    """A user batch's end, to subscribers: its counts (in the same transaction as the state change)."""
+    await cur.execute("select user_id from user_batches where id = %s", (summary.user_batch_id,))
+    (user_id,) = await cur.fetchone()
+    await record_event(cur, topic, summary.user_batch_id, user_id, {
+        "user_batch_id": summary.user_batch_id, "state": summary.state, "rows": summary.rows,
+        "by_state": summary.by_state, "by_status": summary.by_status,
+    })
 
 
 def lane_problem(lanes: list[str], settings: Settings) -> str:
@@ -386,6 +397,9 @@ class UserBatchActivities:
                     "update user_batches set state = 'cancelled', finished_at = now() where id = %s",
                     (user_batch_id,),
                 )
+                summary = await self._summarize(user_batch_id, cur=cur)
+                await announce(cur, "user_batch.cancelled", summary)
+                return summary
         return await self._summarize(user_batch_id)
 
     @activity.defn
@@ -411,6 +425,7 @@ class UserBatchActivities:
                     (Jsonb({"by_state": summary.by_state, "by_status": summary.by_status}),
                      user_batch_id),
                 )
+                await announce(cur, "user_batch.completed", summary)
                 return summary
         return await self._summarize(user_batch_id)
 

@@ -15,10 +15,11 @@ from temporalio.client import Client, WorkflowHandle
 
 import callbacks
 import db
+from activities.events import DISPATCHER_ID
 from activities.ingest import copy_items
 from devstack import free_port
 from sandbox.app import CATCHALL_PREFIX
-from settings import CATCHALL, Settings
+from settings import CATCHALL, LANES, Settings
 from worker import bouncer_client, build_workers
 from workflows.models import PRIORITIES, UserBatchInput, scheduler_id, user_batch_workflow_id
 from workflows.user_batch import UserBatchWorkflow
@@ -45,6 +46,10 @@ def make_settings(db_url: str, sandbox, **overrides) -> Settings:
         poll_interval_s=0.5,
         pack_linger_s=0.2,
         callback_listen="",
+        event_fetch_wait_s=1.0,
+        event_retry_initial_s=0.1,
+        event_retry_max_s=0.5,
+        event_max_attempts=4,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)
@@ -87,9 +92,9 @@ async def running_pipeline(client: Client, settings: Settings, callbacks_on: boo
         settings = settings.model_copy(update={"callback_listen": f"127.0.0.1:{free_port()}"})
     # Schedulers are named per lane: one left by another test (on its own task queue) would
     # swallow this test's signals. Tests run one at a time, so end any that is still running.
-    for lane in ("deliverability", "catchall"):
+    for wid in (*map(scheduler_id, LANES), DISPATCHER_ID):
         with contextlib.suppress(Exception):
-            await client.get_workflow_handle(scheduler_id(lane)).terminate("a new test starts")
+            await client.get_workflow_handle(wid).terminate("a new test starts")
     pool = db.open_pool(settings.database_url, 6)
     await pool.open()
     server = None
@@ -106,9 +111,9 @@ async def running_pipeline(client: Client, settings: Settings, callbacks_on: boo
         try:
             yield Pipeline(client, settings)
         finally:
-            for lane in ("deliverability", "catchall"):
+            for wid in (*map(scheduler_id, LANES), DISPATCHER_ID):
                 with contextlib.suppress(Exception):
-                    await client.get_workflow_handle(scheduler_id(lane)).terminate("test finished")
+                    await client.get_workflow_handle(wid).terminate("test finished")
             if server is not None:
                 server.should_exit = True
             await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)

@@ -231,3 +231,53 @@ class StoreOutcome:
 class BatchFinished:
     bouncer_batch_id: int
     outcome: str  # stored, failed, out_of_credits
+
+
+# ---- events to subscribers ----------------------------------------------------------------
+
+
+@dataclass
+class DispatcherInput:
+    fetch_wait_s: float = 5.0  # a fetch with nothing to send waits this long for a NOTIFY
+    max_attempts: int = 8
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 300.0
+    timeout_s: float = 10.0  # one POST
+    cursor: int = 0  # deliveries up to this ready_seq were handed out (carried across continue-as-new)
+
+
+@dataclass
+class FetchRequest:
+    cursor: int
+    wait_s: float
+
+
+@dataclass
+class DeliveryRef:
+    delivery_id: int
+    key: str  # `<subscription>:<user batch>`: deliveries with one key go out one at a time, in order
+    ready_seq: int
+
+
+@dataclass
+class DeliveryBatch:
+    deliveries: list[DeliveryRef]
+    cursor: int
+
+
+@dataclass
+class DeliveryFailure:
+    delivery_id: int
+    reason: str
+
+
+@dataclass
+class LaneEvent:
+    lane: str
+    reason: str
+
+
+@dataclass
+class UserBatchFailure:
+    user_batch_id: int
+    reason: str

@@ -17,11 +17,13 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import BouncerApiActivities
+    from activities.events import EventActivities
     from activities.packing import PackingActivities
     from workflows.bouncer_batch import BouncerBatchWorkflow
     from workflows.models import (
         BatchFinished,
         BouncerBatchInput,
+        LaneEvent,
         LanePause,
         PackRequest,
         SchedulerInput,
@@ -54,10 +56,20 @@ class GreedySchedulerWorkflow:
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
 
     @workflow.signal
-    def pause(self, request: LanePause) -> None:
+    async def pause(self, request: LanePause) -> None:
         """In-flight batches finish; nothing new is dispatched until `resume`."""
+        newly = not self._state.paused
         self._state.paused = True
         self._state.pause_reason = request.reason
+        if newly and workflow.patched("lane-paused-event"):
+            # Subscribers hear it once per pause (not once per batch that hit the 402).
+            lane = workflow.info().workflow_id.removeprefix("scheduler-")
+            await workflow.execute_activity_method(
+                EventActivities.record_lane_paused,
+                LaneEvent(lane, request.reason),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
 
     @workflow.signal
     def resume(self) -> None:

@@ -10,9 +10,18 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
+    from activities.events import EventActivities
     from activities.ingest import IngestActivities
     from activities.user_batches import UserBatchActivities
-    from workflows.models import IngestRequest, PauseRequest, Progress, RegisterRequest, Summary, UserBatchInput
+    from workflows.models import (
+        IngestRequest,
+        PauseRequest,
+        Progress,
+        RegisterRequest,
+        Summary,
+        UserBatchFailure,
+        UserBatchInput,
+    )
 
 DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
@@ -104,6 +113,7 @@ class UserBatchWorkflow:
         except (asyncio.CancelledError, ActivityError) as err:
             # A cancel that lands while an activity runs arrives as ActivityError(CancelledError).
             if not is_cancelled_exception(err):
+                await self._record_failure(err)
                 raise
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
             if not self._id:
@@ -117,6 +127,21 @@ class UserBatchWorkflow:
             await self._nudge()  # other batches may have inherited shared addresses
             workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
             raise
+        except ApplicationError as err:
+            await self._record_failure(err)
+            raise
+
+    async def _record_failure(self, err: Exception) -> None:
+        """The row ends `failed` and subscribers hear `user_batch.failed` (new in this version)."""
+        if not self._id or not workflow.patched("user-batch-failed-event"):
+            return
+        cause = err.cause if isinstance(err, ActivityError) and err.cause is not None else err
+        await workflow.execute_activity_method(
+            EventActivities.fail_user_batch,
+            UserBatchFailure(self._id, str(cause)),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DB_RETRY,
+        )
 
     async def _register_and_ingest(self, inp: UserBatchInput) -> None:
         """SDK submissions by URI: create the row, then stream the source (heartbeating, resumable)."""

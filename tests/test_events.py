@@ -1,0 +1,200 @@
+"""Events to subscribers, end to end: a real pipeline, the dispatcher workflow, and a real local
+HTTP receiver (Starlette under uvicorn on a free port) that checks what arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from typer.testing import CliRunner
+
+import starter
+from activities.events import DISPATCHER_ID, ensure_dispatcher, record_event, topic_matches, verify_signature
+from devstack import free_port
+from helpers import make_settings, running_pipeline, write_list
+from workflows.models import LanePause, SourceSpec, UserBatchInput, scheduler_id
+from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.user_batch import UserBatchWorkflow
+
+SECRET = "s3cret-for-the-test-receiver"
+
+
+@dataclass
+class Receiver:
+    """Records every POST per path; `/flaky` fails each delivery twice, `/down` while `down` is set."""
+
+    url: str = ""
+    got: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    tries: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    down: bool = True
+
+    async def handle(self, request: Request) -> JSONResponse:
+        path = request.path_params["path"]
+        body = await request.body()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.tries[f"{path}:{headers.get('x-bouncer-delivery')}"] += 1
+        if path == "flaky" and self.tries[f"{path}:{headers.get('x-bouncer-delivery')}"] <= 2:
+            return JSONResponse({"error": "try again"}, status_code=500)
+        if path == "down" and self.down:
+            return JSONResponse({"error": "down"}, status_code=503)
+        self.got[path].append({"headers": headers, "body": body, "doc": json.loads(body)})
+        return JSONResponse({"ok": True})
+
+    def topics(self, path: str) -> list[str]:
+        return [r["doc"]["topic"] for r in self.got[path]]
+
+
+@contextlib.asynccontextmanager
+async def receiving():
+    rx = Receiver()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        Starlette(routes=[Route("/{path}", rx.handle, methods=["POST"])]), host="127.0.0.1", port=port,
+        log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    rx.url = f"http://127.0.0.1:{port}"
+    try:
+        yield rx
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def until(check, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def cli(db_url: str, *args: str):
+    env = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
+    return CliRunner(env={**env, "DATABASE_URL": db_url, "COLUMNS": "200"}).invoke(starter.app, list(args))
+
+
+def test_topic_patterns():
+    assert topic_matches("*", "user_batch.completed")
+    assert topic_matches("alert.*", "alert.queue_depth") and not topic_matches("alert.*", "lane.paused")
+    assert topic_matches("lane.paused", "lane.paused") and not topic_matches("lane.paused", "lane.paused2")
+
+
+async def test_events_reach_subscribers_signed_in_order_with_retries_and_dead_letters(
+    dev_env, db_url, sandbox, tmp_path
+):
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=2)
+    async with receiving() as rx, running_pipeline(dev_env.client, settings) as p:
+        subscribe = [
+            ("*", f"{rx.url}/all", None),
+            ("user_batch.completed", f"{rx.url}/flaky", "ann"),  # ann's only; fails twice per delivery
+            ("user_batch.completed", f"{rx.url}/down", None),  # fails until it is brought up
+        ]
+        for topic, url, user in subscribe:
+            run = cli(db_url, "events", "subscribe", "--topic", topic, "--url", url, "--secret", SECRET,
+                      *(["--user", user] if user else []))
+            assert run.exit_code == 0, run.output
+        assert cli(db_url, "events", "subscribe", "--topic", "nope", "--url", rx.url, "--secret", SECRET
+                   ).exit_code == 2
+        await ensure_dispatcher(dev_env.client, settings)
+
+        ann = await p.submit_file(write_list(tmp_path / "ann.csv", [f"ann.{i}@co{i % 7}.example" for i in range(700)]),
+                                  "ann")
+        bob = await p.submit_file(write_list(tmp_path / "bob.csv", [f"bob.{i}@co{i % 5}.example" for i in range(40)]),
+                                  "bob")
+        ann_summary, bob_summary = await asyncio.wait_for(asyncio.gather(ann.result(), bob.result()), timeout=60)
+        ann_id, bob_id = ann_summary.user_batch_id, bob_summary.user_batch_id
+
+        # A failed batch (its list cannot be read), a paused lane, a cancelled batch, and an
+        # alert written with plain SQL by some other component (no NOTIFY): all delivered.
+        failed = await dev_env.client.start_workflow(
+            UserBatchWorkflow.run, UserBatchInput(source=SourceSpec(uri=str(tmp_path / "absent.csv"), user_id="cid")),
+            id="user-batch-absent", task_queue=settings.task_queue)
+        with pytest.raises(Exception):
+            await failed.result()
+        from activities.user_batches import scheduler_input
+
+        await dev_env.client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(settings, "deliverability"), id=scheduler_id("deliverability"),
+            task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("maintenance")])
+        dan = await p.submit_file(write_list(tmp_path / "dan.csv", ["dan.1@co1.example"]), "dan")
+        await until(lambda: p.sql("select state from user_batches where workflow_id = %s", (dan.id,)) == [("queued",)],
+                    what="dan queued")
+        await dan.cancel()
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("insert into events (kind, data) values ('alert.queue_depth', '{\"queued\": 5}')")
+
+        await until(lambda: {"user_batch.failed", "lane.paused", "user_batch.cancelled", "alert.queue_depth"}
+                    <= set(rx.topics("all")), what="every topic at /all")
+        await until(lambda: len(rx.got["flaky"]) == 1, what="the flaky receiver's third try")
+        await until(lambda: p.sql("select count(*) from deliveries where state = 'failed'") == [(2,)],
+                    what="two dead letters at /down")
+
+        # Every delivery verifies with the secret; a forged body does not.
+        for r in rx.got["all"] + rx.got["flaky"]:
+            assert verify_signature(SECRET, r["headers"], r["body"])
+        forged = rx.got["all"][0]
+        assert not verify_signature(SECRET, forged["headers"], forged["body"] + b" ")
+        assert not verify_signature("another-secret-entirely", forged["headers"], forged["body"])
+
+        # Per user batch, events arrive in the order they were recorded, progress before completion.
+        ann_docs = [r["doc"] for r in rx.got["all"] if r["doc"]["user_batch_id"] == ann_id]
+        assert [d["event_id"] for d in ann_docs] == sorted(d["event_id"] for d in ann_docs)
+        assert [d["topic"] for d in ann_docs][-1] == "user_batch.completed"
+        progress = [d["data"]["percent"] for d in ann_docs if d["topic"] == "user_batch.progress"]
+        assert progress and progress == sorted(progress) and all(0 < pct < 100 for pct in progress)
+        done = next(d for d in ann_docs if d["topic"] == "user_batch.completed")
+        assert done["data"]["rows"] == 700 and done["data"]["by_state"] == {"verified": 700}
+        assert done["user_id"] == "ann"
+        paused = next(r["doc"] for r in rx.got["all"] if r["doc"]["topic"] == "lane.paused")
+        assert paused["data"] == {"lane": "deliverability", "reason": "maintenance"}
+
+        # Retried until it succeeded (3 tries, recorded); bob's completion was not for this subscriber.
+        assert [d["doc"]["user_batch_id"] for d in rx.got["flaky"]] == [ann_id]
+        assert p.sql("select d.state, d.attempts from deliveries d join subscriptions s on s.id = d.subscription_id"
+                     " where s.url like '%%/flaky'") == [("delivered", 3)]
+        # The permanently failing one: failed (dead letter) after EVENT_MAX_ATTEMPTS, with the reason.
+        dead = p.sql("select d.attempts, d.last_status, d.last_error from deliveries d join subscriptions s"
+                     " on s.id = d.subscription_id where s.url like '%%/down' order by d.id")
+        assert [(a, st) for a, st, _e in dead] == [(4, 503), (4, 503)]
+        assert all("HTTP 503" in e for *_x, e in dead)
+        listing = cli(db_url, "events", "list", "--state", "failed", "--json")
+        assert [d["topic"] for d in json.loads(listing.stdout)["deliveries"]] == ["user_batch.completed"] * 2
+
+        # Dead letters are retryable: bring the receiver up and send them again.
+        rx.down = False
+        retry = cli(db_url, "events", "retry", "--failed")
+        assert retry.exit_code == 0 and "2 deliveries queued again" in retry.stdout
+        await until(lambda: len(rx.got["down"]) == 2, what="the retried dead letters")
+        assert sorted(r["doc"]["user_batch_id"] for r in rx.got["down"]) == sorted([ann_id, bob_id])
+        await until(lambda: p.sql("select count(*) from deliveries where state <> 'delivered'") == [(0,)],
+                    what="everything delivered")
+        assert p.sql("select count(*) from events where not fanned_out") == [(0,)]
+
+        # Temporal carried delivery ids only: no address in the dispatcher's history.
+        history = await dev_env.client.get_workflow_handle(DISPATCHER_ID).fetch_history()
+        raw = b"".join(e.SerializeToString() for e in history.events)
+        assert b"@co1.example" not in raw and SECRET.encode() not in raw
+
+
+async def test_record_event_works_on_sync_and_async_connections(db_url):
+    with psycopg.connect(db_url) as conn:
+        assert record_event(conn, "alert.sync", None, "ann", {"n": 1}) is None
+    async with await psycopg.AsyncConnection.connect(db_url) as aconn:
+        await record_event(aconn, "alert.async", 7, None, {"n": 2})
+        await aconn.commit()
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("select kind, user_batch_id, user_id, data from events order by id").fetchall()
+    assert rows == [("alert.sync", None, "ann", {"n": 1}), ("alert.async", 7, None, {"n": 2})]
