@@ -30,7 +30,7 @@ from rich.table import Table
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS
+from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
 from devstack import DevStack
@@ -191,8 +191,9 @@ def submit(
                 UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue
             )
         except RPCError as exc:
-            with db_connect(s) as c:
+            with db_connect(s) as c, c.transaction():
                 c.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub_id,))
+                record_event(c, "user_batch.failed", ub_id, user, {"user_batch_id": ub_id, "reason": "workflow did not start"})
             raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}", 1)
         summary = await follow(handle, as_json) if wait else None
         return ub_id, stats, ingest_s, summary

@@ -4,7 +4,9 @@ Runs, in one process: the workflow worker (plus the database activities) on TASK
 batch-creation API activities on API_CREATE_TASK_QUEUE and the other API activities on
 API_TASK_QUEUE. The two API queues carry `max_task_queue_activities_per_second`, which the
 Temporal server enforces across every worker process (the global API budget). Also serves
-the completion-callback receiver when CALLBACK_LISTEN is set. SIGTERM/SIGINT drain and exit.
+the completion-callback receiver when CALLBACK_LISTEN is set. With CATCHALL_BASE_URL set, the
+catchall lane's two API queues (its own budgets, its own client) run here too. Starts the event
+dispatcher if it is not running. SIGTERM/SIGINT drain and exit.
 """
 
 from __future__ import annotations

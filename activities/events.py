@@ -96,14 +96,17 @@ def verify_signature(secret: str, headers: dict[str, str], body: bytes, toleranc
 
 async def record_progress(cur: psycopg.AsyncCursor, user_batch_ids: list[int]) -> None:
     """`user_batch.progress` for these user batches, throttled: at each further 10% settled, or
-    30 s after the last one if anything moved. Set-based; runs in the caller's transaction."""
+    30 s after the last one if anything moved. Set-based; runs in the caller's transaction and
+    never waits on a user batch row (SKIP LOCKED): a skipped one is reported at the next store."""
     if not user_batch_ids:
         return
     await cur.execute(
         f"""
-        with p as (
+        with mine as (  -- a row another transaction holds (pause, cancel, another store) is skipped this time
+            select id from user_batches where id = any(%(ids)s) and state = 'queued' for update skip locked),
+        p as (
             select l.user_batch_id, sum(l.unique_addresses) as total, sum(l.unique_addresses - l.remaining) as done
-            from user_batch_lanes l where l.user_batch_id = any(%(ids)s) group by 1),
+            from user_batch_lanes l join mine on mine.id = l.user_batch_id group by 1),
         due as (
             update user_batches b
             set progress_event_pct = (100 * p.done / p.total) / {PROGRESS_STEP_PCT} * {PROGRESS_STEP_PCT},

@@ -86,8 +86,11 @@ class Pipeline:
 
 
 @contextlib.asynccontextmanager
-async def running_pipeline(client: Client, settings: Settings, callbacks_on: bool = False) -> AsyncIterator[Pipeline]:
-    """The three workers of worker.py (and optionally the callback receiver), in this process."""
+async def running_pipeline(
+    client: Client, settings: Settings, callbacks_on: bool = False, catchall_lane: bool = False
+) -> AsyncIterator[Pipeline]:
+    """The workers of worker.py (and optionally the callback receiver), in this process. The
+    catchall lane's two API workers run only when asked for (fewer pollers for the other tests)."""
     if callbacks_on:
         settings = settings.model_copy(update={"callback_listen": f"127.0.0.1:{free_port()}"})
     # Schedulers are named per lane: one left by another test (on its own task queue) would
@@ -99,7 +102,7 @@ async def running_pipeline(client: Client, settings: Settings, callbacks_on: boo
     await pool.open()
     server = None
     async with bouncer_client(settings) as bouncer, bouncer_client(settings, CATCHALL) as catchall:
-        workers = build_workers(settings, client, pool, bouncer, catchall)
+        workers = build_workers(settings, client, pool, bouncer, catchall if catchall_lane else None)
         tasks = [asyncio.create_task(w.run()) for w in workers]
         if callbacks_on:
             host, _, port = settings.callback_listen.rpartition(":")

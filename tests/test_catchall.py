@@ -39,7 +39,7 @@ async def test_accept_all_addresses_get_a_second_verdict_from_the_catchall_lane_
     bob = risky(range(20)) + ["deliverable+1@sandbox.usebouncer.com"]  # deliverability only
     cid = risky(range(10, 40)) + [f"cid.{i}@company{i % 37}.example" for i in range(50)]
     both = ("deliverability", "catchall")
-    async with running_pipeline(dev_env.client, settings, callbacks_on=True) as p:
+    async with running_pipeline(dev_env.client, settings, callbacks_on=True, catchall_lane=True) as p:
         handles = [
             await p.submit_file(write_list(tmp_path / "ann.csv", ann), "ann", lanes=both),
             await p.submit_file(write_list(tmp_path / "bob.csv", bob), "bob"),
