@@ -17,10 +17,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from temporalio.client import WorkflowFailureError
 from typer.testing import CliRunner
 
 import starter
 from activities.events import DISPATCHER_ID, ensure_dispatcher, record_event, topic_matches, verify_signature
+from activities.user_batches import scheduler_input
 from devstack import free_port
 from helpers import make_settings, running_pipeline, write_list
 from workflows.models import LanePause, SourceSpec, UserBatchInput, scheduler_id
@@ -122,10 +124,8 @@ async def test_events_reach_subscribers_signed_in_order_with_retries_and_dead_le
         failed = await dev_env.client.start_workflow(
             UserBatchWorkflow.run, UserBatchInput(source=SourceSpec(uri=str(tmp_path / "absent.csv"), user_id="cid")),
             id="user-batch-absent", task_queue=settings.task_queue)
-        with pytest.raises(Exception):
+        with pytest.raises(WorkflowFailureError):
             await failed.result()
-        from activities.user_batches import scheduler_input
-
         await dev_env.client.start_workflow(
             GreedySchedulerWorkflow.run, scheduler_input(settings, "deliverability"), id=scheduler_id("deliverability"),
             task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("maintenance")])

@@ -11,7 +11,18 @@ from typer.testing import CliRunner
 import db
 import starter
 from activities.packing import PackingActivities
-from test_packing import World, emails, world  # noqa: F401 - the fixture
+from test_packing import World, emails
+
+
+@pytest.fixture
+async def world(db_url, tmp_path):
+    """A World whose packer has no default cap (only `user_limits` rows cap anyone)."""
+    pool = db.open_pool(db_url, 4)
+    await pool.open()
+    try:
+        yield World(db_url, pool, tmp_path)
+    finally:
+        await pool.close()
 
 
 @pytest.fixture

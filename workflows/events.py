@@ -51,7 +51,7 @@ class EventDispatcherWorkflow:
                 self._chains.setdefault(ref.key, []).append(ref.delivery_id)
                 if ref.key not in self._running:
                     self._running.add(ref.key)
-                    asyncio.create_task(self._drain(ref.key, inp))  # noqa: RUF006 - tracked in _running
+                    asyncio.create_task(self._drain(ref.key, inp))
             workflow.set_current_details(
                 f"{self._delivered} delivered, {self._failed} failed, {len(self._running)} subscribers busy"
             )
