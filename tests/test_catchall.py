@@ -116,3 +116,38 @@ async def test_accept_all_addresses_get_a_second_verdict_from_the_catchall_lane_
     assert row["catchall_status"] == catchall_verdict(row["email"])["status"] and row["catchall_verified_at"]
     plain = CliRunner(env={**env, "DATABASE_URL": db_url}).invoke(starter.app, ["results", str(bob_id)])
     assert plain.stdout.splitlines()[0] == ",".join(starter.RESULT_COLUMNS)
+
+
+def test_catchall_verdicts_are_deterministic_and_decisive_for_most_accept_all_addresses():
+    addresses = risky(range(2000))
+    verdicts = [catchall_verdict(e) for e in addresses]
+    assert verdicts == [catchall_verdict(e) for e in addresses]
+    decisive = sum(v["status"] in ("deliverable", "undeliverable") for v in verdicts)
+    assert 0.8 < decisive / len(addresses) < 0.9
+    assert all(v["domain"]["acceptAll"] == "yes" for v in verdicts)
+    # Anything that is not accept-all keeps its ordinary verdict.
+    plain = [f"p.{i}@company{i % 37}.example" for i in range(500)]
+    assert all(catchall_verdict(e) == verdict(e) for e in plain if not accept_all(e))
+
+
+async def test_the_sandbox_serves_an_independent_catchall_account_under_its_prefix(sandbox):
+    base = f"{sandbox.url}{CATCHALL_PREFIX}/v1.1/email/verify/batch"
+    headers = {"x-api-key": sandbox.api_key}
+    entries = [{"email": e, "name": str(i)} for i, e in enumerate(risky(range(20)))]
+    async with httpx.AsyncClient(headers=headers) as http:
+        created = (await http.post(base, json=entries)).json()
+        for _ in range(100):
+            if (await http.get(f"{base}/{created['batchId']}")).json()["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+        records = (await http.get(f"{base}/{created['batchId']}/download")).json()
+        catchall_stats = (await http.get(f"{sandbox.url}{CATCHALL_PREFIX}/_sandbox/stats")).json()
+        main_stats = (await http.get(f"{sandbox.url}/_sandbox/stats")).json()
+        await http.post(f"{sandbox.url}/_sandbox/reset")  # the top-level reset covers /catchall too
+        after_reset = (await http.get(f"{sandbox.url}{CATCHALL_PREFIX}/_sandbox/stats")).json()
+    assert [(r["name"], r["status"]) for r in records] == [
+        (e["name"], catchall_verdict(e["email"])["status"]) for e in entries
+    ]
+    assert catchall_stats["batches_created"] == 1 and catchall_stats["credits_charged"] == 20
+    assert main_stats["batches_created"] == 0 and main_stats["credits_charged"] == 0
+    assert after_reset["batches_created"] == 0
