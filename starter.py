@@ -208,6 +208,8 @@ def submit(
     }
     if summary is not None:
         result.update(state=summary.state, by_state=summary.by_state, by_status=summary.by_status)
+        if summary.by_catchall_status:
+            result.update(by_catchall_status=summary.by_catchall_status)
     if as_json:
         emit_json(result)
     else:
@@ -247,6 +249,8 @@ def print_summary(summary: Summary) -> None:
         t.add_row(k, f"{v:,}")
     for k, v in sorted(summary.by_status.items()):
         t.add_row(f"  status {k}", f"{v:,}")
+    for k, v in sorted(summary.by_catchall_status.items()):
+        t.add_row(f"  catchall {k}", f"{v:,}")
     out.print(t)
 
 

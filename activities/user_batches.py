@@ -181,6 +181,7 @@ async def announce(cur: psycopg.AsyncCursor, topic: str, summary: Summary) -> No
     await record_event(cur, topic, summary.user_batch_id, user_id, {
         "user_batch_id": summary.user_batch_id, "state": summary.state, "rows": summary.rows,
         "by_state": summary.by_state, "by_status": summary.by_status,
+        "by_catchall_status": summary.by_catchall_status,
     })
 
 
@@ -434,20 +435,24 @@ class UserBatchActivities:
     ) -> Summary:
         async def run(c: psycopg.AsyncCursor) -> Summary:
             await c.execute(
-                "select state, status, count(*) from item_outcomes where user_batch_id = %s group by 1, 2",
+                "select state, status, catchall_status, count(*) from item_outcomes where user_batch_id = %s"
+                " group by 1, 2, 3",
                 (user_batch_id,),
             )
             by_state: dict[str, int] = {}
             by_status: dict[str, int] = {}
+            by_catchall: dict[str, int] = {}
             rows = 0
-            for st, status, n in await c.fetchall():
+            for st, status, catchall_status, n in await c.fetchall():
                 rows += n
                 by_state[st] = by_state.get(st, 0) + n
                 if status is not None:
                     by_status[status] = by_status.get(status, 0) + n
+                if catchall_status is not None:
+                    by_catchall[catchall_status] = by_catchall.get(catchall_status, 0) + n
             await c.execute("select state from user_batches where id = %s", (user_batch_id,))
             (current,) = await c.fetchone()
-            return Summary(user_batch_id, state or current, rows, by_state, by_status)
+            return Summary(user_batch_id, state or current, rows, by_state, by_status, by_catchall)
 
         if cur is not None:
             return await run(cur)

@@ -65,6 +65,9 @@ async def test_accept_all_addresses_get_a_second_verdict_from_the_catchall_lane_
                 assert c_status is None, email
         decided = {c for (*_r, c, _reason) in rows if c is not None}
         assert {"deliverable", "undeliverable"} <= decided  # decisive for most accept-all addresses
+        ann_catchall = [catchall_verdict(e)["status"] for e in ann if accept_all(e)]
+        assert summaries[0].by_catchall_status == {k: ann_catchall.count(k) for k in set(ann_catchall)}
+        assert summaries[1].by_catchall_status == {}
 
         # Pay once per lane: every accept-all address of ann and cid reached the catch-all
         # endpoint exactly once (ann and cid share 20); the deliverability endpoint saw each once.

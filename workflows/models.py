@@ -99,6 +99,7 @@ class Summary:
     rows: int
     by_state: dict[str, int] = field(default_factory=dict)
     by_status: dict[str, int] = field(default_factory=dict)
+    by_catchall_status: dict[str, int] = field(default_factory=dict)  # the catchall lane's verdicts
 
 
 @dataclass
