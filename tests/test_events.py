@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import WorkflowFailureError
+from temporalio.worker import Replayer
 from typer.testing import CliRunner
 
 import starter
@@ -25,6 +26,7 @@ from activities.events import DISPATCHER_ID, ensure_dispatcher, record_event, to
 from activities.user_batches import scheduler_input
 from devstack import free_port
 from helpers import make_settings, running_pipeline, write_list
+from worker import WORKFLOWS
 from workflows.models import LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
@@ -187,6 +189,11 @@ async def test_events_reach_subscribers_signed_in_order_with_retries_and_dead_le
         history = await dev_env.client.get_workflow_handle(DISPATCHER_ID).fetch_history()
         raw = b"".join(e.SerializeToString() for e in history.events)
         assert b"@co1.example" not in raw and SECRET.encode() not in raw
+
+        # The new code paths (dispatcher, lane.paused, user_batch.failed) replay deterministically.
+        replayer = Replayer(workflows=WORKFLOWS)
+        for wid in (DISPATCHER_ID, scheduler_id("deliverability"), failed.id):
+            await replayer.replay_workflow(await dev_env.client.get_workflow_handle(wid).fetch_history())
 
 
 async def test_record_event_works_on_sync_and_async_connections(db_url):
