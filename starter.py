@@ -17,6 +17,7 @@ import csv
 import os
 import sys
 import time
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -305,7 +306,9 @@ def status(
         found = []
         for lane in LANES:
             try:
-                st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
+                # Bounded: a scheduler whose workers are gone would hold the query until the RPC deadline.
+                st = await client.get_workflow_handle(scheduler_id(lane)).query(
+                    "status", result_type=SchedulerStatus, rpc_timeout=timedelta(seconds=5))
                 # The database's count is exact and current (the workflow's is as of its last pack).
                 found.append({**st.__dict__, "queued": queued.get(lane, 0)})
             except RPCError:
