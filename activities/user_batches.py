@@ -208,7 +208,8 @@ def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
         credit_check_s=settings.credit_check_s,
         pack_linger_s=settings.pack_linger_s,
         fair_share=settings.fair_share,
-        express_slots=settings.express_slots,
+        # The catchall lane gets trickles of hand-offs: no express batches, its slots are all it has.
+        express_slots=settings.express_slots if lane == DELIVERABILITY else 0,
         express_max_addresses=settings.express_max_addresses,
     )
 
