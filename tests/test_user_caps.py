@@ -58,7 +58,7 @@ async def test_one_user_cannot_take_every_slot_past_the_cap(capped):
     # ann stops at 1,200 in flight although 13 slots stay free; bob is not held back.
     assert in_flight(capped) == {"ann": 1_200, "bob": 300}
     assert sum(b.size for b in first.batches) == 1_500
-    assert first.queue_drained  # nothing more may go out until a batch finishes
+    assert first.queued_after == 2_800  # still queued: held back until one of ann's batches finishes
 
     nothing = await capped.pack("k2", slots=13, batch_size=1_000)
     assert nothing.batches == []
