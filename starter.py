@@ -33,8 +33,9 @@ from temporalio.service import RPCError
 from activities.ingest import UnreadableInput, copy_items
 from devstack import DevStack
 from settings import LANES, Settings
+from workflows import search
 from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
-from workflows.models import scheduler_id, user_batch_workflow_id
+from workflows.models import scheduler_id, scheduler_summary, user_batch_workflow_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 dev_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the embedded dev stack (.dev/).")
@@ -184,12 +185,16 @@ def submit(
         ingest_s = time.perf_counter() - started
         try:
             handle = await client.start_workflow(
-                UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue
+                UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue,
+                search_attributes=search.at_start(user, priority.value, lane_list[0], "preparing"),
+                static_summary=f"user batch {ub_id} of {user}: {stats.rows:,} rows, priority {priority.value}",
             )
         except RPCError as exc:
             with db_connect(s) as c:
                 c.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub_id,))
-            raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}", 1)
+            hint = (" (create the search attributes: README, \"Operations\")"
+                    if "search attribute" in str(exc).lower() else "")
+            raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}{hint}", 1)
         summary = await follow(handle, as_json) if wait else None
         return ub_id, stats, ingest_s, summary
 
@@ -421,6 +426,7 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
                     task_queue=s.task_queue,
                     start_signal="pause" if pause else "resume",
                     start_signal_args=[LanePause("paused by operator")] if pause else [],
+                    static_summary=scheduler_summary(lane),
                 )
             except RPCError as exc:
                 raise fail(f"lane {lane} could not be {'paused' if pause else 'resumed'}: {exc.message}", 1)

@@ -19,6 +19,7 @@ from activities.ingest import copy_items
 from devstack import free_port
 from settings import Settings
 from worker import bouncer_client, build_workers
+from workflows import search
 from workflows.models import PRIORITIES, UserBatchInput, scheduler_id, user_batch_workflow_id
 from workflows.user_batch import UserBatchWorkflow
 
@@ -66,6 +67,7 @@ class Pipeline:
         return await self.client.start_workflow(
             UserBatchWorkflow.run, UserBatchInput(ub, progress_recheck_s=5.0),
             id=user_batch_workflow_id(ub), task_queue=self.settings.task_queue,
+            search_attributes=search.at_start(user, priority, lanes[0], "preparing"),
         )
 
     def sql(self, query: str, params=None) -> list[tuple]:

@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import BouncerApiActivities
     from activities.packing import PackingActivities
+    from workflows import search
     from workflows.bouncer_batch import BouncerBatchWorkflow
     from workflows.models import (
         BatchFinished,
@@ -194,6 +195,7 @@ class GreedySchedulerWorkflow:
                     ),
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                    static_summary=f"Bouncer batch {bouncer_batch_id}: {size:,} addresses, lane {inp.lane}",
                 )
             except WorkflowAlreadyStartedError:
                 pass  # adopted: it is already running and will signal batch_finished
@@ -224,3 +226,5 @@ class GreedySchedulerWorkflow:
             f"{s.free_slots} slots free, {s.express_in_flight} express, {s.queued:,} addresses queued, "
             f"{s.dispatched_batches} dispatched{paused}"
         )
+        state = "paused" if s.paused else ("dispatching" if s.in_flight or s.queued else "idle")
+        search.show({search.LANE: s.lane, search.BATCH_STATE: state})

@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from activities.ingest import IngestActivities
     from activities.user_batches import UserBatchActivities
+    from workflows import search
     from workflows.models import IngestRequest, PauseRequest, Progress, RegisterRequest, Summary, UserBatchInput
 
 DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -100,10 +101,12 @@ class UserBatchWorkflow:
                 )
             self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
+            search.show({search.BATCH_STATE: "completed"})
             return summary
         except (asyncio.CancelledError, ActivityError) as err:
             # A cancel that lands while an activity runs arrives as ActivityError(CancelledError).
             if not is_cancelled_exception(err):
+                search.show({search.BATCH_STATE: "failed"})
                 raise
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
             if not self._id:
@@ -116,6 +119,7 @@ class UserBatchWorkflow:
             )
             await self._nudge()  # other batches may have inherited shared addresses
             workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
+            search.show({search.BATCH_STATE: "cancelled"})
             raise
 
     async def _register_and_ingest(self, inp: UserBatchInput) -> None:
@@ -130,6 +134,9 @@ class UserBatchWorkflow:
             retry_policy=DB_RETRY,
         )
         workflow.set_current_details(f"user batch {self._id}: reading its list")
+        src = inp.source
+        search.show({search.USER_ID: src.user_id, search.PRIORITY: src.priority, search.LANE: src.lanes[0],
+                     search.BATCH_STATE: "ingesting"})
         ingested = await workflow.execute_activity_method(
             IngestActivities.ingest_source,
             IngestRequest(self._id, inp.source.uri, inp.source.column),
@@ -175,15 +182,24 @@ class UserBatchWorkflow:
         )
 
     def _describe(self) -> None:
+        """The Web UI's current details and the search attributes, from counts the workflow has."""
         p = self._progress
         if p is None:
             return
-        unique = sum(lane.unique_addresses for lane in p.lanes)
-        done = unique - p.remaining
-        workflow.set_current_details(
-            f"{p.state}: {done:,} of {unique:,} unique addresses settled; {p.rows:,} rows "
-            f"({p.invalid:,} invalid, {p.duplicates:,} duplicates)"
-        )
+        state = search.user_batch_state(p.state)
+        flight = f"{p.in_flight_batches:,} Bouncer batch{'es' if p.in_flight_batches != 1 else ''} in flight"
+        rows = f"{p.rows:,} rows ({p.invalid:,} invalid, {p.duplicates:,} duplicates)"
+        if p.state == "paused":
+            # While paused, `remaining` counts only the addresses already at the API.
+            workflow.set_current_details(f"paused: {flight}, nothing new is sent until resumed; {rows}")
+        else:
+            verified = p.unique_addresses - p.remaining - p.failed
+            failed = f" ({p.failed:,} failed)" if p.failed else ""
+            workflow.set_current_details(
+                f"{state}: {verified:,} of {p.unique_addresses:,} addresses verified{failed}; {flight}; {rows}"
+            )
+        search.show({search.USER_ID: p.user_id, search.PRIORITY: p.priority,
+                     search.LANE: p.lanes[0].lane if p.lanes else "", search.BATCH_STATE: state})
 
 
 def _counts(counts: dict[str, int]) -> str:
