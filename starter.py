@@ -24,14 +24,17 @@ from typing import Annotated, Optional
 import orjson
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities.ingest import UnreadableInput, copy_items
 from devstack import DevStack
+from ops import readings
 from settings import LANES, Settings
 from workflows import search
 from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
@@ -258,8 +261,12 @@ def status(
     user_batch_id: Annotated[Optional[int], typer.Argument(help="One user batch; omit for the overview")] = None,
     user: Annotated[Optional[str], typer.Option(help="Only this user's batches")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh the overview live")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch)")] = 2.0,
+    count: Annotated[int, typer.Option(help="Stop after this many refreshes (--watch; 0: never)")] = 0,
 ) -> None:
-    """A user batch's counts, or the lanes and recent user batches."""
+    """A user batch's counts, or the overview: lanes, queues, in-flight batches, API use, credits,
+    dead letters and recent user batches."""
     s = settings()
     with db_connect(s) as conn:
         if user_batch_id is not None:
@@ -283,52 +290,99 @@ def status(
             if row[12]:
                 out.print(f"outcome: {row[12]}")
             return
-        batches = conn.execute(
+    if watch:
+        asyncio.run(watch_overview(s, user, interval, count))
+        return
+    doc = asyncio.run(overview(s, user))
+    if as_json:
+        emit_json(doc)
+        return
+    out.print(render_overview(doc))
+
+
+async def overview(s: Settings, user: str | None) -> dict:
+    """Lanes (scheduler status + queue depth), API use, credits, dead letters, recent user batches."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(s.database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise fail(f"cannot reach Postgres ({first}). Is the stack up (`starter.py dev up`)?", 1)
+    async with conn:
+        batches = await (await conn.execute(
             "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
             " created_at, finished_at, summary from user_batches where (%s::text is null or user_id = %s)"
             " order by id desc limit 20",
             (user, user),
-        ).fetchall()
-        queued = dict(conn.execute(
+        )).fetchall()
+        queued = dict(await (await conn.execute(
             "select q.lane, count(*) from queue q join user_batch_lanes l"
             " on l.user_batch_id = q.user_batch_id and l.lane = q.lane where q.seq >= l.cursor group by 1"
-        ).fetchall())
-        dead = conn.execute("select count(*) from dead_letters").fetchone()[0]
+        )).fetchall())
+        dead = (await (await conn.execute("select count(*) from dead_letters")).fetchone())[0]
+        r = await readings.read(conn, s)
+        credits = await (await conn.execute(
+            "select value, observed_at from alert_state where name = 'credits'"
+        )).fetchone()
 
-    async def lanes_status() -> list[dict]:
-        client = await temporal(s)
-        found = []
-        for lane in LANES:
-            try:
-                st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
-                # The database's count is exact and current (the workflow's is as of its last pack).
-                found.append({**st.__dict__, "queued": queued.get(lane, 0)})
-            except RPCError:
-                found.append({"lane": lane, "running": False, "queued": queued.get(lane, 0)})
-        return found
+    client = await temporal(s)
+    lanes = []
+    for lane in LANES:
+        doc = {"lane": lane, "queued": queued.get(lane, 0), "in_flight_batches": r.in_flight.get(lane, 0)}
+        try:
+            st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
+            # The database's count is exact and current (the workflow's is as of its last pack).
+            lanes.append({**st.__dict__, **doc, "running": True})
+        except RPCError:
+            lanes.append({**doc, "running": False})
+    return {
+        "lanes": lanes,
+        "user_batches": [batch_doc(b, None) for b in batches],
+        "dead_letters": dead,
+        "api": {b: {"requests_per_minute": r.requests.get(b, 0), "budget_per_minute": r.budgets[b],
+                    "utilization": round(r.utilization[b], 3)} for b in r.budgets},
+        "credits": {"credits": int(credits[0]), "observed_at": credits[1].isoformat()} if credits else None,
+    }
 
-    lane_docs = asyncio.run(lanes_status())
-    if as_json:
-        emit_json({"lanes": lane_docs, "user_batches": [batch_doc(b, None) for b in batches], "dead_letters": dead})
-        return
+
+def render_overview(doc: dict) -> Group:
     t = Table(title="lanes")
     for col in ("lane", "state", "queued", "in flight", "free slots", "dispatched"):
         t.add_column(col)
-    for ld in lane_docs:
-        if "in_flight" in ld:
+    for ld in doc["lanes"]:
+        if ld["running"]:
             state = f"paused ({ld['pause_reason']})" if ld["paused"] else "running"
             t.add_row(ld["lane"], state, f"{ld['queued']:,}", str(ld["in_flight"]), str(ld["free_slots"]),
                       str(ld["dispatched_batches"]))
         else:
-            t.add_row(ld["lane"], "not started", f"{ld['queued']:,}", "-", "-", "-")
-    out.print(t)
-    t = Table(title="recent user batches")
+            t.add_row(ld["lane"], "not started", f"{ld['queued']:,}", str(ld["in_flight_batches"]), "-", "-")
+    api = Table(title="Bouncer API (all workers)")
+    for col in ("budget", "requests this minute", "per minute allowed", "use"):
+        api.add_column(col)
+    for budget, a in doc["api"].items():
+        api.add_row(budget, f"{a['requests_per_minute']:,}", f"{a['budget_per_minute']:,.0f}",
+                    f"{a['utilization']:.0%}")
+    ub = Table(title="recent user batches")
     for col in ("id", "user", "name", "priority", "state", "rows"):
-        t.add_column(col)
-    for b in batches:
-        t.add_row(str(b[0]), b[1], b[2], PRIORITIES[b[3]], b[5], f"{b[6]:,}")
-    out.print(t)
-    out.print(f"dead letters: {dead:,}")
+        ub.add_column(col)
+    for b in doc["user_batches"]:
+        ub.add_row(str(b["user_batch_id"]), b["user"], b["name"], b["priority"], b["state"], f"{b['rows']:,}")
+    c = doc["credits"]
+    credits = f"credits: {c['credits']:,} (read {c['observed_at'][:19]}Z)" if c else "credits: not read yet"
+    return Group(t, api, ub, Text(f"{credits}; dead letters: {doc['dead_letters']:,}"))
+
+
+async def watch_overview(s: Settings, user: str | None, interval: float, count: int) -> None:
+    """Redraw the overview every `interval` seconds (`count` times; 0: until Ctrl-C)."""
+    with Live(console=out, auto_refresh=False) as live:
+        n = 0
+        while True:
+            doc = await overview(s, user)
+            stamp = Text(time.strftime("%H:%M:%S") + f"  (every {interval:g} s, Ctrl-C to stop)", style="dim")
+            live.update(Group(stamp, render_overview(doc)), refresh=True)
+            n += 1
+            if count and n >= count:
+                return
+            await asyncio.sleep(interval)
 
 
 def batch_doc(row: tuple, lanes: list | None) -> dict:
@@ -490,6 +544,37 @@ def cancel(
         out.print(f"user batch {user_batch_id}: cancellation requested")
 
     asyncio.run(go())
+
+
+# ---- health -------------------------------------------------------------------------------
+
+
+@app.command()
+def health(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False) -> None:
+    """Temporal, Postgres, schema, workers, schedulers, Bouncer and credits, backlog, failures and
+    rate-limit use against the alert thresholds. Exit code 0 healthy, 1 degraded, 2 down.
+
+    Crossing a threshold (or clearing it) records one event in `events`."""
+    from ops.health import check
+    from worker import bouncer_client
+
+    s = settings()
+    report = asyncio.run(check(s, lambda: bouncer_client(s)))
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        colors = {"ok": "green", "degraded": "yellow", "down": "red"}
+        t = Table(title=f"health: {report.status}")
+        t.add_column("check")
+        t.add_column("status")
+        t.add_column("detail")
+        for c in report.checks:
+            t.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.detail)
+        out.print(t)
+        for a in report.alerts:
+            if a["changed"]:
+                out.print(f"alert {a['name']} {'raised' if a['firing'] else 'cleared'} (event recorded)")
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:

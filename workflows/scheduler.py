@@ -53,18 +53,21 @@ class GreedySchedulerWorkflow:
         self._state.in_flight.pop(str(finished.bouncer_batch_id), None)
         self._state.express_in_flight.pop(str(finished.bouncer_batch_id), None)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
+        self._describe()  # the main loop may not wake (paused)
 
     @workflow.signal
     def pause(self, request: LanePause) -> None:
         """In-flight batches finish; nothing new is dispatched until `resume`."""
         self._state.paused = True
         self._state.pause_reason = request.reason
+        self._describe()
 
     @workflow.signal
     def resume(self) -> None:
         self._state.paused = False
         self._state.pause_reason = ""
         self._state.work_hint = True
+        self._describe()
 
     @workflow.query
     def status(self) -> SchedulerStatus:
@@ -219,6 +222,9 @@ class GreedySchedulerWorkflow:
             self.resume()
 
     def _describe(self) -> None:
+        """The Web UI's current details, and Lane / BatchState (paused, dispatching, idle)."""
+        if self._input is None:  # a signal delivered with the start, before `run` began
+            return
         s = self.status()
         paused = f"; paused: {s.pause_reason}" if s.paused else ""
         workflow.set_current_details(
