@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
@@ -251,3 +252,121 @@ def _ok(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ---- health: degraded, alerts once per crossing, down ------------------------------------------
+
+
+def events(p: Pipeline) -> list[tuple[str, str]]:
+    return [tuple(r) for r in p.sql("select kind, subject from events where kind like 'alert.%%' order by id")]
+
+
+async def test_health_raises_each_alert_once_per_crossing_and_clears_it_when_back_under(
+    dev_env, db_url, sandbox, tmp_path
+):
+    from ops import health
+    from ops.metrics import ApiUsage
+    from worker import bouncer_client
+
+    client = dev_env.client
+    settings = make_settings(db_url, sandbox, batch_size=10, alert_backlog_batches=1, alert_credits_floor=500,
+                             alert_rate_utilization=0.9,
+                             temporal_address=client.service_client.config.target_host)
+
+    async def check() -> health.Report:
+        return await health.check(settings, lambda: bouncer_client(settings))
+
+    async with running_pipeline(client, settings) as p:
+        await client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(settings, LANE), id=scheduler_id(LANE),
+            task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("held by the test")],
+        )
+        handle = await p.submit_file(write_list(tmp_path / "c.csv", emails("c", 30)), "carol")
+        await until(lambda: p.sql("select state from user_batches") == [("queued",)], "prepared")
+        httpx.post(f"{sandbox.url}/_sandbox/credits", json={"credits": 100}).raise_for_status()
+        # 5,500 creations this minute (as workers flush them) against a budget of 6,000 a minute.
+        usage = ApiUsage()
+        for _ in range(5500):
+            usage.observe("create", "201", 0.01)
+        import db as dbmod
+
+        pool = dbmod.open_pool(settings.database_url, 1)
+        await pool.open()
+        await usage.flush(pool)
+        await pool.close()
+
+        first = await check()
+        assert (first.status, first.exit_code) == ("degraded", 1)
+        firing = {a["name"] for a in first.alerts if a["firing"]}
+        assert firing == {"backlog", "credits", "rate_limit_create"}, first.alerts
+        assert first.readings["backlog_batches"] == 3.0
+        assert sorted(events(p)) == [("alert.raised", "backlog"), ("alert.raised", "credits"),
+                                     ("alert.raised", "rate_limit_create")]
+
+        again = await check()  # still over: no new events
+        assert {a["name"] for a in again.alerts if a["firing"]} == firing
+        assert not any(a["changed"] for a in again.alerts)
+        assert len(events(p)) == 3
+
+        httpx.post(f"{sandbox.url}/_sandbox/credits", json={"credits": 1_000_000}).raise_for_status()
+        await client.get_workflow_handle(scheduler_id(LANE)).signal(GreedySchedulerWorkflow.resume)
+        assert (await asyncio.wait_for(handle.result(), 60)).state == "completed"
+        p.sql("update api_usage set minute = minute - interval '1 hour' returning 1")  # a quiet hour later
+
+        cleared = await check()
+        assert (cleared.status, cleared.exit_code) == ("healthy", 0), [c for c in cleared.checks if c.status != "ok"]
+        assert events(p)[3:] and sorted(events(p)[3:]) == [("alert.cleared", "backlog"), ("alert.cleared", "credits"),
+                                                           ("alert.cleared", "rate_limit_create")]
+        assert len(events(p)) == 6
+        await check()
+        assert len(events(p)) == 6
+
+
+def health_cli(**env: str) -> tuple[int, dict]:
+    from typer.testing import CliRunner
+
+    import starter
+
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
+    overrides.update(env)
+    result = CliRunner(env=overrides).invoke(starter.app, ["health", "--json"], catch_exceptions=False)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_health_is_down_when_temporal_or_postgres_cannot_be_reached(db_url, sandbox, tmp_path):
+    code, report = health_cli(DATABASE_URL=db_url, TEMPORAL_ADDRESS="127.0.0.1:1", BOUNCER_BASE_URL=sandbox.url,
+                              BOUNCER_API_KEY=sandbox.api_key)
+    assert (code, report["status"]) == (2, "down")
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["temporal"]["status"] == "down" and "127.0.0.1:1" in checks["temporal"]["detail"]
+    assert checks["postgres"]["status"] == "ok" and checks["bouncer"]["status"] == "ok"
+
+    code, report = health_cli(DATABASE_URL=f"postgresql://postgres@/nodb?host={tmp_path}",
+                              TEMPORAL_ADDRESS="127.0.0.1:1", BOUNCER_BASE_URL="http://127.0.0.1:1")
+    assert (code, report["status"]) == (2, "down")
+    checks = {c["name"]: c["status"] for c in report["checks"]}
+    assert checks == {"temporal": "down", "postgres": "down", "bouncer": "degraded"}
+
+
+def test_status_watch_redraws_lanes_api_use_credits_and_dead_letters(dev_env, db_url):
+    from typer.testing import CliRunner
+
+    import starter
+
+    env = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
+    env.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=dev_env.client.service_client.config.target_host,
+               COLUMNS="120")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("insert into alert_state (name, firing, value) values ('credits', false, 123456)")
+        conn.execute("insert into api_usage (minute, budget, requests) values (date_trunc('minute', now()), 'create', 25)")
+    result = CliRunner(env=env).invoke(starter.app, ["status", "--watch", "--interval", "0.05", "--count", "2"],
+                                       catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("Ctrl-C to stop") >= 1
+    for needle in ("lanes", "deliverability", "Bouncer API (all workers)", "50%", "credits: 123,456",
+                   "dead letters: 0"):
+        assert needle in result.stdout, needle
+
+    doc = json.loads(CliRunner(env=env).invoke(starter.app, ["status", "--json"]).stdout)
+    assert doc["api"]["create"] == {"requests_per_minute": 25, "budget_per_minute": 50.0, "utilization": 0.5}
+    assert doc["credits"]["credits"] == 123456
