@@ -39,7 +39,7 @@ def thresholds(settings, r: Readings, credits: int | None) -> list[Alert]:
                            settings.alert_rate_utilization, f"share of the {budget} budget used in a minute"))
     if credits is not None:
         found.append(Alert("credits", credits < settings.alert_credits_floor, credits, settings.alert_credits_floor,
-                           "credits left (alert below the floor)"))
+                           "credits left"))
     return found
 
 

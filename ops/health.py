@@ -201,7 +201,11 @@ async def _bouncer(settings, bouncer_factory, report: Report) -> int | None:
 def _thresholds_as_checks(settings, r: readings.Readings, credits: int | None, report: Report) -> None:
     for a in alerts.thresholds(settings, r, credits):
         report.add(f"alert_{a.name}", DEGRADED if a.crossed else OK,
-                   f"{a.what}: {a.value:,} ({'over' if a.name != 'credits' else 'floor'} {a.threshold:,})")
+                   f"{a.what}: {_num(a.value)} (alert {'below' if a.name == 'credits' else 'above'} {_num(a.threshold)})")
+
+
+def _num(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:,}"
 
 
 def _td(seconds: float) -> timedelta:

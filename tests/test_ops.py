@@ -203,7 +203,7 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
             assert meta.current_details.startswith("processing: 0 of 120 addresses verified; 0 Bouncer batches")
             sched_meta = await client.get_workflow_handle(scheduler_id(LANE)).query(
                 "__temporal_workflow_metadata", result_type=WorkflowMetadata)
-            assert sched_meta.current_details.endswith("paused: held by the test")
+            assert sched_meta.current_details.startswith(f"lane {LANE} paused: held by the test; 0 Bouncer batches")
 
             # The queue-depth gauge sees the held work; the health check calls it degraded (lane paused).
             await until(lambda: total(scrape(metrics_url), "pipeline_queue_depth", lane=LANE) == 150, "queue depth")

@@ -226,11 +226,12 @@ class GreedySchedulerWorkflow:
         if self._input is None:  # a signal delivered with the start, before `run` began
             return
         s = self.status()
-        paused = f"; paused: {s.pause_reason}" if s.paused else ""
-        workflow.set_current_details(
-            f"lane {s.lane}: {s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
-            f"{s.free_slots} slots free, {s.express_in_flight} express, {s.queued:,} addresses queued, "
-            f"{s.dispatched_batches} dispatched{paused}"
-        )
+        flight = f"{s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses)"
+        if s.paused:  # nothing is packed while paused, so the last pack's queue count would be stale
+            details = f"lane {s.lane} paused: {s.pause_reason}; {flight}, {s.dispatched_batches} dispatched"
+        else:
+            details = (f"lane {s.lane}: {flight}, {s.free_slots} slots free, {s.express_in_flight} express, "
+                       f"{s.queued:,} addresses queued after the last pack, {s.dispatched_batches} dispatched")
+        workflow.set_current_details(details)
         state = "paused" if s.paused else ("dispatching" if s.in_flight or s.queued else "idle")
         search.show({search.LANE: s.lane, search.BATCH_STATE: state})
