@@ -17,6 +17,7 @@ import csv
 import os
 import sys
 import time
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -29,7 +30,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities.ingest import UnreadableInput, copy_items
@@ -102,7 +103,7 @@ def load_batch(conn: psycopg.Connection, user_batch_id: int, user: str | None) -
 
 
 def stack() -> DevStack:
-    return DevStack(Path(".dev"))
+    return DevStack(Path(".dev"), metrics_port=9464)
 
 
 @dev_app.command("up")
@@ -114,7 +115,7 @@ def dev_up(
     with out.status("starting the embedded stack..."):
         st.up(worker=worker)
     out.print(f"stack up: Temporal {st.temporal_address}, Web UI http://127.0.0.1:{st.ui_port}, "
-              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}")
+              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}, metrics http://127.0.0.1:{st.metrics_port}/metrics")
 
 
 @dev_app.command("down")
@@ -328,11 +329,15 @@ async def overview(s: Settings, user: str | None) -> dict:
     lanes = []
     for lane in LANES:
         doc = {"lane": lane, "queued": queued.get(lane, 0), "in_flight_batches": r.in_flight.get(lane, 0)}
+        handle = client.get_workflow_handle(scheduler_id(lane))
         try:
-            st = await client.get_workflow_handle(scheduler_id(lane)).query("status", result_type=SchedulerStatus)
+            # Only a running scheduler is asked (a query to a closed one waits for a worker to replay it).
+            if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+                raise LookupError(lane)
+            st = await handle.query("status", result_type=SchedulerStatus, rpc_timeout=timedelta(seconds=5))
             # The database's count is exact and current (the workflow's is as of its last pack).
             lanes.append({**st.__dict__, **doc, "running": True})
-        except RPCError:
+        except (RPCError, LookupError):
             lanes.append({**doc, "running": False})
     return {
         "lanes": lanes,

@@ -150,7 +150,8 @@ async def _temporal_parts(settings, client: Client, report: Report, r: readings.
 
     try:
         resp = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(namespace=settings.temporal_namespace, task_queue=TaskQueue(name=settings.task_queue),
+            DescribeTaskQueueRequest(namespace=settings.temporal_namespace,
+                                     task_queue=TaskQueue(name=settings.task_queue),
                                      task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
             timeout=_td(TIMEOUT_S),
         )
@@ -200,8 +201,9 @@ async def _bouncer(settings, bouncer_factory, report: Report) -> int | None:
 
 def _thresholds_as_checks(settings, r: readings.Readings, credits: int | None, report: Report) -> None:
     for a in alerts.thresholds(settings, r, credits):
+        side = "below" if a.name == "credits" else "above"
         report.add(f"alert_{a.name}", DEGRADED if a.crossed else OK,
-                   f"{a.what}: {_num(a.value)} (alert {'below' if a.name == 'credits' else 'above'} {_num(a.threshold)})")
+                   f"{a.what}: {_num(a.value)} (alert {side} {_num(a.threshold)})")
 
 
 def _num(x: float) -> str:
