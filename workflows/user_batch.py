@@ -155,8 +155,8 @@ class UserBatchWorkflow:
                 retry_policy=DB_RETRY,
             )
         await self._nudge()
-        self._news += 1
-        self._describe()
+        self._news += 1  # the main loop re-reads progress and upserts the search attributes
+        self._describe(upsert=False)  # no commands beside an update's response
         return self._progress
 
     async def _read_progress(self) -> Progress:
@@ -181,7 +181,7 @@ class UserBatchWorkflow:
             )
         )
 
-    def _describe(self) -> None:
+    def _describe(self, upsert: bool = True) -> None:
         """The Web UI's current details and the search attributes, from counts the workflow has."""
         p = self._progress
         if p is None:
@@ -198,8 +198,9 @@ class UserBatchWorkflow:
             workflow.set_current_details(
                 f"{state}: {verified:,} of {p.unique_addresses:,} addresses verified{failed}; {flight}; {rows}"
             )
-        search.show({search.USER_ID: p.user_id, search.PRIORITY: p.priority,
-                     search.LANE: p.lanes[0].lane if p.lanes else "", search.BATCH_STATE: state})
+        if upsert:
+            search.show({search.USER_ID: p.user_id, search.PRIORITY: p.priority,
+                         search.LANE: p.lanes[0].lane if p.lanes else "", search.BATCH_STATE: state})
 
 
 def _counts(counts: dict[str, int]) -> str:
