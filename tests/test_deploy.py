@@ -79,7 +79,8 @@ def test_docker_compose_accepts_the_file():
 
 def test_k8s_manifests_validate_against_the_kubernetes_schemas():
     docs = k8s_documents()
-    assert {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(docs)
+    kinds = {"ConfigMap", "Secret", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert kinds <= set(docs)
     for kind, doc in docs.items():
         if kind == "Kustomization":
             continue  # a kustomize file, not an API object
