@@ -84,6 +84,7 @@ class DevStack:
     ui_port: int = 8233
     sandbox_port: int = 8299
     callback_port: int = 8298
+    metrics_port: int = 0  # the first worker's /metrics, /healthz, /readyz; 0: off
     sandbox_args: list[str] = field(default_factory=lambda: ["--time-scale", "60", "--speed", "50"])
     worker_env: dict[str, str] = field(default_factory=dict)
 
@@ -119,6 +120,7 @@ class DevStack:
             "CATCHALL_API_KEY": SANDBOX_KEY,
             "CALLBACK_LISTEN": f"127.0.0.1:{self.callback_port}",
             "POLL_INTERVAL_S": "2",
+            **({"METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"} if self.metrics_port else {}),
             **self.worker_env,
         }
 
@@ -215,7 +217,7 @@ class DevStack:
         env = self.env()
         if not callbacks:
             public = f"http://127.0.0.1:{self.callback_port}" if advertise else ""
-            env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=public)
+            env.update(CALLBACK_LISTEN="", CALLBACK_PUBLIC_URL=public, METRICS_LISTEN="")
         proc = self._spawn(name, [sys.executable, "worker.py"], env=env)
         log = self.root / f"{name}.log"
         if callbacks:
@@ -272,6 +274,7 @@ class DevStack:
             "postgres": (self.pgdata / "postmaster.pid").exists(),
             "temporal": self._running("temporal") is not None,
             "web_ui": f"http://127.0.0.1:{self.ui_port}",
+            "metrics": f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None,
             "sandbox": self._running("sandbox") is not None,
             "worker": self._running("worker") is not None,
         }

@@ -123,6 +123,30 @@ class Settings(BaseSettings):
         "", description="Base URL Bouncer calls back (defaults to http://CALLBACK_LISTEN)"
     )
 
+    # Operations: metrics, tracing, health thresholds
+    metrics_listen: str = Field(
+        "", description="host:port of the worker's /metrics (ours and the SDK's), /healthz and /readyz; empty: off"
+    )
+    metrics_sample_s: float = Field(
+        15.0, description="How often a worker refreshes its database-derived gauges and flushes API usage"
+    )
+    credits_sample_s: float = Field(
+        300.0, description="How often a worker reads /credits for the credits gauge (one API request); 0: never"
+    )
+    otlp_endpoint: str = Field(
+        "", description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); empty: tracing off"
+    )
+    alert_backlog_batches: float = Field(
+        1000, description="Alert when queued work exceeds this many Bouncer batches (queued addresses / BATCH_SIZE)"
+    )
+    alert_failed: int = Field(50, description="Alert when more addresses than this were dead-lettered in the window")
+    alert_failed_window_s: float = Field(86400.0, description="The window of ALERT_FAILED, seconds")
+    alert_rate_utilization: float = Field(
+        0.9, description="Alert when API requests in a minute exceed this share of a budget (0..1)"
+    )
+    alert_credits_floor: int = Field(10_000, description="Alert when the account's credits fall below this")
+    alert_check_s: float = Field(60.0, description="How often a worker evaluates the alert thresholds; 0: never")
+
     @property
     def callback_base_url(self) -> str:
         if self.callback_public_url:

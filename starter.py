@@ -25,19 +25,23 @@ from typing import Annotated, Optional
 import orjson
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
+from rich.text import Text
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError
 
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
 from devstack import DevStack
+from ops import readings
 from settings import CATCHALL, LANES, Settings
+from workflows import search
 from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
-from workflows.models import scheduler_id, user_batch_workflow_id
+from workflows.models import scheduler_id, scheduler_summary, user_batch_workflow_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 dev_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the embedded dev stack (.dev/).")
@@ -101,7 +105,7 @@ def load_batch(conn: psycopg.Connection, user_batch_id: int, user: str | None) -
 
 
 def stack() -> DevStack:
-    return DevStack(Path(".dev"))
+    return DevStack(Path(".dev"), metrics_port=9464)
 
 
 @dev_app.command("up")
@@ -113,7 +117,7 @@ def dev_up(
     with out.status("starting the embedded stack..."):
         st.up(worker=worker)
     out.print(f"stack up: Temporal {st.temporal_address}, Web UI http://127.0.0.1:{st.ui_port}, "
-              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}")
+              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}, metrics http://127.0.0.1:{st.metrics_port}/metrics")
 
 
 @dev_app.command("down")
@@ -189,13 +193,17 @@ def submit(
         ingest_s = time.perf_counter() - started
         try:
             handle = await client.start_workflow(
-                UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue
+                UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue,
+                search_attributes=search.at_start(user, priority.value, lane_list[0], "preparing"),
+                static_summary=f"user batch {ub_id} of {user}: {stats.rows:,} rows, priority {priority.value}",
             )
         except RPCError as exc:
             with db_connect(s) as c, c.transaction():
                 c.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub_id,))
                 record_event(c, "user_batch.failed", ub_id, user, {"user_batch_id": ub_id, "reason": "workflow did not start"})
-            raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}", 1)
+            hint = (" (create the search attributes: README, \"Operations\")"
+                    if "search attribute" in str(exc).lower() else "")
+            raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}{hint}", 1)
         summary = await follow(handle, as_json) if wait else None
         return ub_id, stats, ingest_s, summary
 
@@ -263,8 +271,12 @@ def status(
     user_batch_id: Annotated[Optional[int], typer.Argument(help="One user batch; omit for the overview")] = None,
     user: Annotated[Optional[str], typer.Option(help="Only this user's batches")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh the overview live")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch)")] = 2.0,
+    count: Annotated[int, typer.Option(help="Stop after this many refreshes (--watch; 0: never)")] = 0,
 ) -> None:
-    """A user batch's counts, or the lanes and recent user batches."""
+    """A user batch's counts, or the overview: lanes, queues, in-flight batches, API use, credits,
+    dead letters and recent user batches."""
     s = settings()
     with db_connect(s) as conn:
         if user_batch_id is not None:
@@ -288,64 +300,115 @@ def status(
             if row[12]:
                 out.print(f"outcome: {row[12]}")
             return
-        batches = conn.execute(
+    if watch:
+        asyncio.run(watch_overview(s, user, interval, count))
+        return
+    doc = asyncio.run(overview(s, user))
+    if as_json:
+        emit_json(doc)
+        return
+    out.print(render_overview(doc))
+
+
+async def overview(s: Settings, user: str | None) -> dict:
+    """Lanes (scheduler status + queue depth), API use, credits, dead letters, recent user batches."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(s.database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise fail(f"cannot reach Postgres ({first}). Is the stack up (`starter.py dev up`)?", 1)
+    async with conn:
+        batches = await (await conn.execute(
             "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
             " created_at, finished_at, summary from user_batches where (%s::text is null or user_id = %s)"
             " order by id desc limit 20",
             (user, user),
-        ).fetchall()
-        queued = dict(conn.execute(
+        )).fetchall()
+        queued = dict(await (await conn.execute(
             "select q.lane, count(*) from queue q join user_batch_lanes l"
             " on l.user_batch_id = q.user_batch_id and l.lane = q.lane where q.seq >= l.cursor group by 1"
-        ).fetchall())
-        dead = conn.execute("select count(*) from dead_letters").fetchone()[0]
-        users = user_loads(conn, s.max_in_flight_per_user)
+        )).fetchall())
+        dead = (await (await conn.execute("select count(*) from dead_letters")).fetchone())[0]
+        r = await readings.read(conn, s)
+        credits = await (await conn.execute(
+            "select value, observed_at from alert_state where name = 'credits'"
+        )).fetchone()
+    with db_connect(s) as sync_conn:
+        users = user_loads(sync_conn, s.max_in_flight_per_user)
 
-    async def lanes_status() -> list[dict]:
-        client = await temporal(s)
-        found = []
-        for lane in LANES:
-            try:
-                # Bounded: a scheduler whose workers are gone would hold the query until the RPC deadline.
-                st = await client.get_workflow_handle(scheduler_id(lane)).query(
-                    "status", result_type=SchedulerStatus, rpc_timeout=timedelta(seconds=5))
-                # The database's count is exact and current (the workflow's is as of its last pack).
-                found.append({**st.__dict__, "queued": queued.get(lane, 0)})
-            except RPCError:
-                found.append({"lane": lane, "running": False, "queued": queued.get(lane, 0)})
-        return found
+    client = await temporal(s)
+    lanes = []
+    for lane in LANES:
+        doc = {"lane": lane, "queued": queued.get(lane, 0), "in_flight_batches": r.in_flight.get(lane, 0)}
+        handle = client.get_workflow_handle(scheduler_id(lane))
+        try:
+            # Only a running scheduler is asked (a query to a closed one waits for a worker to replay it).
+            if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+                raise LookupError(lane)
+            st = await handle.query("status", result_type=SchedulerStatus, rpc_timeout=timedelta(seconds=5))
+            # The database's count is exact and current (the workflow's is as of its last pack).
+            lanes.append({**st.__dict__, **doc, "running": True})
+        except (RPCError, LookupError):
+            lanes.append({**doc, "running": False})
+    return {
+        "lanes": lanes,
+        "user_batches": [batch_doc(b, None) for b in batches],
+        "dead_letters": dead,
+        "api": {b: {"requests_per_minute": r.requests.get(b, 0), "budget_per_minute": r.budgets[b],
+                    "utilization": round(r.utilization[b], 3)} for b in r.budgets},
+        "credits": {"credits": int(credits[0]), "observed_at": credits[1].isoformat()} if credits else None,
+        "users": users,
+    }
 
-    lane_docs = asyncio.run(lanes_status())
-    if as_json:
-        emit_json({"lanes": lane_docs, "user_batches": [batch_doc(b, None) for b in batches], "dead_letters": dead,
-                   "users": users})
-        return
+
+def render_overview(doc: dict) -> Group:
     t = Table(title="lanes")
     for col in ("lane", "state", "queued", "in flight", "free slots", "dispatched"):
         t.add_column(col)
-    for ld in lane_docs:
-        if "in_flight" in ld:
+    for ld in doc["lanes"]:
+        if ld["running"]:
             state = f"paused ({ld['pause_reason']})" if ld["paused"] else "running"
             t.add_row(ld["lane"], state, f"{ld['queued']:,}", str(ld["in_flight"]), str(ld["free_slots"]),
                       str(ld["dispatched_batches"]))
         else:
-            t.add_row(ld["lane"], "not started", f"{ld['queued']:,}", "-", "-", "-")
-    out.print(t)
-    t = Table(title="recent user batches")
+            t.add_row(ld["lane"], "not started", f"{ld['queued']:,}", str(ld["in_flight_batches"]), "-", "-")
+    api = Table(title="Bouncer API (all workers)")
+    for col in ("budget", "requests this minute", "per minute allowed", "use"):
+        api.add_column(col)
+    for budget, a in doc["api"].items():
+        api.add_row(budget, f"{a['requests_per_minute']:,}", f"{a['budget_per_minute']:,.0f}",
+                    f"{a['utilization']:.0%}")
+    ub = Table(title="recent user batches")
     for col in ("id", "user", "name", "priority", "state", "rows"):
-        t.add_column(col)
-    for b in batches:
-        t.add_row(str(b[0]), b[1], b[2], PRIORITIES[b[3]], b[5], f"{b[6]:,}")
-    out.print(t)
-    if users:
-        t = Table(title="users with work (in-flight addresses per lane against the per-user cap)")
+        ub.add_column(col)
+    for b in doc["user_batches"]:
+        ub.add_row(str(b["user_batch_id"]), b["user"], b["name"], b["priority"], b["state"], f"{b['rows']:,}")
+    c = doc["credits"]
+    credits = f"credits: {c['credits']:,} (read {c['observed_at'][:19]}Z)" if c else "credits: not read yet"
+    parts = [t, api, ub]
+    if doc["users"]:
+        us = Table(title="users with work (in-flight addresses per lane against the per-user cap)")
         for col in ("user", *LANES, "queued", "cap"):
-            t.add_column(col, justify="left" if col == "user" else "right")
-        for u in users:
-            t.add_row(u["user"], *(f"{u['in_flight'].get(lane, 0):,}" for lane in LANES), f"{u['queued']:,}",
-                      f"{u['cap']:,}" if u["cap"] else "none")
-        out.print(t)
-    out.print(f"dead letters: {dead:,}")
+            us.add_column(col, justify="left" if col == "user" else "right")
+        for u in doc["users"]:
+            us.add_row(u["user"], *(f"{u['in_flight'].get(lane, 0):,}" for lane in LANES), f"{u['queued']:,}",
+                       f"{u['cap']:,}" if u["cap"] else "none")
+        parts.append(us)
+    return Group(*parts, Text(f"{credits}; dead letters: {doc['dead_letters']:,}"))
+
+
+async def watch_overview(s: Settings, user: str | None, interval: float, count: int) -> None:
+    """Redraw the overview every `interval` seconds (`count` times; 0: until Ctrl-C)."""
+    with Live(console=out, auto_refresh=False) as live:
+        n = 0
+        while True:
+            doc = await overview(s, user)
+            stamp = Text(time.strftime("%H:%M:%S") + f"  (every {interval:g} s, Ctrl-C to stop)", style="dim")
+            live.update(Group(stamp, render_overview(doc)), refresh=True)
+            n += 1
+            if count and n >= count:
+                return
+            await asyncio.sleep(interval)
 
 
 def user_loads(conn: psycopg.Connection, default_cap: int) -> list[dict]:
@@ -505,6 +568,7 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
                     task_queue=s.task_queue,
                     start_signal="pause" if pause else "resume",
                     start_signal_args=[LanePause("paused by operator")] if pause else [],
+                    static_summary=scheduler_summary(lane),
                 )
             except RPCError as exc:
                 raise fail(f"lane {lane} could not be {'paused' if pause else 'resumed'}: {exc.message}", 1)
@@ -675,6 +739,37 @@ def events_retry(
         ).rowcount
         conn.execute(f"select pg_notify('{EVENTS_CHANNEL}', '')")  # wakes the dispatcher's fetch
     out.print(f"{n} deliveries queued again")
+
+
+# ---- health -------------------------------------------------------------------------------
+
+
+@app.command()
+def health(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False) -> None:
+    """Temporal, Postgres, schema, workers, schedulers, Bouncer and credits, backlog, failures and
+    rate-limit use against the alert thresholds. Exit code 0 healthy, 1 degraded, 2 down.
+
+    Crossing a threshold (or clearing it) records one event in `events`."""
+    from ops.health import check
+    from worker import bouncer_client
+
+    s = settings()
+    report = asyncio.run(check(s, lambda: bouncer_client(s)))
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        colors = {"ok": "green", "degraded": "yellow", "down": "red"}
+        t = Table(title=f"health: {report.status}")
+        t.add_column("check")
+        t.add_column("status")
+        t.add_column("detail")
+        for c in report.checks:
+            t.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.detail)
+        out.print(t)
+        for a in report.alerts:
+            if a["changed"]:
+                out.print(f"alert {a['name']} {'raised' if a['firing'] else 'cleared'} (event recorded)")
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:

@@ -4,9 +4,10 @@ Runs, in one process: the workflow worker (plus the database activities) on TASK
 batch-creation API activities on API_CREATE_TASK_QUEUE and the other API activities on
 API_TASK_QUEUE. The two API queues carry `max_task_queue_activities_per_second`, which the
 Temporal server enforces across every worker process (the global API budget). Also serves
-the completion-callback receiver when CALLBACK_LISTEN is set. With CATCHALL_BASE_URL set, the
-catchall lane's two API queues (its own budgets, its own client) run here too. Starts the event
-dispatcher if it is not running. SIGTERM/SIGINT drain and exit.
+the completion-callback receiver when CALLBACK_LISTEN is set, and /metrics, /healthz and
+/readyz when METRICS_LISTEN is set. With CATCHALL_BASE_URL set, the catchall lane's two API
+queues (its own budgets, its own client) run here too. Starts the event dispatcher if it is
+not running. SIGTERM/SIGINT drain and exit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 
 import uvicorn
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -31,10 +33,13 @@ from activities.ingest import IngestActivities
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from bouncer.client import BouncerClient
+from ops import metrics, telemetry
+from ops import server as ops_server
 from settings import CATCHALL, DELIVERABILITY, LaneApi, Settings
 from workflows.bouncer_batch import BouncerBatchWorkflow
 from workflows.events import EventDispatcherWorkflow
 from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.search import KEYS
 from workflows.user_batch import UserBatchWorkflow
 
 WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow, EventDispatcherWorkflow]
@@ -106,7 +111,7 @@ def api_workers(client: Client, settings: Settings, lane: LaneApi, api: BouncerA
     ]
 
 
-def bouncer_client(settings: Settings, lane: str = DELIVERABILITY) -> BouncerClient:
+def bouncer_client(settings: Settings, lane: str = DELIVERABILITY, on_response=None) -> BouncerClient:
     api = settings.lane_api(lane)
     return BouncerClient(
         api.base_url,
@@ -115,39 +120,84 @@ def bouncer_client(settings: Settings, lane: str = DELIVERABILITY) -> BouncerCli
         max_concurrency=api.max_concurrency,
         create_per_minute=api.creations_per_minute,
         requests_per_minute=api.requests_per_minute,
+        on_response=on_response,
     )
+
+
+def http_server(app, listen: str) -> uvicorn.Server:
+    host, _, port = listen.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(app, host=host or "0.0.0.0", port=int(port), log_level="warning"))
+    server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT
+    return server
+
+
+async def require_search_attributes(client: Client, settings: Settings) -> None:
+    """Workflows upsert UserId, Lane, BatchState, Priority: unregistered, every workflow task would fail."""
+    try:
+        found = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=settings.temporal_namespace)
+        )
+    except Exception as exc:  # noqa: BLE001 - e.g. not permitted with this key: the workflows will tell
+        log.warning("could not list search attributes (%s); make sure %s exist", exc, ", ".join(k.name for k in KEYS))
+        return
+    missing = [k.name for k in KEYS if k.name not in found.custom_attributes]
+    if missing:
+        raise SystemExit(
+            f"search attributes {', '.join(missing)} are not registered in namespace {settings.temporal_namespace}: "
+            "create them with `temporal operator search-attribute create` (README, Operations), then start again"
+        )
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     db.migrate(settings.database_url)
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    sdk = telemetry.sdk_metrics(telemetry.free_port()) if settings.metrics_listen else None
+    tracing = telemetry.tracing(settings)
+    client = await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        runtime=sdk.runtime if sdk else None,
+        interceptors=[tracing.interceptor] if tracing else [],
+    )
+    await require_search_attributes(client, settings)
+    usage = metrics.ApiUsage()
     async with AsyncExitStack() as stack:
         pool = db.open_pool(settings.database_url, settings.db_pool_size)
         await pool.open()
         stack.push_async_callback(pool.close)
-        bouncer = await stack.enter_async_context(bouncer_client(settings))
+        if tracing:
+            stack.callback(tracing.shutdown)  # flushes the last spans
+        bouncer = await stack.enter_async_context(bouncer_client(settings, on_response=usage.observe))
         catchall = None
         if CATCHALL in settings.lanes_enabled():
             catchall = await stack.enter_async_context(bouncer_client(settings, CATCHALL))
         workers = build_workers(settings, client, pool, bouncer, catchall)
-        server = None
+        servers = []
         tasks = [asyncio.create_task(w.run()) for w in workers]
+        worker_tasks = list(tasks)
         await ensure_dispatcher(client, settings)  # delivers events to subscribers; one per namespace
         if settings.callback_listen:
-            host, _, port = settings.callback_listen.rpartition(":")
-            config = uvicorn.Config(
-                callbacks.create_app(pool, client), host=host or "0.0.0.0", port=int(port), log_level="warning"
+            servers.append(http_server(callbacks.create_app(pool, client), settings.callback_listen))
+        sampling = asyncio.Event()
+        sampler = asyncio.create_task(metrics.sample_forever(settings, pool, usage, bouncer, sampling))
+        ops = None
+        if settings.metrics_listen:
+            ops = http_server(
+                ops_server.create_app(pool, sdk.url, alive=lambda: not any(t.done() for t in worker_tasks),
+                                      draining=stop.is_set),
+                settings.metrics_listen,
             )
-            server = uvicorn.Server(config)
-            server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT
-            tasks.append(asyncio.create_task(server.serve()))
+        tasks += [asyncio.create_task(s.serve()) for s in (*servers, *([ops] if ops else []))]
         log.info("worker up: queues %s, %s, %s", settings.task_queue, settings.api_create_task_queue,
                  settings.api_task_queue)
         await stop.wait()
         log.info("draining: finishing running activities and workflow tasks")
-        if server is not None:
-            server.should_exit = True
+        for s in servers:
+            s.should_exit = True
         await asyncio.gather(*(w.shutdown() for w in workers))
+        sampling.set()
+        await asyncio.gather(sampler, return_exceptions=True)
+        if ops is not None:  # up until the end: readiness says draining, liveness holds
+            ops.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -7,6 +7,7 @@ maps to one Temporal behaviour here, in `_as_temporal_error`.
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 
 import orjson
@@ -27,6 +28,7 @@ from bouncer.errors import (
     Unauthorized,
 )
 from db import copy_text
+from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
 
@@ -232,11 +234,13 @@ class BouncerApiActivities:
                 " accept_all text, record jsonb) on commit drop"
             )
             lines = []
+            by_status: Counter[str] = Counter()
             for rec in records:
                 try:
                     address_id = int(rec.get("name") or "")
                 except ValueError:
                     continue  # not one of ours: the API echoes `name`, which we always set
+                by_status[str(rec.get("status") or "unknown")] += 1
                 accept_all = (rec.get("domain") or {}).get("acceptAll")
                 lines.append("\t".join((
                     str(address_id),
@@ -376,5 +380,7 @@ class BouncerApiActivities:
                 " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
                 ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
             )
+        for status, n in by_status.items():  # counted once committed: a retry that finds it stored adds nothing
+            ADDRESSES_VERIFIED.labels(lane, status).inc(n)
         return StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched,
                             handed_off=handed_off, handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")

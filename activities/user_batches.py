@@ -25,6 +25,7 @@ from workflows.models import (
     SchedulerInput,
     Summary,
     scheduler_id,
+    scheduler_summary,
 )
 
 ANALYZE_ABOVE_ROWS = 10_000
@@ -335,7 +336,8 @@ class UserBatchActivities:
         """Counts of a user batch from the database (the source of truth)."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
-                "select state, rows_total, invalid, duplicates from user_batches where id = %s", (user_batch_id,)
+                "select state, rows_total, invalid, duplicates, user_id, priority from user_batches where id = %s",
+                (user_batch_id,),
             )
             ub = await cur.fetchone()
             if ub is None:
@@ -346,6 +348,14 @@ class UserBatchActivities:
                 (user_batch_id,),
             )
             lanes = [LaneProgress(**row) for row in await cur.fetchall()]
+            # Open batches are few (slots per lane): the partial index, then the parts' primary key.
+            await cur.execute(
+                "select count(*) as n from bouncer_batches b where b.state in ('packed', 'submitting', 'submitted')"
+                " and exists (select 1 from bouncer_batch_parts p where p.bouncer_batch_id = b.id"
+                " and p.user_batch_id = %s)",
+                (user_batch_id,),
+            )
+            in_flight = (await cur.fetchone())["n"]
         return Progress(
             user_batch_id=user_batch_id,
             state=ub["state"],
@@ -353,6 +363,9 @@ class UserBatchActivities:
             invalid=ub["invalid"],
             duplicates=ub["duplicates"],
             lanes=lanes,
+            user_id=ub["user_id"],
+            priority=PRIORITIES[ub["priority"]],
+            in_flight_batches=int(in_flight),
         )
 
     @activity.defn
@@ -471,4 +484,5 @@ class UserBatchActivities:
             id=scheduler_id(lane),
             task_queue=self.settings.task_queue,
             start_signal="work_available",
+            static_summary=scheduler_summary(lane),
         )

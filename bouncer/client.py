@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -111,8 +111,13 @@ class BouncerClient:
         create_per_minute: float = 50,
         requests_per_minute: float = 180,
         transport: httpx.AsyncBaseTransport | None = None,
+        on_response: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """`on_response(endpoint, code, seconds)` is called after every request (for metrics):
+        endpoint is create, status, download, finish, delete or credits; code the HTTP status,
+        or "error" when no answer came."""
         self.base_url = base_url.rstrip("/")
+        self._on_response = on_response
         self._api_key = api_key
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -247,16 +252,23 @@ class BouncerClient:
         self, method: str, path: str, *, gate: RateGate | None = None, **kwargs: Any
     ) -> httpx.Response:
         async with gate or self._request_gate:
+            began = time.perf_counter()
             try:
                 response = await self._http.request(method, path, **kwargs)
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                self._observe(method, path, "error", began)
                 raise self._transport_error(exc) from None
+            self._observe(method, path, str(response.status_code), began)
         if response.is_success:
             return response
         error = error_from_response(response)
         error.message = self._redact(error.message)
         error.args = (error.message,)
         raise error
+
+    def _observe(self, method: str, path: str, code: str, began: float) -> None:
+        if self._on_response is not None:
+            self._on_response(endpoint_of(method, path), code, time.perf_counter() - began)
 
     def _transport_error(self, exc: httpx.HTTPError | httpx.InvalidURL) -> BouncerError:
         detail = self._redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -268,6 +280,20 @@ class BouncerClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+def endpoint_of(method: str, path: str) -> str:
+    """The API endpoint a request went to, as a metrics label (no batch ids)."""
+    if path.endswith("/credits"):
+        return "credits"
+    if path == _BATCH:
+        return "create"
+    if method == "DELETE":
+        return "delete"
+    for suffix in ("download", "finish"):
+        if path.endswith("/" + suffix):
+            return suffix
+    return "status"
 
 
 def _loads_2xx(content: bytes, *, status: int = 200) -> Any:

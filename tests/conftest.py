@@ -119,6 +119,16 @@ async def skipping_env():
     """A time-skipping test server per test (timers and retry intervals skip ahead)."""
     from temporalio.testing import WorkflowEnvironment
 
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    from workflows.search import KEYS
+
     env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=binary("temporal-test-server"))
+    # The workflows upsert these; an unregistered one would fail every workflow task.
+    await env.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+        namespace=env.client.namespace,
+        search_attributes={key.name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for key in KEYS},
+    ))
     yield env
     await env.shutdown()

@@ -21,6 +21,7 @@ from devstack import free_port
 from sandbox.app import CATCHALL_PREFIX
 from settings import CATCHALL, LANES, Settings
 from worker import bouncer_client, build_workers
+from workflows import search
 from workflows.models import PRIORITIES, UserBatchInput, scheduler_id, user_batch_workflow_id
 from workflows.user_batch import UserBatchWorkflow
 
@@ -78,6 +79,7 @@ class Pipeline:
         return await self.client.start_workflow(
             UserBatchWorkflow.run, UserBatchInput(ub, progress_recheck_s=5.0),
             id=user_batch_workflow_id(ub), task_queue=self.settings.task_queue,
+            search_attributes=search.at_start(user, priority, lanes[0], "preparing"),
         )
 
     def sql(self, query: str, params=None) -> list[tuple]:

@@ -114,15 +114,23 @@ def signals(history_events: list) -> Counter:
     )
 
 
+def settled(evs: list) -> bool:
+    """The last workflow task completed and left nothing pending (its upserts and markers aside)."""
+    instant = (EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES, EventType.EVENT_TYPE_MARKER_RECORDED)
+    last = next(e for e in reversed(evs) if e.event_type not in instant)
+    return last.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+
+
 async def idle_after_signal(client: Client, workflow_id: str, signal_name: str) -> list:
     """Wait until the workflow has received `signal_name` and finished reacting to it.
 
-    Idle = the last event is a completed workflow task: no activity, timer or child pending.
+    Idle = the last event is a completed workflow task: no activity, timer or child pending
+    (a search-attribute upsert or patch marker that task recorded may follow it).
     """
 
     async def check():
         evs = await events(client, workflow_id)
-        ok = signals(evs)[signal_name] > 0 and evs[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+        ok = signals(evs)[signal_name] > 0 and settled(evs)
         return evs if ok else None
 
     return await eventually(check, f"{workflow_id} to settle after {signal_name}")
@@ -546,7 +554,7 @@ async def _status_if(handle: WorkflowHandle, pred) -> SchedulerStatus | None:
 
 async def _idle_with(client: Client, pred) -> list | None:
     evs = await events(client, scheduler_id(LANE))
-    return evs if pred(evs) and evs[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED else None
+    return evs if pred(evs) and settled(evs) else None
 
 
 # ---- 7. replay --------------------------------------------------------------------------------------

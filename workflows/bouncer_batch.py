@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
         BouncerApiActivities,
     )
     from activities.user_batches import UserBatchActivities
+    from workflows import search
     from workflows.models import (
         BatchFinished,
         BouncerBatchInput,
@@ -70,7 +71,7 @@ class BouncerBatchWorkflow:
         try:
             request, outcome = await self._submit_and_wait(inp)
             self._phase = "storing"
-            workflow.set_current_details(f"storing results of Bouncer batch {bb}")
+            self._show(inp, f"storing results of Bouncer batch {bb}")
             if workflow.patched("free-slot-before-store"):
                 # The batch no longer occupies one of the API's parallel slots: the scheduler may
                 # dispatch the next one while this one downloads and stores (the end signal in
@@ -85,8 +86,9 @@ class BouncerBatchWorkflow:
                 retry_policy=API_RETRY,
             )
             self._phase = outcome
-            workflow.set_current_details(
-                f"{result.stored} results stored, {result.requeued} re-queued, {result.dead_lettered} dead-lettered"
+            self._show(
+                inp, f"{outcome}: {result.stored:,} results stored, {result.requeued:,} re-queued, "
+                f"{result.dead_lettered:,} dead-lettered"
             )
             await asyncio.gather(*(self._notify(wid) for wid in result.touched_workflow_ids))
             if result.handed_off:
@@ -111,7 +113,7 @@ class BouncerBatchWorkflow:
 
     async def _submit_and_wait(self, inp: BouncerBatchInput) -> tuple[StoreRequest, str]:
         bb = inp.bouncer_batch_id
-        workflow.set_current_details(f"creating Bouncer batch {bb} at the API")
+        self._show(inp, f"creating Bouncer batch {bb} at the API")
         try:
             submitted = await workflow.execute_activity_method(
                 BouncerApiActivities.submit_batch,
@@ -132,7 +134,7 @@ class BouncerBatchWorkflow:
             return StoreRequest(bb, inp.lane, download=False), "stored"
 
         self._phase = "waiting"
-        workflow.set_current_details(f"Bouncer batch {bb}: {submitted.sent} addresses at the API, waiting")
+        self._show(inp, f"Bouncer batch {bb}: {submitted.sent:,} addresses at the API, waiting for its results")
         # Callbacks usually end the wait; polling starts after one interval as the fallback.
         poll_every = timedelta(seconds=inp.poll_interval_s)
         try:
@@ -185,6 +187,11 @@ class BouncerBatchWorkflow:
                         await self._pause_lane(inp.lane, "the API refused the key")
                     return StoreRequest(bb, inp.lane, download=False, failure_reason=f"status failed: {kind}"), "failed"
         return StoreRequest(bb, inp.lane, download=True), "stored"
+
+    def _show(self, inp: BouncerBatchInput, details: str) -> None:
+        """The Web UI's current details, and Lane / BatchState (the phase) as search attributes."""
+        workflow.set_current_details(details)
+        search.show({search.LANE: inp.lane, search.BATCH_STATE: self._phase})
 
     async def _pause_lane(self, lane: str, reason: str) -> None:
         await workflow.get_external_workflow_handle(scheduler_id(lane)).signal("pause", LanePause(reason))

@@ -14,6 +14,11 @@ def scheduler_id(lane: str) -> str:
     return f"scheduler-{lane}"
 
 
+def scheduler_summary(lane: str) -> str:
+    """The scheduler's static summary in the Web UI."""
+    return f"Greedy scheduler of lane {lane}: packs queued addresses into Bouncer batches"
+
+
 def user_batch_workflow_id(user_batch_id: int) -> str:
     return f"user-batch-{user_batch_id}"
 
@@ -84,10 +89,22 @@ class Progress:
     invalid: int = 0
     duplicates: int = 0
     lanes: list[LaneProgress] = field(default_factory=list)
+    # For search attributes and the Web UI's details (ids and counts only).
+    user_id: str = ""
+    priority: str = ""
+    in_flight_batches: int = 0  # Bouncer batches at the API holding some of this batch's addresses
 
     @property
     def remaining(self) -> int:
         return sum(lane.remaining for lane in self.lanes)
+
+    @property
+    def unique_addresses(self) -> int:
+        return sum(lane.unique_addresses for lane in self.lanes)
+
+    @property
+    def failed(self) -> int:
+        return sum(lane.failed for lane in self.lanes)
 
 
 @dataclass

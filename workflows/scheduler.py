@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import BouncerApiActivities
     from activities.events import EventActivities
     from activities.packing import PackingActivities
+    from workflows import search
     from workflows.bouncer_batch import BouncerBatchWorkflow
     from workflows.models import (
         BatchFinished,
@@ -54,6 +55,7 @@ class GreedySchedulerWorkflow:
         self._state.in_flight.pop(str(finished.bouncer_batch_id), None)
         self._state.express_in_flight.pop(str(finished.bouncer_batch_id), None)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
+        self._describe()  # the main loop may not wake (paused)
 
     @workflow.signal
     async def pause(self, request: LanePause) -> None:
@@ -61,6 +63,7 @@ class GreedySchedulerWorkflow:
         newly = not self._state.paused
         self._state.paused = True
         self._state.pause_reason = request.reason
+        self._describe()
         if newly and workflow.patched("lane-paused-event"):
             # Subscribers hear it once per pause (not once per batch that hit the 402).
             lane = workflow.info().workflow_id.removeprefix("scheduler-")
@@ -76,6 +79,7 @@ class GreedySchedulerWorkflow:
         self._state.paused = False
         self._state.pause_reason = ""
         self._state.work_hint = True
+        self._describe()
 
     @workflow.query
     def status(self) -> SchedulerStatus:
@@ -206,6 +210,7 @@ class GreedySchedulerWorkflow:
                     ),
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                    static_summary=f"Bouncer batch {bouncer_batch_id}: {size:,} addresses, lane {inp.lane}",
                 )
             except WorkflowAlreadyStartedError:
                 pass  # adopted: it is already running and will signal batch_finished
@@ -229,10 +234,16 @@ class GreedySchedulerWorkflow:
             self.resume()
 
     def _describe(self) -> None:
+        """The Web UI's current details, and Lane / BatchState (paused, dispatching, idle)."""
+        if self._input is None:  # a signal delivered with the start, before `run` began
+            return
         s = self.status()
-        paused = f"; paused: {s.pause_reason}" if s.paused else ""
-        workflow.set_current_details(
-            f"lane {s.lane}: {s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
-            f"{s.free_slots} slots free, {s.express_in_flight} express, {s.queued:,} addresses queued, "
-            f"{s.dispatched_batches} dispatched{paused}"
-        )
+        flight = f"{s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses)"
+        if s.paused:  # nothing is packed while paused, so the last pack's queue count would be stale
+            details = f"lane {s.lane} paused: {s.pause_reason}; {flight}, {s.dispatched_batches} dispatched"
+        else:
+            details = (f"lane {s.lane}: {flight}, {s.free_slots} slots free, {s.express_in_flight} express, "
+                       f"{s.queued:,} addresses queued after the last pack, {s.dispatched_batches} dispatched")
+        workflow.set_current_details(details)
+        state = "paused" if s.paused else ("dispatching" if s.in_flight or s.queued else "idle")
+        search.show({search.LANE: s.lane, search.BATCH_STATE: state})

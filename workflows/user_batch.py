@@ -13,6 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.events import EventActivities
     from activities.ingest import IngestActivities
     from activities.user_batches import UserBatchActivities
+    from workflows import search
     from workflows.models import (
         IngestRequest,
         PauseRequest,
@@ -109,10 +110,12 @@ class UserBatchWorkflow:
                 )
             self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
+            search.show({search.BATCH_STATE: "completed"})
             return summary
         except (asyncio.CancelledError, ActivityError) as err:
             # A cancel that lands while an activity runs arrives as ActivityError(CancelledError).
             if not is_cancelled_exception(err):
+                search.show({search.BATCH_STATE: "failed"})
                 await self._record_failure(err)
                 raise
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
@@ -126,6 +129,7 @@ class UserBatchWorkflow:
             )
             await self._nudge()  # other batches may have inherited shared addresses
             workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
+            search.show({search.BATCH_STATE: "cancelled"})
             raise
         except ApplicationError as err:
             await self._record_failure(err)
@@ -155,6 +159,9 @@ class UserBatchWorkflow:
             retry_policy=DB_RETRY,
         )
         workflow.set_current_details(f"user batch {self._id}: reading its list")
+        src = inp.source
+        search.show({search.USER_ID: src.user_id, search.PRIORITY: src.priority, search.LANE: src.lanes[0],
+                     search.BATCH_STATE: "ingesting"})
         ingested = await workflow.execute_activity_method(
             IngestActivities.ingest_source,
             IngestRequest(self._id, inp.source.uri, inp.source.column),
@@ -173,8 +180,8 @@ class UserBatchWorkflow:
                 retry_policy=DB_RETRY,
             )
         await self._nudge()
-        self._news += 1
-        self._describe()
+        self._news += 1  # the main loop re-reads progress and upserts the search attributes
+        self._describe(upsert=False)  # no commands beside an update's response
         return self._progress
 
     async def _read_progress(self) -> Progress:
@@ -199,16 +206,26 @@ class UserBatchWorkflow:
             )
         )
 
-    def _describe(self) -> None:
+    def _describe(self, upsert: bool = True) -> None:
+        """The Web UI's current details and the search attributes, from counts the workflow has."""
         p = self._progress
         if p is None:
             return
-        unique = sum(lane.unique_addresses for lane in p.lanes)
-        done = unique - p.remaining
-        workflow.set_current_details(
-            f"{p.state}: {done:,} of {unique:,} unique addresses settled; {p.rows:,} rows "
-            f"({p.invalid:,} invalid, {p.duplicates:,} duplicates)"
-        )
+        state = search.user_batch_state(p.state)
+        flight = f"{p.in_flight_batches:,} Bouncer batch{'es' if p.in_flight_batches != 1 else ''} in flight"
+        rows = f"{p.rows:,} rows ({p.invalid:,} invalid, {p.duplicates:,} duplicates)"
+        if p.state == "paused":
+            # While paused, `remaining` counts only the addresses already at the API.
+            workflow.set_current_details(f"paused: {flight}, nothing new is sent until resumed; {rows}")
+        else:
+            verified = p.unique_addresses - p.remaining - p.failed
+            failed = f" ({p.failed:,} failed)" if p.failed else ""
+            workflow.set_current_details(
+                f"{state}: {verified:,} of {p.unique_addresses:,} addresses verified{failed}; {flight}; {rows}"
+            )
+        if upsert:
+            search.show({search.USER_ID: p.user_id, search.PRIORITY: p.priority,
+                         search.LANE: p.lanes[0].lane if p.lanes else "", search.BATCH_STATE: state})
 
 
 def _counts(counts: dict[str, int]) -> str:
