@@ -8,7 +8,12 @@ import httpx
 
 from helpers import make_settings, running_pipeline, write_list
 from sandbox.verdicts import verdict
-from workflows.models import SchedulerStatus
+from activities.user_batches import scheduler_input
+from workflows.models import LanePause, SchedulerStatus, scheduler_id
+from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.user_batch import UserBatchWorkflow
+
+LANE = "deliverability"
 
 
 def _emails(user: str, n: int) -> list[str]:
@@ -25,11 +30,23 @@ async def test_three_user_batches_end_with_every_row_terminal_and_the_sandboxs_v
     alice = _emails("alice", 400) + [shared, "alice.1@company1.example", "mailto:alice.2@Company2.Example"]
     bob = _emails("bob", 2100) + [shared, "bob..dots@company3.example"]
     async with running_pipeline(dev_env.client, settings, callbacks_on=True) as p:
+        # The lane is held while the three lists arrive (as the demo does), so how they are packed
+        # does not depend on how fast each one is prepared.
+        lane = await dev_env.client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(settings, LANE), id=scheduler_id(LANE),
+            task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("held by the test")],
+        )
         handles = [
             await p.submit_file(write_list(tmp_path / "john.csv", john), "john"),
             await p.submit_file(write_list(tmp_path / "alice.csv", alice), "alice"),
             await p.submit_file(write_list(tmp_path / "bob.csv", bob), "bob"),
         ]
+        for _ in range(600):
+            states = [(await h.query(UserBatchWorkflow.progress)) for h in handles]
+            if all(s is not None and s.state == "queued" for s in states):
+                break
+            await asyncio.sleep(0.1)
+        await lane.signal(GreedySchedulerWorkflow.resume)
         summaries = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), timeout=120)
 
         # Rows in = rows out, each in exactly one terminal state.
