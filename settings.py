@@ -147,6 +147,19 @@ class Settings(BaseSettings):
     alert_credits_floor: int = Field(10_000, description="Alert when the account's credits fall below this")
     alert_check_s: float = Field(60.0, description="How often a worker evaluates the alert thresholds; 0: never")
 
+    # HTTP API (`python -m api`)
+    api_listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
+    api_db_pool_size: int = Field(8, description="Postgres connections of the HTTP API process")
+    api_max_upload_mb: int = Field(1024, description="Largest accepted upload body, MiB (larger: 413)")
+
+    # Cleanup (a Temporal Schedule runs CleanupWorkflow; installed at worker start)
+    cleanup_schedule: bool = Field(True, description="Worker start installs/updates the daily cleanup schedule")
+    cleanup_cron: str = Field("17 3 * * *", description="When the cleanup schedule runs (cron, UTC)")
+    cleanup_retention_days: float = Field(
+        90.0, description="Finished user batches, results and events older than this are deleted"
+    )
+    cleanup_chunk_rows: int = Field(10_000, description="Rows deleted per cleanup transaction")
+
     @property
     def callback_base_url(self) -> str:
         if self.callback_public_url:

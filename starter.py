@@ -6,6 +6,10 @@
     python starter.py results USER_BATCH_ID -o out.csv [--status deliverable]
     python starter.py pause|resume USER_BATCH_ID   (or --lane deliverability)
     python starter.py cancel USER_BATCH_ID
+    python starter.py submit leads.csv --user alice --at 2026-12-01T02:00Z --every 30d
+    python starter.py schedules list|pause|unpause|trigger|delete [SCHEDULE_ID]
+    python starter.py clean --older-than 30d      # run the cleanup now, print what it deleted
+    python starter.py apikeys create --user alice # keys of the HTTP API (`python -m api`)
 
 Exit codes: 0 ok, 1 failed, 2 bad input or unknown id.
 """
@@ -17,7 +21,7 @@ import csv
 import os
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +37,7 @@ from rich.text import Text
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError
 
+import schedules
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
@@ -41,7 +46,7 @@ from ops import readings
 from settings import CATCHALL, LANES, Settings
 from workflows import search
 from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
-from workflows.models import scheduler_id, scheduler_summary, user_batch_workflow_id
+from workflows.models import recurring_schedule_id, scheduler_id, scheduler_summary, user_batch_workflow_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 dev_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the embedded dev stack (.dev/).")
@@ -151,9 +156,12 @@ def submit(
     lanes: Annotated[str, typer.Option(help="Comma-separated lanes")] = "deliverability",
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    at: Annotated[Optional[str], typer.Option("--at", help="Start later, e.g. 2026-12-01T02:00Z")] = None,
+    every: Annotated[Optional[str], typer.Option("--every", help="Re-verify the list this often, e.g. 30d")] = None,
 ) -> None:
-    """Stream a list into Postgres (COPY) and start its UserBatchWorkflow."""
+    """Stream a list into Postgres (COPY) and start its UserBatchWorkflow (now, --at a time, and --every period)."""
     s = settings()
+    start_at, period = _when(at, every, wait)
     lane_list = [x.strip() for x in lanes.split(",") if x.strip()]
     bad = [x for x in lane_list if x not in LANES]
     if bad or not lane_list:
@@ -191,11 +199,13 @@ def submit(
             except UnreadableInput as exc:
                 raise fail(str(exc))
         ingest_s = time.perf_counter() - started
+        delay = max(start_at - datetime.now(timezone.utc), timedelta(0)) if start_at else None
         try:
             handle = await client.start_workflow(
                 UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue,
                 search_attributes=search.at_start(user, priority.value, lane_list[0], "preparing"),
                 static_summary=f"user batch {ub_id} of {user}: {stats.rows:,} rows, priority {priority.value}",
+                start_delay=delay,
             )
         except RPCError as exc:
             with db_connect(s) as c, c.transaction():
@@ -204,6 +214,11 @@ def submit(
             hint = (" (create the search attributes: README, \"Operations\")"
                     if "search attribute" in str(exc).lower() else "")
             raise fail(f"user batch {ub_id} stored but its workflow did not start: {exc}{hint}", 1)
+        if period is not None:
+            try:
+                await schedules.create_recurring(client, s, ub_id, period, start_at or datetime.now(timezone.utc))
+            except (RPCError, psycopg.Error) as exc:
+                raise fail(f"user batch {ub_id} started, but its schedule was not created: {exc}", 1)
         summary = await follow(handle, as_json) if wait else None
         return ub_id, stats, ingest_s, summary
 
@@ -219,13 +234,36 @@ def submit(
         result.update(state=summary.state, by_state=summary.by_state, by_status=summary.by_status)
         if summary.by_catchall_status:
             result.update(by_catchall_status=summary.by_catchall_status)
+    if start_at is not None:
+        result["starts_at"] = start_at.isoformat()
+    if period is not None:
+        result["schedule_id"] = recurring_schedule_id(ub_id)
     if as_json:
         emit_json(result)
     else:
         out.print(f"user batch [bold]{ub_id}[/bold]: {stats.rows:,} rows ({stats.invalid:,} invalid) "
-                  f"read in {ingest_s:.1f}s; workflow {result['workflow_id']}")
+                  f"read in {ingest_s:.1f}s; workflow {result['workflow_id']}"
+                  + (f", starts at {start_at:%Y-%m-%d %H:%M:%S %Z}" if start_at else ""))
+        if period is not None:
+            out.print(f"re-verified every {period} by schedule {result['schedule_id']} (`starter.py schedules list`)")
         if summary is not None:
             print_summary(summary)
+
+
+def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | None, timedelta | None]:
+    """Parse --at and --every; refuse a time in the past and --wait with a delayed start."""
+    try:
+        start_at = schedules.parse_instant(at) if at else None
+        period = schedules.parse_duration(every) if every else None
+    except ValueError as exc:
+        raise fail(str(exc))
+    if start_at is not None and start_at <= datetime.now(timezone.utc):
+        raise fail(f"--at {at} is in the past; leave it out to start now")
+    if start_at is not None and wait:
+        raise fail("--wait cannot follow a delayed start; use `starter.py status` later")
+    if period is not None and period < timedelta(minutes=1):
+        raise fail("--every must be at least 1m")
+    return start_at, period
 
 
 async def follow(handle, quiet: bool) -> Summary:
@@ -770,6 +808,188 @@ def health(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON 
             if a["changed"]:
                 out.print(f"alert {a['name']} {'raised' if a['firing'] else 'cleared'} (event recorded)")
     raise typer.Exit(report.exit_code)
+
+
+# ---- recurring lists (Temporal Schedules) ---------------------------------------------------
+
+schedules_app = typer.Typer(no_args_is_help=True, help="Recurring lists: `submit --every` schedules.")
+app.add_typer(schedules_app, name="schedules")
+
+
+@schedules_app.command("list")
+def schedules_list(
+    user: Annotated[Optional[str], typer.Option(help="Only this user's lists")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Recurring lists: schedule id, period, runs so far, next run, paused."""
+    s = settings()
+
+    async def go() -> list[dict]:
+        return await schedules.list_recurring(await temporal(s), s, user)
+
+    found = asyncio.run(go())
+    if as_json:
+        emit_json(found)
+        return
+    t = Table(title="recurring lists")
+    for col in ("schedule", "user", "every", "runs", "latest batch", "next run", "state"):
+        t.add_column(col)
+    for d in found:
+        state = "paused" if d["paused"] else ("active" if d["paused"] is False else d["note"])
+        t.add_row(d["schedule_id"], d["user"], d["every"], str(d["runs"]), str(d["latest_user_batch_id"]),
+                  d["next_run"] or "-", state)
+    out.print(t)
+
+
+def _schedule_action(schedule_id: str, user: Optional[str], verb: str) -> None:
+    s = settings()
+    try:
+        schedules.owned_schedule(s, schedule_id, user)
+    except LookupError as exc:
+        raise fail(str(exc))
+    except psycopg.OperationalError:
+        db_connect(s)  # one-line error naming Postgres
+
+    async def go() -> None:
+        client = await temporal(s)
+        handle = client.get_schedule_handle(schedule_id)
+        try:
+            if verb == "paused":
+                await handle.pause(note="paused with starter.py")
+            elif verb == "unpaused":
+                await handle.unpause(note="unpaused with starter.py")
+            elif verb == "triggered":
+                await handle.trigger()
+            else:
+                await schedules.delete_recurring(client, s, schedule_id)
+        except RPCError as exc:
+            raise fail(f"schedule {schedule_id} could not be {verb}: {exc.message}", 1)
+
+    asyncio.run(go())
+    out.print(f"schedule {schedule_id} {verb}")
+
+
+@schedules_app.command("pause")
+def schedules_pause(schedule_id: str, user: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """No runs until unpaused (a run in progress finishes)."""
+    _schedule_action(schedule_id, user, "paused")
+
+
+@schedules_app.command("unpause")
+def schedules_unpause(schedule_id: str, user: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Resume a paused recurring list."""
+    _schedule_action(schedule_id, user, "unpaused")
+
+
+@schedules_app.command("trigger")
+def schedules_trigger(schedule_id: str, user: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Run it now (skipped if the previous run is still verifying)."""
+    _schedule_action(schedule_id, user, "triggered")
+
+
+@schedules_app.command("delete")
+def schedules_delete(schedule_id: str, user: Annotated[Optional[str], typer.Option()] = None) -> None:
+    """Stop re-verifying: the schedule goes; its user batches stay until cleanup."""
+    _schedule_action(schedule_id, user, "deleted")
+
+
+# ---- cleanup ----------------------------------------------------------------------------------
+
+
+@app.command()
+def clean(
+    older_than: Annotated[str, typer.Option("--older-than", help="Retention, e.g. 30d")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the cleanup workflow now and print what it deleted (default: CLEANUP_RETENTION_DAYS)."""
+    s = settings()
+    try:
+        days = schedules.parse_duration(older_than).total_seconds() / 86400 if older_than else s.cleanup_retention_days
+    except ValueError as exc:
+        raise fail(str(exc))
+
+    async def go():
+        from workflows.models import CleanupInput
+
+        client = await temporal(s)
+        try:
+            return await client.execute_workflow(
+                CleanupWorkflow.run, CleanupInput(days, s.result_ttl_days, s.cleanup_chunk_rows),
+                id=f"cleanup-manual-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}", task_queue=s.task_queue,
+            )
+        except WorkflowFailureError as exc:
+            raise fail(f"cleanup failed: {exc.cause}", 1)
+
+    from workflows.cleanup import KINDS, CleanupWorkflow
+
+    summary = asyncio.run(go())
+    if as_json:
+        emit_json(summary.__dict__)
+        return
+    out.print(f"deleted what finished before {summary.cutoff}; results verified before {summary.results_cutoff}")
+    t = Table(title=f"cleanup: {summary.chunks} chunks")
+    t.add_column("kind")
+    t.add_column("rows deleted", justify="right")
+    t.add_row("user batches", f"{summary.user_batches:,}")
+    for kind in KINDS:
+        t.add_row(kind, f"{summary.deleted.get(kind, 0):,}")
+    out.print(t)
+
+
+# ---- API keys ---------------------------------------------------------------------------------
+
+apikeys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP API (hashed at rest).")
+app.add_typer(apikeys_app, name="apikeys")
+
+
+@apikeys_app.command("create")
+def apikeys_create(
+    user: Annotated[str, typer.Option(help="The user whose batches the key sees")],
+    admin: Annotated[bool, typer.Option("--admin", help="May also pause/resume lanes")] = False,
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    from api import keys
+
+    with db_connect(settings()) as conn:
+        try:
+            key_id, key = keys.create_key(conn, user, admin)
+        except ValueError as exc:
+            raise fail(str(exc))
+    err.print(f"key {key_id} for {user}{' (admin)' if admin else ''}; store it now, it is not shown again:")
+    print(key)
+
+
+@apikeys_app.command("list")
+def apikeys_list(
+    user: Annotated[Optional[str], typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Keys (id, user, prefix, created, revoked); never the keys themselves."""
+    from api import keys
+
+    with db_connect(settings()) as conn:
+        found = keys.list_keys(conn, user)
+    if as_json:
+        emit_json(found)
+        return
+    t = Table(title="API keys")
+    for col in ("id", "user", "prefix", "admin", "created", "revoked"):
+        t.add_column(col)
+    for k in found:
+        t.add_row(str(k["id"]), k["user"], k["prefix"] + "...", "yes" if k["admin"] else "",
+                  k["created_at"][:19], (k["revoked_at"] or "")[:19])
+    out.print(t)
+
+
+@apikeys_app.command("revoke")
+def apikeys_revoke(key_id: int) -> None:
+    """Revoke a key: the API refuses it from the next request on."""
+    from api import keys
+
+    with db_connect(settings()) as conn:
+        if not keys.revoke_key(conn, key_id):
+            raise fail(f"no live key {key_id} (`starter.py apikeys list`)")
+    out.print(f"key {key_id} revoked")
 
 
 def main() -> None:

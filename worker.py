@@ -27,10 +27,13 @@ from temporalio.worker import Worker
 
 import callbacks
 import db
+import schedules
 from activities.bouncer_api import BouncerApiActivities
 from activities.events import EventActivities, ensure_dispatcher
+from activities.cleanup import CleanupActivities
 from activities.ingest import IngestActivities
 from activities.packing import PackingActivities
+from activities.recurring import RecurringActivities
 from activities.user_batches import UserBatchActivities
 from bouncer.client import BouncerClient
 from ops import metrics, telemetry
@@ -38,11 +41,16 @@ from ops import server as ops_server
 from settings import CATCHALL, DELIVERABILITY, LaneApi, Settings
 from workflows.bouncer_batch import BouncerBatchWorkflow
 from workflows.events import EventDispatcherWorkflow
+from workflows.cleanup import CleanupWorkflow
+from workflows.recurring import RecurringListWorkflow
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.search import KEYS
 from workflows.user_batch import UserBatchWorkflow
 
-WORKFLOWS = [UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow, EventDispatcherWorkflow]
+WORKFLOWS = [
+    UserBatchWorkflow, GreedySchedulerWorkflow, BouncerBatchWorkflow, EventDispatcherWorkflow, RecurringListWorkflow,
+    CleanupWorkflow,
+]
 log = logging.getLogger("worker")
 
 
@@ -55,6 +63,8 @@ def build_workers(
     ingest = IngestActivities(settings.database_url)
     packing = PackingActivities(pool, settings.max_in_flight_per_user)
     events = EventActivities(settings, pool)
+    recurring = RecurringActivities(pool)
+    cleanup = CleanupActivities(pool)
     drain = timedelta(seconds=settings.shutdown_grace_s)
     workers = [
         Worker(
@@ -80,6 +90,9 @@ def build_workers(
                 events.fail_delivery,
                 events.record_lane_paused,
                 events.fail_user_batch,
+                recurring.copy_user_batch,
+                cleanup.results_cutoff,
+                cleanup.delete_chunk,
             ],
         ),
     ]
@@ -160,6 +173,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     await require_search_attributes(client, settings)
     usage = metrics.ApiUsage()
+    if settings.cleanup_schedule:
+        log.info("cleanup schedule %s (%s)", await schedules.install_cleanup_schedule(client, settings),
+                 settings.cleanup_cron)
     async with AsyncExitStack() as stack:
         pool = db.open_pool(settings.database_url, settings.db_pool_size)
         await pool.open()

@@ -11,7 +11,7 @@ import contextlib
 import csv
 import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,22 +165,29 @@ class _Prefixed(io.RawIOBase):
         return n
 
 
+def _head_and_stream(chunks: Iterator[bytes]) -> tuple[bytes, io.RawIOBase]:
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= 64 * 1024:
+            break
+    return head[: 64 * 1024], _Prefixed(head, chunks)
+
+
 @contextlib.contextmanager
-def open_source(uri: str | Path) -> Iterator[tuple[bytes, io.RawIOBase]]:
-    """(first 64 KiB, a byte stream from the start) for a file path or an http(s) URL."""
+def open_source(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIOBase]]:
+    """(first 64 KiB, a byte stream from the start) for a file path, an http(s) URL, or the
+    byte chunks of an upload (the HTTP API streams request bodies through here)."""
+    if not isinstance(uri, (str, Path)):
+        yield _head_and_stream(iter(uri))
+        return
     text = str(uri)
     if text.startswith(("http://", "https://")):
         try:
             with httpx.stream("GET", text, timeout=60.0, follow_redirects=True) as resp:
                 if resp.status_code != 200:
                     raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code}")
-                chunks = resp.iter_bytes(256 * 1024)
-                head = b""
-                for chunk in chunks:
-                    head += chunk
-                    if len(head) >= 64 * 1024:
-                        break
-                yield head[: 64 * 1024], _Prefixed(head, chunks)
+                yield _head_and_stream(resp.iter_bytes(256 * 1024))
         except httpx.HTTPError as exc:
             raise UnreadableInput(f"cannot read {text}: {exc}") from exc
         return
@@ -195,7 +202,7 @@ def open_source(uri: str | Path) -> Iterator[tuple[bytes, io.RawIOBase]]:
         yield head, raw
 
 
-def iter_rows(uri: str | Path, column: str | None = None, skip_through: int = 0
+def iter_rows(uri: str | Path | Iterable[bytes], column: str | None = None, skip_through: int = 0
               ) -> Iterator[tuple[int, str, str | None, str | None]]:
     """Yield (line number, raw cell, normalized address or None, reason or None) for every row.
 
@@ -265,16 +272,26 @@ _COPY_ITEMS = "copy items (user_batch_id, row_no, raw, email, state, reason) fro
 def copy_items(
     conn: psycopg.Connection,
     user_batch_id: int,
-    path: str | Path,
+    path: str | Path | Iterable[bytes],
     column: str | None = None,
     on_progress: Callable[[IngestStats], None] | None = None,
 ) -> IngestStats:
-    """Stream the file into `items` with COPY inside the caller's transaction."""
+    """Stream the file (or upload chunks) into `items` with COPY inside the caller's transaction."""
+    return copy_rows(conn, user_batch_id, iter_rows(path, column), on_progress)
+
+
+def copy_rows(
+    conn: psycopg.Connection,
+    user_batch_id: int,
+    rows: Iterable[tuple[int, str, str | None, str | None]],
+    on_progress: Callable[[IngestStats], None] | None = None,
+) -> IngestStats:
+    """COPY already-parsed rows (line, raw cell, address or None, reason or None) into `items`."""
     stats = IngestStats()
     with conn.cursor() as cur:
         with cur.copy(_COPY_ITEMS) as copy:
             writer = _ItemWriter(copy, user_batch_id, stats)
-            for row in iter_rows(path, column):
+            for row in rows:
                 writer.add(row)
                 if on_progress is not None and stats.rows % 50_000 == 0:
                     on_progress(stats)

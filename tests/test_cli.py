@@ -94,7 +94,8 @@ def read_only_db(pg_server) -> str:
 # ---- help -------------------------------------------------------------------------------------
 
 COMMANDS = [("submit",), ("status",), ("results",), ("pause",), ("resume",), ("cancel",),
-            ("dev",), ("dev", "up"), ("dev", "down"), ("dev", "status")]
+            ("dev",), ("dev", "up"), ("dev", "down"), ("dev", "status"), ("clean",), ("schedules",),
+            ("schedules", "list"), ("schedules", "delete"), ("apikeys",), ("apikeys", "create"), ("apikeys", "revoke")]
 
 
 def test_help_works_for_every_command(read_only_db):

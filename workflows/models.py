@@ -299,3 +299,72 @@ class LaneEvent:
 class UserBatchFailure:
     user_batch_id: int
     reason: str
+
+
+# ---- recurring lists and cleanup ---------------------------------------------------------
+
+
+def recurring_schedule_id(user_batch_id: int) -> str:
+    return f"recurring-list-{user_batch_id}"
+
+
+CLEANUP_SCHEDULE_ID = "cleanup-daily"
+
+
+@dataclass
+class RecurringRun:
+    """One scheduled re-verification of a stored list (the schedule's action input)."""
+
+    schedule_id: str
+    progress_recheck_s: float = 60.0
+
+
+@dataclass
+class CopyRequest:
+    schedule_id: str
+    run_key: str  # the scheduled workflow's id: a retried copy finds the batch it already made
+
+
+@dataclass
+class CopyOutcome:
+    user_batch_id: int
+    source_user_batch_id: int
+    rows: int
+
+
+@dataclass
+class CleanupInput:
+    older_than_days: float
+    result_ttl_days: float
+    chunk_rows: int = 10_000
+
+
+@dataclass
+class CleanupChunk:
+    """Delete at most `chunk_rows` rows of one kind older than `cutoff` (ISO timestamp)."""
+
+    kind: str  # items (then their user batches), results, events, bouncer_batches, pack_runs
+    cutoff: str
+    chunk_rows: int
+
+
+@dataclass
+class ChunkOutcome:
+    deleted: int
+    user_batches: int = 0  # user batches removed with their last items
+    more: bool = False  # there may be more to delete of this kind
+
+
+@dataclass
+class CleanupSummary:
+    cutoff: str
+    results_cutoff: str
+    deleted: dict[str, int] = field(default_factory=dict)  # rows by kind
+    user_batches: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class ResultsCutoffRequest:
+    cutoff: str
+    result_ttl_days: float

@@ -1,0 +1,120 @@
+"""Cleanup: delete what is past retention, one bounded chunk per activity call (short transactions).
+
+What is safe to delete (the rule, also in the README):
+- A user batch's items, lanes and row: only when it ended (completed, cancelled, failed) before
+  the cutoff, it is not the latest run of a recurring list (the next run copies its items), and
+  no Bouncer batch holding its addresses is still open (a cancelled batch's in-flight addresses
+  are stored when they come back). A running or paused batch is never touched.
+- A result: only when verified before the cutoff, before the cache TTL (a fresh result is
+  reused instead of paying again), and before every retained user batch's creation minus the TTL.
+  A retained batch only shows results verified during its run or reused fresh at its start,
+  so none of its rows loses its verdict.
+- Events, finished Bouncer batches (with their parts) and pack timings: by age alone.
+Completed workflow histories are not ours to delete: the namespace's retention period does it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from workflows.models import ChunkOutcome, CleanupChunk, ResultsCutoffRequest
+
+FINISHED = "('completed', 'cancelled', 'failed')"
+
+# The oldest user batch whose items may go (the finished-at index serves the order).
+_DOOMED_BATCH = f"""
+    select b.id from user_batches b
+    where b.finished_at < %(cutoff)s and b.state in {FINISHED}
+      and not exists (select 1 from recurring_lists r where r.latest_user_batch_id = b.id)
+      and not exists (select 1 from bouncer_batch_parts p join bouncer_batches bb on bb.id = p.bouncer_batch_id
+                      where p.user_batch_id = b.id and bb.state in ('packed', 'submitting', 'submitted'))
+    order by b.finished_at, b.id limit 1
+"""
+
+_BY_AGE = {
+    "events": "delete from events where id in (select id from events where created_at < %(cutoff)s"
+              " order by created_at limit %(n)s)",
+    "pack_runs": "delete from pack_runs where id in (select id from pack_runs where created_at < %(cutoff)s"
+                 " order by id limit %(n)s)",
+    "results": "delete from results where (address_id, lane) in (select address_id, lane from results"
+               " where verified_at < %(cutoff)s order by verified_at limit %(n)s)",
+}
+
+
+class CleanupActivities:
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    @activity.defn
+    async def results_cutoff(self, request: ResultsCutoffRequest) -> str:
+        """The instant before which results may go: the earliest of the cutoff, now minus the
+        cache TTL, and the oldest retained user batch's creation minus the TTL (see the module doc)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                select least(%(cutoff)s::timestamptz, now() - make_interval(secs => %(ttl)s),
+                             coalesce((select min(created_at) from user_batches), 'infinity')
+                             - make_interval(secs => %(ttl)s))
+                """,
+                {"cutoff": datetime.fromisoformat(request.cutoff), "ttl": request.result_ttl_days * 86400.0},
+            )
+            (at,) = await cur.fetchone()
+        return at.isoformat()
+
+    @activity.defn
+    async def delete_chunk(self, chunk: CleanupChunk) -> ChunkOutcome:
+        """Delete at most `chunk_rows` rows of `chunk.kind`, in one short transaction.
+
+        Idempotent: it deletes by a condition, not by a remembered list, so a retry deletes
+        what is still there. Heartbeats so a stuck statement is noticed.
+        """
+        activity.heartbeat(chunk.kind)
+        p = {"cutoff": datetime.fromisoformat(chunk.cutoff), "n": chunk.chunk_rows}
+        if chunk.kind == "items":
+            return await self._user_batch_chunk(p)
+        if chunk.kind == "bouncer_batches":
+            return await self._bouncer_batch_chunk(p)
+        if chunk.kind not in _BY_AGE:
+            raise ApplicationError(f"unknown cleanup kind {chunk.kind!r}", non_retryable=True)
+        async with self.pool.connection() as conn, conn.transaction():
+            deleted = (await conn.execute(_BY_AGE[chunk.kind], p)).rowcount
+        return ChunkOutcome(deleted=deleted, more=deleted == chunk.chunk_rows)
+
+    async def _user_batch_chunk(self, p: dict) -> ChunkOutcome:
+        """Items of the oldest finished user batch past the cutoff; with its last items, the batch."""
+        async with self.pool.connection() as conn, conn.transaction():
+            row = await (await conn.execute(_DOOMED_BATCH, p)).fetchone()
+            if row is None:
+                return ChunkOutcome(deleted=0, more=False)
+            ub = row[0]
+            # Lock the row: a recurring run copying from it (it would be `latest`) waits or is seen.
+            await conn.execute("select 1 from user_batches where id = %s for update", (ub,))
+            deleted = (await conn.execute(
+                "delete from items where user_batch_id = %(ub)s and row_no in"
+                " (select row_no from items where user_batch_id = %(ub)s order by row_no limit %(n)s)",
+                {**p, "ub": ub},
+            )).rowcount
+            if deleted == p["n"]:
+                return ChunkOutcome(deleted=deleted, more=True)
+            for table in ("user_batch_lanes", "queue", "waits"):
+                await conn.execute(f"delete from {table} where user_batch_id = %s", (ub,))
+            await conn.execute("delete from user_batches where id = %s", (ub,))
+        return ChunkOutcome(deleted=deleted, user_batches=1, more=True)
+
+    async def _bouncer_batch_chunk(self, p: dict) -> ChunkOutcome:
+        """Finished Bouncer batches (stored or failed) older than the cutoff, with their parts."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "delete from bouncer_batches where id in (select id from bouncer_batches"
+                " where state in ('stored', 'failed') and created_at < %(cutoff)s order by id limit %(n)s)"
+                " returning id",
+                p,
+            )
+            ids = [r[0] for r in await cur.fetchall()]
+            if ids:
+                await conn.execute("delete from bouncer_batch_parts where bouncer_batch_id = any(%s)", (ids,))
+        return ChunkOutcome(deleted=len(ids), more=len(ids) == p["n"])

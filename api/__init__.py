@@ -1,0 +1,1 @@
+"""The HTTP API service (`python -m api`): see api/app.py."""

@@ -1,0 +1,522 @@
+"""The HTTP API: submit lists, follow them, fetch results, pause/resume/cancel, lanes, health.
+
+Starlette, not FastAPI: the two endpoints that matter most stream their bodies (uploads into
+COPY, results out of a server-side cursor), so they take the raw request and response anyway,
+and FastAPI's generated schema would have to be overridden for exactly those. The OpenAPI
+document is written out in `api/openapi.py` and the tests check the running server against it.
+
+Every route but /healthz and /openapi.json needs `Authorization: Bearer <key>`; a key sees only
+its user's batches (others' answer 404, as unknown ones do). Errors are JSON: {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import orjson
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+import db
+from activities.ingest import UnreadableInput, copy_rows
+from api import keys, openapi
+from api.uploads import BadBody, csv_rows, json_rows, limited, multipart_file, pull
+from settings import LANES, Settings
+from workflows.models import PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
+from workflows.models import scheduler_id, user_batch_workflow_id
+
+RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
+RESULT_FILTERS = ("deliverable", "risky", "undeliverable", "unknown", "verified", "invalid", "duplicate",
+                  "cancelled", "failed", "pending")
+MAX_BIGINT = 2**63 - 1
+log = logging.getLogger("api")
+INVALID_ROWS_SHOWN = 100
+UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run the update
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class Services:
+    """What the routes share: settings, the Postgres pool, and a Temporal client made on first use
+    (the API starts, and /healthz answers, even while Temporal is unreachable)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool: AsyncConnectionPool = db.open_pool(settings.database_url, settings.api_db_pool_size)
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def temporal(self) -> Client:
+        async with self._lock:
+            if self._client is None:
+                s = self.settings
+                try:
+                    self._client = await Client.connect(s.temporal_address, namespace=s.temporal_namespace)
+                except RuntimeError as exc:
+                    raise ApiError(503, f"cannot reach Temporal at {s.temporal_address}: {exc}") from None
+            return self._client
+
+
+class KeyAuth:
+    """ASGI middleware: resolve the bearer key to its user before any /v1 route runs."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        found = None
+        if scheme.lower() == "bearer" and token.strip():
+            try:
+                async with self.services.pool.connection(timeout=10) as conn:
+                    found = await keys.lookup(conn, token.strip())
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                await error(503, f"Postgres unreachable: {type(exc).__name__}; retry later")(scope, receive, send)
+                return
+        if found is None:
+            resp = error(401, "missing or unknown API key: send `Authorization: Bearer <key>` "
+                              "(create one with `starter.py apikeys create --user U`)")
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            await resp(scope, receive, send)
+            return
+        scope.setdefault("state", {})["key"] = found
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings) -> Starlette:
+    services = Services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        await services.pool.open()
+        try:
+            yield
+        finally:
+            await services.pool.close()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi_doc, methods=["GET"]),
+        Route("/v1/batches", submit_batch, methods=["POST"]),
+        Route("/v1/batches", list_batches, methods=["GET"]),
+        Route("/v1/batches/{id}", get_batch, methods=["GET"]),
+        Route("/v1/batches/{id}", cancel_batch, methods=["DELETE"]),
+        Route("/v1/batches/{id}/results", get_results, methods=["GET"]),
+        Route("/v1/batches/{id}/pause", pause_batch, methods=["POST"]),
+        Route("/v1/batches/{id}/resume", resume_batch, methods=["POST"]),
+        Route("/v1/lanes", get_lanes, methods=["GET"]),
+        Route("/v1/lanes/{lane}/pause", pause_lane, methods=["POST"]),
+        Route("/v1/lanes/{lane}/resume", resume_lane, methods=["POST"]),
+    ]
+
+    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        messages = {404: "no such route", 405: "method not allowed on this route"}
+        return error(exc.status_code, messages.get(exc.status_code, exc.detail))
+
+    async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error(exc.status, str(exc))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
+            return error(503, f"Postgres unreachable: {type(exc).__name__}; retry later")
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(500, "internal error (logged); retry later or report it")
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(KeyAuth, services=services)],
+        exception_handlers={HTTPException: on_http_error, ApiError: on_api_error, Exception: on_unexpected},
+    )
+    app.state.services = services
+    return app
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def _user(request: Request) -> str:
+    return request.state.key.user_id
+
+
+def _batch_id(request: Request) -> int:
+    """A user batch id from the path; anything that cannot be one is simply not found."""
+    raw = request.path_params["id"]
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_BIGINT:
+        raise ApiError(404, f"no user batch {raw!r}")
+    return int(raw)
+
+
+async def _owned_batch(request: Request) -> dict:
+    """The caller's user batch row, or 404 (an id of another user's batch looks unknown)."""
+    ub = _batch_id(request)
+    async with _services(request).pool.connection() as conn:
+        cur = await conn.execute(
+            "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
+            " created_at, finished_at, summary from user_batches where id = %s and user_id = %s",
+            (ub, _user(request)),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise ApiError(404, f"no user batch {ub}")
+        lanes = await (await conn.execute(
+            "select lane, unique_addresses, cached, shared, enqueued, remaining, failed"
+            " from user_batch_lanes where user_batch_id = %s order by lane",
+            (ub,),
+        )).fetchall()
+    return batch_doc(row, lanes)
+
+
+def batch_doc(row: tuple, lanes: list | None) -> dict:
+    doc = {
+        "id": row[0], "user": row[1], "name": row[2], "priority": PRIORITIES[row[3]], "lanes": list(row[4]),
+        "state": row[5], "rows": row[6], "invalid": row[7], "duplicates": row[8], "workflow_id": row[9],
+        "created_at": row[10].isoformat(), "finished_at": row[11].isoformat() if row[11] else None,
+        "summary": row[12],
+    }
+    if lanes is not None:
+        doc["lane_progress"] = [
+            dict(zip(("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"), ln))
+            for ln in lanes
+        ]
+        unique = sum(ln[1] for ln in lanes)
+        doc["addresses_settled"] = unique - sum(ln[5] for ln in lanes)
+        doc["addresses_total"] = unique
+    return doc
+
+
+# ---- health and schema ------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Postgres and Temporal reachable: 200; otherwise 503 naming what is down."""
+    services = _services(request)
+    checks: dict[str, str] = {}
+    try:
+        async with services.pool.connection(timeout=5) as conn:
+            await conn.execute("select 1")
+        checks["postgres"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure is "down", reported by name
+        checks["postgres"] = f"down: {type(exc).__name__}"
+    try:
+        client = await services.temporal()
+        await asyncio.wait_for(client.service_client.check_health(), timeout=5)
+        checks["temporal"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["temporal"] = f"down: {exc}" if isinstance(exc, ApiError) else f"down: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
+
+
+async def openapi_doc(_request: Request) -> JSONResponse:
+    return JSONResponse(openapi.DOCUMENT)
+
+
+# ---- batches ----------------------------------------------------------------------------
+
+
+def _only_params(request: Request, *known: str) -> None:
+    """Refuse query parameters the route does not know (a typo must not be silently ignored)."""
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown query parameter {', '.join(map(repr, unknown))}; "
+                            f"this route takes: {', '.join(known) or 'none'}")
+
+
+def _submit_options(request: Request) -> dict:
+    q = request.query_params
+    _only_params(request, "name", "priority", "lanes", "column")
+    priority = q.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise ApiError(400, f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+    lanes = [x.strip() for x in q.get("lanes", "deliverability").split(",") if x.strip()]
+    bad = [x for x in lanes if x not in LANES]
+    if bad or not lanes:
+        raise ApiError(400, f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
+    name = q.get("name", "")
+    if len(name) > 200 or "\x00" in name:
+        raise ApiError(400, "name must be at most 200 characters, without NUL")
+    column = q.get("column") or None
+    if column is not None and ("\x00" in column or len(column) > 200):
+        raise ApiError(400, "column must be a header name or a 1-based number")
+    return {"name": name, "priority": priority, "lanes": lanes, "column": column}
+
+
+def _ingest(settings: Settings, user: str, opts: dict, source: str, rows) -> tuple[int, object, list[dict]]:
+    """In a worker thread: one transaction creates the user batch and COPYs its rows.
+
+    Any failure (bad body, client gone) rolls the whole submission back: nothing half-stored.
+    """
+    shown: list[dict] = []
+
+    def watch(it):
+        for row in it:
+            if row[2] is None and len(shown) < INVALID_ROWS_SHOWN:
+                shown.append({"row": row[0], "reason": row[3]})
+            yield row
+
+    with psycopg.connect(settings.database_url) as conn, conn.transaction():
+        (ub,) = conn.execute(
+            "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
+            " returning id",
+            (user, opts["name"] or "api upload", PRIORITIES.index(opts["priority"]), opts["lanes"], source),
+        ).fetchone()
+        stats = copy_rows(conn, ub, watch(rows))
+        if stats.rows == 0:
+            raise BadBody("the list has no rows")
+        conn.execute(
+            "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
+            (stats.rows, user_batch_workflow_id(ub), ub),
+        )
+    return ub, stats, shown
+
+
+async def submit_batch(request: Request) -> JSONResponse:
+    """Stream the body into Postgres (COPY, in one transaction) and start the UserBatchWorkflow."""
+    services = _services(request)
+    settings = services.settings
+    opts = _submit_options(request)
+    client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = limited(request.stream(), settings.api_max_upload_mb * 1024 * 1024)
+    loop = asyncio.get_running_loop()
+    if ctype == "multipart/form-data":
+        chunks = pull(multipart_file(body, request.headers["content-type"]), loop)
+        rows, source = csv_rows(chunks, opts["column"]), "api: multipart upload"
+    elif ctype in ("text/csv", "text/plain"):
+        rows, source = csv_rows(pull(body, loop), opts["column"]), "api: csv body"
+    elif ctype == "application/json":
+        rows, source = json_rows(pull(body, loop)), "api: json list"
+    else:
+        raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'}: send multipart/form-data with a "
+                            "`file` part, text/csv, or application/json (an array of address strings)")
+    try:
+        ub, stats, shown = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows)
+    except BadBody as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    except UnreadableInput as exc:
+        raise ApiError(400, str(exc)) from None
+    from workflows.user_batch import UserBatchWorkflow
+
+    try:
+        await client.start_workflow(
+            UserBatchWorkflow.run, UserBatchInput(ub), id=user_batch_workflow_id(ub), task_queue=settings.task_queue
+        )
+    except RPCError as exc:
+        async with services.pool.connection() as conn:
+            await conn.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub,))
+        raise ApiError(503, f"user batch {ub} stored but its workflow did not start: {exc.message}") from None
+    doc = {"id": ub, "workflow_id": user_batch_workflow_id(ub), "state": "receiving", "rows": stats.rows,
+           "invalid": stats.invalid, "invalid_rows": shown}
+    return JSONResponse(doc, status_code=201, headers={"Location": f"/v1/batches/{ub}"})
+
+
+async def list_batches(request: Request) -> JSONResponse:
+    """The caller's most recent user batches (newest first)."""
+    _only_params(request, "limit")
+    raw = request.query_params.get("limit", "50")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise ApiError(400, "limit must be a whole number from 1 to 500")
+    async with _services(request).pool.connection() as conn:
+        rows = await (await conn.execute(
+            "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
+            " created_at, finished_at, summary from user_batches where user_id = %s order by id desc limit %s",
+            (_user(request), int(raw)),
+        )).fetchall()
+    return JSONResponse({"batches": [batch_doc(r, None) for r in rows]})
+
+
+async def get_batch(request: Request) -> JSONResponse:
+    """Counts and per-lane progress, from Postgres (the source of truth the workflow reads too)."""
+    _only_params(request)
+    return JSONResponse(await _owned_batch(request))
+
+
+async def get_results(request: Request) -> Response:
+    """Per-row results in input order, streamed from a server-side cursor (CSV or JSON)."""
+    _only_params(request, "format", "status")
+    doc = await _owned_batch(request)
+    fmt = request.query_params.get("format", "csv")
+    if fmt not in ("csv", "json"):
+        raise ApiError(400, f"format {fmt!r} is not csv or json")
+    status_filter = request.query_params.get("status")
+    if status_filter is not None and status_filter not in RESULT_FILTERS:
+        raise ApiError(400, f"status {status_filter!r} is not one of {', '.join(RESULT_FILTERS)}")
+    pool = _services(request).pool
+    return StreamingResponse(
+        _result_stream(pool, doc["id"], status_filter, fmt),
+        media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
+        headers={"Content-Disposition": f'attachment; filename="user-batch-{doc["id"]}.{fmt}"'},
+    )
+
+
+async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str | None, fmt: str
+                         ) -> AsyncIterator[bytes]:
+    async with pool.connection() as conn, conn.transaction():
+        async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
+            cur.itersize = 5_000
+            await cur.execute(
+                "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at"
+                " from item_outcomes where user_batch_id = %(ub)s"
+                " and (%(f)s::text is null or status = %(f)s or state = %(f)s) order by row_no",
+                {"ub": ub, "f": status_filter},
+            )
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            if fmt == "csv":
+                w.writerow(RESULT_COLUMNS)
+            else:
+                buf.write("[")
+            n = 0
+            async for r in cur:
+                values = (*r[:9], r[9].isoformat() if r[9] else None)
+                if fmt == "csv":
+                    w.writerow(values)
+                else:
+                    buf.write(("," if n else "") + "\n" + orjson.dumps(dict(zip(RESULT_COLUMNS, values))).decode())
+                n += 1
+                if buf.tell() > 64 * 1024:
+                    yield buf.getvalue().encode()
+                    buf.seek(0)
+                    buf.truncate()
+            if fmt == "json":
+                buf.write("\n]\n")
+            yield buf.getvalue().encode()
+
+
+async def _batch_update(request: Request, name: str) -> JSONResponse:
+    _only_params(request)
+    doc = await _owned_batch(request)
+    if doc["state"] in ("completed", "cancelled", "failed"):
+        raise ApiError(409, f"user batch {doc['id']} is {doc['state']}; it cannot be {name}d")
+    client = await _services(request).temporal()
+    try:
+        await client.get_workflow_handle(doc["workflow_id"]).execute_update(name, rpc_timeout=UPDATE_TIMEOUT)
+    except WorkflowUpdateFailedError as exc:
+        raise ApiError(409, f"user batch {doc['id']} cannot be {name}d: {exc.cause}") from None
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.UNAVAILABLE):
+            raise ApiError(503, f"user batch {doc['id']}: no worker answered the {name} request within "
+                                f"{UPDATE_TIMEOUT.seconds}s; are workers running (`python worker.py`)?") from None
+        raise ApiError(409, f"user batch {doc['id']} cannot be {name}d: {exc.message}") from None
+    return JSONResponse(await _owned_batch(request))
+
+
+async def pause_batch(request: Request) -> JSONResponse:
+    """Pause: queued addresses are skipped, in-flight ones finish."""
+    return await _batch_update(request, "pause")
+
+
+async def resume_batch(request: Request) -> JSONResponse:
+    return await _batch_update(request, "resume")
+
+
+async def cancel_batch(request: Request) -> JSONResponse:
+    """Cancel the workflow: queued addresses are withdrawn, unresolved rows end `cancelled`."""
+    _only_params(request)
+    doc = await _owned_batch(request)
+    if doc["state"] in ("completed", "cancelled", "failed"):
+        raise ApiError(409, f"user batch {doc['id']} is already {doc['state']}")
+    client = await _services(request).temporal()
+    try:
+        await client.get_workflow_handle(doc["workflow_id"]).cancel()
+    except RPCError as exc:
+        raise ApiError(409, f"user batch {doc['id']} cannot be cancelled: {exc.message}") from None
+    return JSONResponse({**doc, "cancel_requested": True}, status_code=202)
+
+
+# ---- lanes ------------------------------------------------------------------------------
+
+
+async def _lane_docs(services: Services) -> list[dict]:
+    async with services.pool.connection() as conn:
+        queued = dict(await (await conn.execute(
+            "select q.lane, count(*) from queue q join user_batch_lanes l"
+            " on l.user_batch_id = q.user_batch_id and l.lane = q.lane where q.seq >= l.cursor group by 1"
+        )).fetchall())
+    client = await services.temporal()
+    docs = []
+    for lane in LANES:
+        doc = {"lane": lane, "running": False, "paused": False, "pause_reason": "", "in_flight": 0,
+               "free_slots": 0, "dispatched_batches": 0, "queued": queued.get(lane, 0)}
+        try:
+            st = await client.get_workflow_handle(scheduler_id(lane)).query(
+                "status", result_type=SchedulerStatus, rpc_timeout=timedelta(seconds=3))
+            doc.update(running=True, paused=st.paused, pause_reason=st.pause_reason, in_flight=st.in_flight,
+                       free_slots=st.free_slots, dispatched_batches=st.dispatched_batches)
+        except RPCError:
+            pass  # no scheduler yet (or it is between runs): nothing in flight
+        docs.append(doc)
+    return docs
+
+
+async def get_lanes(request: Request) -> JSONResponse:
+    _only_params(request)
+    return JSONResponse({"lanes": await _lane_docs(_services(request))})
+
+
+async def _lane_control(request: Request, pause: bool) -> JSONResponse:
+    _only_params(request)
+    lane = request.path_params["lane"]
+    if lane not in LANES:
+        raise ApiError(404, f"no lane {lane!r}; lanes are: {', '.join(LANES)}")
+    if not request.state.key.admin:
+        raise ApiError(403, "pausing or resuming a lane needs an admin key (`starter.py apikeys create --admin`)")
+    services = _services(request)
+    client = await services.temporal()
+    from activities.user_batches import scheduler_input
+    from workflows.scheduler import GreedySchedulerWorkflow
+
+    try:  # signal-with-start: a lane can be paused before its scheduler ever ran
+        await client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(services.settings, lane), id=scheduler_id(lane),
+            task_queue=services.settings.task_queue, start_signal="pause" if pause else "resume",
+            start_signal_args=[LanePause(f"paused through the API by {_user(request)}")] if pause else [],
+        )
+    except RPCError as exc:
+        raise ApiError(503, f"lane {lane} could not be {'paused' if pause else 'resumed'}: {exc.message}") from None
+    for _ in range(50):  # the signal is applied on the scheduler's next workflow task
+        doc = next(d for d in await _lane_docs(services) if d["lane"] == lane)
+        if doc["paused"] == pause:
+            break
+        await asyncio.sleep(0.1)
+    return JSONResponse(doc)
+
+
+async def pause_lane(request: Request) -> JSONResponse:
+    """Admin keys only: the lane dispatches nothing new; in-flight Bouncer batches finish."""
+    return await _lane_control(request, True)
+
+
+async def resume_lane(request: Request) -> JSONResponse:
+    return await _lane_control(request, False)
+

@@ -1,0 +1,221 @@
+"""The OpenAPI 3.0 document served at /openapi.json (the tests fuzz the running server against it)."""
+
+from __future__ import annotations
+
+from settings import LANES
+from workflows.models import PRIORITIES
+
+_LANES_RE = "|".join(LANES)
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
+          "additionalProperties": False}
+
+
+def _err(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_AUTH = {"401": _err("missing, unknown or revoked API key")}
+_DOWN = {"503": _err("Postgres or Temporal unreachable, or no worker answered")}
+_BATCH_ID = {"name": "id", "in": "path", "required": True, "description": "user batch id",
+             "schema": {"type": "integer", "format": "int64", "minimum": 1}}
+_LANE = {"name": "lane", "in": "path", "required": True, "schema": {"type": "string", "enum": list(LANES)}}
+_LANE_PROGRESS = {
+    "type": "object",
+    "required": ["lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"],
+    "properties": {k: {"type": "string"} if k == "lane" else {"type": "integer"}
+                   for k in ("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed")},
+}
+_BATCH = {
+    "type": "object",
+    "required": ["id", "user", "name", "priority", "lanes", "state", "rows", "invalid", "duplicates",
+                 "workflow_id", "created_at", "finished_at", "summary"],
+    "properties": {
+        "id": {"type": "integer"},
+        "user": {"type": "string"},
+        "name": {"type": "string"},
+        "priority": {"type": "string", "enum": list(PRIORITIES)},
+        "lanes": {"type": "array", "items": {"type": "string", "enum": list(LANES)}},
+        "state": {"type": "string", "enum": ["receiving", "preparing", "queued", "paused", "completed",
+                                             "cancelled", "failed"]},
+        "rows": {"type": "integer"},
+        "invalid": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "workflow_id": {"type": "string", "nullable": True},
+        "created_at": {"type": "string", "format": "date-time"},
+        "finished_at": {"type": "string", "format": "date-time", "nullable": True},
+        "summary": {"type": "object", "nullable": True, "description": "counts by_state and by_status once finished"},
+        "lane_progress": {"type": "array", "items": _LANE_PROGRESS},
+        "addresses_total": {"type": "integer"},
+        "addresses_settled": {"type": "integer"},
+        "cancel_requested": {"type": "boolean"},
+    },
+}
+_LANE_DOC = {
+    "type": "object",
+    "required": ["lane", "running", "paused", "pause_reason", "in_flight", "free_slots", "dispatched_batches",
+                 "queued"],
+    "properties": {
+        "lane": {"type": "string", "enum": list(LANES)},
+        "running": {"type": "boolean", "description": "the lane's scheduler workflow is running"},
+        "paused": {"type": "boolean"},
+        "pause_reason": {"type": "string"},
+        "in_flight": {"type": "integer", "description": "Bouncer batches in flight"},
+        "free_slots": {"type": "integer"},
+        "dispatched_batches": {"type": "integer"},
+        "queued": {"type": "integer", "description": "addresses waiting in the lane's queues"},
+    },
+}
+_SUBMITTED = {
+    "type": "object",
+    "required": ["id", "workflow_id", "state", "rows", "invalid", "invalid_rows"],
+    "properties": {
+        "id": {"type": "integer"},
+        "workflow_id": {"type": "string"},
+        "state": {"type": "string"},
+        "rows": {"type": "integer"},
+        "invalid": {"type": "integer"},
+        "invalid_rows": {
+            "type": "array", "description": "the first 100 invalid rows: line number (or array position) and why",
+            "items": {"type": "object", "required": ["row", "reason"],
+                      "properties": {"row": {"type": "integer"}, "reason": {"type": "string"}}},
+        },
+    },
+}
+_RESULT_ROW = {
+    "type": "object",
+    "required": ["row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at"],
+    "properties": {
+        "row": {"type": "integer"}, "input": {"type": "string"}, "email": {"type": "string", "nullable": True},
+        "state": {"type": "string"}, "note": {"type": "string", "nullable": True},
+        "status": {"type": "string", "nullable": True}, "reason": {"type": "string", "nullable": True},
+        "score": {"type": "integer", "nullable": True}, "accept_all": {"type": "string", "nullable": True},
+        "verified_at": {"type": "string", "nullable": True},
+    },
+}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _batch_op(summary: str, ok: dict, extra: dict | None = None) -> dict:
+    return {"summary": summary, "parameters": [_BATCH_ID], "security": [{"apiKey": []}],
+            "responses": {**ok, "400": _err("unknown query parameter"), **_AUTH,
+                          "404": _err("no such user batch for this key's user"), **_DOWN, **(extra or {})}}
+
+
+DOCUMENT: dict = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "Bouncer verification pipeline",
+        "version": "1",
+        "description": "Submit address lists, follow them, fetch per-row results. Every /v1 route needs "
+                       "`Authorization: Bearer <key>`; a key sees only its own user's batches.",
+    },
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+        "schemas": {"Error": _ERROR, "Batch": _BATCH, "Lane": _LANE_DOC},
+    },
+    "paths": {
+        "/healthz": {"get": {
+            "summary": "Postgres and Temporal reachable",
+            "responses": {
+                "200": _json({"type": "object", "required": ["status"], "properties": {
+                    "status": {"type": "string"}, "postgres": {"type": "string"}, "temporal": {"type": "string"}}},
+                    "all dependencies reachable"),
+                "503": _json({"type": "object", "required": ["status"]}, "a dependency is down (named)"),
+            },
+        }},
+        "/v1/batches": {
+            "post": {
+                "summary": "Submit a list (streamed into Postgres, then verified)",
+                "security": [{"apiKey": []}],
+                "parameters": [
+                    {"name": "name", "in": "query", "schema": {"type": "string", "maxLength": 200}},
+                    {"name": "priority", "in": "query", "schema": {"type": "string", "enum": list(PRIORITIES)}},
+                    {"name": "lanes", "in": "query", "description": "comma-separated lanes",
+                     "schema": {"type": "string", "pattern": f"^({_LANES_RE})(,({_LANES_RE}))*$"}},
+                    {"name": "column", "in": "query", "description": "CSV email column: header name or 1-based number",
+                     "schema": {"type": "string", "maxLength": 200}},
+                ],
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                        "file": {"type": "string", "format": "binary"}}}},
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+                }},
+                "responses": {
+                    "201": _json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
+                    "400": _err("unreadable body, bad option, or no rows"),
+                    **_AUTH,
+                    "413": _err("body over API_MAX_UPLOAD_MB"),
+                    "415": _err("unsupported Content-Type"),
+                    "503": _DOWN["503"],
+                },
+            },
+            "get": {
+                "summary": "The caller's recent user batches, newest first",
+                "security": [{"apiKey": []}],
+                "parameters": [{"name": "limit", "in": "query",
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["batches"], "properties": {
+                        "batches": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}}}}, "batches"),
+                    "400": _err("bad limit"),
+                    **_AUTH,
+                    **_DOWN,
+                },
+            },
+        },
+        "/v1/batches/{id}": {
+            "get": _batch_op("Counts and progress of a user batch",
+                             {"200": _json({"$ref": "#/components/schemas/Batch"}, "the user batch")}),
+            "delete": _batch_op("Cancel a user batch (queued addresses withdrawn)",
+                                {"202": _json({"$ref": "#/components/schemas/Batch"}, "cancellation requested")},
+                                {"409": _err("already finished"), "503": _DOWN["503"]}),
+        },
+        "/v1/batches/{id}/results": {"get": {
+            **_batch_op(
+                "Per-row results in input order, streamed",
+                {"200": {"description": "one row per input row", "content": {
+                    "text/csv": {"schema": {"type": "string"}},
+                    "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}}}}},
+                {"400": _err("bad format or status filter")},
+            ),
+            "parameters": [
+                _BATCH_ID,
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "json"]}},
+                {"name": "status", "in": "query", "description": "only rows with this Bouncer status or row state",
+                 "schema": {"type": "string", "enum": ["deliverable", "risky", "undeliverable", "unknown", "verified",
+                                                       "invalid", "duplicate", "cancelled", "failed", "pending"]}},
+            ],
+        }},
+        "/v1/batches/{id}/pause": {"post": _batch_op(
+            "Pause: queued addresses skipped, in-flight ones finish",
+            {"200": _json({"$ref": "#/components/schemas/Batch"}, "paused")},
+            {"409": _err("finished, or not in a state that can pause"), "503": _DOWN["503"]})},
+        "/v1/batches/{id}/resume": {"post": _batch_op(
+            "Resume a paused user batch",
+            {"200": _json({"$ref": "#/components/schemas/Batch"}, "resumed")},
+            {"409": _err("finished, or not paused"), "503": _DOWN["503"]})},
+        "/v1/lanes": {"get": {
+            "summary": "Each lane's scheduler: paused, in flight, free slots, queued",
+            "security": [{"apiKey": []}],
+            "responses": {"200": _json({"type": "object", "required": ["lanes"], "properties": {
+                "lanes": {"type": "array", "items": {"$ref": "#/components/schemas/Lane"}}}}, "lanes"),
+                "400": _err("unknown query parameter"), **_AUTH, "503": _DOWN["503"]},
+        }},
+        **{
+            f"/v1/lanes/{{lane}}/{verb}": {"post": {
+                "summary": f"{verb.capitalize()} a lane (admin keys only)",
+                "security": [{"apiKey": []}],
+                "parameters": [_LANE],
+                "responses": {"200": _json({"$ref": "#/components/schemas/Lane"}, f"lane {verb}d"),
+                              "400": _err("unknown query parameter"), **_AUTH,
+                              "403": _err("not an admin key"), "404": _err("no such lane"),
+                              "503": _DOWN["503"]},
+            }}
+            for verb in ("pause", "resume")
+        },
+    },
+}
