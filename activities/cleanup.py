@@ -9,7 +9,8 @@ What is safe to delete (the rule, also in the README):
   reused instead of paying again), and before every retained user batch's creation minus the TTL.
   A retained batch only shows results verified during its run or reused fresh at its start,
   so none of its rows loses its verdict.
-- Events, finished Bouncer batches (with their parts) and pack timings: by age alone.
+- Events (with their deliveries): by age, once fanned out to subscribers and none of their
+  deliveries is still pending. Finished Bouncer batches (with their parts) and pack timings: by age.
 Completed workflow histories are not ours to delete: the namespace's retention period does it.
 """
 
@@ -36,8 +37,17 @@ _DOOMED_BATCH = f"""
 """
 
 _BY_AGE = {
-    "events": "delete from events where id in (select id from events where created_at < %(cutoff)s"
-              " order by created_at limit %(n)s)",
+    # An event goes with its deliveries once fanned out and none of them is still pending.
+    "events": """
+        with gone as (
+            delete from events where id in (
+                select e.id from events e where e.created_at < %(cutoff)s and e.fanned_out
+                  and not exists (select 1 from deliveries d where d.event_id = e.id and d.state = 'pending')
+                order by e.created_at limit %(n)s)
+            returning id),
+        deliveries_gone as (delete from deliveries d using gone where d.event_id = gone.id returning 1)
+        select (select count(*) from gone), (select count(*) from deliveries_gone)
+    """,
     "pack_runs": "delete from pack_runs where id in (select id from pack_runs where created_at < %(cutoff)s"
                  " order by id limit %(n)s)",
     "results": "delete from results where (address_id, lane) in (select address_id, lane from results"
@@ -81,7 +91,8 @@ class CleanupActivities:
         if chunk.kind not in _BY_AGE:
             raise ApplicationError(f"unknown cleanup kind {chunk.kind!r}", non_retryable=True)
         async with self.pool.connection() as conn, conn.transaction():
-            deleted = (await conn.execute(_BY_AGE[chunk.kind], p)).rowcount
+            cur = await conn.execute(_BY_AGE[chunk.kind], p)
+            deleted = (await cur.fetchone())[0] if chunk.kind == "events" else cur.rowcount
         return ChunkOutcome(deleted=deleted, more=deleted == chunk.chunk_rows)
 
     async def _user_batch_chunk(self, p: dict) -> ChunkOutcome:

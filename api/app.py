@@ -37,10 +37,13 @@ from activities.ingest import UnreadableInput, copy_rows
 from api import keys, openapi
 from api.uploads import BadBody, csv_rows, json_rows, limited, multipart_file, pull
 from settings import LANES, Settings
+from workflows import search
 from workflows.models import PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
 from workflows.models import scheduler_id, user_batch_workflow_id
 
 RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
+# Appended for user batches that asked for the catchall lane (as `starter.py results` does).
+CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "catchall_verified_at")
 RESULT_FILTERS = ("deliverable", "risky", "undeliverable", "unknown", "verified", "invalid", "duplicate",
                   "cancelled", "failed", "pending")
 MAX_BIGINT = 2**63 - 1
@@ -329,7 +332,10 @@ async def submit_batch(request: Request) -> JSONResponse:
 
     try:
         await client.start_workflow(
-            UserBatchWorkflow.run, UserBatchInput(ub), id=user_batch_workflow_id(ub), task_queue=settings.task_queue
+            UserBatchWorkflow.run, UserBatchInput(ub), id=user_batch_workflow_id(ub), task_queue=settings.task_queue,
+            search_attributes=search.at_start(_user(request), opts["priority"], opts["lanes"][0], "preparing"),
+            static_summary=f"user batch {ub} of {_user(request)}: {stats.rows:,} rows, priority {opts['priority']}"
+                           " (HTTP API)",
         )
     except RPCError as exc:
         async with services.pool.connection() as conn:
@@ -372,37 +378,40 @@ async def get_results(request: Request) -> Response:
     if status_filter is not None and status_filter not in RESULT_FILTERS:
         raise ApiError(400, f"status {status_filter!r} is not one of {', '.join(RESULT_FILTERS)}")
     pool = _services(request).pool
+    columns = RESULT_COLUMNS + (CATCHALL_COLUMNS if "catchall" in doc["lanes"] else ())
     return StreamingResponse(
-        _result_stream(pool, doc["id"], status_filter, fmt),
+        _result_stream(pool, doc["id"], status_filter, fmt, columns),
         media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
         headers={"Content-Disposition": f'attachment; filename="user-batch-{doc["id"]}.{fmt}"'},
     )
 
 
-async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str | None, fmt: str
-                         ) -> AsyncIterator[bytes]:
+async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str | None, fmt: str,
+                         columns: tuple[str, ...]) -> AsyncIterator[bytes]:
     async with pool.connection() as conn, conn.transaction():
         async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
             cur.itersize = 5_000
             await cur.execute(
-                "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at"
-                " from item_outcomes where user_batch_id = %(ub)s"
-                " and (%(f)s::text is null or status = %(f)s or state = %(f)s) order by row_no",
+                "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
+                " catchall_status, catchall_reason, catchall_score, catchall_verified_at"
+                " from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
+                " or status = %(f)s or state = %(f)s or catchall_status = %(f)s) order by row_no",
                 {"ub": ub, "f": status_filter},
             )
             buf = io.StringIO()
             w = csv.writer(buf)
             if fmt == "csv":
-                w.writerow(RESULT_COLUMNS)
+                w.writerow(columns)
             else:
                 buf.write("[")
             n = 0
             async for r in cur:
-                values = (*r[:9], r[9].isoformat() if r[9] else None)
+                values = (*r[:9], r[9].isoformat() if r[9] else None,
+                          *r[10:13], r[13].isoformat() if r[13] else None)[: len(columns)]
                 if fmt == "csv":
                     w.writerow(values)
                 else:
-                    buf.write(("," if n else "") + "\n" + orjson.dumps(dict(zip(RESULT_COLUMNS, values))).decode())
+                    buf.write(("," if n else "") + "\n" + orjson.dumps(dict(zip(columns, values))).decode())
                 n += 1
                 if buf.tell() > 64 * 1024:
                     yield buf.getvalue().encode()

@@ -11,7 +11,8 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"typ
 
 
 def _err(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 _AUTH = {"401": _err("missing, unknown or revoked API key")}
@@ -90,6 +91,11 @@ _RESULT_ROW = {
         "status": {"type": "string", "nullable": True}, "reason": {"type": "string", "nullable": True},
         "score": {"type": "integer", "nullable": True}, "accept_all": {"type": "string", "nullable": True},
         "verified_at": {"type": "string", "nullable": True},
+        # present when the user batch asked for the catchall lane
+        "catchall_status": {"type": "string", "nullable": True},
+        "catchall_reason": {"type": "string", "nullable": True},
+        "catchall_score": {"type": "integer", "nullable": True},
+        "catchall_verified_at": {"type": "string", "nullable": True},
     },
 }
 

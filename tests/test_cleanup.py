@@ -57,9 +57,13 @@ def seed(db_url: str) -> dict[str, int]:
             conn.execute("insert into results (address_id, lane, status, record, verified_at) values"
                          " (%s, 'deliverability', 'deliverable', '{}', now() - make_interval(days => %s))", (aid, days))
             ids[f"result{days}"] = aid
-        for days in (40, 1):
-            conn.execute("insert into events (kind, created_at) values ('test', now() - make_interval(days => %s))",
-                         (days,))
+        for days, fanned, pending in ((40, True, False), (40, True, True), (40, False, False), (1, True, False)):
+            (ev,) = conn.execute("insert into events (kind, created_at, fanned_out) values"
+                                 " ('test', now() - make_interval(days => %s), %s) returning id",
+                                 (days, fanned)).fetchone()
+            if fanned:
+                conn.execute("insert into deliveries (event_id, subscription_id, state) values (%s, 1, %s)",
+                             (ev, "pending" if pending else "delivered"))
             conn.execute("insert into pack_runs (lane, pack_key, batches, addresses, queue_drained, queued_after,"
                          " duration_ms, created_at) values ('deliverability', %s, 0, 0, true, 0, 1,"
                          " now() - make_interval(days => %s))", (f"k{days}", days))
@@ -98,7 +102,10 @@ async def test_clean_deletes_only_what_is_past_retention_and_not_needed(dev_env,
         # The oldest retained batch began 60 days ago and the TTL is 30: results older than 90 days go.
         kept = {a for (a,) in p.sql("select address_id from results")}
         assert kept == {ids["result50"], ids["result10"]}
-        assert p.sql("select count(*) from events") == [(1,)]
+        # Old events go with their deliveries, unless not yet fanned out or a delivery is still pending.
+        assert p.sql("select count(*) from events") == [(3,)]
+        assert p.sql("select state, count(*) from deliveries group by 1 order by 1") == [
+            ("delivered", 1), ("pending", 1)]
         assert {k for (k,) in p.sql("select pack_key from bouncer_batches")} == {"open-old", "stored-new"}
         assert p.sql("select count(*) from bouncer_batch_parts where bouncer_batch_id = %s", (ids["stored-old"],)) \
             == [(0,)]

@@ -90,7 +90,8 @@ async def test_a_scheduled_run_reverifies_the_stored_list_sending_only_stale_res
     settings = make_settings(db_url, sandbox, batch_size=200)
     emails = [f"lead{i}@monthly{i % 7}.example" for i in range(300)]
     async with running_pipeline(dev_env.client, settings) as p:
-        first = await p.submit_file(write_list(tmp_path / "monthly.csv", [*emails, "not-an-address", emails[0]]), "finn")
+        rows = [*emails, "not-an-address", emails[0]]
+        first = await p.submit_file(write_list(tmp_path / "monthly.csv", rows), "finn")
         await asyncio.wait_for(first.result(), timeout=60)
         (ub,) = p.sql("select id from user_batches where workflow_id = %s", (first.id,))[0]
         schedule_id = await schedules.create_recurring(dev_env.client, settings, ub, timedelta(days=30),
