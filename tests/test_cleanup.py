@@ -64,6 +64,7 @@ def seed(db_url: str) -> dict[str, int]:
             if fanned:
                 conn.execute("insert into deliveries (event_id, subscription_id, state) values (%s, 1, %s)",
                              (ev, "pending" if pending else "delivered"))
+        for days in (40, 1):
             conn.execute("insert into pack_runs (lane, pack_key, batches, addresses, queue_drained, queued_after,"
                          " duration_ms, created_at) values ('deliverability', %s, 0, 0, true, 0, 1,"
                          " now() - make_interval(days => %s))", (f"k{days}", days))
