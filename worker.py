@@ -28,6 +28,7 @@ from temporalio.worker import Worker
 import callbacks
 import db
 import schedules
+import temporal_client
 from activities.bouncer_api import BouncerApiActivities
 from activities.events import EventActivities, ensure_dispatcher
 from activities.cleanup import CleanupActivities
@@ -165,9 +166,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     db.migrate(settings.database_url)
     sdk = telemetry.sdk_metrics(telemetry.free_port()) if settings.metrics_listen else None
     tracing = telemetry.tracing(settings)
-    client = await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
+    client = await temporal_client.connect(
+        settings,
         runtime=sdk.runtime if sdk else None,
         interceptors=[tracing.interceptor] if tracing else [],
     )

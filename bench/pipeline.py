@@ -17,10 +17,10 @@ import psycopg
 from bench.common import bench_stack, history_limits, peak_rss_mb, percentile, submit, wait_completed, write_lists
 
 
-async def _limits(address: str) -> dict:
-    from temporalio.client import Client
+async def _limits(st) -> dict:
+    import temporal_client
 
-    return await history_limits(await Client.connect(address))
+    return await history_limits(await temporal_client.connect(st.settings()))
 
 
 def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -> dict:
@@ -48,7 +48,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -
                 "select count(*) from item_outcomes where user_batch_id = any(%s) and state = 'verified'", (ids,)
             ).fetchone()
         sandbox = httpx.get(f"{st.sandbox_url}/_sandbox/stats").json()
-        limits = asyncio.run(_limits(st.temporal_address))
+        limits = asyncio.run(_limits(st))
     rows = sum(s["rows"] for s in submitted)
     ingest_s = sum(s["ingest_s"] for s in submitted)
     elapsed = finished - began

@@ -237,9 +237,9 @@ def profiled(st: DevStack, folder: str | None, names: tuple[str, ...] = ("worker
 
 
 async def _histories(st: DevStack, workflow_ids: list[str]) -> dict[str, list]:
-    from temporalio.client import Client
+    import temporal_client
 
-    client = await Client.connect(st.temporal_address)
+    client = await temporal_client.connect(st.settings())
 
     async def one(wid: str):
         return wid, (await client.get_workflow_handle(wid).fetch_history()).events

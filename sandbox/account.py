@@ -129,6 +129,10 @@ class Account:
         self.addresses_received = 0
         self.seen: set[bytes] = set()
         self.seen_twice: set[bytes] = set()
+        # Addresses whose record was downloaded, and those sent again after that: the client
+        # had a result and paid a second time (the chaos audit's `addresses_sent_twice`).
+        self.delivered: set[bytes] = set()
+        self.sent_after_result: set[bytes] = set()
         self.max_processing_seen = 0
 
     # ---- creation -----------------------------------------------------------------------
@@ -154,6 +158,8 @@ class Account:
             digest = hashlib.blake2b(exact.encode(), digest_size=8).digest()
             if digest in self.seen:
                 self.seen_twice.add(digest)
+                if digest in self.delivered:
+                    self.sent_after_result.add(digest)
             else:
                 self.seen.add(digest)
         batch = Batch(
@@ -242,6 +248,11 @@ class Account:
             result = self.verdict(email) if index < verified else unverified(email)
             out.append({"email": email, **properties_of(entry), **result})
         return out
+
+    def mark_delivered(self, batch: Batch) -> None:
+        """The batch's records were downloaded: the client now holds a result for each address."""
+        for entry in batch.entries:
+            self.delivered.add(hashlib.blake2b(email_of(entry).strip().encode(), digest_size=8).digest())
 
     def finish(self, batch: Batch, now: float) -> None:
         """Complete now; what was not processed yet comes back `unknown`."""

@@ -319,7 +319,9 @@ async def download(request: Request, sandbox: Sandbox, now: float) -> Response:
     if batch.status != "completed":
         return _error(400, "batch not completed")
     records = sandbox.account.records(batch)
-    if which != "all":
+    if which == "all":
+        sandbox.account.mark_delivered(batch)
+    else:
         records = [r for r in records if r["status"] == which]
     if "text/csv" in request.headers.get("accept", ""):
         out = io.StringIO()
@@ -382,6 +384,7 @@ async def admin_stats(request: Request) -> Response:
             "addresses_received": account.addresses_received,
             "unique_addresses_received": len(account.seen),
             "addresses_sent_twice": len(account.seen_twice),
+            "addresses_sent_after_result": len(account.sent_after_result),
             "credits": account.credits,
             "credits_charged": account.credits_charged,
             "max_processing_seen": account.max_processing_seen,
