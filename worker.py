@@ -205,16 +205,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         tasks += [asyncio.create_task(s.serve()) for s in (*servers, *([ops] if ops else []))]
         log.info("worker up: queues %s, %s, %s", settings.task_queue, settings.api_create_task_queue,
                  settings.api_task_queue)
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # A worker whose pollers gave up (e.g. Temporal unreachable too long) must not leave a
+        # process that looks alive and does nothing: drain the rest and exit non-zero (restart).
+        broken = [t for t in tasks if t.done()]
+        for t in broken:
+            log.error("a worker stopped on its own: %r; shutting down to be restarted",
+                      t.exception() if not t.cancelled() else "cancelled")
         log.info("draining: finishing running activities and workflow tasks")
         for s in servers:
             s.should_exit = True
-        await asyncio.gather(*(w.shutdown() for w in workers))
+        await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
         sampling.set()
         await asyncio.gather(sampler, return_exceptions=True)
         if ops is not None:  # up until the end: readiness says draining, liveness holds
             ops.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        stopping.cancel()
+        if broken and not stop.is_set():
+            raise SystemExit(1)
 
 
 def main() -> None:

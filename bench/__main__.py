@@ -4,6 +4,7 @@
     python -m bench saturation [--callback/--no-callback] --json
     python -m bench fairness --json
     python -m bench dispatch --json
+    python -m bench chaos --addresses 200000 [--no-kills] [--no-temporal-restart] ... --json
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def main() -> None:
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--warm", action="store_true", help="start the lane's scheduler before the first submit")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
+    p = sub.add_parser("chaos", help="the pipeline under crashes and API faults, then an audit")
+    p.add_argument("--addresses", type=int, default=200_000)
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--duration", type=float, help="seconds the faults are spread over (default: from --addresses)")
+    p.add_argument("--kills", type=int, default=6, help="worker SIGKILLs (0: none)")
+    p.add_argument("--no-kills", dest="kills", action="store_const", const=0)
+    for flag, what in (("second-worker", "a second worker for part of the run"),
+                       ("temporal-restart", "stop and restart the Temporal dev server once"),
+                       ("postgres-restart", "stop and restart Postgres once"),
+                       ("api-faults", "sandbox 5xx, 429, slow answers, dropped connections"),
+                       ("credits-episode", "a 402 episode ended by a top-up")):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=True, help=what)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
     args = parser.parse_args()
     # `timeout` and Ctrl-C must still tear the stack down (the `finally` of bench_stack).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -70,6 +87,12 @@ def main() -> None:
         from bench import dispatch
 
         result = dispatch.run(args.lists, args.per_list, args.time_scale, args.warm)
+    elif args.name == "chaos":
+        from bench import chaos
+
+        faults = chaos.Faults(args.kills, args.second_worker, args.temporal_restart, args.postgres_restart,
+                              args.api_faults, args.credits_episode)
+        result = chaos.run(args.addresses, args.users, args.batch_size, args.duration, faults, args.seed)
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
     os._exit(0)  # see starter.main: the Temporal SDK's native threads can abort finalization
