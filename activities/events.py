@@ -301,6 +301,12 @@ class EventActivities:
             await record_event(conn, "lane.paused", None, None, {"lane": request.lane, "reason": request.reason})
 
     @activity.defn
+    async def record_credits_exhausted(self, request: LaneEvent) -> None:
+        """`credits.exhausted` (sent by the lane's scheduler when a 402 pauses it; once per episode)."""
+        async with self.pool.connection() as conn:
+            await record_event(conn, "credits.exhausted", None, None, {"lane": request.lane, "reason": request.reason})
+
+    @activity.defn
     async def fail_user_batch(self, request: UserBatchFailure) -> None:
         """A user batch workflow failed: the row ends `failed` and `user_batch.failed` is sent (once)."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.workflow import ActivityCancellationType
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState, TimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import (
@@ -173,6 +173,10 @@ class BouncerBatchWorkflow:
                     poll.result()
                 except ActivityError as err:
                     kind = failure_type(err)
+                    # Retries stopped by the schedule-to-close deadline surface the last attempt's
+                    # failure (NotReady), not a TimeoutError: that is the stuck case too.
+                    if err.retry_state == RetryState.TIMEOUT and workflow.patched("deadline-ends-as-stuck"):
+                        kind = "Timeout"
                     # Stuck past the deadline, or gone at the API: delete it there, re-queue its addresses.
                     if kind in ("Timeout", NOT_FOUND):
                         await workflow.execute_activity_method(

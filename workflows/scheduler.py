@@ -73,6 +73,13 @@ class GreedySchedulerWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=DB_RETRY,
             )
+            if request.reason == CREDITS_PAUSE and workflow.patched("credits-exhausted-event"):
+                await workflow.execute_activity_method(
+                    EventActivities.record_credits_exhausted,
+                    LaneEvent(lane, request.reason),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=DB_RETRY,
+                )
 
     @workflow.signal
     def resume(self) -> None:
@@ -115,12 +122,18 @@ class GreedySchedulerWorkflow:
             )
             await self._start_children(adopted)
         self._describe()
+        # Before this patch a pause for credits that arrived while the loop waited without a
+        # timeout never started the credit-check timer (the lane stayed paused until an operator
+        # resumed it); histories recorded before it replay the old wait.
+        wake_on_credit_pause = workflow.patched("credit-pause-wakes-the-loop")
 
         while not self._should_continue():
-            credit_wait = self._state.paused and self._state.pause_reason == CREDITS_PAUSE
+            credit_wait = self._credit_paused()
             try:
                 await workflow.wait_condition(
-                    lambda: self._can_pack() or self._should_continue(),
+                    lambda: self._can_pack()
+                    or self._should_continue()
+                    or (wake_on_credit_pause and self._credit_paused() != credit_wait),
                     timeout=timedelta(seconds=inp.credit_check_s) if credit_wait else None,
                 )
             except asyncio.TimeoutError:
@@ -132,6 +145,9 @@ class GreedySchedulerWorkflow:
 
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(dataclasses.replace(inp, state=self._state))
+
+    def _credit_paused(self) -> bool:
+        return self._state.paused and self._state.pause_reason == CREDITS_PAUSE
 
     def _free_slots(self) -> int:
         assert self._input is not None

@@ -1,0 +1,199 @@
+"""Failure handling (DESIGN.md §6), one test per row of the table, on the time-skipping server
+with the real activities, a fresh database and the sandbox over HTTP (its fault injection).
+
+Each asserts what the user cares about: every row terminal, nothing lost, nothing paid twice,
+and the failure recorded where an operator looks (dead letters with a reason, events, status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import httpx
+import pytest
+from temporalio.api.enums.v1 import EventType
+from temporalio.service import RPCError
+
+from activities.bouncer_api import _as_temporal_error
+from bouncer.errors import RateLimited
+from helpers import make_settings, running_pipeline, write_list
+from sandbox.process import running_sandbox
+from test_workflows import (
+    LANE,
+    assert_replays,
+    emails,
+    eventually,
+    events,
+    item_states,
+    sandbox_stats,
+    scheduler_status,
+)
+from workflows.bouncer_batch import API_RETRY
+from workflows.models import Summary, bouncer_batch_workflow_id
+
+
+def faults(sandbox, **config) -> None:
+    httpx.post(f"{sandbox.url}/_sandbox/faults", json=config).raise_for_status()
+
+
+def set_credits(sandbox, credits: int) -> None:
+    httpx.post(f"{sandbox.url}/_sandbox/credits", json={"credits": credits}).raise_for_status()
+
+
+def started_attempts(history_events) -> list[int]:
+    return [e.activity_task_started_event_attributes.attempt for e in history_events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+
+
+# ---- 429 -------------------------------------------------------------------------------------------
+
+
+def test_429_becomes_a_retry_after_the_apis_retry_after():
+    err = _as_temporal_error(RateLimited("slow down", retry_after=2.5), "creating Bouncer batch 1")
+    assert err.next_retry_delay == timedelta(seconds=2.5)
+    assert not err.non_retryable and err.type == "RateLimited"
+
+
+async def test_429s_are_retried_until_the_batch_goes_through(skipping_env, db_url, sandbox, tmp_path):
+    env = skipping_env
+    faults(sandbox, rate_429=0.5, retry_after=0.2, seed=3)
+    async with running_pipeline(env.client, make_settings(db_url, sandbox, batch_size=100)) as p:
+        handle = await p.submit_file(write_list(tmp_path / "a.csv", emails("rl", 300)), "rita")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.by_state == {"verified": 300}
+        stats = sandbox_stats(sandbox)
+        assert sum(int(c.get("429", 0)) for c in stats["requests"].values()) > 0
+        assert stats["addresses_received"] == 300 and stats["addresses_sent_twice"] == 0
+        attempts = [a for (bb,) in p.sql("select id from bouncer_batches")
+                    for a in started_attempts(await events(env.client, bouncer_batch_workflow_id(LANE, bb)))]
+        assert max(attempts) > 1  # some call was answered 429 and retried by Temporal
+        await assert_replays(env.client, p)
+
+
+# ---- 5xx, timeouts, dropped connections ------------------------------------------------------------
+
+
+def test_transient_errors_back_off_exponentially_with_a_cap():
+    assert API_RETRY.backoff_coefficient == 2.0
+    assert API_RETRY.maximum_interval == timedelta(minutes=2)
+    assert API_RETRY.maximum_attempts == 0  # unlimited: a transient fault never loses a batch
+
+
+async def test_5xx_timeouts_and_dropped_connections_are_retried_and_nothing_is_paid_twice(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    env = skipping_env
+    # Drops before handling: nothing was created, so a retry is not ambiguous and pays nothing twice.
+    faults(sandbox, error_5xx=0.25, drop=0.15, slow=0.15, slow_seconds=1.0, seed=5)
+    settings = make_settings(db_url, sandbox, batch_size=100, bouncer_timeout_s=0.5)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "t.csv", emails("tr", 400)), "tom")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=90)
+        assert summary.by_state == {"verified": 400}
+        stats = sandbox_stats(sandbox)
+        codes = {code for c in stats["requests"].values() for code in c}
+        assert {"503", "dropped"} <= codes, stats["requests"]
+        assert stats["addresses_sent_after_result"] == 0
+        assert p.sql("select count(*) from dead_letters") == [(0,)]
+
+
+# ---- 402 -------------------------------------------------------------------------------------------
+
+
+async def test_out_of_credits_pauses_the_lane_records_an_event_and_resumes_after_a_top_up(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    env = skipping_env
+    set_credits(sandbox, 150)  # one 100-address batch fits, the next ones are refused with 402
+    settings = make_settings(db_url, sandbox, batch_size=100, credit_check_s=60)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "c.csv", emails("cr", 300)), "cora")
+
+        async def paused_for_credits():
+            try:
+                s = await scheduler_status(env.client)
+            except RPCError:
+                return None  # not started yet
+            return s if s.paused and s.pause_reason == "out of credits" else None
+
+        await eventually(paused_for_credits, "the lane to pause for credits")
+        await eventually(lambda: p.sql("select count(*) from events where kind = 'credits.exhausted'") == [(1,)],
+                         "the credits.exhausted event")
+        assert p.sql("select data->>'lane' from events where kind = 'credits.exhausted'") == [(LANE,)]
+        # Nothing lost meanwhile: refused addresses are back in the queue, not dead-lettered.
+        assert p.sql("select count(*) from dead_letters") == [(0,)]
+        await eventually(lambda: p.sql("select count(*) from queue")[0][0] == 200, "refused addresses re-queued")
+        assert p.sql("select max(attempts) from queue") == [(0,)]  # a refusal is not an attempt
+
+        set_credits(sandbox, 10_000)
+        # Awaiting the result lets time skip: the durable timer fires, /credits suffices, the lane resumes.
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.by_state == {"verified": 300}
+        status = await scheduler_status(env.client)
+        assert not status.paused
+        stats = sandbox_stats(sandbox)
+        assert stats["addresses_received"] == 300 and stats["addresses_sent_twice"] == 0
+        assert stats["requests"]["credits"]["200"] >= 1
+        assert p.sql("select count(*) from events where kind = 'credits.exhausted'") == [(1,)]
+        await assert_replays(env.client, p)
+
+
+# ---- 400 / 401 (403 maps to the same class as 401: tests/test_bouncer_client.py) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason_part", "lane_paused"),
+    [
+        # The API refuses the callback URL: 400, our fault, nothing created.
+        ({"callback_public_url": "ftp://callbacks.invalid"}, "BadRequest", False),
+        ({"bouncer_api_key": "wrong-key"}, "Unauthorized", True),
+    ],
+    ids=["400", "401"],
+)
+async def test_refused_requests_dead_letter_the_batch_with_the_reason(
+    skipping_env, db_url, sandbox, tmp_path, overrides, reason_part, lane_paused
+):
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100, **overrides)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "r.csv", emails("rf", 60)), "rolf")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        # Every row still ends terminal: `failed`, with the reason a person can act on.
+        assert summary.by_state == {"failed": 60}
+        reasons = p.sql("select distinct reason, attempts from dead_letters")
+        assert len(reasons) == 1 and reason_part in reasons[0][0], reasons
+        notes = p.sql("select distinct note from item_outcomes where user_batch_id = %s", (summary.user_batch_id,))
+        assert len(notes) == 1 and reason_part in notes[0][0]
+        assert sandbox_stats(sandbox)["addresses_received"] == 0
+        status = await scheduler_status(env.client)
+        assert status.paused == lane_paused
+        if lane_paused:
+            assert status.pause_reason == "the API refused the key"
+
+
+# ---- stuck at the API ------------------------------------------------------------------------------
+
+
+async def test_a_batch_stuck_past_its_deadline_is_deleted_requeued_and_dead_lettered_after_max_attempts(
+    skipping_env, db_url, tmp_path
+):
+    env = skipping_env
+    # A sandbox that never finishes a batch (0.001 addresses per second).
+    with running_sandbox("stuck-key", "--speed", "0.001") as stuck:
+        settings = make_settings(db_url, stuck, batch_size=100, poll_interval_s=5, batch_deadline_s=60,
+                                 max_address_attempts=2)
+        async with running_pipeline(env.client, settings) as p:
+            handle = await p.submit_file(write_list(tmp_path / "s.csv", emails("st", 40)), "stu")
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=90)
+
+            assert summary.by_state == {"failed": 40}
+            assert item_states(p, summary.user_batch_id) == {"failed": 40}
+            # Two attempts, each created then deleted at the API after the deadline.
+            api = httpx.get(f"{stuck.url}/_sandbox/batches").json()
+            assert [b["status"] for b in api] == ["deleted", "deleted"], p.sql("select reason, attempts from dead_letters limit 1")
+            assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("stored", 2)]
+            assert p.sql("select count(*), min(attempts), max(attempts) from dead_letters") == [(40, 2, 2)]
+            (reason,) = p.sql("select distinct reason from dead_letters")
+            assert "maximum number of attempts" in reason[0]
+            assert p.sql("select count(*) from queue") == [(0,)]
