@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.catchall import NEXT_LANE, hand_off
 from activities.events import record_progress
+from activities.heartbeat import heartbeats
 from bouncer.client import BouncerClient
 from bouncer.errors import (
     BadRequest,
@@ -73,6 +74,7 @@ class BouncerApiActivities:
         return self.settings.result_ttl_days * 86400.0
 
     @activity.defn
+    @heartbeats
     async def submit_batch(self, bouncer_batch_id: int) -> SubmitOutcome:
         """Create the batch at the API with its addresses; idempotent once the API answered.
 
@@ -198,6 +200,7 @@ class BouncerApiActivities:
             raise _as_temporal_error(exc, "reading credits") from None
 
     @activity.defn
+    @heartbeats
     async def store_results(self, request: StoreRequest) -> StoreOutcome:
         """Download the results and store them; resolve, re-queue or dead-letter every address.
 

@@ -19,6 +19,7 @@ import time
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 
+from activities.heartbeat import heartbeats
 from workflows.models import PackedBatch, PackRequest, PackResult
 
 
@@ -28,6 +29,7 @@ class PackingActivities:
         self.max_in_flight_per_user = max_in_flight_per_user  # 0: no cap unless `user_limits` sets one
 
     @activity.defn
+    @heartbeats
     async def pack_batches(self, request: PackRequest) -> PackResult:
         """Form up to `slots` regular and `express_slots` express Bouncer batches.
 

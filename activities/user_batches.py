@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 from activities.catchall import CANDIDATES
 from activities.events import record_event
 from settings import CATCHALL, DELIVERABILITY, LANES, Settings
+from activities.heartbeat import heartbeats
 from workflows.models import (
     PRIORITIES,
     LaneProgress,
@@ -270,6 +271,7 @@ class UserBatchActivities:
         return int(row[0])
 
     @activity.defn
+    @heartbeats
     async def prepare_user_batch(self, user_batch_id: int) -> Progress:
         """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest."""
         async with self.pool.connection() as conn:
@@ -369,6 +371,7 @@ class UserBatchActivities:
         )
 
     @activity.defn
+    @heartbeats
     async def set_paused(self, request: PauseRequest) -> Progress:
         """Pause: withdraw unclaimed addresses (in-flight ones finish). Resume: enqueue again."""
         ub = request.user_batch_id
@@ -392,6 +395,7 @@ class UserBatchActivities:
         return await self.read_progress(ub)
 
     @activity.defn
+    @heartbeats
     async def cancel_user_batch(self, user_batch_id: int) -> Summary:
         """Withdraw queued addresses, mark unresolved rows cancelled, end the batch `cancelled`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
@@ -418,6 +422,7 @@ class UserBatchActivities:
         return await self._summarize(user_batch_id)
 
     @activity.defn
+    @heartbeats
     async def finalize_user_batch(self, user_batch_id: int) -> Summary:
         """Rows whose address was dead-lettered become `failed`; the batch ends `completed`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.user_batches import UserBatchActivities
     from workflows import search
+    from activities.heartbeat import HEARTBEAT_TIMEOUT
     from workflows.models import (
         BatchFinished,
         BouncerBatchInput,
@@ -82,7 +83,7 @@ class BouncerBatchWorkflow:
                 request,
                 task_queue=inp.api_task_queue,
                 start_to_close_timeout=timedelta(minutes=10),
-                heartbeat_timeout=timedelta(minutes=5),
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=API_RETRY,
             )
             self._phase = outcome
@@ -120,6 +121,7 @@ class BouncerBatchWorkflow:
                 bb,
                 task_queue=inp.api_create_task_queue,
                 start_to_close_timeout=timedelta(minutes=2),
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=API_RETRY,
             )
         except ActivityError as err:

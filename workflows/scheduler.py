@@ -18,6 +18,7 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import BouncerApiActivities
     from activities.events import EventActivities
+    from activities.heartbeat import HEARTBEAT_TIMEOUT
     from activities.packing import PackingActivities
     from workflows import search
     from workflows.bouncer_batch import BouncerBatchWorkflow
@@ -200,6 +201,7 @@ class GreedySchedulerWorkflow:
                 linger_s=linger_s,
             ),
             start_to_close_timeout=timedelta(seconds=120),
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
             retry_policy=DB_RETRY,
         )
         self._state.queued = result.queued_after

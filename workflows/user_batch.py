@@ -12,6 +12,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 with workflow.unsafe.imports_passed_through():
     from activities.events import EventActivities
     from activities.ingest import IngestActivities
+    from activities.heartbeat import HEARTBEAT_TIMEOUT
     from activities.user_batches import UserBatchActivities
     from workflows import search
     from workflows.models import (
@@ -76,6 +77,7 @@ class UserBatchWorkflow:
                     UserBatchActivities.prepare_user_batch,
                     self._id,
                     start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,  # a dead worker is noticed in seconds
                     retry_policy=DB_RETRY,
                 )
             await self._nudge()
@@ -106,6 +108,7 @@ class UserBatchWorkflow:
                     UserBatchActivities.finalize_user_batch,
                     self._id,
                     start_to_close_timeout=timedelta(minutes=30),
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
                     retry_policy=DB_RETRY,
                 )
             self._progress = await self._read_progress()
@@ -125,6 +128,7 @@ class UserBatchWorkflow:
                 UserBatchActivities.cancel_user_batch,
                 self._id,
                 start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=DB_RETRY,
             )
             await self._nudge()  # other batches may have inherited shared addresses
@@ -177,6 +181,7 @@ class UserBatchWorkflow:
                 UserBatchActivities.set_paused,
                 PauseRequest(self._id, paused),
                 start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 retry_policy=DB_RETRY,
             )
         await self._nudge()
