@@ -12,23 +12,23 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from helpers import make_settings, running_pipeline, write_list
 from temporalio.api.enums.v1 import EventType
 from temporalio.service import RPCError
-
-from activities.bouncer_api import _as_temporal_error
-from bouncer.errors import RateLimited
-from helpers import make_settings, running_pipeline, write_list
-from sandbox.process import running_sandbox
 from test_workflows import (
     LANE,
     assert_replays,
     emails,
-    eventually,
     events,
+    eventually,
     item_states,
     sandbox_stats,
     scheduler_status,
 )
+
+from activities.bouncer_api import _as_temporal_error
+from bouncer.errors import RateLimited
+from sandbox.process import running_sandbox
 from workflows.bouncer_batch import API_RETRY
 from workflows.models import Summary, bouncer_batch_workflow_id
 

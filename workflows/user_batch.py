@@ -11,8 +11,8 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 
 with workflow.unsafe.imports_passed_through():
     from activities.events import EventActivities
-    from activities.ingest import IngestActivities
     from activities.heartbeat import HEARTBEAT_TIMEOUT
+    from activities.ingest import IngestActivities
     from activities.user_batches import UserBatchActivities
     from workflows import search
     from workflows.models import (
