@@ -15,8 +15,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.catchall import CANDIDATES
 from activities.events import record_event
-from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from activities.heartbeat import heartbeats
+from activities.inputs import source_problems
+from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     PRIORITIES,
     LaneProgress,
@@ -240,21 +241,9 @@ class UserBatchActivities:
         Inputs are checked here, so a bad one fails the workflow at once with a clear reason.
         """
         src = request.source
-        problems = []
-        if not src.user_id.strip():
-            problems.append("user_id is empty")
-        if src.priority not in PRIORITIES:
-            problems.append(f"priority {src.priority!r} is not one of {', '.join(PRIORITIES)}")
-        bad_lanes = [lane for lane in src.lanes if lane not in LANES]
-        if not src.lanes or bad_lanes:
-            problems.append(f"lanes {bad_lanes or src.lanes!r} are not a non-empty subset of {', '.join(LANES)}")
-        elif lane_problem(src.lanes, self.settings):
-            problems.append(lane_problem(src.lanes, self.settings))
-        if not src.uri.strip():
-            problems.append("uri is empty")
+        problems = source_problems(src) or lane_problem(src.lanes, self.settings)
         if problems:
-            raise ApplicationError("invalid user batch source: " + "; ".join(problems),
-                                   type="InvalidInput", non_retryable=True)
+            raise ApplicationError("invalid user batch source: " + problems, type="InvalidInput", non_retryable=True)
         async with self.pool.connection() as conn:
             row = await (
                 await conn.execute(

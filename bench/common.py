@@ -103,7 +103,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
 
 
-def _payload_sizes(message) -> Iterator[int]:
+def payloads(message) -> Iterator:
+    """Every `Payload` message nested anywhere in a protobuf message (e.g. a history event)."""
     from temporalio.api.common.v1 import Payload
 
     for field, value in message.ListFields():
@@ -119,9 +120,13 @@ def _payload_sizes(message) -> Iterator[int]:
             if not hasattr(item, "ListFields"):
                 continue
             if isinstance(item, Payload):
-                yield item.ByteSize()
+                yield item
             else:
-                yield from _payload_sizes(item)
+                yield from payloads(item)
+
+
+def _payload_sizes(message) -> Iterator[int]:
+    return (p.ByteSize() for p in payloads(message))
 
 
 async def history_limits(client) -> dict:
