@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import httpx
+from helpers import make_settings, running_pipeline, write_list
 from pydantic import SecretStr
 
-from helpers import make_settings, running_pipeline, write_list
 from settings import Settings
 from workflows.models import Summary
 
@@ -35,7 +35,7 @@ def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
 async def starter(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     def run():
         proc = subprocess.run([sys.executable, "starter.py", *args], cwd=ROOT, env=env, text=True,
-                              capture_output=True, timeout=60)
+                              capture_output=True, timeout=60, check=False)
         return proc.returncode, proc.stdout, proc.stderr
 
     return await asyncio.to_thread(run)

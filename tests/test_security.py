@@ -10,15 +10,15 @@ import uuid
 
 import httpx
 import pytest
+from helpers import make_settings, running_pipeline, write_list
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
+from test_cli import assert_clean_error, assert_one_line, batch, cli  # noqa: F401 - `batch` is a fixture
 
 import temporal_client
 from bench.common import addresses_in_histories, payloads
-from helpers import make_settings, running_pipeline, write_list
 from sandbox.process import running_sandbox
 from settings import Settings
-from test_cli import assert_clean_error, assert_one_line, batch, cli  # noqa: F401 - `batch` is a fixture
 from worker import bouncer_client
 from workflows.models import Summary, bouncer_batch_workflow_id, scheduler_id
 
