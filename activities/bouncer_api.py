@@ -256,6 +256,29 @@ class BouncerApiActivities:
             stored = len(lines)
             async with cur.copy("copy incoming from stdin") as copy:
                 await copy.write("".join(lines))
+            # The API folds case: two of our addresses that differ only in the local part's case
+            # come back as one record (charged once). Both get it; else the other looks unanswered
+            # and is sent and paid again (found by tests/test_bad_input.py).
+            if stored:
+                await cur.execute(
+                    """
+                    insert into incoming (address_id, status, reason, score, accept_all, record)
+                    with got as (
+                        select distinct on (lower(a.email)) lower(a.email) as key, i.*
+                        from incoming i join addresses a on a.id = i.address_id order by lower(a.email)),
+                    missing as (
+                        select q.address_id, lower(a.email) as key
+                        from bouncer_batch_parts bp
+                        join queue q on q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
+                                    and q.seq >= bp.seq_from and q.seq < bp.seq_to
+                        join addresses a on a.id = q.address_id
+                        where bp.bouncer_batch_id = %(bb)s
+                          and not exists (select 1 from incoming x where x.address_id = q.address_id))
+                    select m.address_id, g.status, g.reason, g.score, g.accept_all, g.record
+                    from missing m join got g on g.key = m.key
+                    """,
+                    p,
+                )
             await cur.execute(
                 """
                 insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)
