@@ -1,13 +1,15 @@
 """HTTP receiver for Bouncer's completion callbacks: checks the per-batch token, signals the workflow.
 
 The callback URL carries an unguessable token stored on the batch row; anything else is
-refused (403) and counted, so a forged or replayed call cannot complete a batch early.
+refused (403) and counted, so a forged or replayed call cannot complete a batch early; a callback
+naming another `batchId` (a copy left by an ambiguous create) is refused as stale.
 """
 
 from __future__ import annotations
 
 import hmac
 
+import orjson
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -18,8 +20,18 @@ from temporalio.client import Client
 from workflows.models import bouncer_batch_workflow_id
 
 
+def _posted_batch_id(body: bytes) -> str | None:
+    """The `batchId` the callback names, if its body is a JSON object that names one."""
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("batchId") if isinstance(doc, dict) else None
+    return str(value) if value is not None else None
+
+
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
-    counts = {"accepted": 0, "refused": 0}
+    counts = {"accepted": 0, "refused": 0, "stale": 0}
 
     async def receive(request: Request) -> JSONResponse:
         try:
@@ -31,16 +43,24 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         async with pool.connection() as conn:
             row = await (
                 await conn.execute(
-                    "select lane, callback_token, state from bouncer_batches where id = %s", (bb,)
+                    "select lane, callback_token, state, provider_batch_id from bouncer_batches where id = %s", (bb,)
                 )
             ).fetchone()
         if row is None or not hmac.compare_digest(row[1], token):
             counts["refused"] += 1
             return JSONResponse({"error": "forbidden"}, status_code=403)
-        lane, _token, state = row
+        lane, _token, state, provider_id = row
         if state in ("stored", "failed"):
             counts["refused"] += 1  # a replay after the batch is done
             return JSONResponse({"status": "already done"}, status_code=409)
+        posted = _posted_batch_id(await request.body())
+        if provider_id is not None and posted not in (None, provider_id):
+            # A copy created by an ambiguous create (request sent, answer lost, then retried) carries
+            # the same URL; its completion says nothing about the batch we track (chaos run finding).
+            # Before the create's answer is stored there is nothing to compare: accepted, and an
+            # early download is retried until the batch is complete.
+            counts["stale"] += 1
+            return JSONResponse({"status": "not the tracked batch"}, status_code=409)
         await client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed")
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})

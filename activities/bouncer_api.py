@@ -222,6 +222,10 @@ class BouncerApiActivities:
         if request.download and row[2] is not None:
             try:
                 records = await self.bouncer.download(row[2])
+            except BadRequest as exc:
+                # "Not completed": the completion signal was early (e.g. a stale callback). Retry by
+                # policy until it is; a non-retryable failure here would strand the batch's addresses.
+                raise ApplicationError(f"downloading Bouncer batch {bb}: {exc}", type=NOT_READY) from None
             except BouncerError as exc:
                 raise _as_temporal_error(exc, f"downloading Bouncer batch {bb}") from None
         activity.heartbeat("downloaded")

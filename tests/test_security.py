@@ -80,6 +80,17 @@ async def test_the_api_key_is_never_logged_nor_in_a_history_and_forged_or_replay
             assert after["refused"] - before["refused"] == 3
             assert after["accepted"] == before["accepted"]
 
+            # A batch still at the API: a callback naming another batchId (the copy an ambiguous
+            # create left behind) is refused as stale, so it cannot trigger an early download.
+            p.sql("insert into bouncer_batches (lane, pack_key, state, size, provider_batch_id, callback_token)"
+                  " values ('deliverability', 'test:stale', 'submitted', 1, 'tracked-id', 'tok') returning id")
+            (stale_bb,) = p.sql("select id from bouncer_batches where pack_key = 'test:stale'")[0]
+            async with httpx.AsyncClient(base_url=receiver) as http:
+                stale = await http.post(f"/callbacks/bouncer/{stale_bb}", params={"token": "tok"},
+                                        json={"batchId": "the-other-copy", "status": "completed"})
+                counts = (await http.get("/callbacks/stats")).json()
+            assert stale.status_code == 409 and counts["stale"] == 1 and counts["accepted"] == before["accepted"]
+
 
 # ---- payload encryption -----------------------------------------------------------------------------
 
