@@ -158,3 +158,26 @@ def test_a_user_cannot_read_or_control_another_users_batch(db_url, batch, comman
     own = cli(db_url, *command, str(batch), "--user", "ann")
     if command[0] in ("status", "results") or command[:2] == ["dlq", "list"]:
         assert own.code == 0, own  # the owner reads it (control commands need Temporal: not here)
+
+
+async def test_the_codec_server_decodes_what_the_codec_encoded_for_the_web_ui():
+    import codec_server
+    from google.protobuf import json_format
+    from temporalio.api.common.v1 import Payloads
+
+    codec = temporal_client.EncryptionCodec(temporal_client.parse_keys(f"k1:{_key()}"))
+    app = codec_server.create_app(codec, ["http://127.0.0.1:8233"])
+    plain = Payload(metadata={"encoding": b"json/plain"}, data=b'{"user_batch_id": 7}')
+    body = json_format.MessageToJson(Payloads(payloads=await codec.encode([plain])))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://codec") as http:
+        decoded = await http.post("/decode", content=body, headers={"origin": "http://127.0.0.1:8233"})
+        assert decoded.status_code == 200
+        assert decoded.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"
+        assert list(json_format.Parse(decoded.text, Payloads()).payloads) == [plain]
+        encoded = await http.post("/encode", content=json_format.MessageToJson(Payloads(payloads=[plain])))
+        sealed = json_format.Parse(encoded.text, Payloads()).payloads[0]
+        assert sealed.metadata["encoding"] == temporal_client.ENCODING
+        wrong = temporal_client.EncryptionCodec(temporal_client.parse_keys(f"k9:{_key()}"))
+        refused = await http.post("/decode", content=json_format.MessageToJson(
+            Payloads(payloads=await wrong.encode([plain]))))
+        assert refused.status_code == 400 and "k9" in refused.json()["error"]
