@@ -197,6 +197,81 @@ def lane_problem(lanes: list[str], settings: Settings) -> str:
     return ""
 
 
+async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> int:
+    """Repair `waits` rows that no Bouncer batch will ever settle; returns how many were re-queued.
+
+    A prepare that commits after a concurrent store resolved an address it waits on leaves a
+    wait no store will see (the chaos run stranded a user batch on 21 of them). A wait is
+    stranded when no queue row of its lane holds the address. Then: a fresh result settles it,
+    a dead letter written since the batch began settles it as failed, and otherwise the batch
+    queues the address itself. Checked only once the batch has no queue rows of its own left.
+    """
+    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
+    await cur.execute(
+        """
+        select exists (select 1 from waits where user_batch_id = %(ub)s and lane = %(lane)s)
+           and not exists (select 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s)
+        """,
+        p,
+    )
+    if not (await cur.fetchone())[0]:
+        return 0
+    await cur.execute("drop table if exists stranded")
+    await cur.execute(
+        f"""
+        create temp table stranded on commit drop as
+        select w.address_id,
+               exists (select 1 from results r where r.address_id = w.address_id and r.lane = %(lane)s
+                       and {_FRESH}) as fresh,
+               exists (select 1 from dead_letters d join user_batches b on b.id = %(ub)s
+                       where d.lane = %(lane)s and d.address_id = w.address_id and d.created_at >= b.created_at) as dead
+        from waits w
+        where w.user_batch_id = %(ub)s and w.lane = %(lane)s
+          and not exists (select 1 from queue q where q.lane = %(lane)s and q.address_id = w.address_id)
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        with q as (
+            insert into queue (user_batch_id, lane, seq, address_id)
+            select %(ub)s, %(lane)s, l.next_seq + row_number() over (order by s.address_id) - 1, s.address_id
+            from stranded s join user_batch_lanes l on l.user_batch_id = %(ub)s and l.lane = %(lane)s
+            where not s.fresh and not s.dead
+            on conflict do nothing
+            returning address_id)
+        update stranded s set fresh = null where s.address_id in (select address_id from q)
+        """,
+        p,
+    )
+    # fresh: true = resolved, false = still open (someone queued it meanwhile: keep waiting), null = ours now.
+    await cur.execute(
+        """
+        delete from waits w using stranded s
+        where w.user_batch_id = %(ub)s and w.lane = %(lane)s and w.address_id = s.address_id
+          and (s.fresh is null or s.fresh or s.dead)
+        """,
+        p,
+    )
+    await cur.execute(
+        """
+        update user_batch_lanes l set
+            remaining = l.remaining - c.settled,
+            failed = l.failed + c.dead,
+            shared = l.shared - c.settled - c.requeued,
+            enqueued = l.enqueued + c.requeued,
+            next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s),
+                                l.next_seq)
+        from (select count(*) filter (where fresh or dead) as settled, count(*) filter (where dead and not fresh) as dead,
+                     count(*) filter (where fresh is null) as requeued from stranded) c
+        where l.user_batch_id = %(ub)s and l.lane = %(lane)s
+        """,
+        p,
+    )
+    await cur.execute("select count(*) filter (where fresh is null) from stranded")
+    return int((await cur.fetchone())[0])
+
+
 def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
     """The lane scheduler's configuration, from settings (used when signal-with-starting it)."""
     api = settings.lane_api(lane)  # each lane has its own slots and API task queues (budgets)
@@ -324,7 +399,21 @@ class UserBatchActivities:
 
     @activity.defn
     async def read_progress(self, user_batch_id: int) -> Progress:
-        """Counts of a user batch from the database (the source of truth)."""
+        """Counts of a user batch from the database (the source of truth), after settling any
+        stranded waits (`settle_stranded_waits`; a no-op unless the batch's own queue is empty)."""
+        requeued_lanes = []
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute(
+                "select l.lane from user_batch_lanes l join user_batches b on b.id = l.user_batch_id"
+                " where l.user_batch_id = %s and l.remaining > 0 and b.state = 'queued'",
+                (user_batch_id,),
+            )
+            for (lane,) in await cur.fetchall():
+                if await settle_stranded_waits(cur, user_batch_id, lane, self._ttl_s):
+                    requeued_lanes.append(lane)
+        for lane in requeued_lanes:
+            activity.logger.warning("user batch %s: stranded waits re-queued on lane %s", user_batch_id, lane)
+            await self.nudge_scheduler(lane)
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 "select state, rows_total, invalid, duplicates, user_id, priority from user_batches where id = %s",

@@ -30,7 +30,7 @@ from activities.bouncer_api import _as_temporal_error
 from bouncer.errors import RateLimited
 from sandbox.process import running_sandbox
 from workflows.bouncer_batch import API_RETRY
-from workflows.models import Summary, bouncer_batch_workflow_id
+from workflows.models import Summary, UserBatchInput, bouncer_batch_workflow_id
 
 
 def faults(sandbox, **config) -> None:
@@ -223,3 +223,39 @@ async def test_a_batch_gone_at_the_api_404_is_requeued_and_sent_again_with_nothi
         assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("stored", 2)]
         assert p.sql("select count(*) from dead_letters") == [(0,)]
         assert sandbox_stats(sandbox)["requests"]["status"].get("404", 0) >= 1
+
+
+# ---- stranded waits ---------------------------------------------------------------------------------
+
+
+async def test_waits_no_store_will_settle_are_repaired_so_the_user_batch_still_completes(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """A prepare that commits after a concurrent store resolved an address it waits on leaves a
+    `waits` row nobody settles (found by the 200k chaos run). Built here directly: one wait on an
+    address verified meanwhile, one on an address nobody holds any more."""
+    env = skipping_env
+    async with running_pipeline(env.client, make_settings(db_url, sandbox, batch_size=100)) as p:
+        first = await p.submit_file(write_list(tmp_path / "a.csv", ["done@x.example"]), "ann")
+        assert (await asyncio.wait_for(first.result(), timeout=30)).by_state == {"verified": 1}
+        p.sql("insert into addresses (email) values ('lost@x.example') returning id")
+        (ub,) = p.sql(
+            """
+            with b as (insert into user_batches (user_id, name, state, rows_total, workflow_id)
+                       values ('bob', 'b.csv', 'queued', 2, 'user-batch-stranded') returning id),
+                 i as (insert into items (user_batch_id, row_no, raw, email, state)
+                       select id, n, e, e, 'pending' from b, (values (2, 'done@x.example'), (3, 'lost@x.example')) v(n, e)),
+                 l as (insert into user_batch_lanes (user_batch_id, lane, unique_addresses, shared, remaining)
+                       select id, 'deliverability', 2, 2, 2 from b)
+            insert into waits (lane, address_id, user_batch_id)
+            select 'deliverability', x.id, b.id from b, addresses x where x.email in ('done@x.example', 'lost@x.example')
+            returning user_batch_id
+            """
+        )[0]
+        handle = await env.client.start_workflow(
+            "UserBatchWorkflow", UserBatchInput(ub, progress_recheck_s=5.0), id="user-batch-stranded",
+            task_queue=p.settings.task_queue, result_type=Summary)
+        summary = await asyncio.wait_for(handle.result(), timeout=30)
+        assert summary.by_state == {"verified": 2}
+        assert p.sql("select count(*) from waits") == [(0,)] and p.sql("select count(*) from queue") == [(0,)]
+        assert sandbox_stats(sandbox)["addresses_received"] == 2  # `done` was not sent again
