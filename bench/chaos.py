@@ -199,7 +199,24 @@ class Chaos:
                 self.timeline.note(f"completed; skipped {[a for _, a in plan]}")
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"chaos run not completed within {self.timeout_s:.0f}s; see {self.st.root}")
+        raise TimeoutError(f"chaos run not completed within {self.timeout_s:.0f}s: {self.diagnose(ids)}")
+
+    def diagnose(self, ids: list[int]) -> dict:
+        """Where a run that did not complete stands (the stack is torn down right after)."""
+        try:
+            with psycopg.connect(self.st.database_url, connect_timeout=3) as conn:
+                q = lambda sql, *a: conn.execute(sql, a).fetchall()
+                return {
+                    "user_batches": q("select id, state from user_batches where id = any(%s)", ids),
+                    "lanes": q("select user_batch_id, lane, remaining, enqueued, shared, cursor, next_seq"
+                               " from user_batch_lanes where remaining > 0"),
+                    "queue": q("select user_batch_id, count(*) from queue group by 1"),
+                    "waits": q("select user_batch_id, count(*) from waits group by 1"),
+                    "bouncer_batches": q("select state, count(*) from bouncer_batches group by 1"),
+                    "timeline": self.timeline.log,
+                }
+        except psycopg.Error as exc:
+            return {"error": str(exc), "timeline": self.timeline.log}
 
 
 def audit(st: DevStack, ids: list[int], rows_in: int) -> dict:
