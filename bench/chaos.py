@@ -101,12 +101,9 @@ class Chaos:
         plan: list[tuple[float, str]] = []
         if f.api_faults:
             plan += [(0.0, "api_faults_before"), (0.5 * d, "api_faults_after")]
-        times: list[float] = []
-        while len(times) < f.kills:  # random moments, at least 2 s apart
-            t = self.random.uniform(0.03, 0.9) * d
-            if all(abs(t - o) > 2.0 for o in times):
-                times.append(t)
-        plan += [(t, "kill_worker") for t in times]
+        # Random moments: one in each of `kills` equal slices of the run (never two at once).
+        width = 0.85 * d / max(f.kills, 1)
+        plan += [((0.05 * d) + width * (i + self.random.uniform(0.1, 0.9)), "kill_worker") for i in range(f.kills)]
         if f.second_worker:
             plan += [(0.1 * d, "start_second_worker"), (0.6 * d, "kill_second_worker")]
         if f.temporal_restart:
