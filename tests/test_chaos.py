@@ -25,7 +25,7 @@ def test_a_chaos_run_with_every_fault_loses_nothing_pays_once_and_leaks_nothing(
     assert result["addresses_sent_twice"] == 0  # never re-sent once a result had been downloaded
     assert result["user_batches_completed"] == 2
     assert result["queue_rows_left"] == 0
-    assert result["addresses_in_histories"] == 0 and result["history_runs_scanned"] > 10
+    assert result["addresses_in_histories"] == 0 and result["history_runs_scanned"] > 5
     # Rows in = rows out, each terminal; invalid rows never reached the API.
     assert sum(result["by_state"].values()) == 2000 and result["by_state"].get("invalid", 0) > 0
     # What faults cost is reported (ambiguous creates and abandoned batches are charged again).
