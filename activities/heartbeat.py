@@ -29,6 +29,9 @@ def heartbeats(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not activity.in_activity():  # called directly (tests, the CLI): nobody to beat to
+            return await fn(*args, **kwargs)
+
         async def beat() -> None:
             while True:
                 activity.heartbeat()

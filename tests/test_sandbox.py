@@ -247,6 +247,7 @@ def test_stats_read_back_counts_requests_addresses_and_batches(api: httpx.Client
         "addresses_received": 5,
         "unique_addresses_received": 3,
         "addresses_sent_twice": 1,
+        "addresses_sent_after_result": 0,  # b was sent again before any download
         "credits": 1_000_000 - 4,
         "credits_charged": 4,
         "callbacks_sent": 0,
@@ -256,6 +257,16 @@ def test_stats_read_back_counts_requests_addresses_and_batches(api: httpx.Client
     assert [b["batchId"] for b in listed] == [first["batchId"], second["batchId"]]
     assert [b["status"] for b in listed] == ["completed", "deleted"]
     assert set(listed[0]) >= {"batchId", "status", "quantity", "created", "started", "completed", "callback"}
+
+
+def test_an_address_sent_again_after_its_record_was_downloaded_is_counted(api: httpx.Client) -> None:
+    first = create(api, [{"email": "x@example.com"}, {"email": "y@example.com"}]).json()
+    wait_completed(api, first["batchId"])
+    create(api, [{"email": "y@example.com"}])  # again, but before any download: not counted
+    api.get(f"{BATCH}/{first['batchId']}/download")
+    create(api, [{"email": "x@example.com"}, {"email": "z@example.com"}])
+    stats = api.get("/_sandbox/stats").json()
+    assert stats["addresses_sent_twice"] == 2 and stats["addresses_sent_after_result"] == 1
 
 
 class _CallbackReceiver(BaseHTTPRequestHandler):
