@@ -199,32 +199,6 @@ async def test_a_batch_stuck_past_its_deadline_is_deleted_requeued_and_dead_lett
             assert p.sql("select count(*) from queue") == [(0,)]
 
 
-# ---- 404: the batch is gone at the API ---------------------------------------------------------------
-
-
-async def test_a_batch_gone_at_the_api_404_is_requeued_and_sent_again_with_nothing_lost(
-    skipping_env, db_url, sandbox, tmp_path
-):
-    env = skipping_env
-    # An hour between polls and no callbacks: the batch sits "at the API" until time skips.
-    settings = make_settings(db_url, sandbox, batch_size=100, poll_interval_s=3600)
-    async with running_pipeline(env.client, settings) as p:
-        handle = await p.submit_file(write_list(tmp_path / "g.csv", emails("gone", 30)), "gus")
-        await eventually(lambda: p.sql("select provider_batch_id from bouncer_batches where state = 'submitted'"),
-                         "the batch to be created at the API")
-        ((provider_id,),) = p.sql("select provider_batch_id from bouncer_batches")
-        httpx.delete(f"{sandbox.url}/v1.1/email/verify/batch/{provider_id}",
-                     headers={"x-api-key": sandbox.api_key}).raise_for_status()
-
-        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
-        assert summary.by_state == {"verified": 30}
-        api = httpx.get(f"{sandbox.url}/_sandbox/batches").json()
-        assert [b["status"] for b in api] == ["deleted", "completed"]
-        assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("stored", 2)]
-        assert p.sql("select count(*) from dead_letters") == [(0,)]
-        assert sandbox_stats(sandbox)["requests"]["status"].get("404", 0) >= 1
-
-
 # ---- stranded waits ---------------------------------------------------------------------------------
 
 
