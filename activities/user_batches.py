@@ -17,7 +17,7 @@ from activities.catchall import CANDIDATES
 from activities.events import record_event
 from activities.heartbeat import heartbeats
 from activities.inputs import source_problems
-from settings import CATCHALL, DELIVERABILITY, LANES, Settings
+from settings import CATCHALL, DELIVERABILITY, Settings
 from workflows.models import (
     PRIORITIES,
     LaneProgress,
