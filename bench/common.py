@@ -103,12 +103,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
 
 
-def payloads(message) -> Iterator:
-    """Every `Payload` message nested anywhere in a protobuf message (e.g. a history event)."""
+def payloads(message, skip: tuple[str, ...] = ()) -> Iterator:
+    """Every `Payload` message nested anywhere in a protobuf message (e.g. a history event),
+    except under fields named in `skip` (e.g. `search_attributes`, which codecs never encode)."""
     from temporalio.api.common.v1 import Payload
 
     for field, value in message.ListFields():
-        if field.type != field.TYPE_MESSAGE:
+        if field.type != field.TYPE_MESSAGE or field.name in skip:
             continue
         if field.message_type.GetOptions().map_entry:
             items = list(value.values())
@@ -122,7 +123,7 @@ def payloads(message) -> Iterator:
             if isinstance(item, Payload):
                 yield item
             else:
-                yield from payloads(item)
+                yield from payloads(item, skip)
 
 
 def _payload_sizes(message) -> Iterator[int]:
