@@ -995,9 +995,12 @@ def apikeys_revoke(key_id: int) -> None:
             raise fail(f"no live key {key_id} (`starter.py apikeys list`)")
     out.print(f"key {key_id} revoked")
 # ---- dead letters -------------------------------------------------------------------------
+
+
 def _dlq_selection(conn: psycopg.Connection, user_batch_id: int | None, lane: str | None, user: str | None,
                    require: bool):
     from activities.dead_letters import Selection
+
     if require and user_batch_id is None and lane is None:
         raise fail("give --user-batch ID or --lane L (what to act on)")
     if lane is not None and lane not in LANES:
@@ -1005,38 +1008,57 @@ def _dlq_selection(conn: psycopg.Connection, user_batch_id: int | None, lane: st
     if user_batch_id is not None:
         load_batch(conn, user_batch_id, user)
     return Selection(user_batch_id=user_batch_id, lane=lane, user=user)
+
+
 UserBatchOpt = Annotated[Optional[int], typer.Option("--user-batch", help="Only addresses of this user batch")]
 LaneOpt = Annotated[Optional[str], typer.Option(help="Only this lane")]
 UserOpt = Annotated[Optional[str], typer.Option(help="Only this user's batches")]
+
+
 @dlq_app.command("list")
 def dlq_list(
     user_batch_id: UserBatchOpt = None,
     lane: LaneOpt = None,
     user: UserOpt = None,
     limit: Annotated[int, typer.Option(help="Show at most this many")] = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Dead letters with their reason, attempt count and the user batches whose rows they failed."""
     from activities.dead_letters import count_dead_letters, list_dead_letters
+
+    with db_connect(settings()) as conn:
         sel = _dlq_selection(conn, user_batch_id, lane, user, require=False)
         total = count_dead_letters(conn, sel)
         rows = list_dead_letters(conn, sel, limit)
+    if as_json:
         emit_json({"total": total, "dead_letters": [
             {**r, "created_at": r["created_at"].isoformat(), "user_batches": list(r["user_batches"])} for r in rows]})
+        return
     t = Table(title=f"dead letters: {total:,}" + (f" (first {len(rows):,})" if total > len(rows) else ""))
     for col in ("id", "lane", "address", "user batches", "bouncer batch", "attempts", "reason", "since"):
+        t.add_column(col)
     for r in rows:
         t.add_row(str(r["id"]), r["lane"], r["email"], ",".join(map(str, r["user_batches"])) or "-",
                   str(r["bouncer_batch_id"] or "-"), str(r["attempts"]), r["reason"],
                   r["created_at"].strftime("%Y-%m-%d %H:%M"))
+    out.print(t)
+
+
 @dlq_app.command("retry")
 def dlq_retry(
     user_batch_id: UserBatchOpt = None,
     lane: LaneOpt = None,
     user: UserOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Send dead-lettered addresses again through the normal path; their user batches wait for them
     (a completed one is reopened and finalizes again)."""
     from activities.dead_letters import requeue_dead_letters
+
+    s = settings()
     with db_connect(s) as conn:
         sel = _dlq_selection(conn, user_batch_id, lane, user, require=True)
+
     async def go() -> tuple[int, list]:
         client = await temporal(s)  # before changing anything: a retry must not strand rows
         with db_connect(s) as conn:
@@ -1047,42 +1069,60 @@ def dlq_retry(
         from activities.user_batches import scheduler_input
         from workflows.scheduler import GreedySchedulerWorkflow
         from workflows.user_batch import UserBatchWorkflow
+
         for t in touched:
             if t.workflow_id is None:
                 continue
             if t.was_completed:
                 await _restart_user_batch(client, s, UserBatchWorkflow, t)
+            else:
                 await client.get_workflow_handle(t.workflow_id).signal("progressed")
         for ln in lanes:
             await client.start_workflow(
                 GreedySchedulerWorkflow.run, scheduler_input(s, ln), id=scheduler_id(ln),
                 task_queue=s.task_queue, start_signal="work_available",
+            )
         return retried, touched
+
     retried, touched = asyncio.run(go())
+    if as_json:
         emit_json({"retried": retried, "user_batches": [t.__dict__ for t in touched]})
+        return
     out.print(f"{retried:,} dead letters re-queued for {len(touched)} user batches"
               + "".join(f"; {t.user_batch_id}: {t.addresses:,}" + (" (reopened)" if t.was_completed else "")
                         for t in touched))
+
+
 async def _restart_user_batch(client: Client, s: Settings, workflow_cls, t) -> None:
     """Start a reopened user batch's workflow again under its id (its last run may still be returning)."""
     from temporalio.exceptions import WorkflowAlreadyStartedError
+
     for _ in range(50):
+        try:
             await client.start_workflow(workflow_cls.run, UserBatchInput(t.user_batch_id), id=t.workflow_id,
                                         task_queue=s.task_queue)
             return
         except WorkflowAlreadyStartedError:
             await asyncio.sleep(0.2)
     raise fail(f"user batch {t.user_batch_id} was reopened but its workflow {t.workflow_id} is still running", 1)
+
+
 @dlq_app.command("purge")
 def dlq_purge(
     user_batch_id: UserBatchOpt = None,
     lane: LaneOpt = None,
     user: UserOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Delete dead letters (their rows stay `failed`)."""
     from activities.dead_letters import purge_dead_letters
+
+    with db_connect(settings()) as conn:
         sel = _dlq_selection(conn, user_batch_id, lane, user, require=True)
         n = purge_dead_letters(conn, sel)
+    if as_json:
         emit_json({"purged": n})
+    else:
         out.print(f"{n:,} dead letters purged")
 
 
