@@ -240,25 +240,30 @@ class BouncerApiActivities:
                 "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
                 " accept_all text, record jsonb) on commit drop"
             )
-            lines = []
+            lines: list[str] = []
             by_status: Counter[str] = Counter()
-            for rec in records:
-                try:
-                    address_id = int(rec.get("name") or "")
-                except ValueError:
-                    continue  # not one of ours: the API echoes `name`, which we always set
-                by_status[str(rec.get("status") or "unknown")] += 1
-                accept_all = (rec.get("domain") or {}).get("acceptAll")
-                lines.append("\t".join((
-                    str(address_id),
-                    copy_text(str(rec.get("status") or "unknown")),
-                    _copy_or_null(rec.get("reason")),
-                    _copy_or_null(rec.get("score")),
-                    _copy_or_null(accept_all),
-                    copy_text(orjson.dumps(rec).decode()),
-                )) + "\n")
-            stored = len(lines)
+            stored = 0
             async with cur.copy("copy incoming from stdin") as copy:
+                for rec in records:
+                    try:
+                        address_id = int(rec.get("name") or "")
+                    except ValueError:
+                        continue  # not one of ours: the API echoes `name`, which we always set
+                    by_status[str(rec.get("status") or "unknown")] += 1
+                    accept_all = (rec.get("domain") or {}).get("acceptAll")
+                    lines.append("\t".join((
+                        str(address_id),
+                        copy_text(str(rec.get("status") or "unknown")),
+                        _copy_or_null(rec.get("reason")),
+                        _copy_or_null(rec.get("score")),
+                        _copy_or_null(accept_all),
+                        copy_text(orjson.dumps(rec).decode()),
+                    )) + "\n")
+                    if len(lines) == 2_000:  # blocks, not the whole download: bounded memory per store
+                        stored += len(lines)
+                        await copy.write("".join(lines))
+                        lines.clear()
+                stored += len(lines)
                 await copy.write("".join(lines))
             # The API folds case: two of our addresses that differ only in the local part's case
             # come back as one record (charged once). Both get it; else the other looks unanswered
