@@ -13,19 +13,10 @@ import db
 import starter
 from activities.packing import PackingActivities
 from settings import LANES
-from test_packing import World, emails
+from test_packing import World, emails, world  # noqa: F401 - `world`: no default cap, only `user_limits` rows cap anyone
 from workflows.models import scheduler_id
 
 
-@pytest.fixture
-async def world(db_url, tmp_path):
-    """A World whose packer has no default cap (only `user_limits` rows cap anyone)."""
-    pool = db.open_pool(db_url, 4)
-    await pool.open()
-    try:
-        yield World(db_url, pool, tmp_path)
-    finally:
-        await pool.close()
 
 
 @pytest.fixture
