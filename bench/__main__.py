@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--addresses", type=int, default=200_000)
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--sql-stats", action="store_true", help="also report the top statements (pg_stat_statements)")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
     p = sub.add_parser("saturation", help="slot utilization and dispatch gaps under the documented limits")
@@ -73,7 +74,7 @@ def main() -> None:
     if args.name == "pipeline":
         from bench import pipeline
 
-        result = pipeline.run(args.addresses, args.users, args.workers)
+        result = pipeline.run(args.addresses, args.users, args.workers, sql_stats=args.sql_stats)
     elif args.name == "saturation":
         from bench import saturation
 

@@ -22,11 +22,13 @@ from devstack import ROOT, DevStack, free_port
 
 @contextlib.contextmanager
 def bench_stack(
-    sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1, callbacks: bool = True
+    sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1, callbacks: bool = True,
+    sql_stats: bool = False,
 ) -> Iterator[DevStack]:
     """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports.
 
     `callbacks=False`: no worker serves or advertises a callback receiver (polling only).
+    `sql_stats`: Postgres loads pg_stat_statements (read with `top_statements`).
     """
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     os.chmod(root, 0o755)  # the embedded Postgres runs as its own system user when we are root
@@ -36,6 +38,13 @@ def bench_stack(
     )
     try:
         st.up(worker=False)
+        if sql_stats:
+            with psycopg.connect(st.database_url, autocommit=True) as conn:
+                conn.execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
+                conn.execute("alter system set pg_stat_statements.track = 'all'")
+            st.restart_postgres()
+            with psycopg.connect(st.database_url, autocommit=True) as conn:
+                conn.execute("create extension if not exists pg_stat_statements")
         st.start_worker("worker", callbacks=callbacks, advertise=False)
         for i in range(2, workers + 1):
             st.start_worker(f"worker-{i}", callbacks=False, advertise=callbacks)
@@ -68,7 +77,7 @@ def submit(st: DevStack, path: Path, user: str, *extra: str) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"submit {path} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return {**orjson.loads(out), "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {**orjson.loads(out), "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def wait_completed(st: DevStack, user_batch_ids: list[int], timeout: float) -> float:
@@ -93,6 +102,40 @@ def peak_rss_mb(pid: int | None) -> float | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, its reaped children and its live descendants."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    total += _tree_cpu_s(int(child))
+    return total
+
+
+def cpu_seconds(st: DevStack) -> dict[str, float]:
+    """CPU seconds used so far by each part of a stack (Postgres: postmaster and its backends)."""
+    parts = {name: st.pid(name) for name in ("temporal", "sandbox")}
+    parts.update({p.stem: st.pid(p.stem) for p in st.root.glob("worker*.pid")})
+    with contextlib.suppress(OSError, ValueError):
+        parts["postgres"] = int((st.pgdata / "postmaster.pid").read_text().split()[0])
+    return {name: round(_tree_cpu_s(pid), 1) for name, pid in parts.items() if pid}
+
+
+def top_statements(database_url: str, n: int = 20) -> list[dict]:
+    """The `n` statements that took the most execution time (pg_stat_statements)."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "select calls, round(total_exec_time)::bigint, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+            " from pg_stat_statements order by total_exec_time desc limit %s",
+            (n,),
+        ).fetchall()
+    return [{"calls": c, "total_ms": ms, "rows": r, "query": q} for c, ms, r, q in rows]
 
 
 def percentile(values: list[float], q: float) -> float | None:

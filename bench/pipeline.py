@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 
-from bench.common import bench_stack, history_limits, peak_rss_mb, percentile, submit, wait_completed, write_lists
+from bench.common import bench_stack, cpu_seconds, top_statements, history_limits, peak_rss_mb, percentile, submit, wait_completed, write_lists
 
 
 async def _limits(st) -> dict:
@@ -23,15 +23,17 @@ async def _limits(st) -> dict:
     return await history_limits(await temporal_client.connect(st.settings()))
 
 
-def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -> dict:
+def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, sql_stats: bool = False) -> dict:
     per_user = addresses // users
     env = {
         "CREATIONS_PER_MINUTE": "1000000",
         "REQUESTS_PER_MINUTE": "1000000",
         "POLL_INTERVAL_S": "1",
     }
-    with bench_stack(["--no-limits", "--speed", "0", "--credits", str(10 * addresses)], env, workers) as st:
+    with bench_stack(["--no-limits", "--speed", "0", "--credits", str(10 * addresses)], env, workers,
+                     sql_stats=sql_stats) as st:
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
+        cpu_before = cpu_seconds(st)
         began = time.monotonic()
         # Two submitters at a time: one per core, as a user's scripts would.
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -39,6 +41,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -
         submit_done = time.monotonic()
         ids = [s["user_batch_id"] for s in submitted]
         finished = wait_completed(st, ids, timeout)
+        cpu_after = cpu_seconds(st)
         worker_rss = max(filter(None, (peak_rss_mb(st.pid(n)) for n in ["worker", *[f"worker-{i}" for i in
                                                                                  range(2, workers + 1)]])))
         with psycopg.connect(st.database_url) as conn:
@@ -49,6 +52,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -
             ).fetchone()
         sandbox = httpx.get(f"{st.sandbox_url}/_sandbox/stats").json()
         limits = asyncio.run(_limits(st))
+        statements = top_statements(st.database_url) if sql_stats else None
     rows = sum(s["rows"] for s in submitted)
     ingest_s = sum(s["ingest_s"] for s in submitted)
     elapsed = finished - began
@@ -70,6 +74,9 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0) -
         **limits,
         "bouncer_batches": len(sizes),
         "mean_batch_fill": round(sum(sizes) / (len(sizes) * 10_000), 3) if sizes else 0,
+        "cpu_s": {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
+        | {"submitters": round(sum(s["cpu_s"] for s in submitted), 1)},
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],
+        **({"top_statements": statements} if sql_stats else {}),
     }
