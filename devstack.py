@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent
 SANDBOX_KEY = "sandbox-key"
 
 
+# Postgres settings of the dev stack, as `current_setting()` shows them.
+POSTGRES_SETTINGS = {"shared_buffers": "512MB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +168,25 @@ class DevStack:
         self.root.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: the server outlives this process (a background dev stack).
         get_server(self.pgdata, cleanup_mode=None)
+        self._tune_postgres()
         return self.database_url
+
+    def _tune_postgres(self) -> None:
+        """Settings for bulk loads (once per data directory; restarts Postgres if one changed).
+
+        Millions of rows go through COPY and set-based inserts: with the defaults (1 GB of WAL
+        between checkpoints) every checkpoint makes the next change to each page write a full
+        page image, and 128 MB of shared buffers cannot hold a 2M-address working set.
+        """
+        import psycopg
+
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            changed = [k for k, v in POSTGRES_SETTINGS.items()
+                       if conn.execute("select current_setting(%s)", (k,)).fetchone()[0] != v]
+            for name in changed:
+                conn.execute(f"alter system set {name} = '{POSTGRES_SETTINGS[name]}'")
+        if changed:
+            self.restart_postgres()
 
     def stop_postgres(self) -> None:
         if not (self.pgdata / "postmaster.pid").exists():

@@ -506,18 +506,10 @@ class UserBatchActivities:
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
             if state not in ("completed", "cancelled", "failed"):
-                await cur.execute(
-                    """
-                    update items i set state = 'failed',
-                        reason = coalesce((select d.reason from dead_letters d where d.address_id = a.id
-                                           and d.lane = %(lane)s order by d.id desc limit 1), 'no result')
-                    from addresses a
-                    where i.user_batch_id = %(ub)s and i.state = 'pending' and a.email = i.email
-                      and not exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s)
-                    """,
-                    {"ub": user_batch_id, "lane": lanes[0]},
-                )
                 summary = await self._summarize(user_batch_id, cur=cur, state="completed")
+                if summary.by_state.get("pending"):  # rows left without a result: dead-lettered
+                    await self._fail_unresolved(cur, user_batch_id, lanes[0])
+                    summary = await self._summarize(user_batch_id, cur=cur, state="completed")
                 await cur.execute(
                     "update user_batches set state = 'completed', finished_at = now(), summary = %s where id = %s",
                     (Jsonb({"by_state": summary.by_state, "by_status": summary.by_status}),
@@ -526,6 +518,21 @@ class UserBatchActivities:
                 await announce(cur, "user_batch.completed", summary)
                 return summary
         return await self._summarize(user_batch_id)
+
+    @staticmethod
+    async def _fail_unresolved(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str) -> None:
+        """Pending rows whose address has no result become `failed`, with the dead letter's reason."""
+        await cur.execute(
+            """
+            update items i set state = 'failed',
+                reason = coalesce((select d.reason from dead_letters d where d.address_id = a.id
+                                   and d.lane = %(lane)s order by d.id desc limit 1), 'no result')
+            from addresses a
+            where i.user_batch_id = %(ub)s and i.state = 'pending' and a.email = i.email
+              and not exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s)
+            """,
+            {"ub": user_batch_id, "lane": lane},
+        )
 
     async def _summarize(
         self, user_batch_id: int, cur: psycopg.AsyncCursor | None = None, state: str | None = None
