@@ -17,6 +17,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from activities.catchall import NEXT_LANE, hand_off
 from activities.events import record_progress
 from activities.heartbeat import heartbeats
+from activities.user_batches import index_probes
 from bouncer.client import BouncerClient
 from bouncer.errors import (
     BadRequest,
@@ -40,18 +41,34 @@ NOT_READY = "NotReady"
 
 
 async def store_incoming(cur: psycopg.AsyncCursor, p: dict, folded: bool = False) -> None:
-    """Upsert the `incoming` temp table's records into `results` (`folded`: the case-fold copies)."""
-    await cur.execute(
-        """
-        insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)
-        select distinct on (address_id) address_id, %(lane)s, status, reason, score, accept_all, record, now()
-        from incoming where folded = %(folded)s order by address_id
-        on conflict (address_id, lane) do update set status = excluded.status, reason = excluded.reason,
-            score = excluded.score, accept_all = excluded.accept_all, record = excluded.record,
-            verified_at = excluded.verified_at
-        """,
-        {**p, "folded": folded},
-    )
+    """Write the `incoming` temp table's records to `results` (`folded`: the case-fold copies).
+
+    An update for addresses that had a result (re-verified), then a plain insert for the rest:
+    ON CONFLICT's speculative insertion measured ~30% slower for new rows. No other store can
+    write the same address meanwhile (an address is in one queue row per lane).
+    """
+    q = {**p, "folded": folded}
+    async with index_probes(cur):
+        await cur.execute(
+            """
+            update results r set status = i.status, reason = i.reason, score = i.score,
+                accept_all = i.accept_all, record = i.record, verified_at = now()
+            from (select distinct on (address_id) * from incoming where folded = %(folded)s order by address_id) i
+            where r.address_id = i.address_id and r.lane = %(lane)s
+            """,
+            q,
+        )
+        await cur.execute(
+            """
+            insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)
+            select distinct on (address_id) address_id, %(lane)s, status, reason, score, accept_all, record, now()
+            from incoming i
+            where folded = %(folded)s
+              and not exists (select 1 from results r where r.address_id = i.address_id and r.lane = %(lane)s)
+            order by address_id
+            """,
+            q,
+        )
 
 
 async def resolve(cur: psycopg.AsyncCursor, p: dict) -> None:
