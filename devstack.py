@@ -222,6 +222,9 @@ class DevStack:
                 # full budget and at once. Production: the same keys, constrained to the API queues.
                 "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
                 "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+                # An activity on the workflow's own task queue (pack, prepare, progress) comes back
+                # with the workflow task's completion instead of through another poll.
+                "--dynamic-config-value", "system.enableActivityEagerExecution=true",
             ],
         )
         _wait_port(self.temporal_port, "Temporal dev server", self.root / "temporal.log")

@@ -212,7 +212,7 @@ class BouncerApiActivities:
                 " submitted_at = now() where id = %s",
                 (created.batch_id, len(entries), bouncer_batch_id),
             )
-        return SubmitOutcome(sent=len(entries), submitted=True)
+        return SubmitOutcome(sent=len(entries), submitted=True, callback=callback is not None)
 
     async def _provider_id(self, bouncer_batch_id: int) -> str:
         async with self.pool.connection() as conn:

@@ -288,6 +288,48 @@ def batch_timelines(st: DevStack, api: list[dict]) -> list[dict]:
     return out
 
 
+def scheduler_breakdown(st: DevStack) -> dict:
+    """The scheduler's side of a turnover, from its history (p50 ms over the `batch_finished`
+    signals that led to a pack): signal → its workflow task started → pack scheduled → pack
+    started → pack completed → first child start initiated → that child started."""
+    from temporalio.api.enums.v1 import EventType as E
+
+    from workflows.models import scheduler_id
+
+    events = asyncio.run(_histories(st, [scheduler_id(LANE)]))[scheduler_id(LANE)]
+    at = [(ev.event_type, ev.event_time.ToMicroseconds() / 1e6, ev) for ev in events]
+    steps: dict[str, list[float]] = {}
+    for i, (kind, t, ev) in enumerate(at):
+        if kind != E.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            continue
+        if ev.workflow_execution_signaled_event_attributes.signal_name != "batch_finished":
+            continue
+        marks = {"signal": t}
+        for kind2, t2, ev2 in at[i + 1:]:
+            if kind2 == E.EVENT_TYPE_WORKFLOW_TASK_STARTED and "wft_started" not in marks:
+                marks["wft_started"] = t2
+            elif kind2 == E.EVENT_TYPE_WORKFLOW_TASK_COMPLETED and "wft_completed" not in marks:
+                marks["wft_completed"] = t2
+            elif kind2 == E.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED and "pack_scheduled" not in marks:
+                marks["pack_scheduled"] = t2
+            elif kind2 == E.EVENT_TYPE_ACTIVITY_TASK_STARTED and "pack_started" not in marks and "pack_scheduled" in marks:
+                marks["pack_started"] = t2
+            elif kind2 == E.EVENT_TYPE_ACTIVITY_TASK_COMPLETED and "pack_completed" not in marks and "pack_scheduled" in marks:
+                marks["pack_completed"] = t2
+            elif kind2 == E.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED and "pack_completed" in marks:
+                marks.setdefault("child_initiated", t2)
+            elif kind2 == E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED and "child_initiated" in marks:
+                marks["child_started"] = t2
+                break
+        if "child_started" not in marks:
+            continue  # this signal's slot was refilled by an earlier pack (or never)
+        names = list(marks)
+        for a, b in zip(names, names[1:]):
+            steps.setdefault(f"{a}_to_{b}", []).append(marks[b] - marks[a])
+        steps.setdefault("signal_to_child_started", []).append(marks["child_started"] - t)
+    return {k: ms(p50(v)) for k, v in steps.items()} | {"turnovers_seen": len(steps.get("signal_to_child_started", []))}
+
+
 def phase_breakdown(timelines: list[dict], slots: int) -> dict:
     def med(a: str, b: str) -> float | None:
         vals = [t[b] - t[a] for t in timelines if t.get(a) and t.get(b)]
@@ -359,6 +401,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         api = api_batches(st)
         stats = sandbox_stats(st)
         timelines = batch_timelines(st, api)
+        scheduler_phases = scheduler_breakdown(st)
     m = slot_metrics(api, SLOTS)
     gaps_ms = [g * 1000.0 for g in m.pop("gaps")]
     mean_gap = statistics.fmean(gaps_ms) / 1000.0 if gaps_ms else 0.0
@@ -390,6 +433,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         "callbacks_sent": stats["callbacks_sent"],
         "addresses_sent_twice": stats["addresses_sent_twice"],
         "phases_ms_p50": phase_breakdown(timelines, SLOTS),
+        "scheduler_phases_ms_p50": scheduler_phases,
         "cpu_during_backlog": cpu,
         "setup_s": {"stack": round(stack_s, 1), "lists_prepared": round(prepared_s, 1)},
         "wall_s": round(time.monotonic() - began, 1),

@@ -157,10 +157,12 @@ class BouncerBatchWorkflow:
                 ),
                 start_to_close_timeout=timedelta(seconds=60),
                 schedule_to_close_timeout=timedelta(seconds=max(inp.deadline_s - inp.poll_interval_s, 1)),
+                # With a callback on its way, polls back off to 8 intervals: each poll is a
+                # Temporal activity attempt and an API request, and a lost callback is rare.
                 retry_policy=RetryPolicy(
                     initial_interval=poll_every,
-                    backoff_coefficient=1.0,
-                    maximum_interval=poll_every,
+                    backoff_coefficient=2.0 if submitted.callback else 1.0,
+                    maximum_interval=poll_every * (8 if submitted.callback else 1),
                     non_retryable_error_types=NON_RETRYABLE,
                 ),
             )

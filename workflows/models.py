@@ -224,6 +224,7 @@ class BouncerBatchInput:
 class SubmitOutcome:
     sent: int
     submitted: bool  # False when nothing was left to send (all had fresh results meanwhile)
+    callback: bool = False  # the API was given our callback URL: polling is only the fallback
 
 
 @dataclass

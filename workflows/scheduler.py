@@ -43,6 +43,8 @@ class GreedySchedulerWorkflow:
     def __init__(self) -> None:
         self._state = SchedulerState()
         self._input: SchedulerInput | None = None
+        self._starting: set[asyncio.Future] = set()  # child starts under way (not yet started)
+        self._started: list[asyncio.Future] = []  # finished ones, to re-raise their errors
 
     # ---- messages ---------------------------------------------------------------------
 
@@ -134,16 +136,20 @@ class GreedySchedulerWorkflow:
                 await workflow.wait_condition(
                     lambda: self._can_pack()
                     or self._should_continue()
+                    or bool(self._started)
                     or (wake_on_credit_pause and self._credit_paused() != credit_wait),
                     timeout=timedelta(seconds=inp.credit_check_s) if credit_wait else None,
                 )
             except asyncio.TimeoutError:
                 await self._check_credits()
                 continue
+            self._reap()
             if self._can_pack():
                 await self._pack()
             self._describe()
 
+        await workflow.wait_condition(lambda: not self._starting)
+        self._reap()
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(dataclasses.replace(inp, state=self._state))
 
@@ -207,14 +213,32 @@ class GreedySchedulerWorkflow:
         self._state.queued = result.queued_after
         if not linger_in_activity and result.queue_drained:
             self._state.work_hint = False
-        await self._start_children(result.batches)
+        if workflow.patched("start-children-in-background"):
+            # The loop does not wait for the children to start (a workflow task round trip or
+            # two): a slot freed meanwhile is packed at once. The slots are taken now.
+            self._take_slots(result.batches)
+            task = asyncio.ensure_future(self._start_children(result.batches))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+            task.add_done_callback(self._started.append)
+        else:
+            await self._start_children(result.batches)
+
+    def _take_slots(self, batches: list) -> None:
+        for b in batches:
+            (self._state.express_in_flight if b.express else self._state.in_flight)[str(b.bouncer_batch_id)] = b.size
+
+    def _reap(self) -> None:
+        """Raise what a background child start raised (it fails the workflow task, as before)."""
+        while self._started:
+            self._started.pop().result()
 
     async def _start_children(self, batches: list) -> None:
         assert self._input is not None
         inp = self._input
+        self._take_slots(batches)
 
         async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
-            (self._state.express_in_flight if express else self._state.in_flight)[str(bouncer_batch_id)] = size
             try:
                 await workflow.start_child_workflow(
                     BouncerBatchWorkflow.run,
