@@ -1,4 +1,5 @@
-"""HTTP receiver for Bouncer's completion callbacks: checks the per-batch token, signals the workflow.
+"""HTTP receiver for Bouncer's completion callbacks: checks the per-batch token, signals the workflow
+(and the lane's scheduler, whose slot the batch no longer holds).
 
 The callback URL carries an unguessable token stored on the batch row; anything else is
 refused (403) and counted, so a forged or replayed call cannot complete a batch early; a callback
@@ -7,7 +8,9 @@ naming another `batchId` (a copy left by an ambiguous create) is refused as stal
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 
 import orjson
 from psycopg_pool import AsyncConnectionPool
@@ -16,8 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import Client
+from temporalio.service import RPCError
 
-from workflows.models import bouncer_batch_workflow_id
+from workflows.models import BatchFinished, bouncer_batch_workflow_id, scheduler_id
+
+log = logging.getLogger(__name__)
 
 
 def _posted_batch_id(body: bytes) -> str | None:
@@ -28,6 +34,14 @@ def _posted_batch_id(body: bytes) -> str | None:
         return None
     value = doc.get("batchId") if isinstance(doc, dict) else None
     return str(value) if value is not None else None
+
+
+async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
+    try:
+        await client.get_workflow_handle(scheduler_id(lane)).signal(
+            "batch_finished", BatchFinished(bouncer_batch_id, "done_at_api"))
+    except RPCError as exc:  # no scheduler running: a fresh one adopts from the database
+        log.warning("scheduler of lane %s not signalled for batch %s: %s", lane, bouncer_batch_id, exc)
 
 
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -61,7 +75,12 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
             # early download is retried until the batch is complete.
             counts["stale"] += 1
             return JSONResponse({"status": "not the tracked batch"}, status_code=409)
-        await client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed")
+        signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed")]
+        if provider_id is not None and posted == provider_id:
+            # Verified done at the API: the lane's scheduler hears it now, not one workflow task
+            # later from the batch workflow (which still signals it: a repeat is harmless).
+            signals.append(_free_slot(client, lane, bb))
+        await asyncio.gather(*signals)
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 

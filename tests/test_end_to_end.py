@@ -6,6 +6,8 @@ import asyncio
 
 import httpx
 
+import temporal_client
+
 from helpers import make_settings, running_pipeline, write_list
 from sandbox.verdicts import verdict
 from activities.user_batches import scheduler_input
@@ -107,6 +109,8 @@ async def assert_no_addresses_in_histories(client, addresses: set[str]) -> None:
         scanned += 1
         for address in addresses:
             assert address.encode() not in raw, f"{address} found in the history of {wf.id}"
-        if wf.id.startswith("user-batch-"):
-            assert b'"user_batch_id"' in raw  # the scan does see payloads: ids are there
+        if wf.id.startswith("user-batch-") and temporal_client.ENCODING.lower() not in raw:
+            # The scan does see payloads: ids are there (unless another test on this shared
+            # server encrypted its payloads, as tests/test_security.py does).
+            assert b'"user_batch_id"' in raw
     assert scanned >= 3 + 1 + 2
