@@ -5,6 +5,7 @@ Each is idempotent: re-running it after a crash or retry gives the same database
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -350,7 +351,8 @@ class UserBatchActivities:
     @activity.defn
     @heartbeats
     async def prepare_user_batch(self, user_batch_id: int) -> Progress:
-        """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest."""
+        """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest;
+        then wake the lanes' schedulers."""
         async with self.pool.connection() as conn:
             row = await (await conn.execute("select rows_total, state from user_batches where id = %s",
                                             (user_batch_id,))).fetchone()
@@ -361,16 +363,20 @@ class UserBatchActivities:
                 await conn.execute("analyze items")
         for attempt in range(1, PREPARE_ATTEMPTS + 1):
             try:
-                await self._prepare(user_batch_id)
+                lanes = await self._prepare(user_batch_id)
                 break
             except psycopg.errors.UniqueViolation:
                 if attempt == PREPARE_ATTEMPTS:
                     raise
                 activity.logger.info("user batch %s: a concurrent prepare added the same addresses; again",
                                      user_batch_id)
+        # The lanes' schedulers hear of the new work from here, not from one more activity.
+        if self.client is not None:  # None: prepared outside a worker (the packing tests)
+            await asyncio.gather(*(self.nudge_scheduler(lane) for lane in lanes))
         return await self.read_progress(user_batch_id)
 
-    async def _prepare(self, user_batch_id: int) -> None:
+    async def _prepare(self, user_batch_id: int) -> list[str]:
+        """One attempt in one transaction; returns the batch's lanes."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
             if state in ("receiving", "preparing"):
@@ -424,6 +430,7 @@ class UserBatchActivities:
                     """,
                     p,
                 )
+        return lanes
 
     @activity.defn
     async def read_progress(self, user_batch_id: int) -> Progress:

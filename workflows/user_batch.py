@@ -80,7 +80,8 @@ class UserBatchWorkflow:
                     heartbeat_timeout=HEARTBEAT_TIMEOUT,  # a dead worker is noticed in seconds
                     retry_policy=DB_RETRY,
                 )
-            await self._nudge()
+            if not workflow.patched("prepare-nudges-scheduler"):
+                await self._nudge()  # since release 2 the prepare activity signals the schedulers
             self._describe()
             recheck: asyncio.Future | None = None
             while not (self._progress.state == "queued" and self._progress.remaining == 0):
