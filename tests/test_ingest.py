@@ -559,6 +559,7 @@ TRICKY_CELLS = [
     "x@@b.com", "a@b@c.com", "x@B.com", "x@b.Com", "X@b.com", "x@xn--bcher-kva.de", "x@b.xn--zz",
     "x@b.arpa", "x@b.onion", "x@b.invalid", "x@123.com", "x@b.123", "x@b.c0m", "x@b.co9", "x@b.com\x00",
     "x\ty@b.com", "x\\y@b.com", "x y@b.com", "x@b.com,", "\ufeffx@b.com", "x@b.com\x1c",
+    "x@B.TEST", "x@b.Local", "x@A--B.com", "X@Ab-C.De", "x@B.C0M", "x@b.co.UK", "x@b.COM.", "x@\u212a.com",
 ]
 
 
@@ -617,7 +618,7 @@ def test_block_reading_of_one_address_per_line_files(tmp_path, monkeypatch, bloc
         assert rows(p) == _reference_rows(p)
 
 
-def test_every_bulk_recognized_cell_is_its_own_normalized_address(tmp_path):
+def test_every_bulk_recognized_cell_is_its_own_normalized_address():
     """The bulk path claims (cell, cell, None) for whole runs: check that claim cell by cell."""
     mixed = corpus(7, 2000, gaps=False) + corpus(11, 2000, gaps=True)
     cells = TRICKY_CELLS + mixed + [c.lower() for c in mixed]  # lower case: many more are normalized
@@ -630,6 +631,14 @@ def test_every_bulk_recognized_cell_is_its_own_normalized_address(tmp_path):
         pos = end
     assert len(recognized) > 500  # the bulk path is actually taken
     assert [c for c in recognized if normalize_address(c) != (c, None)] == []
+
+
+def test_every_foldable_cell_normalizes_to_itself_with_a_lower_case_domain():
+    mixed = corpus(7, 2000, gaps=False) + corpus(11, 2000, gaps=True)
+    foldable = [c for c in TRICKY_CELLS + mixed if ingest._FOLDABLE_LINE.match(c + "\n")]
+    assert len(foldable) > 500
+    wrong = [c for c in foldable if normalize_address(c) != (c.split("@")[0] + "@" + c.split("@")[1].lower(), None)]
+    assert wrong == []
 
 
 def test_resumable_copy_commits_chunks_that_split_runs_and_resumes_without_loss(db_url, tmp_path):
