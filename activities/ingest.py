@@ -466,9 +466,9 @@ def _copy_in(cur: psycopg.Cursor) -> contextlib.AbstractContextManager[psycopg.C
     """COPY into `items`, each write pushed into the socket before parsing goes on.
 
     Postgres parses the COPY in its own process, on the other core, but only what has reached
-    its socket: psycopg's default writer leaves up to 1 MiB in libpq's buffer between flushes
-    and the socket holds ~200 KiB, so Postgres waited while the next block was parsed. Flushing
-    every write into a 4 MiB socket buffer (several blocks) keeps it busy (measured).
+    its socket: with psycopg's default writer (flush every 1 MiB) 228 KiB were queued when a
+    write returned, ~5 ms of Postgres work against ~20 ms to parse the next block. Flushing each
+    write into a 4 MiB send buffer left ~2 MiB queued (measured; bench/RESULTS.md, "ingest").
     """
     with contextlib.suppress(OSError):
         sock = socket.socket(fileno=cur.connection.pgconn.socket)
