@@ -4,6 +4,7 @@
     python -m bench saturation [--callback/--no-callback] --json
     python -m bench fairness --json
     python -m bench dispatch --json
+    python -m bench ingest --rows 2000000 --json
     python -m bench chaos --addresses 200000 [--no-kills] [--no-temporal-restart] ... --json
 """
 
@@ -52,6 +53,10 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="start the lane's scheduler before the first submit")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
+    p = sub.add_parser("ingest", help="one list through `starter.py submit`: rows/s, wall time, peak RSS")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
     p = sub.add_parser("chaos", help="the pipeline under crashes and API faults, then an audit")
     p.add_argument("--addresses", type=int, default=200_000)
     p.add_argument("--users", type=int, default=8)
@@ -88,6 +93,10 @@ def main() -> None:
         from bench import dispatch
 
         result = dispatch.run(args.lists, args.per_list, args.time_scale, args.warm)
+    elif args.name == "ingest":
+        from bench import ingest
+
+        result = ingest.run(args.rows)
     elif args.name == "chaos":
         from bench import chaos
 

@@ -25,7 +25,8 @@ def bench_stack(
     sandbox_args: list[str], worker_env: dict[str, str], workers: int = 1, callbacks: bool = True,
     sql_stats: bool = False,
 ) -> Iterator[DevStack]:
-    """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports.
+    """Postgres, Temporal dev server, sandbox and `workers` worker processes on free ports
+    (`workers=0`: none, for benchmarks that only store lists).
 
     `callbacks=False`: no worker serves or advertises a callback receiver (polling only).
     `sql_stats`: Postgres loads pg_stat_statements (read with `top_statements`).
@@ -45,7 +46,8 @@ def bench_stack(
             st.restart_postgres()
             with psycopg.connect(st.database_url, autocommit=True) as conn:
                 conn.execute("create extension if not exists pg_stat_statements")
-        st.start_worker("worker", callbacks=callbacks, advertise=False)
+        if workers > 0:
+            st.start_worker("worker", callbacks=callbacks, advertise=False)
         for i in range(2, workers + 1):
             st.start_worker(f"worker-{i}", callbacks=False, advertise=callbacks)
         yield st

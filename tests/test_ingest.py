@@ -6,6 +6,9 @@ embedded-Postgres database. Rows in = rows out: every non-blank row is exactly o
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import random
 import re
 import string
@@ -15,7 +18,15 @@ import psycopg
 import pytest
 from email_validator import EmailNotValidError, validate_email
 
-from activities.ingest import UnreadableInput, copy_items, iter_rows, normalize_address
+from activities import ingest
+from activities.ingest import (
+    UnreadableInput,
+    copy_items,
+    copy_items_resumable,
+    detect_shape,
+    iter_rows,
+    normalize_address,
+)
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -507,3 +518,149 @@ def test_copy_items_stores_tabs_backslashes_and_newlines_in_cells_exactly(db_url
     assert [raw for _n, raw, *_r in items] == [*cells, "ok@x.com"]
     assert all(state == "invalid" and reason for _n, _raw, _e, state, reason in items[:-1])
     assert items[-1][2:4] == ("ok@x.com", "pending")
+
+
+# ---- block reading: the plain (split) and quoted (csv) paths agree with a csv.reader pass ------
+
+
+def _reference_rows(path: Path, column: str | None = None) -> list[tuple[int, str, str | None, str | None]]:
+    """The reading rules written the simplest way: one csv.reader over the decoded stream and
+    `normalize_address` on every cell (what `iter_rows` did before it read blocks)."""
+    data = path.read_bytes()
+    shape = detect_shape(codecs.decode(data[:64 * 1024], "utf-8-sig", errors="replace"), column)
+    stream = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", errors="replace", newline="")
+    reader = csv.reader(stream, delimiter=shape.delimiter)
+    out, line, header_pending = [], 1, shape.has_header
+    for record in reader:
+        start, line = line, reader.line_num + 1
+        if not record or (len(record) == 1 and not record[0].strip()):
+            continue
+        if header_pending:
+            header_pending = False
+            continue
+        if shape.column >= len(record):
+            out.append((start, shape.delimiter.join(record).replace("\x00", "\ufffd"), None,
+                        f"no value in column {shape.column + 1}"))
+        elif "\x00" in record[shape.column]:
+            out.append((start, record[shape.column].replace("\x00", "\ufffd"), None, "contains a NUL byte"))
+        else:
+            out.append((start, record[shape.column], *normalize_address(record[shape.column])))
+    return out
+
+
+# Cells that stress the bulk recognizer's edges: each is either its own normalized address or not.
+TRICKY_CELLS = [
+    "plain@example.com", "Upper@Example.COM", "a-.b@x.com", "a--b@x.com", "x@a--b.com", "x@a-b.co-uk",
+    "x@b.c1", "x@b.co", "x@b.test", "x@b.testing", "x@localhost", "x@b.local", "x@1.2.3.4", "x@b.com.",
+    "mailto:x@b.com", " x@b.com", "x@b.com ", ".x@b.com", "x.@b.com", "x..y@b.com", "x@-b.com", "x@b-.com",
+    "x@b..com", "x@.b.com", "@b.com", "x@", "x", "", "   ", "a" * 64 + "@b.com", "a" * 53 + "@b.com",
+    "a" * 54 + "@b.com", "x@" + "d" * 63 + ".com", "x@" + "d" * 64 + ".com", "ü@bücher.de", "user@bücher.de",
+    "x@b.c", "x@b.c-", "x@b.-c", "x_y+z@b.com", "o'brien@b.ie", "!#$%&'*+/=?^_`{|}~-@b.com", "x@b_c.com",
+    "x@@b.com", "a@b@c.com", "x@B.com", "x@b.Com", "X@b.com", "x@xn--bcher-kva.de", "x@b.xn--zz",
+    "x@b.arpa", "x@b.onion", "x@b.invalid", "x@123.com", "x@b.123", "x@b.c0m", "x@b.co9", "x@b.com\x00",
+    "x\ty@b.com", "x\\y@b.com", "x y@b.com", "x@b.com,", "\ufeffx@b.com", "x@b.com\x1c",
+    "x@B.TEST", "x@b.Local", "x@A--B.com", "X@Ab-C.De", "x@B.C0M", "x@b.co.UK", "x@b.COM.", "x@\u212a.com",
+]
+
+
+def _tricky_file(seed: int, rows: int) -> bytes:
+    """A list mixing plain lines with quoted cells, multi-line fields, CRLF and bare CR endings,
+    blank lines, NUL bytes, invalid UTF-8 and short rows, so blocks of every kind meet."""
+    rng = random.Random(seed)
+    alnum = string.ascii_lowercase + string.digits
+    out = ["name,email,note\n"]
+    for i in range(rows):
+        kind = rng.randrange(20)
+        if kind < 9:  # the common case: ordinary, already-normalized addresses
+            cell = f"{_word(rng, alnum, 1, 12)}.{i}@{_word(rng, alnum, 1, 8)}.{rng.choice(['com', 'org', 'de'])}"
+        elif kind < 13:
+            cell = rng.choice(TRICKY_CELLS)
+        else:
+            cell = rng.choice(corpus(seed + i, 1, gaps=bool(i % 2)))
+        if any(c in cell for c in ',"\n\r') or kind == 13:
+            cell = '"' + cell.replace('"', '""') + '"'
+        note = rng.choice(["x", "", "a b", '"a, b"', '"two\nlines"', '"cr\r\nlf"', "é"])
+        end = rng.choice(["\n"] * 8 + ["\r\n", "\r"])
+        line = f"Name {i},{cell},{note}{end}"
+        if kind == 14:
+            line = f"Name {i}{end}"  # no email column
+        if kind == 15:
+            line = rng.choice(["\n", "  \n", "\r\n", ",,\n"])
+        out.append(line)
+    data = "".join(out).encode()
+    # A few bytes that are not UTF-8, and one NUL, at random places inside lines.
+    for _ in range(3):
+        at = rng.randrange(len(data))
+        data = data[:at] + rng.choice([b"\xff", b"\xe9", b"\x00"]) + data[at:]
+    return data
+
+
+@pytest.mark.parametrize("block_bytes", [37, 256, 4096, 1024 * 1024])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_block_reading_gives_exactly_the_rows_of_a_plain_csv_pass(tmp_path, monkeypatch, seed, block_bytes):
+    monkeypatch.setattr(ingest, "_BLOCK_BYTES", block_bytes)
+    p = write(tmp_path, "tricky.csv", _tricky_file(seed, 1500))
+    expected = _reference_rows(p)
+    assert len(expected) > 1300
+    assert rows(p) == expected
+    assert rows(p, "note") == _reference_rows(p, "note")  # short rows, quoted multi-line cells
+
+
+@pytest.mark.parametrize("block_bytes", [23, 4096])
+def test_block_reading_of_one_address_per_line_files(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(ingest, "_BLOCK_BYTES", block_bytes)
+    cells = TRICKY_CELLS + corpus(5, 400, gaps=True) + [f"u{i}@x{i % 7}.com" for i in range(400)]
+    for name, data in [
+        ("lf.txt", "\n".join(cells).encode()),  # no final newline
+        ("crlf.txt", ("\ufeff" + "".join(c + "\r\n" for c in cells)).encode()),
+    ]:
+        p = write(tmp_path, name, data)
+        assert rows(p) == _reference_rows(p)
+
+
+def test_every_bulk_recognized_cell_is_its_own_normalized_address():
+    """The bulk path claims (cell, cell, None) for whole runs: check that claim cell by cell."""
+    mixed = corpus(7, 2000, gaps=False) + corpus(11, 2000, gaps=True)
+    cells = TRICKY_CELLS + mixed + [c.lower() for c in mixed]  # lower case: many more are normalized
+    text = "\n".join(cells) + "\n"
+    recognized, pos = [], 0
+    for cell in cells:
+        end = pos + len(cell) + 1
+        if ingest._NORMALIZED_LINES.match(text, pos).end() >= end:
+            recognized.append(cell)
+        pos = end
+    assert len(recognized) > 500  # the bulk path is actually taken
+    assert [c for c in recognized if normalize_address(c) != (c, None)] == []
+
+
+def test_every_foldable_cell_normalizes_to_itself_with_a_lower_case_domain():
+    mixed = corpus(7, 2000, gaps=False) + corpus(11, 2000, gaps=True)
+    foldable = [c for c in TRICKY_CELLS + mixed if ingest._FOLDABLE_LINE.match(c + "\n")]
+    assert len(foldable) > 500
+    wrong = [c for c in foldable if normalize_address(c) != (c.split("@")[0] + "@" + c.split("@")[1].lower(), None)]
+    assert wrong == []
+
+
+def test_resumable_copy_commits_chunks_that_split_runs_and_resumes_without_loss(db_url, tmp_path):
+    p = write(tmp_path, "list.csv", b"email\n" + b"".join(
+        (f"u{i}@x.com\n" if i % 50 else f"Bad {i}\n").encode() for i in range(1, 1001)))
+    committed: list[tuple[int, int]] = []
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_three(last_line: int, stats) -> None:
+        committed.append((last_line, stats.rows))
+        if len(committed) == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        copy_items_resumable(db_url, 91, str(p), None, 333, crash_after_three)
+    assert committed == [(334, 333), (667, 666), (1000, 999)]
+    # The crash came after the third commit; a re-run skips those rows and adds the last one.
+    stats = copy_items_resumable(db_url, 91, str(p), None, 333, lambda *_: None)
+    assert (stats.rows, stats.invalid) == (1000, 20)
+    with psycopg.connect(db_url) as conn:
+        got = conn.execute("select row_no, raw, email, state from items where user_batch_id = 91 order by row_no"
+                           ).fetchall()
+    assert [(r[0], r[1], r[2]) for r in got] == [(n, c, e) for n, c, e, _ in _reference_rows(p)]
