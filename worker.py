@@ -101,7 +101,7 @@ def build_workers(
     lanes = [(DELIVERABILITY, bouncer)] + ([(CATCHALL, catchall)] if catchall is not None else [])
     for lane, lane_client in lanes:
         workers += api_workers(client, settings, settings.lane_api(lane),
-                               BouncerApiActivities(settings, pool, lane_client))
+                               BouncerApiActivities(settings, pool, lane_client, client))
     return workers
 
 

@@ -7,12 +7,15 @@ maps to one Temporal behaviour here, in `_as_temporal_error`.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+from temporalio.service import RPCError
 
 from activities.catchall import NEXT_LANE, hand_off
 from activities.events import record_progress
@@ -133,10 +136,27 @@ def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
 
 
 class BouncerApiActivities:
-    def __init__(self, settings: Settings, pool: AsyncConnectionPool, bouncer: BouncerClient) -> None:
+    def __init__(self, settings: Settings, pool: AsyncConnectionPool, bouncer: BouncerClient,
+                 client: Client | None = None) -> None:
         self.settings = settings
         self.pool = pool
         self.bouncer = bouncer
+        self.client = client  # for `StoreRequest.notify`
+
+    async def _notify(self, request: StoreRequest, workflow_ids: list[str]) -> None:
+        """Signal `progressed` to the user batches a store touched, right after its commit (a
+        workflow task sooner than through the Bouncer batch workflow). At least once: a retry
+        that finds the batch stored signals again; a finished user batch ignores it."""
+        if not request.notify or self.client is None:
+            return
+
+        async def one(workflow_id: str) -> None:
+            try:
+                await self.client.get_workflow_handle(workflow_id).signal("progressed")
+            except RPCError as exc:  # finished or cancelled: it needs no news
+                activity.logger.info("user batch %s not signalled: %s", workflow_id, exc)
+
+        await asyncio.gather(*(one(w) for w in workflow_ids))
 
     @property
     def _ttl_s(self) -> float:
@@ -286,6 +306,7 @@ class BouncerApiActivities:
         if row is None:
             raise ApplicationError(f"Bouncer batch {bb} does not exist", non_retryable=True)
         if row[0] in ("stored", "failed"):
+            await self._notify(request, list(row[1] or []))
             return StoreOutcome(0, 0, 0, list(row[1] or []))
         body = b""
         if request.download and row[2] is not None:
@@ -305,148 +326,159 @@ class BouncerApiActivities:
         p = {"bb": bb, "lane": lane, "ttl": self._ttl_s, "max": self.settings.max_address_attempts,
              "reason": request.failure_reason or "no result after the maximum number of attempts"}
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            await cur.execute("select state from bouncer_batches where id = %s for update", (bb,))
-            if (await cur.fetchone())[0] in ("stored", "failed"):
-                return StoreOutcome(0, 0, 0, list(row[1] or []))
-            await cur.execute(
-                "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
-                " accept_all text, record jsonb, folded bool not null default false) on commit drop"
-            )
-            if body:
-                # Postgres parses the download (C, in its own process): the worker's event loop,
-                # shared with workflow tasks and other stores, does no per-record work. Records
-                # whose `name` is not one of our address ids are not ours: skipped.
-                try:
-                    await cur.execute(
-                        """
-                        insert into incoming (address_id, status, reason, score, accept_all, record)
-                        select (e->>'name')::bigint, coalesce(e->>'status', 'unknown'), e->>'reason',
-                               case when jsonb_typeof(e->'score') = 'number' then round((e->>'score')::numeric)::smallint end, e->'domain'->>'acceptAll', e
-                        from jsonb_array_elements(%s::jsonb) e
-                        where e->>'name' ~ '^[0-9]{1,18}$'
-                        """,
-                        (body.decode("utf-8", "replace"),),
-                    )
-                except (psycopg.errors.InvalidTextRepresentation, psycopg.errors.NumericValueOutOfRange,
-                        psycopg.errors.InvalidParameterValue) as exc:
-                    raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not valid: {exc}",
-                                           type="Transient") from None
-                del body
-            await cur.execute("select status, count(*) from incoming group by 1")
-            by_status = {status: int(n) for status, n in await cur.fetchall()}
-            stored = sum(by_status.values())
-            await store_incoming(cur, p)
-            await cur.execute("create temp table resolved (user_batch_id bigint, address_id bigint) on commit drop")
-            await resolve(cur, p)
-            # The API folds case: two of our addresses that differ only in the local part's case
-            # come back as one record (charged once). Both get it; else the other looks unanswered
-            # and is sent and paid again (found by tests/test_bad_input.py). Only addresses left
-            # without a record are looked at, so the common case costs one empty probe.
-            if stored and await case_folded(cur, p):
-                await store_incoming(cur, p, folded=True)
-                await resolve(cur, p)
-            # The rest: sent but no result came back (or the batch failed/was abandoned).
-            await cur.execute(
-                """
-                create temp table leftover on commit drop as
-                with d as (
-                    delete from queue q using bouncer_batch_parts bp
-                    where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
-                      and q.seq >= bp.seq_from and q.seq < bp.seq_to
-                    returning q.user_batch_id, q.address_id, q.attempts + %(inc)s as attempts)
-                select d.*, false as dead,
-                       (b.state = 'cancelled' and not exists (
-                            select 1 from waits w where w.lane = %(lane)s and w.address_id = d.address_id)) as withdrawn
-                from d join user_batches b on b.id = d.user_batch_id
-                """,
-                {**p, "inc": int(request.count_attempt)},
-            )
-            # Withdrawn rows (their user batch was cancelled, nobody else waits) just leave the queue.
-            await cur.execute("delete from leftover where withdrawn")
-            await cur.execute(
-                "update leftover set dead = true where %(reason_given)s or attempts >= %(max)s",
-                {**p, "reason_given": bool(request.failure_reason)},
-            )
-            await cur.execute(
-                """
-                insert into dead_letters (lane, address_id, bouncer_batch_id, reason, attempts)
-                select %(lane)s, address_id, %(bb)s, %(reason)s, attempts from leftover where dead
-                """,
-                p,
-            )
-            await cur.execute(
-                """
-                insert into queue (user_batch_id, lane, seq, address_id, attempts)
-                select t.user_batch_id, %(lane)s, l.next_seq + row_number() over (partition by t.user_batch_id
-                       order by t.address_id) - 1, t.address_id, t.attempts
-                from leftover t join user_batch_lanes l on l.user_batch_id = t.user_batch_id and l.lane = %(lane)s
-                where not t.dead
-                """,
-                p,
-            )
-            await cur.execute(
-                """
-                update user_batch_lanes l set next_seq = l.next_seq + c.n
-                from (select user_batch_id, count(*) as n from leftover where not dead group by 1) c
-                where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
-                """,
-                p,
-            )
-            # Everyone waiting on a resolved or dead address: owners (queue rows) and waiters.
-            await cur.execute(
-                """
-                create temp table settled on commit drop as
-                select user_batch_id, address_id, false as dead from resolved
-                union all select user_batch_id, address_id, true from leftover where dead
-                """
-            )
-            await cur.execute(
-                """
-                insert into settled
-                select w.user_batch_id, w.address_id, s.dead from waits w
-                join (select distinct address_id, dead from settled) s on s.address_id = w.address_id
-                where w.lane = %(lane)s
-                """,
-                p,
-            )
-            await cur.execute(
-                "delete from waits w using settled s where w.lane = %(lane)s and w.address_id = s.address_id", p
-            )
-            await cur.execute(
-                """
-                update user_batch_lanes l set remaining = l.remaining - c.n, failed = l.failed + c.dead
-                from (select user_batch_id, count(*) as n, count(*) filter (where dead) as dead
-                      from settled group by 1) c
-                where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
-                """,
-                p,
-            )
-            handed_off = await hand_off(cur, lane, self._ttl_s)  # accept-all addresses -> the catchall lane
-            await cur.execute(
-                """
-                select array_agg(b.workflow_id order by b.id) from user_batches b
-                where b.workflow_id is not null and b.id in (
-                    select user_batch_id from settled union select user_batch_id from leftover
-                    union select user_batch_id from bouncer_batch_parts where bouncer_batch_id = %(bb)s)
-                """,
-                p,
-            )
-            touched = list((await cur.fetchone())[0] or [])
-            await cur.execute(
-                "select array_agg(distinct user_batch_id) from (select user_batch_id from settled"
-                " union select user_batch_id from leftover) t"
-            )
-            await record_progress(cur, list((await cur.fetchone())[0] or []))  # throttled user_batch.progress
-            await cur.execute(
-                "select count(*) filter (where not dead), count(*) filter (where dead) from leftover"
-            )
-            requeued, dead = await cur.fetchone()
-            await cur.execute(
-                "update bouncer_batches set state = %s, touched = %s, stored_at = now(),"
-                " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
-                ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
-            )
+            await cur.execute("select state, touched from bouncer_batches where id = %s for update", (bb,))
+            again = await cur.fetchone()
+            if again[0] in ("stored", "failed"):  # stored meanwhile (a retry overtook this attempt)
+                outcome, by_status = StoreOutcome(0, 0, 0, list(again[1] or [])), {}
+            else:
+                outcome, by_status = await self._store_locked(cur, request, body, p)
         for status, n in by_status.items():  # counted once committed: a retry that finds it stored adds nothing
             ADDRESSES_VERIFIED.labels(lane, status).inc(n)
-        return StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched,
-                            handed_off=handed_off, handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")
+        await self._notify(request, outcome.touched_workflow_ids)
+        return outcome
+
+    async def _store_locked(
+        self, cur: psycopg.AsyncCursor, request: StoreRequest, body: bytes, p: dict
+    ) -> tuple[StoreOutcome, dict[str, int]]:
+        """`store_results`' transaction, once it holds the batch row: results, queue, waits, counts."""
+        bb, lane = request.bouncer_batch_id, request.lane
+        await cur.execute(
+            "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
+            " accept_all text, record jsonb, folded bool not null default false) on commit drop"
+        )
+        if body:
+            # Postgres parses the download (C, in its own process): the worker's event loop,
+            # shared with workflow tasks and other stores, does no per-record work. Records
+            # whose `name` is not one of our address ids are not ours: skipped.
+            try:
+                await cur.execute(
+                    """
+                    insert into incoming (address_id, status, reason, score, accept_all, record)
+                    select (e->>'name')::bigint, coalesce(e->>'status', 'unknown'), e->>'reason',
+                           case when jsonb_typeof(e->'score') = 'number' then round((e->>'score')::numeric)::smallint end, e->'domain'->>'acceptAll', e
+                    from jsonb_array_elements(%s::jsonb) e
+                    where e->>'name' ~ '^[0-9]{1,18}$'
+                    """,
+                    (body.decode("utf-8", "replace"),),
+                )
+            except (psycopg.errors.InvalidTextRepresentation, psycopg.errors.NumericValueOutOfRange,
+                    psycopg.errors.InvalidParameterValue) as exc:
+                raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not valid: {exc}",
+                                       type="Transient") from None
+        await cur.execute("select status, count(*) from incoming group by 1")
+        by_status = {status: int(n) for status, n in await cur.fetchall()}
+        stored = sum(by_status.values())
+        await store_incoming(cur, p)
+        await cur.execute("create temp table resolved (user_batch_id bigint, address_id bigint) on commit drop")
+        await resolve(cur, p)
+        # The API folds case: two of our addresses that differ only in the local part's case
+        # come back as one record (charged once). Both get it; else the other looks unanswered
+        # and is sent and paid again (found by tests/test_bad_input.py). Only addresses left
+        # without a record are looked at, so the common case costs one empty probe.
+        if stored and await case_folded(cur, p):
+            await store_incoming(cur, p, folded=True)
+            await resolve(cur, p)
+        # The rest: sent but no result came back (or the batch failed/was abandoned).
+        await cur.execute(
+            """
+            create temp table leftover on commit drop as
+            with d as (
+                delete from queue q using bouncer_batch_parts bp
+                where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
+                  and q.seq >= bp.seq_from and q.seq < bp.seq_to
+                returning q.user_batch_id, q.address_id, q.attempts + %(inc)s as attempts)
+            select d.*, false as dead,
+                   (b.state = 'cancelled' and not exists (
+                        select 1 from waits w where w.lane = %(lane)s and w.address_id = d.address_id)) as withdrawn
+            from d join user_batches b on b.id = d.user_batch_id
+            """,
+            {**p, "inc": int(request.count_attempt)},
+        )
+        # Withdrawn rows (their user batch was cancelled, nobody else waits) just leave the queue.
+        await cur.execute("delete from leftover where withdrawn")
+        await cur.execute(
+            "update leftover set dead = true where %(reason_given)s or attempts >= %(max)s",
+            {**p, "reason_given": bool(request.failure_reason)},
+        )
+        await cur.execute(
+            """
+            insert into dead_letters (lane, address_id, bouncer_batch_id, reason, attempts)
+            select %(lane)s, address_id, %(bb)s, %(reason)s, attempts from leftover where dead
+            """,
+            p,
+        )
+        await cur.execute(
+            """
+            insert into queue (user_batch_id, lane, seq, address_id, attempts)
+            select t.user_batch_id, %(lane)s, l.next_seq + row_number() over (partition by t.user_batch_id
+                   order by t.address_id) - 1, t.address_id, t.attempts
+            from leftover t join user_batch_lanes l on l.user_batch_id = t.user_batch_id and l.lane = %(lane)s
+            where not t.dead
+            """,
+            p,
+        )
+        await cur.execute(
+            """
+            update user_batch_lanes l set next_seq = l.next_seq + c.n
+            from (select user_batch_id, count(*) as n from leftover where not dead group by 1) c
+            where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+            """,
+            p,
+        )
+        # Everyone waiting on a resolved or dead address: owners (queue rows) and waiters.
+        await cur.execute(
+            """
+            create temp table settled on commit drop as
+            select user_batch_id, address_id, false as dead from resolved
+            union all select user_batch_id, address_id, true from leftover where dead
+            """
+        )
+        await cur.execute(
+            """
+            insert into settled
+            select w.user_batch_id, w.address_id, s.dead from waits w
+            join (select distinct address_id, dead from settled) s on s.address_id = w.address_id
+            where w.lane = %(lane)s
+            """,
+            p,
+        )
+        await cur.execute(
+            "delete from waits w using settled s where w.lane = %(lane)s and w.address_id = s.address_id", p
+        )
+        await cur.execute(
+            """
+            update user_batch_lanes l set remaining = l.remaining - c.n, failed = l.failed + c.dead
+            from (select user_batch_id, count(*) as n, count(*) filter (where dead) as dead
+                  from settled group by 1) c
+            where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+            """,
+            p,
+        )
+        handed_off = await hand_off(cur, lane, self._ttl_s)  # accept-all addresses -> the catchall lane
+        await cur.execute(
+            """
+            select array_agg(b.workflow_id order by b.id) from user_batches b
+            where b.workflow_id is not null and b.id in (
+                select user_batch_id from settled union select user_batch_id from leftover
+                union select user_batch_id from bouncer_batch_parts where bouncer_batch_id = %(bb)s)
+            """,
+            p,
+        )
+        touched = list((await cur.fetchone())[0] or [])
+        await cur.execute(
+            "select array_agg(distinct user_batch_id) from (select user_batch_id from settled"
+            " union select user_batch_id from leftover) t"
+        )
+        await record_progress(cur, list((await cur.fetchone())[0] or []))  # throttled user_batch.progress
+        await cur.execute(
+            "select count(*) filter (where not dead), count(*) filter (where dead) from leftover"
+        )
+        requeued, dead = await cur.fetchone()
+        await cur.execute(
+            "update bouncer_batches set state = %s, touched = %s, stored_at = now(),"
+            " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
+            ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
+        )
+        outcome = StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched,
+                               handed_off=handed_off, handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")
+        return outcome, by_status

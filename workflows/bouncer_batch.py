@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
@@ -71,6 +72,9 @@ class BouncerBatchWorkflow:
         result = StoreOutcome(0, 0, 0)
         try:
             request, outcome = await self._submit_and_wait(inp)
+            if workflow.patched("store-notifies-user-batches"):
+                # The store activity signals the user batches it touched right after its commit.
+                request = dataclasses.replace(request, notify=True)
             self._phase = "storing"
             self._show(inp, f"storing results of Bouncer batch {bb}")
             if workflow.patched("free-slot-before-store"):
@@ -91,7 +95,8 @@ class BouncerBatchWorkflow:
                 inp, f"{outcome}: {result.stored:,} results stored, {result.requeued:,} re-queued, "
                 f"{result.dead_lettered:,} dead-lettered"
             )
-            await asyncio.gather(*(self._notify(wid) for wid in result.touched_workflow_ids))
+            if not request.notify:
+                await asyncio.gather(*(self._notify(wid) for wid in result.touched_workflow_ids))
             if result.handed_off:
                 # Signal-with-start: the next lane's scheduler may not be running yet.
                 await workflow.execute_activity_method(

@@ -234,6 +234,7 @@ class StoreRequest:
     download: bool  # False: nothing to fetch (abandoned or empty); only re-queue or resolve
     failure_reason: str = ""  # non-empty: dead-letter the batch's addresses with this reason
     count_attempt: bool = True  # False when the addresses were never sent (e.g. out of credits)
+    notify: bool = False  # the activity signals `progressed` to the user batches it touched
 
 
 @dataclass
