@@ -21,7 +21,7 @@ from starlette.routing import Route
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from workflows.models import BatchFinished, bouncer_batch_workflow_id, scheduler_id
+from workflows.models import DONE_AT_API, BatchFinished, bouncer_batch_workflow_id, scheduler_id
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _posted_batch_id(body: bytes) -> str | None:
 async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
     try:
         await client.get_workflow_handle(scheduler_id(lane)).signal(
-            "batch_finished", BatchFinished(bouncer_batch_id, "done_at_api"))
+            "batch_finished", BatchFinished(bouncer_batch_id, DONE_AT_API))
     except RPCError as exc:  # no scheduler running: a fresh one adopts from the database
         log.warning("scheduler of lane %s not signalled for batch %s: %s", lane, bouncer_batch_id, exc)
 

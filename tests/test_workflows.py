@@ -37,6 +37,7 @@ from activities.user_batches import scheduler_input
 from helpers import Pipeline, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
 from workflows.models import (
+    DONE_AT_API,
     BatchFinished,
     LanePause,
     Progress,
@@ -541,6 +542,41 @@ async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_s
 
         histories = await assert_replays(env.client, p)
         assert sum(h.workflow_id == scheduler_id(LANE) for h in histories) == 2
+
+
+async def test_batches_done_at_the_api_free_their_slot_but_at_most_one_slots_worth_waits_to_be_stored(
+    skipping_env, db_url, sandbox
+):
+    """A batch done at the API frees its API slot, but while its results are stored it still
+    counts against a second allowance of MAX_CONCURRENT_BATCHES: stores that fall behind the API
+    hold dispatch back instead of letting downloaded-but-unstored batches pile up."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, max_concurrent_batches=3)
+    async with running_pipeline(env.client, settings) as p:
+        inp = scheduler_input(p.settings, LANE)
+        inp.state = SchedulerState(in_flight={"1": 10, "2": 10, "3": 10}, storing={"7": 10, "8": 10, "9": 10},
+                                   paused=True, pause_reason="held by test")
+        handle = await env.client.start_workflow(
+            GreedySchedulerWorkflow.run, inp, id=scheduler_id(LANE), task_queue=p.settings.task_queue
+        )
+        status = await handle.query(GreedySchedulerWorkflow.status)
+        assert (status.in_flight, status.storing, status.free_slots) == (3, 3, 0)
+
+        # Done at the API: the API slot is free, but three batches are already being stored.
+        await handle.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(1, DONE_AT_API))
+        status = await eventually(lambda: _status_if(handle, lambda s: s.in_flight == 2), "batch 1 done at the API")
+        assert (status.storing, status.free_slots) == (4, 0)
+        # A repeat (the callback receiver and the batch workflow both send it) changes nothing.
+        await handle.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(1, DONE_AT_API))
+        # Stored: it leaves the store allowance, and a slot opens.
+        await handle.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(7, "stored"))
+        status = await eventually(lambda: _status_if(handle, lambda s: s.storing == 3), "batch 7 stored")
+        assert (status.in_flight, status.free_slots) == (2, 1)
+        # A batch that ends without its results (e.g. create failed) leaves both at once.
+        await handle.signal(GreedySchedulerWorkflow.batch_finished, BatchFinished(2, "failed"))
+        status = await eventually(lambda: _status_if(handle, lambda s: s.in_flight == 1), "batch 2 failed")
+        assert (status.storing, status.free_slots) == (3, 2)
+        await handle.terminate("test over")
 
 
 async def _status_is(handle: WorkflowHandle, status: WorkflowExecutionStatus) -> bool:

@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search
     from activities.heartbeat import HEARTBEAT_TIMEOUT
     from workflows.models import (
+        DONE_AT_API,
         BatchFinished,
         BouncerBatchInput,
         LanePause,
@@ -81,7 +82,7 @@ class BouncerBatchWorkflow:
                 # The batch no longer occupies one of the API's parallel slots: the scheduler may
                 # dispatch the next one while this one downloads and stores (the end signal in
                 # `finally` repeats it harmlessly and wakes the scheduler for re-queued addresses).
-                await self._batch_finished(inp, BatchFinished(bb, "done_at_api"))
+                await self._batch_finished(inp, BatchFinished(bb, DONE_AT_API))
             result = await workflow.execute_activity_method(
                 BouncerApiActivities.store_results,
                 request,

@@ -157,6 +157,7 @@ class SchedulerState:
     work_hint: bool = True
     new_work: bool = False
     queued: int = 0  # as of the last pack
+    storing: dict[str, int] = field(default_factory=dict)  # done at the API, results not yet stored
 
 
 @dataclass
@@ -170,6 +171,7 @@ class SchedulerStatus:
     dispatched_batches: int
     queued: int  # addresses waiting in the lane's queues, as of the last pack
     express_in_flight: int = 0
+    storing: int = 0  # Bouncer batches done at the API whose results are being stored
     free_express_slots: int = 0
 
 
@@ -250,7 +252,10 @@ class StoreOutcome:
 @dataclass
 class BatchFinished:
     bouncer_batch_id: int
-    outcome: str  # stored, failed, out_of_credits
+    outcome: str  # DONE_AT_API, then stored, failed, out_of_credits, abandoned
+
+
+DONE_AT_API = "done_at_api"  # BatchFinished.outcome when only the API's part is over
 
 
 # ---- events to subscribers ----------------------------------------------------------------

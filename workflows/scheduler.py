@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search
     from workflows.bouncer_batch import BouncerBatchWorkflow
     from workflows.models import (
+        DONE_AT_API,
         BatchFinished,
         BouncerBatchInput,
         LaneEvent,
@@ -43,6 +44,7 @@ class GreedySchedulerWorkflow:
     def __init__(self) -> None:
         self._state = SchedulerState()
         self._input: SchedulerInput | None = None
+        self._cap_storing = False
         self._starting: set[asyncio.Future] = set()  # child starts under way (not yet started)
         self._started: list[asyncio.Future] = []  # finished ones, to re-raise their errors
 
@@ -55,8 +57,14 @@ class GreedySchedulerWorkflow:
 
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
-        self._state.in_flight.pop(str(finished.bouncer_batch_id), None)
-        self._state.express_in_flight.pop(str(finished.bouncer_batch_id), None)
+        key = str(finished.bouncer_batch_id)
+        size = self._state.in_flight.pop(key, None)
+        if finished.outcome == DONE_AT_API:
+            if size is not None:  # its API slot is free; its store is still to come
+                self._state.storing[key] = size
+        else:
+            self._state.storing.pop(key, None)
+        self._state.express_in_flight.pop(key, None)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
         self._describe()  # the main loop may not wake (paused)
 
@@ -101,10 +109,11 @@ class GreedySchedulerWorkflow:
             pause_reason=self._state.pause_reason,
             in_flight=len(self._state.in_flight),
             in_flight_addresses=sum(self._state.in_flight.values()),
-            free_slots=max(slots - len(self._state.in_flight), 0),
+            free_slots=max(self._free_slots(), 0) if inp else 0,
             dispatched_batches=self._state.dispatched_batches,
             queued=self._state.queued,
             express_in_flight=len(self._state.express_in_flight),
+            storing=len(self._state.storing),
             free_express_slots=max(self._free_express(), 0) if inp else 0,
         )
 
@@ -112,6 +121,7 @@ class GreedySchedulerWorkflow:
 
     @workflow.run
     async def run(self, inp: SchedulerInput) -> None:
+        self._cap_storing = workflow.patched("cap-batches-storing")
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
@@ -157,8 +167,14 @@ class GreedySchedulerWorkflow:
         return self._state.paused and self._state.pause_reason == CREDITS_PAUSE
 
     def _free_slots(self) -> int:
+        """API slots free, and (since release 2) room among the batches being stored: when stores
+        fall behind the API, at most one more slot's worth of batches waits to be stored."""
         assert self._input is not None
-        return self._input.max_concurrent_batches - len(self._state.in_flight)
+        slots = self._input.max_concurrent_batches
+        free = slots - len(self._state.in_flight)
+        if self._cap_storing:
+            free = min(free, 2 * slots - len(self._state.in_flight) - len(self._state.storing))
+        return free
 
     def _free_express(self) -> int:
         assert self._input is not None
@@ -280,7 +296,8 @@ class GreedySchedulerWorkflow:
         if self._input is None:  # a signal delivered with the start, before `run` began
             return
         s = self.status()
-        flight = f"{s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses)"
+        flight = (f"{s.in_flight} Bouncer batches in flight ({s.in_flight_addresses:,} addresses), "
+                  f"{s.storing} being stored")
         if s.paused:  # nothing is packed while paused, so the last pack's queue count would be stale
             details = f"lane {s.lane} paused: {s.pause_reason}; {flight}, {s.dispatched_batches} dispatched"
         else:
