@@ -87,8 +87,8 @@ class Batch:
     verified: int | None = None  # set when completed: entries that got a real verdict
     stats: Counter[str] = field(default_factory=Counter)
     tallied: int = 0  # entries counted into `stats` so far
-    # 8-byte digests of the entries' exact addresses, in entry order (see `Account.seen`).
-    digests: bytes = b""
+    # Digests of the entries' exact addresses, in entry order: the objects `Account.seen` holds.
+    digests: tuple[bytes, ...] = ()
 
     @property
     def unique(self) -> int:
@@ -199,7 +199,7 @@ class Account:
             created=now,
             callback_url=callback_url,
             credits=len(unique),
-            digests=b"".join(unique_digests),
+            digests=tuple(unique_digests),
         )
         self.batches[batch.batch_id] = batch
         self.queue.append(batch.batch_id)
@@ -303,8 +303,8 @@ class Account:
 
     def mark_delivered(self, batch: Batch) -> None:
         """The batch's records were downloaded: the client now holds a result for each address."""
-        digests = batch.digests or b"".join(_digest(email_of(entry).strip()) for entry in batch.entries)
-        self.delivered.update(digests[i : i + 8] for i in range(0, len(digests), 8))
+        # A state saved before batches kept their digests has none: hash again.
+        self.delivered.update(batch.digests or (_digest(email_of(entry).strip()) for entry in batch.entries))
         self._forget(batch)
 
     def finish(self, batch: Batch, now: float) -> None:
@@ -324,7 +324,7 @@ class Account:
             self._active -= 1
         batch.status = "deleted"
         batch.entries = []
-        batch.digests = b""
+        batch.digests = ()
         self._forget(batch)
         batch.due = None
         self._fill_slots(now)
