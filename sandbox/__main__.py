@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
 def tune_gc() -> None:
     """Collect young objects less often, and never re-scan what startup built.
 
-    The sandbox keeps millions of long-lived objects (entries, digests) and allocates ~8 per
-    address it serves; at CPython's default threshold (700) the collector re-scanned that heap
-    every few batches, half of the sandbox's CPU in `bench sandbox`.
+    The sandbox keeps millions of long-lived objects (entries, digests) and allocates several
+    containers per address it serves; at CPython's default threshold (700) the collector
+    re-scanned that heap every few batches: ~40% of the sandbox's CPU in `bench sandbox`.
     """
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)

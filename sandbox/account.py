@@ -96,7 +96,7 @@ class Batch:
 
 
 # Decisions kept between a batch's status poll and its download, at most this many in all
-# (~40 MB): enough for every batch a client has polled and not yet downloaded.
+# (~45 MB): enough for every batch a client has polled and not yet downloaded.
 DECISIONS_KEPT = 200_000
 
 

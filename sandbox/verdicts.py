@@ -1,9 +1,10 @@
 """Deterministic verification verdicts: what the sandbox answers for an address.
 
 `verdict(email)` is a pure function of the address, so tests and benchmarks can compute
-the expected record without asking the server. It is `decide` (the costly part, a tuple)
-rendered by `add_verdict`; the server decides once per address and renders on download. The record has the documented shape of
-BOUNCER_API.md without `name` (the server adds the entry's own properties).
+the expected record without asking the server. The record has the documented shape of
+BOUNCER_API.md without `name` (the server adds the entry's own properties). It is
+`decide(email)` (the costly part, a tuple) rendered by `add_verdict`: the server decides
+once per address and renders on download.
 
 Rules, in order:
 
