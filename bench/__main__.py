@@ -6,6 +6,7 @@
     python -m bench dispatch --json
     python -m bench ingest --rows 2000000 --json
     python -m bench chaos --addresses 200000 [--no-kills] [--no-temporal-restart] ... --json
+    python -m bench sandbox --addresses 2000000 [--profile FILE] --json
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def main() -> None:
         p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=True, help=what)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
+    p = sub.add_parser("sandbox", help="the sandbox's own CPU per address (create, poll, download)")
+    p.add_argument("--addresses", type=int, default=2_000_000)
+    p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--concurrency", type=int, default=4, help="batches in flight at once")
+    p.add_argument("--profile", metavar="FILE", help="py-spy the sandbox into FILE (raw stacks)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
     args = parser.parse_args()
     # `timeout` and Ctrl-C must still tear the stack down (the `finally` of bench_stack).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -103,6 +111,10 @@ def main() -> None:
         faults = chaos.Faults(args.kills, args.second_worker, args.temporal_restart, args.postgres_restart,
                               args.api_faults, args.credits_episode)
         result = chaos.run(args.addresses, args.users, args.batch_size, args.duration, faults, args.seed)
+    elif args.name == "sandbox":
+        from bench import sandbox
+
+        result = sandbox.run(args.addresses, args.batch_size, args.concurrency, args.profile)
     sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.stdout.flush()
     os._exit(0)  # see starter.main: the Temporal SDK's native threads can abort finalization

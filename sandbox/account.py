@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import operator
 import secrets
 import time
 from collections import Counter, deque
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from sandbox.verdicts import STATUSES, unverified, verdict
+from sandbox.verdicts import STATUSES, Decision, add_verdict, decide, decide_unverified
 
 
 class Clock:
@@ -40,10 +41,6 @@ def iso(ts: float | None) -> str | None:
     return text.replace("+00:00", "Z")
 
 
-def address_key(email: str) -> str:
-    return email.strip().lower()
-
-
 # An entry as stored: a bare email, an (email, name) pair, or the entry dict as received
 # for any other shape. A dict costs ~130 bytes more per address than a pair, which adds
 # up over millions of addresses.
@@ -59,10 +56,10 @@ def compact(entry: dict[str, Any]) -> StoredEntry:
 
 
 def email_of(stored: StoredEntry) -> str:
+    if isinstance(stored, tuple):  # the usual shape first
+        return stored[0]
     if isinstance(stored, str):
         return stored
-    if isinstance(stored, tuple):
-        return stored[0]
     return stored["email"]
 
 
@@ -90,16 +87,28 @@ class Batch:
     verified: int | None = None  # set when completed: entries that got a real verdict
     stats: Counter[str] = field(default_factory=Counter)
     tallied: int = 0  # entries counted into `stats` so far
+    # Digests of the entries' exact addresses, in entry order: the objects `Account.seen` holds.
+    digests: tuple[bytes, ...] = ()
 
     @property
     def unique(self) -> int:
         return len(self.entries)
 
 
+# Decisions kept between a batch's status poll and its download, at most this many in all
+# (~45 MB): enough for every batch a client has polled and not yet downloaded.
+DECISIONS_KEPT = 200_000
+
+
+def _digest(exact: str) -> bytes:
+    # 8-byte digests, not strings: millions of addresses stay affordable.
+    return hashlib.blake2b(exact.encode(), digest_size=8).digest()
+
+
 class Account:
     """State and rules of the simulated account. Call `advance(now)` before reading it."""
 
-    verdict = staticmethod(verdict)  # what a verified address gets (the catch-all endpoint's differs)
+    decide = staticmethod(decide)  # what a verified address gets (the catch-all endpoint's differs)
 
     def __init__(
         self,
@@ -134,28 +143,48 @@ class Account:
         self.delivered: set[bytes] = set()
         self.sent_after_result: set[bytes] = set()
         self.max_processing_seen = 0
+        self._forget_decisions()
+
+    def _forget_decisions(self) -> None:
+        self._decisions: dict[str, list[Decision]] = {}  # by batch id, oldest first
+        self._decisions_kept = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The decisions are a cache: a saved state leaves them out.
+        state = self.__dict__.copy()
+        del state["_decisions"], state["_decisions_kept"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forget_decisions()
 
     # ---- creation -----------------------------------------------------------------------
 
     def create(self, entries: list[dict[str, Any]], callback_url: str | None, now: float) -> Batch | int:
         """Accept a batch, or return the credits left when they do not cover it."""
         unique: list[StoredEntry] = []
+        unique_digests: list[bytes] = []
         keys: set[str] = set()
+        # "Sent twice" is judged on the exact address (the client's pay-once promise), while the
+        # charge (duplicates within the batch) also folds case, like a mailbox provider would.
+        digests: dict[str, bytes] = {}
         for entry in entries:
-            key = address_key(entry["email"])
-            if key not in keys:
+            exact = entry["email"].strip()
+            digest = digests.get(exact)
+            if digest is None:
+                digest = digests[exact] = _digest(exact)
+            key = exact.lower()
+            if key not in keys:  # the first entry of an address is the one kept
                 keys.add(key)
                 unique.append(compact(entry))
+                unique_digests.append(digest)
         if len(unique) > self.credits:
             return self.credits
         self.credits -= len(unique)
         self.credits_charged += len(unique)
         self.addresses_received += len(entries)
-        # "Sent twice" is judged on the exact address (the client's pay-once promise), while the
-        # in-batch charge above folds case like a mailbox provider would.
-        for exact in {entry["email"].strip() for entry in entries}:
-            # 8-byte digests, not strings: millions of addresses stay affordable.
-            digest = hashlib.blake2b(exact.encode(), digest_size=8).digest()
+        for digest in digests.values():
             if digest in self.seen:
                 self.seen_twice.add(digest)
                 if digest in self.delivered:
@@ -170,6 +199,7 @@ class Account:
             created=now,
             callback_url=callback_url,
             credits=len(unique),
+            digests=tuple(unique_digests),
         )
         self.batches[batch.batch_id] = batch
         self.queue.append(batch.batch_id)
@@ -231,9 +261,9 @@ class Account:
         """Counts by status of the addresses processed so far (tallied incrementally)."""
         real = batch.verified if batch.status == "completed" else self.processed(batch, now)
         assert real is not None
-        for entry in batch.entries[batch.tallied : real]:
-            batch.stats[self.verdict(email_of(entry))["status"]] += 1
-        batch.tallied = max(batch.tallied, real)
+        if real > batch.tallied:
+            batch.stats.update(map(operator.itemgetter(1), self._decided(batch, batch.tallied, real)))
+            batch.tallied = real
         out = {status: batch.stats.get(status, 0) for status in STATUSES}
         if batch.status == "completed":
             out["unknown"] += batch.unique - real
@@ -241,18 +271,41 @@ class Account:
 
     def records(self, batch: Batch) -> list[dict[str, Any]]:
         """One record per unique entry, the entry's own properties carried through."""
+        entries = batch.entries
         verified = batch.verified or 0
+        decisions = self._decided(batch, 0, verified)
+        decisions += [decide_unverified(email_of(entry)) for entry in entries[verified:]]
         out = []
-        for index, entry in enumerate(batch.entries):
-            email = email_of(entry)
-            result = self.verdict(email) if index < verified else unverified(email)
-            out.append({"email": email, **properties_of(entry), **result})
+        for entry, decision in zip(entries, decisions):
+            if type(entry) is tuple:  # the usual shape: no properties dict to merge
+                email, name = entry
+                out.append(add_verdict({"email": email, "name": name}, decision))
+            else:
+                out.append(add_verdict({"email": email_of(entry), **properties_of(entry)}, decision))
         return out
+
+    def _decided(self, batch: Batch, start: int, stop: int) -> list[Decision]:
+        """The decisions of `batch.entries[start:stop]`, each address decided once while kept."""
+        decided = self._decisions.pop(batch.batch_id, [])
+        self._decisions_kept -= len(decided)
+        decide = self.decide
+        if len(decided) < start:  # forgotten since the last call: decide only what is asked
+            return [decide(email_of(entry)) for entry in batch.entries[start:stop]]
+        decided += [decide(email_of(entry)) for entry in batch.entries[len(decided) : stop]]
+        self._decisions[batch.batch_id] = decided  # now the newest
+        self._decisions_kept += len(decided)
+        while self._decisions_kept > DECISIONS_KEPT:
+            self._decisions_kept -= len(self._decisions.pop(next(iter(self._decisions))))
+        return decided[start:stop]
+
+    def _forget(self, batch: Batch) -> None:
+        self._decisions_kept -= len(self._decisions.pop(batch.batch_id, ()))
 
     def mark_delivered(self, batch: Batch) -> None:
         """The batch's records were downloaded: the client now holds a result for each address."""
-        for entry in batch.entries:
-            self.delivered.add(hashlib.blake2b(email_of(entry).strip().encode(), digest_size=8).digest())
+        # A state saved before batches kept their digests has none: hash again.
+        self.delivered.update(batch.digests or (_digest(email_of(entry).strip()) for entry in batch.entries))
+        self._forget(batch)
 
     def finish(self, batch: Batch, now: float) -> None:
         """Complete now; what was not processed yet comes back `unknown`."""
@@ -271,6 +324,8 @@ class Account:
             self._active -= 1
         batch.status = "deleted"
         batch.entries = []
+        batch.digests = ()
+        self._forget(batch)
         batch.due = None
         self._fill_slots(now)
 

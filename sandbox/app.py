@@ -42,7 +42,7 @@ from sandbox.account import Account, Batch, Clock, iso
 from sandbox.callbacks import CallbackSender
 from sandbox.faults import FaultConfig, FaultInjector
 from sandbox.ratelimit import SlidingWindow
-from sandbox.verdicts import STATUSES, catchall_verdict
+from sandbox.verdicts import STATUSES, decide_catchall
 
 log = logging.getLogger("sandbox")
 
@@ -488,7 +488,7 @@ def create_app(config: SandboxConfig) -> Starlette:
     """
     sandbox = Sandbox(config)
     catchall = Sandbox(dataclasses.replace(config, state_file=None))
-    catchall.account.verdict = catchall_verdict
+    catchall.account.decide = decide_catchall
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

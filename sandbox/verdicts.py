@@ -2,7 +2,9 @@
 
 `verdict(email)` is a pure function of the address, so tests and benchmarks can compute
 the expected record without asking the server. The record has the documented shape of
-BOUNCER_API.md without `name` (the server adds the entry's own properties).
+BOUNCER_API.md without `name` (the server adds the entry's own properties). It is
+`decide(email)` (the costly part, a tuple) rendered by `add_verdict`: the server decides
+once per address and renders on download.
 
 Rules, in order:
 
@@ -20,6 +22,7 @@ Rules, in order:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Any
@@ -79,8 +82,13 @@ def _unit(digest: bytes, offset: int) -> float:
     return int.from_bytes(digest[offset : offset + 4], "big") / 4294967296.0
 
 
-def _record(
-    email: str,
+# A decision: every field of a record but `email`, in the record's order. Deciding is the
+# costly part (regex, hashes); the server keeps a batch's decisions between the status poll
+# that counts them and the download that renders them.
+Decision = tuple[str, str, str, str, str, str, str, str, str, str, int, int, "str | None"]
+
+
+def _decision(
     domain: str,
     status: str,
     reason: str,
@@ -95,20 +103,27 @@ def _record(
     score: int = 0,
     toxicity: int = 0,
     did_you_mean: str | None = None,
-) -> dict[str, Any]:
+) -> Decision:
+    return (domain, status, reason, accept_all, disposable, role, disabled, full_mailbox,
+            provider, mx, score, toxicity, did_you_mean)
+
+
+def add_verdict(record: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """Add the verdict's fields to `record` (which already holds `email`, and maybe `name`
+    and other properties: a field of the same name keeps its place and takes the verdict's
+    value). Returns `record`."""
+    (domain, status, reason, accept_all, disposable, role, disabled, full_mailbox,
+     provider, mx, score, toxicity, did_you_mean) = decision
+    record["status"] = status
+    record["reason"] = reason
     free = "yes" if domain in _FREE_PROVIDERS else "no"
-    record: dict[str, Any] = {
-        "email": email,
-        "status": status,
-        "reason": reason,
-        "domain": {"name": domain, "acceptAll": accept_all, "disposable": disposable, "free": free},
-        "account": {"role": role, "disabled": disabled, "fullMailbox": full_mailbox},
-        "dns": {"type": "MX" if mx else "", "record": mx},
-        "provider": provider,
-        "score": score,
-        "toxic": "unknown" if status == "unknown" else ("yes" if toxicity >= 4 else "no"),
-        "toxicity": toxicity,
-    }
+    record["domain"] = {"name": domain, "acceptAll": accept_all, "disposable": disposable, "free": free}
+    record["account"] = {"role": role, "disabled": disabled, "fullMailbox": full_mailbox}
+    record["dns"] = {"type": "MX" if mx else "", "record": mx}
+    record["provider"] = provider
+    record["score"] = score
+    record["toxic"] = "unknown" if status == "unknown" else ("yes" if toxicity >= 4 else "no")
+    record["toxicity"] = toxicity
     if did_you_mean:
         record["didYouMean"] = did_you_mean
     return record
@@ -121,24 +136,100 @@ def _provider_for(domain: str, domain_digest: bytes) -> tuple[str, str]:
     return provider or domain, mx.format(domain=domain, slug=domain.replace(".", "-"))
 
 
-def _sandbox_verdict(email: str, local: str) -> dict[str, Any] | None:
+@functools.lru_cache(maxsize=1 << 16)
+def _domain_traits(domain: str) -> tuple[str, str, float] | None:
+    """(provider, mx, domain roll) of a syntactically valid domain, else None.
+
+    Cached: a list has far fewer domains than addresses, and the domain's regex and hash
+    were most of a verdict's cost.
+    """
+    if not _DOMAIN_RE.match(domain):
+        return None
+    domain_digest = hashlib.blake2b(domain.encode(), digest_size=16).digest()
+    provider, mx = _provider_for(domain, domain_digest)
+    exempt = domain in _FREE_PROVIDERS or domain == SANDBOX_DOMAIN
+    return provider, mx, 1.0 if exempt else _unit(domain_digest, 0)
+
+
+def _sandbox_decision(local: str) -> Decision | None:
     base = local.split("+", 1)[0]
     common = {"provider": "usebouncer.com", "mx": "mx.sandbox.usebouncer.com."}
     if base == "deliverable":
-        return _record(email, SANDBOX_DOMAIN, "deliverable", "accepted_email", score=100, **common)
+        return _decision(SANDBOX_DOMAIN, "deliverable", "accepted_email", score=100, **common)
     if base == "risky":
-        return _record(
-            email, SANDBOX_DOMAIN, "risky", "low_deliverability", accept_all="yes", score=50, **common
-        )
+        return _decision(SANDBOX_DOMAIN, "risky", "low_deliverability", accept_all="yes", score=50, **common)
     if base == "undeliverable":
-        return _record(email, SANDBOX_DOMAIN, "undeliverable", "rejected_email", score=0, **common)
+        return _decision(SANDBOX_DOMAIN, "undeliverable", "rejected_email", score=0, **common)
     if base == "unknown":
-        return _record(
-            email, SANDBOX_DOMAIN, "unknown", "unknown",
+        return _decision(
+            SANDBOX_DOMAIN, "unknown", "unknown",
             accept_all="unknown", role="unknown", disabled="unknown", full_mailbox="unknown",
             score=0, **common,
         )
     return None
+
+
+def decide(email: str) -> Decision:
+    """The verdict of `email` as a `Decision` (`verdict` renders it as a record)."""
+    address = email.strip().lower()
+    local, at, domain = address.rpartition("@")
+    traits = _domain_traits(domain) if at else None
+    if traits is None or not _LOCAL_RE.match(local) or ".." in local:
+        return _decision(domain if at else "", "undeliverable", "invalid_email")
+
+    if domain == SANDBOX_DOMAIN:
+        fixed = _sandbox_decision(local)
+        if fixed is not None:
+            return fixed
+
+    role = "yes" if local.partition("+")[0] in _ROLE_LOCAL_PARTS else "no"
+    if domain in _TYPO_DOMAINS:
+        return _decision(
+            domain, "undeliverable", "invalid_domain", role=role,
+            did_you_mean=f"{local}@{_TYPO_DOMAINS[domain]}",
+        )
+
+    provider, mx, domain_roll = traits
+    digest = hashlib.blake2b(address.encode(), digest_size=16).digest()
+    toxicity = (0, 0, 0, 1, 1, 2, 3, 4)[digest[12] % 8] if digest[13] % 4 == 0 else 0
+
+    if domain_roll < _ACCEPT_ALL_BELOW:
+        return _decision(
+            domain, "risky", "low_deliverability", accept_all="yes", role=role,
+            provider=provider, mx=mx, score=40 + digest[8] % 31, toxicity=toxicity,
+        )
+    if domain_roll < _DEAD_BELOW:
+        return _decision(domain, "undeliverable", "invalid_domain", role=role)
+    if domain_roll < _DISPOSABLE_BELOW:
+        return _decision(
+            domain, "risky", "low_quality", disposable="yes", role=role,
+            provider=provider, mx=mx, score=20 + digest[8] % 21, toxicity=max(toxicity, 2),
+        )
+
+    roll = _unit(digest, 0)
+    if roll < _DELIVERABLE_BELOW:
+        return _decision(
+            domain, "deliverable", "accepted_email", role=role,
+            provider=provider, mx=mx, score=80 + digest[8] % 21, toxicity=toxicity,
+        )
+    if roll < _RISKY_BELOW:
+        full = digest[9] % 2 == 0
+        return _decision(
+            domain, "risky", "low_deliverability" if full else "low_quality",
+            role=role, full_mailbox="yes" if full else "no",
+            provider=provider, mx=mx, score=30 + digest[8] % 31, toxicity=toxicity,
+        )
+    if roll < _UNDELIVERABLE_BELOW:
+        return _decision(
+            domain, "undeliverable", "rejected_email", role=role,
+            disabled="yes" if digest[9] % 3 == 0 else "no",
+            provider=provider, mx=mx, score=digest[8] % 11, toxicity=toxicity,
+        )
+    return _decision(
+        domain, "unknown", _UNKNOWN_REASONS[digest[9] % len(_UNKNOWN_REASONS)],
+        accept_all="unknown", role=role, disabled="unknown", full_mailbox="unknown",
+        provider=provider, mx=mx, score=digest[8] % 41, toxicity=toxicity,
+    )
 
 
 def verdict(email: str) -> dict[str, Any]:
@@ -147,78 +238,22 @@ def verdict(email: str) -> dict[str, Any]:
     Pure and deterministic: a function of the trimmed, lower-cased address only. The
     `email` field echoes the argument as given.
     """
-    address = email.strip().lower()
-    local, at, domain = address.rpartition("@")
-    if not at or not _LOCAL_RE.match(local) or not _DOMAIN_RE.match(domain) or ".." in local:
-        return _record(email, domain if at else "", "undeliverable", "invalid_email")
+    return add_verdict({"email": email}, decide(email))
 
-    if domain == SANDBOX_DOMAIN:
-        fixed = _sandbox_verdict(email, local)
-        if fixed is not None:
-            return fixed
 
-    role = "yes" if local.split("+", 1)[0] in _ROLE_LOCAL_PARTS else "no"
-    if domain in _TYPO_DOMAINS:
-        return _record(
-            email, domain, "undeliverable", "invalid_domain", role=role,
-            did_you_mean=f"{local}@{_TYPO_DOMAINS[domain]}",
-        )
-
-    domain_digest = hashlib.blake2b(domain.encode(), digest_size=16).digest()
-    digest = hashlib.blake2b(address.encode(), digest_size=16).digest()
-    provider, mx = _provider_for(domain, domain_digest)
-    toxicity = (0, 0, 0, 1, 1, 2, 3, 4)[digest[12] % 8] if digest[13] % 4 == 0 else 0
-
-    exempt = domain in _FREE_PROVIDERS or domain == SANDBOX_DOMAIN
-    domain_roll = 1.0 if exempt else _unit(domain_digest, 0)
-    if domain_roll < _ACCEPT_ALL_BELOW:
-        return _record(
-            email, domain, "risky", "low_deliverability", accept_all="yes", role=role,
-            provider=provider, mx=mx, score=40 + digest[8] % 31, toxicity=toxicity,
-        )
-    if domain_roll < _DEAD_BELOW:
-        return _record(email, domain, "undeliverable", "invalid_domain", role=role)
-    if domain_roll < _DISPOSABLE_BELOW:
-        return _record(
-            email, domain, "risky", "low_quality", disposable="yes", role=role,
-            provider=provider, mx=mx, score=20 + digest[8] % 21, toxicity=max(toxicity, 2),
-        )
-
-    roll = _unit(digest, 0)
-    if roll < _DELIVERABLE_BELOW:
-        return _record(
-            email, domain, "deliverable", "accepted_email", role=role,
-            provider=provider, mx=mx, score=80 + digest[8] % 21, toxicity=toxicity,
-        )
-    if roll < _RISKY_BELOW:
-        full = digest[9] % 2 == 0
-        return _record(
-            email, domain, "risky", "low_deliverability" if full else "low_quality",
-            role=role, full_mailbox="yes" if full else "no",
-            provider=provider, mx=mx, score=30 + digest[8] % 31, toxicity=toxicity,
-        )
-    if roll < _UNDELIVERABLE_BELOW:
-        return _record(
-            email, domain, "undeliverable", "rejected_email", role=role,
-            disabled="yes" if digest[9] % 3 == 0 else "no",
-            provider=provider, mx=mx, score=digest[8] % 11, toxicity=toxicity,
-        )
-    return _record(
-        email, domain, "unknown", _UNKNOWN_REASONS[digest[9] % len(_UNKNOWN_REASONS)],
-        accept_all="unknown", role=role, disabled="unknown", full_mailbox="unknown",
-        provider=provider, mx=mx, score=digest[8] % 41, toxicity=toxicity,
+def decide_unverified(email: str) -> Decision:
+    """The decision for an address a batch finished early before verifying (`unknown`)."""
+    domain = email.strip().lower().rpartition("@")[2]
+    return _decision(
+        domain, "unknown", "unknown",
+        accept_all="unknown", disposable="unknown", role="unknown", disabled="unknown",
+        full_mailbox="unknown",
     )
 
 
 def unverified(email: str) -> dict[str, Any]:
     """The record of an address a batch finished early before verifying (`unknown`)."""
-    address = email.strip().lower()
-    domain = address.rpartition("@")[2]
-    return _record(
-        email, domain, "unknown", "unknown",
-        accept_all="unknown", disposable="unknown", role="unknown", disabled="unknown",
-        full_mailbox="unknown",
-    )
+    return add_verdict({"email": email}, decide_unverified(email))
 
 
 # The catch-all endpoint's answers for accept-all addresses, cumulative on a second hash.
@@ -226,16 +261,10 @@ _CATCHALL_DELIVERABLE_BELOW = 0.55
 _CATCHALL_UNDELIVERABLE_BELOW = 0.85
 
 
-def catchall_verdict(email: str) -> dict[str, Any]:
-    """What the sandbox's catch-all endpoint (`/catchall/v1.1/...`) answers for `email`.
-
-    For an address the batch API calls accept-all (`risky`, `domain.acceptAll = "yes"`) the
-    answer is decisive for 85% of them: `deliverable` / `accepted_email` or `undeliverable` /
-    `rejected_email`; the rest stay `risky`. Any other address gets its ordinary verdict.
-    Pure and deterministic, like `verdict`.
-    """
-    base = verdict(email)
-    if base["status"] != "risky" or base["domain"]["acceptAll"] != "yes":
+def decide_catchall(email: str) -> Decision:
+    """`catchall_verdict` as a `Decision`."""
+    base = decide(email)
+    if base[1] != "risky" or base[3] != "yes":  # status, accept_all
         return base
     address = email.strip().lower()
     digest = hashlib.blake2b(b"catchall:" + address.encode(), digest_size=16).digest()
@@ -246,4 +275,16 @@ def catchall_verdict(email: str) -> dict[str, Any]:
         status, reason, score = "undeliverable", "rejected_email", digest[8] % 11
     else:
         return base
-    return {**base, "status": status, "reason": reason, "score": score}
+    # `toxic` stays as for `risky`: the new status is never `unknown`.
+    return (base[0], status, reason, *base[3:10], score, *base[11:])
+
+
+def catchall_verdict(email: str) -> dict[str, Any]:
+    """What the sandbox's catch-all endpoint (`/catchall/v1.1/...`) answers for `email`.
+
+    For an address the batch API calls accept-all (`risky`, `domain.acceptAll = "yes"`) the
+    answer is decisive for 85% of them: `deliverable` / `accepted_email` or `undeliverable` /
+    `rejected_email`; the rest stay `risky`. Any other address gets its ordinary verdict.
+    Pure and deterministic, like `verdict`.
+    """
+    return add_verdict({"email": email}, decide_catchall(email))

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sandbox import account as account_module
+from sandbox.account import Account
 from sandbox.process import RunningSandbox, running_sandbox, start_sandbox, stop_sandbox
 from sandbox.verdicts import STATUSES, unverified, verdict
 
@@ -388,3 +390,35 @@ def test_state_file_keeps_batches_across_a_graceful_restart(tmp_path: Any) -> No
             records = api.get(f"{BATCH}/{batch_id}/download").json()
             assert records == [{"name": "n", **verdict("a@example.com")}]
             assert api.get("/v1.1/credits").json()["credits"] == 1_000_000 - 1
+
+
+def test_records_and_stats_do_not_depend_on_kept_or_forgotten_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The account keeps each batch's decisions from its status poll to its download; with room
+    # for only 250, polls of other batches push them out. Answers must not change either way.
+    monkeypatch.setattr(account_module, "DECISIONS_KEPT", 250)
+    account = Account(credits=1_000_000, speed=50.0, time_scale=1.0, max_processing=None)
+    lists = []
+    for b in range(6):
+        entries: list[dict[str, Any]] = [{"email": f"p{b}.{i}@company{i % 7}.example", "name": str(i)} for i in range(150)]
+        entries += [{"email": f"P{b}.0@company0.example", "name": "dup"}, {"email": f"bare{b}@example.org"},
+                    {"email": f"x{b}@example.org", "status": "mine", "name": {"id": b}}]
+        lists.append(entries)
+    batches = [account.create(entries, None, now=0.0) for entries in lists]
+    for t in (0.5, 1.0, 1.7):  # partial tallies while processing (50 addresses/s)
+        account.advance(t)
+        for batch in batches[::2]:
+            account.stats_of(batch, t)
+    account.finish(batches[1], 1.7)
+    account.advance(10.0)
+    for batch, entries in zip(batches, lists):
+        stats = account.stats_of(batch, 10.0)
+        records = account.records(batch)
+        unique = [e for e in entries if e.get("name") != "dup"]
+        verified = batch.verified
+        expected = [{**e, **(verdict(e["email"]) if i < verified else unverified(e["email"]))}
+                    for i, e in enumerate(unique)]
+        assert records == expected and [list(r) for r in records] == [list(r) for r in expected]
+        assert stats == {s: sum(r["status"] == s for r in expected) for s in STATUSES}
+        account.mark_delivered(batch)
+    assert batches[1].verified < len(batches[1].entries)  # the early finish left some unverified
+    assert account._decisions_kept == 0
