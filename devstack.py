@@ -225,6 +225,11 @@ class DevStack:
                 # An activity on the workflow's own task queue (pack, prepare, progress) comes back
                 # with the workflow task's completion instead of through another poll.
                 "--dynamic-config-value", "system.enableActivityEagerExecution=true",
+                # SQLite is the dev server's one writer: with a full fsync per commit every
+                # history write queued behind the disk (dispatch gap p50 8.0 s -> 3.3 s, utilization
+                # 0.69 -> 0.85 in `bench saturation`). WAL + NORMAL survives a killed server.
+                "--sqlite-pragma", "journal_mode=wal",
+                "--sqlite-pragma", "synchronous=normal",
             ],
         )
         _wait_port(self.temporal_port, "Temporal dev server", self.root / "temporal.log")

@@ -35,6 +35,7 @@ from workflows.models import (
 )
 
 ANALYZE_ABOVE_ROWS = 10_000
+ANALYZE_GROWTH = 0.2
 PREPARE_ATTEMPTS = 5  # in-process re-runs after losing a race with a concurrent prepare
 _FRESH = "r.verified_at > now() - make_interval(secs => %(ttl)s)"
 
@@ -68,6 +69,13 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         """,
         p,
     )
+    await enqueue_listed(cur, user_batch_id, lane, ttl_s)
+
+
+async def enqueue_listed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> None:
+    """`enqueue_lane` once the `ub_addr` temp table lists the batch's addresses (address id,
+    first line, fresh result or not)."""
+    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
     await cur.execute("analyze ub_addr")
     await cur.execute(
         """
@@ -101,16 +109,17 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         """,
             p,
         )
-    await cur.execute(
-        """
-        insert into waits (lane, address_id, user_batch_id)
-        select %(lane)s, t.address_id, %(ub)s from ub_addr t
-        join queue q on q.lane = %(lane)s and q.address_id = t.address_id and q.user_batch_id <> %(ub)s
-        where not t.fresh
-        on conflict do nothing
-        """,
-        p,
-    )
+    async with index_probes(cur):  # a hash join read the lane's whole queue: 1 s per 100k-row list at 2M
+        await cur.execute(
+            """
+            insert into waits (lane, address_id, user_batch_id)
+            select %(lane)s, t.address_id, %(ub)s from ub_addr t
+            join queue q on q.lane = %(lane)s and q.address_id = t.address_id and q.user_batch_id <> %(ub)s
+            where not t.fresh
+            on conflict do nothing
+            """,
+            p,
+        )
     await cur.execute(
         """
         update user_batch_lanes l set
@@ -354,11 +363,17 @@ class UserBatchActivities:
         """Mark in-batch duplicates, register addresses, reuse fresh results, enqueue the rest;
         then wake the lanes' schedulers."""
         async with self.pool.connection() as conn:
-            row = await (await conn.execute("select rows_total, state from user_batches where id = %s",
-                                            (user_batch_id,))).fetchone()
-            if row is not None and row[0] >= ANALYZE_ABOVE_ROWS and row[1] in ("receiving", "preparing"):
+            row = await (await conn.execute(
+                "select b.rows_total, b.state, s.n_mod_since_analyze, c.reltuples from user_batches b,"
+                " pg_stat_user_tables s join pg_class c on c.oid = s.relid"
+                " where b.id = %s and s.relname = 'items' and s.schemaname = current_schema()",
+                (user_batch_id,))).fetchone()
+            if (row is not None and row[0] >= ANALYZE_ABOVE_ROWS and row[1] in ("receiving", "preparing")
+                    and row[0] + row[2] > ANALYZE_GROWTH * max(row[3], 0)):  # (the counter lags a little)
                 # Freshly COPYed rows have no statistics until autovacuum gets to them; without
                 # them the planner picks nested loops that take minutes on a 100k-row list.
+                # Once the table is big, a list adds little to what the statistics describe, and
+                # sampling it costs ~1 s: only after it grew by a fifth since its last ANALYZE.
                 # Outside the transaction: ANALYZE's lock would otherwise serialize all prepares.
                 await conn.execute("analyze items")
         for attempt in range(1, PREPARE_ATTEMPTS + 1):
@@ -383,43 +398,74 @@ class UserBatchActivities:
                 # Sorts of a 100k-row list spill to disk at the default 4 MB.
                 await cur.execute("set local work_mem = '64MB'")
                 p = {"ub": user_batch_id}
+                # One pass over the list: its distinct addresses, the first line of each, and
+                # how often each occurs (duplicates, the new addresses and the queue all follow).
                 await cur.execute(
                     """
-                    create temp table ub_dups on commit drop as
-                    select row_no, first from (
-                        select row_no, first_value(row_no) over (partition by email order by row_no) as first
-                        from items where user_batch_id = %(ub)s and state = 'pending') d
-                    where row_no <> first
+                    create temp table ub_emails on commit drop as
+                    select email, min(row_no) as first, count(*) as n
+                    from items where user_batch_id = %(ub)s and state = 'pending' group by email
                     """,
                     p,
                 )
-                await cur.execute("analyze ub_dups")
-                await cur.execute(
-                    """
-                    update items i set state = 'duplicate', reason = 'duplicate of line ' || d.first
-                    from ub_dups d where i.user_batch_id = %(ub)s and i.row_no = d.row_no
-                    """,
-                    p,
-                )
-                async with index_probes(cur):
-                    # Not ON CONFLICT: its speculative insertion measured ~30% slower for new rows.
-                    # Two prepares adding the same new address: one gets a unique violation and
-                    # runs again (below).
+                await cur.execute("analyze ub_emails")
+                await cur.execute("select exists (select 1 from ub_emails where n > 1)")
+                if (await cur.fetchone())[0]:
+                    # A hash join over the list: a loop would scan the list once per repeated address.
+                    await cur.execute("set local enable_nestloop = off")
                     await cur.execute(
                         """
-                        insert into addresses (email)
-                        select distinct email from items i where user_batch_id = %(ub)s and state = 'pending'
-                          and not exists (select 1 from addresses a where a.email = i.email)
-                        order by email  -- in index order: measured 2x faster than hash order
+                        update items i set state = 'duplicate', reason = 'duplicate of line ' || e.first
+                        from ub_emails e
+                        where e.n > 1 and i.user_batch_id = %(ub)s and i.state = 'pending'
+                          and i.email = e.email and i.row_no <> e.first
                         """,
                         p,
                     )
+                    await cur.execute("set local enable_nestloop = on")
+                async with index_probes(cur):
+                    # Not ON CONFLICT: its speculative insertion measured ~30% slower for new rows.
+                    # Two prepares adding the same new address: one gets a unique violation and
+                    # runs again (below). The new ids come back from the insert itself.
+                    await cur.execute(
+                        """
+                        create temp table ub_new on commit drop as
+                        with n as (
+                            insert into addresses (email)
+                            select email from ub_emails e
+                            where not exists (select 1 from addresses a where a.email = e.email)
+                            order by email  -- in index order: measured 2x faster than hash order
+                            returning id, email)
+                        select * from n
+                        """,
+                        p,
+                    )
+                await cur.execute("analyze ub_new")
                 for lane in lanes:
                     await cur.execute(
                         "insert into user_batch_lanes (user_batch_id, lane) values (%s, %s) on conflict do nothing",
                         (user_batch_id, lane),
                     )
-                    await enqueue_lane(cur, user_batch_id, lane, self._ttl_s)
+                    if lane == CATCHALL:  # only addresses with an accept-all result: the general path
+                        await enqueue_lane(cur, user_batch_id, lane, self._ttl_s)
+                        continue
+                    # New addresses have no result to reuse: only the known ones are looked up.
+                    await cur.execute("drop table if exists ub_addr")
+                    await cur.execute(
+                        f"""
+                        create temp table ub_addr on commit drop as
+                        select n.id as address_id, e.first as row_no, false as fresh
+                        from ub_new n join ub_emails e on e.email = n.email
+                        union all
+                        select a.id, e.first,
+                               exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s
+                                       and {_FRESH})
+                        from ub_emails e join addresses a on a.email = e.email
+                        where not exists (select 1 from ub_new n where n.email = e.email)
+                        """,
+                        {**p, "lane": lane, "ttl": self._ttl_s},
+                    )
+                    await enqueue_listed(cur, user_batch_id, lane, self._ttl_s)
                 await cur.execute(
                     """
                     update user_batches set state = 'queued',
