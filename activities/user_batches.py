@@ -72,9 +72,19 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
     await enqueue_listed(cur, user_batch_id, lane, ttl_s)
 
 
-async def enqueue_listed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> None:
+async def enqueue_listed(
+    cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float, first_time: bool = False
+) -> None:
     """`enqueue_lane` once the `ub_addr` temp table lists the batch's addresses (address id,
-    first line, fresh result or not)."""
+    first line, fresh result or not).
+
+    `first_time` (prepare of the deliverability lane): none of the batch's addresses can be in
+    flight, so an anti-join skips addresses already queued. Otherwise (resume, hand-offs) ON
+    CONFLICT: a store deleting one of this batch's in-flight rows makes the insert wait for that
+    store's commit, so the counts below see it. With the anti-join a resume racing a store
+    counted the store's rows as still queued and its batch never finished (found by the replay
+    test, 1 run in ~15).
+    """
     p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
     await cur.execute("analyze ub_addr")
     await cur.execute(
@@ -99,13 +109,14 @@ async def enqueue_listed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str
     )
     async with index_probes(cur):
         await cur.execute(
-            """
+            f"""
         insert into queue (user_batch_id, lane, seq, address_id)
         select %(ub)s, %(lane)s, l.next_seq + row_number() over (order by t.row_no) - 1, t.address_id
         from ub_addr t join user_batch_lanes l on l.user_batch_id = %(ub)s and l.lane = %(lane)s
-        where not t.fresh
-          and not exists (select 1 from queue q where q.lane = %(lane)s and q.address_id = t.address_id)
+        where not t.fresh {"and not exists (select 1 from queue q where q.lane = %(lane)s"
+                            " and q.address_id = t.address_id)" if first_time else ""}
         order by t.row_no
+        {"" if first_time else "on conflict do nothing"}
         """,
             p,
         )
@@ -465,7 +476,7 @@ class UserBatchActivities:
                         """,
                         {**p, "lane": lane, "ttl": self._ttl_s},
                     )
-                    await enqueue_listed(cur, user_batch_id, lane, self._ttl_s)
+                    await enqueue_listed(cur, user_batch_id, lane, self._ttl_s, first_time=True)
                 await cur.execute(
                     """
                     update user_batches set state = 'queued',

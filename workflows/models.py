@@ -158,6 +158,7 @@ class SchedulerState:
     new_work: bool = False
     queued: int = 0  # as of the last pack
     storing: dict[str, int] = field(default_factory=dict)  # done at the API, results not yet stored
+    express_hint: bool = True  # a small list may be queued (cleared by a pack that found none)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class GreedySchedulerWorkflow:
         self._state = SchedulerState()
         self._input: SchedulerInput | None = None
         self._cap_storing = False
+        self._express_hints = False
         self._starting: set[asyncio.Future] = set()  # child starts under way (not yet started)
         self._started: list[asyncio.Future] = []  # finished ones, to re-raise their errors
 
@@ -54,6 +55,7 @@ class GreedySchedulerWorkflow:
     def work_available(self) -> None:
         self._state.work_hint = True
         self._state.new_work = True
+        self._state.express_hint = True
 
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
@@ -122,6 +124,7 @@ class GreedySchedulerWorkflow:
     @workflow.run
     async def run(self, inp: SchedulerInput) -> None:
         self._cap_storing = workflow.patched("cap-batches-storing")
+        self._express_hints = workflow.patched("express-hint")
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
@@ -183,6 +186,13 @@ class GreedySchedulerWorkflow:
         return self._input.express_slots - len(self._state.express_in_flight)
 
     def _can_pack(self) -> bool:
+        if self._express_hints:
+            # Since release 2 free express slots alone do not start a pack on every signal: only
+            # while a small list may be waiting (new work arrived, or the last pack filled them).
+            return not self._state.paused and (
+                (self._state.work_hint and self._free_slots() > 0)
+                or (self._state.express_hint and self._free_express() > 0)
+            )
         return (
             not self._state.paused
             and self._state.work_hint
@@ -210,6 +220,9 @@ class GreedySchedulerWorkflow:
             await workflow.sleep(timedelta(seconds=inp.pack_linger_s))
         self._state.new_work = False
         self._state.packs += 1
+        express_asked = max(self._free_express(), 0)
+        if express_asked:
+            self._state.express_hint = False  # a small list arriving during the pack sets it again
         result = await workflow.execute_activity_method(
             PackingActivities.pack_batches,
             PackRequest(
@@ -218,7 +231,7 @@ class GreedySchedulerWorkflow:
                 slots=self._free_slots(),
                 batch_size=inp.batch_size,
                 fair_share=inp.fair_share,
-                express_slots=max(self._free_express(), 0),
+                express_slots=express_asked,
                 express_max_addresses=inp.express_max_addresses,
                 linger_s=linger_s,
             ),
@@ -227,6 +240,8 @@ class GreedySchedulerWorkflow:
             retry_policy=DB_RETRY,
         )
         self._state.queued = result.queued_after
+        if express_asked and sum(b.express for b in result.batches) == express_asked:
+            self._state.express_hint = True  # every express slot filled: more small lists may wait
         if not linger_in_activity and result.queue_drained:
             self._state.work_hint = False
         if workflow.patched("start-children-in-background"):
