@@ -78,7 +78,7 @@ async def enqueue_listed(
     first line, fresh result or not).
 
     `first_time` (prepare of the deliverability lane): none of the batch's addresses can be in
-    flight, so an anti-join skips addresses already queued. Otherwise (resume, hand-offs) ON
+    flight, so an anti-join skips addresses already queued. Otherwise (resume, the catchall lane) ON
     CONFLICT: a store deleting one of this batch's in-flight rows makes the insert wait for that
     store's commit, so the counts below see it. With the anti-join a resume racing a store
     counted the store's rows as still queued and its batch never finished (found by the replay
