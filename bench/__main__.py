@@ -1,6 +1,6 @@
 """Benchmarks: programs that start the embedded stack themselves and print one JSON object.
 
-    python -m bench pipeline --addresses 2000000 --users 20 [--workers 2] --json
+    python -m bench pipeline --addresses 2000000 --users 20 [--workers 2] [--sql-stats] --json
     python -m bench saturation [--callback/--no-callback] --json
     python -m bench fairness --json
     python -m bench dispatch --json
