@@ -492,19 +492,7 @@ def copy_items(
     in one comprehension, other rows one by one. Postgres parses the COPY in its own process
     while the next block is read here.
     """
-    stats = IngestStats()
-    with conn.cursor() as cur, _copy_in(cur) as copy:
-        writer = _ItemWriter(copy, user_batch_id, stats)
-        for pieces in _pieces(path, column, 0):
-            before = stats.rows
-            for piece in pieces:
-                writer.add_piece(piece)
-            if on_progress is not None and stats.rows // 50_000 != before // 50_000:
-                on_progress(stats)
-        writer.flush()
-    if on_progress is not None:
-        on_progress(stats)
-    return stats
+    return _copy_blocks(conn, user_batch_id, _pieces(path, column, 0), on_progress)
 
 
 def copy_rows(
@@ -514,15 +502,29 @@ def copy_rows(
     on_progress: Callable[[IngestStats], None] | None = None,
 ) -> IngestStats:
     """COPY already-parsed rows (line, raw cell, address or None, reason or None) into `items`."""
+    rows = iter(rows)
+    blocks = iter(lambda: list(itertools.islice(rows, _ItemWriter.BLOCK)), [])
+    return _copy_blocks(conn, user_batch_id, blocks, on_progress)
+
+
+def _copy_blocks(
+    conn: psycopg.Connection,
+    user_batch_id: int,
+    blocks: Iterable[Iterable],
+    on_progress: Callable[[IngestStats], None] | None,
+) -> IngestStats:
+    """COPY blocks of pieces (runs or single rows, see `_ItemWriter.add_piece`) into `items`;
+    `on_progress` after each block that crosses a multiple of 50,000 rows, and at the end."""
     stats = IngestStats()
-    with conn.cursor() as cur:
-        with _copy_in(cur) as copy:
-            writer = _ItemWriter(copy, user_batch_id, stats)
-            for row in rows:
-                writer.add(row)
-                if on_progress is not None and stats.rows % 50_000 == 0:
-                    on_progress(stats)
-            writer.flush()
+    with conn.cursor() as cur, _copy_in(cur) as copy:
+        writer = _ItemWriter(copy, user_batch_id, stats)
+        for pieces in blocks:
+            before = stats.rows
+            for piece in pieces:
+                writer.add_piece(piece)
+            if on_progress is not None and stats.rows // 50_000 != before // 50_000:
+                on_progress(stats)
+        writer.flush()
     if on_progress is not None:
         on_progress(stats)
     return stats

@@ -106,7 +106,7 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def _tree_cpu_s(pid: int) -> float:
+def tree_cpu_s(pid: int) -> float:
     """CPU seconds of a process, its reaped children and its live descendants."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
@@ -116,7 +116,7 @@ def _tree_cpu_s(pid: int) -> float:
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 for child in (task / "children").read_text().split():
-                    total += _tree_cpu_s(int(child))
+                    total += tree_cpu_s(int(child))
     return total
 
 
@@ -126,7 +126,30 @@ def cpu_seconds(st: DevStack) -> dict[str, float]:
     parts.update({p.stem: st.pid(p.stem) for p in st.root.glob("worker*.pid")})
     with contextlib.suppress(OSError, ValueError):
         parts["postgres"] = int((st.pgdata / "postmaster.pid").read_text().split()[0])
-    return {name: round(_tree_cpu_s(pid), 1) for name, pid in parts.items() if pid}
+    return {name: round(tree_cpu_s(pid), 1) for name, pid in parts.items() if pid}
+
+
+class CpuMeter:
+    """CPU seconds used by each part of the stack between `start()` and `stop()`, and the
+    machine's busy share over the same time (2 cores: 1.0 = both busy)."""
+
+    def __init__(self, st: DevStack) -> None:
+        self.st = st
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(cpu) - cpu[3] - cpu[4], sum(cpu)  # busy, all (idle and iowait are not busy)
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._first = cpu_seconds(self.st), self._machine()
+
+    def stop(self) -> dict:
+        (a, (busy0, all0)), b, (busy1, all1) = self._first, cpu_seconds(self.st), self._machine()
+        return {"cpu_s": {name: round(v - a.get(name, 0.0), 1) for name, v in b.items()},
+                "wall_s": round(time.monotonic() - self._t0, 1),
+                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3)}
 
 
 def top_statements(database_url: str, n: int = 20) -> list[dict]:

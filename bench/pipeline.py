@@ -14,7 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psycopg
 
-from bench.common import bench_stack, cpu_seconds, top_statements, history_limits, peak_rss_mb, percentile, submit, wait_completed, write_lists
+from bench.common import (
+    CpuMeter,
+    bench_stack,
+    history_limits,
+    peak_rss_mb,
+    percentile,
+    submit,
+    top_statements,
+    wait_completed,
+    write_lists,
+)
 
 
 async def _limits(st) -> dict:
@@ -33,7 +43,8 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
     with bench_stack(["--no-limits", "--speed", "0", "--credits", str(10 * addresses)], env, workers,
                      sql_stats=sql_stats) as st:
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
-        cpu_before = cpu_seconds(st)
+        meter = CpuMeter(st)
+        meter.start()
         began = time.monotonic()
         # Two submitters at a time: one per core, as a user's scripts would.
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -41,7 +52,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         submit_done = time.monotonic()
         ids = [s["user_batch_id"] for s in submitted]
         finished = wait_completed(st, ids, timeout)
-        cpu_after = cpu_seconds(st)
+        cpu = meter.stop()["cpu_s"]
         worker_rss = max(filter(None, (peak_rss_mb(st.pid(n)) for n in ["worker", *[f"worker-{i}" for i in
                                                                                  range(2, workers + 1)]])))
         with psycopg.connect(st.database_url) as conn:
@@ -74,8 +85,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         **limits,
         "bouncer_batches": len(sizes),
         "mean_batch_fill": round(sum(sizes) / (len(sizes) * 10_000), 3) if sizes else 0,
-        "cpu_s": {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
-        | {"submitters": round(sum(s["cpu_s"] for s in submitted), 1)},
+        "cpu_s": cpu | {"submitters": round(sum(s["cpu_s"] for s in submitted), 1)},
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],
         **({"top_statements": statements} if sql_stats else {}),

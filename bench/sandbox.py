@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -28,16 +27,11 @@ from pathlib import Path
 import httpx
 import orjson
 
+from bench.common import tree_cpu_s
 from sandbox.process import running_sandbox
 
 API_KEY = "bench-sandbox-key"
 BATCH = "/v1.1/email/verify/batch"
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of one process, in seconds (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def batch_body(start: int, size: int, users: int = 20) -> bytes:
@@ -112,11 +106,11 @@ def run(addresses: int, batch_size: int = 10_000, concurrency: int = 4, profile:
     with running_sandbox(API_KEY, "--no-limits", "--speed", "0", "--credits", str(10 * addresses)) as sb:
         pid = sb.process.pid
         with profiled(pid, profile):
-            cpu_before = process_cpu_s(pid)
+            cpu_before = tree_cpu_s(pid)
             began = time.monotonic()
             driven = asyncio.run(_drive(sb.url, addresses, batch_size, concurrency))
             wall = time.monotonic() - began
-            cpu = process_cpu_s(pid) - cpu_before
+            cpu = tree_cpu_s(pid) - cpu_before
         rss = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                     if line.startswith("VmHWM:")), None)
     stats = driven.pop("sandbox_stats")

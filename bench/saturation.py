@@ -74,7 +74,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from bench.common import bench_stack, percentile, submit, write_lists
+from bench.common import CpuMeter, bench_stack, percentile, submit, write_lists
 from devstack import ROOT, DevStack
 
 LANE = "deliverability"
@@ -162,55 +162,6 @@ def p50(values: list[float]) -> float | None:
 
 
 # ---- where the CPU goes -----------------------------------------------------------------------
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-class CpuMeter:
-    """CPU seconds used by each part of the stack between `start()` and `stop()`, and the
-    machine's busy share over the same time (2 cores: 1.0 = both busy)."""
-
-    def __init__(self, st: DevStack) -> None:
-        self.st = st
-
-    def _pids(self) -> dict[str, list[int]]:
-        parts = {name: [p] for name in ("worker", "sandbox", "temporal") if (p := self.st.pid(name))}
-        try:
-            postmaster = int((self.st.pgdata / "postmaster.pid").read_text().split()[0])
-            parts["postgres"] = [postmaster, *_children(postmaster)]
-        except (OSError, ValueError):
-            pass
-        return parts
-
-    def _sample(self) -> tuple[dict[str, dict[int, float]], float, float]:
-        per = {name: {p: _proc_cpu(p) for p in pids} for name, pids in self._pids().items()}
-        cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = cpu[3] + cpu[4]
-        return per, sum(cpu) - idle, sum(cpu)
-
-    def start(self) -> None:
-        self._t0 = time.monotonic()
-        self._first = self._sample()
-
-    def stop(self) -> dict:
-        (a, busy0, all0), (b, busy1, all1) = self._first, self._sample()
-        used = {name: round(sum(v - a.get(name, {}).get(p, 0.0) for p, v in pids.items()), 1)
-                for name, pids in b.items()}
-        return {"cpu_s": used, "wall_s": round(time.monotonic() - self._t0, 1),
-                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3)}
 
 
 @contextlib.contextmanager

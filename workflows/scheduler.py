@@ -136,6 +136,7 @@ class GreedySchedulerWorkflow:
                 start_to_close_timeout=timedelta(seconds=60),
                 retry_policy=DB_RETRY,
             )
+            self._take_slots(adopted)
             await self._start_children(adopted)
         self._describe()
         # Before this patch a pause for credits that arrived while the loop waited without a
@@ -244,10 +245,10 @@ class GreedySchedulerWorkflow:
             self._state.express_hint = True  # every express slot filled: more small lists may wait
         if not linger_in_activity and result.queue_drained:
             self._state.work_hint = False
+        self._take_slots(result.batches)
         if workflow.patched("start-children-in-background"):
             # The loop does not wait for the children to start (a workflow task round trip or
-            # two): a slot freed meanwhile is packed at once. The slots are taken now.
-            self._take_slots(result.batches)
+            # two): a slot freed meanwhile is packed at once (the slots are taken above).
             task = asyncio.ensure_future(self._start_children(result.batches))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
@@ -267,7 +268,6 @@ class GreedySchedulerWorkflow:
     async def _start_children(self, batches: list) -> None:
         assert self._input is not None
         inp = self._input
-        self._take_slots(batches)
 
         async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
             try:
