@@ -61,7 +61,8 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         f"""
         create temp table ub_addr on commit drop as
         select a.id as address_id, min(i.row_no) as row_no,
-               bool_or(exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s and {_FRESH})) as fresh
+               bool_or(exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s and {_FRESH})) as fresh,
+               false as new
         from items i join addresses a on a.email = i.email
         where i.user_batch_id = %(ub)s and i.state = 'pending' {CANDIDATES if lane == CATCHALL else ""}
         group by a.id
@@ -75,7 +76,11 @@ async def enqueue_listed(
     cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float, first_time: bool = False
 ) -> None:
     """`enqueue_lane` once the `ub_addr` temp table lists the batch's addresses (address id,
-    first line, fresh result or not).
+    first line, fresh result or not, new: registered by this transaction).
+
+    A new address cannot be queued, waited on or dead-lettered by anyone else (its id did not
+    exist before this transaction), so only known addresses are looked up in those indexes:
+    at 2M the probes for a list of new addresses cost seconds and found nothing.
 
     `first_time` (prepare of the deliverability lane): none of the batch's addresses can be in
     flight, so an anti-join skips addresses already queued. Otherwise (resume, the catchall lane) ON
@@ -89,7 +94,7 @@ async def enqueue_listed(
     await cur.execute(
         """
         select count(*), count(*) filter (where fresh),
-               count(*) filter (where not fresh and exists (
+               count(*) filter (where not fresh and not new and exists (
                    select 1 from dead_letters d join user_batches b on b.id = %(ub)s
                    where d.lane = %(lane)s and d.address_id = ub_addr.address_id and d.created_at >= b.created_at))
         from ub_addr
@@ -102,7 +107,7 @@ async def enqueue_listed(
         """
         delete from ub_addr t using dead_letters d, user_batches b
         where b.id = %(ub)s and d.lane = %(lane)s and d.address_id = t.address_id
-          and d.created_at >= b.created_at and not t.fresh
+          and d.created_at >= b.created_at and not t.fresh and not t.new
         """,
         p,
     )
@@ -112,8 +117,8 @@ async def enqueue_listed(
         insert into queue (user_batch_id, lane, seq, address_id)
         select %(ub)s, %(lane)s, l.next_seq + row_number() over (order by t.row_no) - 1, t.address_id
         from ub_addr t join user_batch_lanes l on l.user_batch_id = %(ub)s and l.lane = %(lane)s
-        where not t.fresh {"and not exists (select 1 from queue q where q.lane = %(lane)s"
-                            " and q.address_id = t.address_id)" if first_time else ""}
+        where not t.fresh {"and (t.new or not exists (select 1 from queue q where q.lane = %(lane)s"
+                            " and q.address_id = t.address_id))" if first_time else ""}
         order by t.row_no
         {"" if first_time else "on conflict do nothing"}
         """,
@@ -125,7 +130,7 @@ async def enqueue_listed(
             insert into waits (lane, address_id, user_batch_id)
             select %(lane)s, t.address_id, %(ub)s from ub_addr t
             join queue q on q.lane = %(lane)s and q.address_id = t.address_id and q.user_batch_id <> %(ub)s
-            where not t.fresh
+            where not t.fresh and not t.new
             on conflict do nothing
             """,
             p,
@@ -459,12 +464,13 @@ class UserBatchActivities:
                     await cur.execute(
                         f"""
                         create temp table ub_addr on commit drop as
-                        select n.id as address_id, e.first as row_no, false as fresh
+                        select n.id as address_id, e.first as row_no, false as fresh, true as new
                         from ub_new n join ub_emails e on e.email = n.email
                         union all
                         select a.id, e.first,
                                exists (select 1 from results r where r.address_id = a.id and r.lane = %(lane)s
-                                       and {_FRESH})
+                                       and {_FRESH}),
+                               false
                         from ub_emails e join addresses a on a.email = e.email
                         where not exists (select 1 from ub_new n where n.email = e.email)
                         """,
