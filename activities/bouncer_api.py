@@ -183,9 +183,12 @@ class BouncerApiActivities:
                 lane, state, provider_id, sent, token = row
                 if provider_id is not None or state in ("stored", "failed"):
                     return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
+                # Postgres writes the request body (C, in its own process): the worker's event
+                # loop, shared with workflow tasks and other stores, does no per-address work.
                 await cur.execute(
                     """
-                    select q.address_id, a.email
+                    select count(*), json_agg(json_build_object('email', a.email, 'name', q.address_id::text)
+                                              order by p.seq_from, q.seq)::text
                     from bouncer_batch_parts p
                     join queue q on q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
                                 and q.seq >= p.seq_from and q.seq < p.seq_to
@@ -197,12 +200,11 @@ class BouncerApiActivities:
                       -- cancelled after packing and nobody else needs it: do not spend a credit
                       and not (b.state = 'cancelled' and not exists (
                                select 1 from waits w where w.lane = %(lane)s and w.address_id = q.address_id))
-                    order by p.seq_from, q.seq
                     """,
                     {"bb": bouncer_batch_id, "lane": lane, "ttl": self._ttl_s},
                 )
-                entries = [(email, str(address_id)) for address_id, email in await cur.fetchall()]
-                if not entries:
+                count, body = await cur.fetchone()
+                if not count:
                     await cur.execute(
                         "update bouncer_batches set state = 'submitted', sent = 0, submitted_at = now() where id = %s",
                         (bouncer_batch_id,),
@@ -218,7 +220,7 @@ class BouncerApiActivities:
             if self.settings.callback_base_url:
                 callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={token}"
             try:
-                created = await self.bouncer.create_batch(entries, callback_url=callback)
+                created = await self.bouncer.create_batch_body(body.encode(), callback_url=callback)
             except BouncerError as exc:
                 if not isinstance(exc, Transient):
                     # A clear refusal: nothing was created, so a retry is not ambiguous.
@@ -230,9 +232,9 @@ class BouncerApiActivities:
             await conn.execute(
                 "update bouncer_batches set state = 'submitted', provider_batch_id = %s, sent = %s,"
                 " submitted_at = now() where id = %s",
-                (created.batch_id, len(entries), bouncer_batch_id),
+                (created.batch_id, count, bouncer_batch_id),
             )
-        return SubmitOutcome(sent=len(entries), submitted=True, callback=callback is not None)
+        return SubmitOutcome(sent=count, submitted=True, callback=callback is not None)
 
     async def _provider_id(self, bouncer_batch_id: int) -> str:
         async with self.pool.connection() as conn:

@@ -162,6 +162,10 @@ class BouncerClient:
         if not entries:
             raise ValueError("a batch needs at least one entry")
         body = orjson.dumps([{"email": email, "name": name} for email, name in entries])
+        return await self.create_batch_body(body, callback_url=callback_url)
+
+    async def create_batch_body(self, body: bytes, *, callback_url: str | None = None) -> CreatedBatch:
+        """`create_batch` with the JSON array already encoded (e.g. by the database); raises alike."""
         params = {"callback": callback_url} if callback_url else None
         data = await self._json(
             "POST",
