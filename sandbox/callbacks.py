@@ -20,7 +20,9 @@ class CallbackSender:
         self.sent = 0  # delivered with a 2xx answer
         self.failed = 0  # given up after every attempt failed
         self._tasks: set[asyncio.Task[None]] = set()
-        self._client: httpx.AsyncClient | None = None
+        # Made now, not at the first callback: building httpx's TLS context takes ~85 ms, which
+        # delayed the first completion's callback and stalled the event loop of every request.
+        self._client: httpx.AsyncClient | None = httpx.AsyncClient(timeout=5.0)
 
     def send(self, url: str, batch_id: str, quantity: int) -> None:
         task = asyncio.get_running_loop().create_task(self._deliver(url, batch_id, quantity))
