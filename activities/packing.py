@@ -56,7 +56,7 @@ class PackingActivities:
 
             await cur.execute(
                 """
-                select l.user_batch_id, b.user_id, b.priority, l.cursor, l.next_seq
+                select l.user_batch_id, b.user_id, b.priority, l.cursor, l.next_seq, l.holes
                 from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
                 where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq
                 order by b.priority, b.created_at, b.id
@@ -132,8 +132,8 @@ class PackingActivities:
 class _Packer:
     """Forms Bouncer batches from candidate user batches, one pack at a time.
 
-    A candidate is `[user batch, user, priority, cursor, next_seq]`; forming a batch moves
-    cursors (in memory and in the database) and records the parts.
+    A candidate is `[user batch, user, priority, cursor, next_seq, holes]`; forming a batch
+    moves cursors (in memory and in the database) and records the parts.
     """
 
     def __init__(
@@ -153,13 +153,17 @@ class _Packer:
         # Users in turn: priority, least served, oldest batch.
         fair = self.request.fair_share
         for c in sorted(candidates, key=lambda c: (c[2], self.served.get(c[1], 0) if fair else 0, self.index[id(c)])):
-            ub, user, _prio, cursor, next_seq = c
+            ub, user, _prio, cursor, next_seq, holes = c
             if room == 0:
                 break
             want = min(room, self.allowance.get(user, room))
             if cursor >= next_seq or want <= 0:
                 continue
-            take_to, count = await _claim(cur, ub, lane, cursor, want)
+            if holes:
+                take_to, count = await _claim(cur, ub, lane, cursor, want)
+            else:  # every seq number from the cursor on is a row: no need to count them
+                take_to = min(cursor + want, next_seq)
+                count = take_to - cursor
             c[3] = take_to if count else next_seq
             if count == 0:
                 continue
@@ -219,7 +223,8 @@ async def _allowances(cur, lane: str, default_cap: int) -> dict[str, int]:
 async def _claim(cur, user_batch_id: int, lane: str, cursor: int, room: int) -> tuple[int, int]:
     """The end (exclusive) of the next `room` queue rows from `cursor`, and how many there are.
 
-    Seq numbers may have gaps (rows resolved or moved), so count rows, not numbers.
+    For a lane whose seq numbers may have gaps (`user_batch_lanes.holes`): count rows, not
+    numbers (an index scan of up to `room` entries: ~26 ms p50 for 10,000 in `bench saturation`).
     """
     await cur.execute(
         "select seq from queue where user_batch_id = %s and lane = %s and seq >= %s order by seq offset %s limit 1",

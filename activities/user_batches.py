@@ -143,10 +143,11 @@ async def enqueue_listed(
             next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s), l.next_seq),
             enqueued = (select count(*) from queue where user_batch_id = %(ub)s and lane = %(lane)s),
             shared = (select count(*) from waits where user_batch_id = %(ub)s and lane = %(lane)s),
-            failed = %(failed)s
+            failed = %(failed)s,
+            holes = not %(dense)s  -- dense: numbered by row_number() with nothing skipped
         where user_batch_id = %(ub)s and lane = %(lane)s
         """,
-        {**p, "unique": unique_addresses, "cached": cached, "failed": failed},
+        {**p, "unique": unique_addresses, "cached": cached, "failed": failed, "dense": first_time},
     )
     await cur.execute(
         "update user_batch_lanes set remaining = enqueued + shared where user_batch_id = %(ub)s and lane = %(lane)s",
@@ -174,6 +175,7 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
         """,
         p,
     )
+    await cur.execute("update user_batch_lanes set holes = true where user_batch_id = %(ub)s and lane = %(lane)s", p)
     await cur.execute("drop table if exists heirs")
     await cur.execute(
         """
@@ -298,6 +300,7 @@ async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, la
             failed = l.failed + c.dead,
             shared = l.shared - c.settled - c.requeued,
             enqueued = l.enqueued + c.requeued,
+            holes = l.holes or c.requeued > 0,  -- its insert skips conflicts
             next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s),
                                 l.next_seq)
         from (select count(*) filter (where fresh or dead) as settled, count(*) filter (where dead and not fresh) as dead,

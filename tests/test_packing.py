@@ -286,6 +286,43 @@ async def test_pausing_the_owner_of_a_shared_address_hands_it_to_the_batch_waiti
     assert [world.composition(b.bouncer_batch_id) for b in result.batches] == [{"ann": 9}]
 
 
+async def test_parts_count_exactly_the_rows_they_claim_with_and_without_seq_gaps(world):
+    """A first prepare numbers a lane's queue densely, so the packer claims seq ranges without
+    counting rows; after a pause and a resume whose ON CONFLICT insert skips addresses another
+    batch holds, the numbers have gaps and the packer counts. Either way, every part's
+    `addresses` is the number of queue rows in its range."""
+    def holes(ub: int) -> bool:
+        return world.sql("select holes from user_batch_lanes where user_batch_id = %s", (ub,))[0][0]
+
+    def check_parts() -> None:
+        for _bb, _user, ub, seq_from, seq_to, n in world.parts():
+            rows = world.sql("select count(*) from queue where user_batch_id = %s and lane = %s"
+                             " and seq >= %s and seq < %s", (ub, LANE, seq_from, seq_to))[0][0]
+            assert rows == n, (ub, seq_from, seq_to)
+
+    shared = emails("shared", 100)
+    ben = await world.add("ben", shared)
+    ann = await world.add("ann", [*emails("ann", 100), *shared, *emails("ann2", 100)])
+    assert (holes(ben), holes(ann)) == (False, False)  # ann's shared 100 wait on ben: not numbered
+    await world.pack("k1", slots=2, batch_size=70)
+    check_parts()
+
+    await world.user_batches.set_paused(PauseRequest(ann, True))
+    assert holes(ann)
+    await world.user_batches.set_paused(PauseRequest(ann, False))  # ben still holds the shared 100
+    assert holes(ann)
+    gaps = world.sql("select max(seq) - min(seq) + 1 - count(*) from queue q join user_batch_lanes l"
+                     " on l.user_batch_id = q.user_batch_id and l.lane = q.lane"
+                     " where q.user_batch_id = %s and q.seq >= l.cursor", (ann,))[0][0]
+    assert gaps > 0  # the case the counting path is for
+    while (await world.pack(f"k{len(world.parts())}", slots=3, batch_size=70)).batches:
+        pass
+    check_parts()
+    # Pay once: ann's 200 own addresses were each packed once; the shared ones only by ben.
+    assert world.packed_addresses(ann) == 200
+    assert world.packed_addresses(ben) == 100
+
+
 # ---- idempotency ------------------------------------------------------------------------------
 
 
