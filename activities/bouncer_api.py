@@ -185,10 +185,14 @@ class BouncerApiActivities:
                     return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
                 # Postgres writes the request body (C, in its own process): the worker's event
                 # loop, shared with workflow tasks and other stores, does no per-address work.
+                # Per 10,000 addresses: 14 ms, against 26 ms (11 ms of worker CPU) for rows
+                # encoded in Python, and 21 ms for json_agg(json_build_object(...)).
+                # `name` carries our address id; the body is byte-identical to orjson's.
                 await cur.execute(
                     """
-                    select count(*), json_agg(json_build_object('email', a.email, 'name', q.address_id::text)
-                                              order by p.seq_from, q.seq)::text
+                    select count(*), '[' || string_agg('{"email":' || to_json(a.email)::text
+                                                      || ',"name":"' || q.address_id || '"}', ','
+                                                      order by p.seq_from, q.seq) || ']'
                     from bouncer_batch_parts p
                     join queue q on q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
                                 and q.seq >= p.seq_from and q.seq < p.seq_to
