@@ -80,6 +80,7 @@ def build_workers(
                 user_batches.register_user_batch,
                 user_batches.prepare_user_batch,
                 user_batches.read_progress,
+                user_batches.advance_user_batch,
                 user_batches.set_paused,
                 user_batches.cancel_user_batch,
                 user_batches.finalize_user_batch,

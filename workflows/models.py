@@ -93,6 +93,7 @@ class Progress:
     user_id: str = ""
     priority: str = ""
     in_flight_batches: int = 0  # Bouncer batches at the API holding some of this batch's addresses
+    summary: Summary | None = None  # set by `advance_user_batch` when it finalized the batch
 
     @property
     def remaining(self) -> int:

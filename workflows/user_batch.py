@@ -84,6 +84,9 @@ class UserBatchWorkflow:
                 await self._nudge()  # since release 2 the prepare activity signals the schedulers
             self._describe()
             recheck: asyncio.Future | None = None
+            # Since release 4 each re-read also finalizes a settled batch (one activity, not two).
+            advance = workflow.patched("advance-finalizes")
+            summary: Summary | None = None
             while not (self._progress.state == "queued" and self._progress.remaining == 0):
                 seen = self._news
                 if workflow.patched("recheck-timer-not-cancelled"):
@@ -102,16 +105,20 @@ class UserBatchWorkflow:
                     except asyncio.TimeoutError:
                         pass
                 async with self._control:
-                    self._progress = await self._read_progress()
+                    self._progress = await (self._advance() if advance else self._read_progress())
                 self._describe()
-            async with self._control:
-                summary = await workflow.execute_activity_method(
-                    UserBatchActivities.finalize_user_batch,
-                    self._id,
-                    start_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                    retry_policy=DB_RETRY,
-                )
+                if self._progress.summary is not None:
+                    summary = self._progress.summary
+                    break
+            if summary is None:
+                async with self._control:
+                    summary = await workflow.execute_activity_method(
+                        UserBatchActivities.finalize_user_batch,
+                        self._id,
+                        start_to_close_timeout=timedelta(minutes=30),
+                        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                        retry_policy=DB_RETRY,
+                    )
             self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
             search.show({search.BATCH_STATE: "completed"})
@@ -189,6 +196,15 @@ class UserBatchWorkflow:
         self._news += 1  # the main loop re-reads progress and upserts the search attributes
         self._describe(upsert=False)  # no commands beside an update's response
         return self._progress
+
+    async def _advance(self) -> Progress:
+        return await workflow.execute_activity_method(
+            UserBatchActivities.advance_user_batch,
+            self._id,
+            start_to_close_timeout=timedelta(minutes=30),  # it may finalize a big list
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
 
     async def _read_progress(self) -> Progress:
         return await workflow.execute_activity_method(
