@@ -84,7 +84,7 @@ class UserBatchWorkflow:
                 await self._nudge()  # since release 2 the prepare activity signals the schedulers
             self._describe()
             recheck: asyncio.Future | None = None
-            # Since release 4 each re-read also finalizes a settled batch (one activity, not two).
+            # Since release 2 each re-read also finalizes a settled batch (one activity, not two).
             advance = workflow.patched("advance-finalizes")
             summary: Summary | None = None
             while not (self._progress.state == "queued" and self._progress.remaining == 0):
