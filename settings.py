@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     bouncer_api_key: SecretStr = Field(SecretStr(""), description="Bouncer API key (secret)")
     bouncer_timeout_s: float = Field(30.0, description="HTTP timeout per API request, seconds")
     bouncer_max_concurrency: int = Field(10, description="API requests in flight per process")
+    store_concurrency: int = Field(
+        2, ge=1, description="Bouncer batches downloaded and stored at once per worker process (the rest wait their "
+        "turn, leaving the CPU to the creations that refill the API's slots)"
+    )
 
     # Packing and limits
     batch_size: int = Field(10_000, description="Addresses per Bouncer batch")

@@ -8,6 +8,7 @@ maps to one Temporal behaviour here, in `_as_temporal_error`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 import psycopg
@@ -142,6 +143,9 @@ class BouncerApiActivities:
         self.pool = pool
         self.bouncer = bouncer
         self.client = client  # for `StoreRequest.notify`
+        # Completions come in bursts (batches created together finish together). Stores beyond
+        # these wait, so the packs and creations that refill the freed slots get the CPU first.
+        self._storing = asyncio.Semaphore(settings.store_concurrency)
 
     async def _notify(self, request: StoreRequest, workflow_ids: list[str]) -> None:
         """Signal `progressed` to the user batches a store touched, right after its commit (a
@@ -307,37 +311,40 @@ class BouncerApiActivities:
         bb, lane = request.bouncer_batch_id, request.lane
         async with self.pool.connection() as conn:
             row = await (
-                await conn.execute("select state, touched, provider_batch_id from bouncer_batches where id = %s", (bb,))
+                await conn.execute("select state, touched, provider_batch_id, express from bouncer_batches where id = %s",
+                                   (bb,))
             ).fetchone()
         if row is None:
             raise ApplicationError(f"Bouncer batch {bb} does not exist", non_retryable=True)
         if row[0] in ("stored", "failed"):
             await self._notify(request, list(row[1] or []))
             return StoreOutcome(0, 0, 0, list(row[1] or []))
-        body = b""
-        if request.download and row[2] is not None:
-            try:
-                body = await self.bouncer.download_raw(row[2])
-            except BadRequest as exc:
-                # "Not completed": the completion signal was early (e.g. a stale callback). Retry by
-                # policy until it is; a non-retryable failure here would strand the batch's addresses.
-                raise ApplicationError(f"downloading Bouncer batch {bb}: {exc}", type=NOT_READY) from None
-            except BouncerError as exc:
-                raise _as_temporal_error(exc, f"downloading Bouncer batch {bb}") from None
-            if body.lstrip()[:1] != b"[":
-                raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not a JSON array",
-                                       type="Transient")
-        activity.heartbeat("downloaded")
+        # An express batch (one small list, a few hundred rows) is stored at once: its user is waiting.
+        async with contextlib.nullcontext() if row[3] else self._storing:
+            body = b""
+            if request.download and row[2] is not None:
+                try:
+                    body = await self.bouncer.download_raw(row[2])
+                except BadRequest as exc:
+                    # "Not completed": the completion signal was early (e.g. a stale callback). Retry by
+                    # policy until it is; a non-retryable failure here would strand the batch's addresses.
+                    raise ApplicationError(f"downloading Bouncer batch {bb}: {exc}", type=NOT_READY) from None
+                except BouncerError as exc:
+                    raise _as_temporal_error(exc, f"downloading Bouncer batch {bb}") from None
+                if body.lstrip()[:1] != b"[":
+                    raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not a JSON array",
+                                           type="Transient")
+            activity.heartbeat("downloaded")
 
-        p = {"bb": bb, "lane": lane, "ttl": self._ttl_s, "max": self.settings.max_address_attempts,
-             "reason": request.failure_reason or "no result after the maximum number of attempts"}
-        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            await cur.execute("select state, touched from bouncer_batches where id = %s for update", (bb,))
-            again = await cur.fetchone()
-            if again[0] in ("stored", "failed"):  # stored meanwhile (a retry overtook this attempt)
-                outcome, by_status = StoreOutcome(0, 0, 0, list(again[1] or [])), {}
-            else:
-                outcome, by_status = await self._store_locked(cur, request, body, p)
+            p = {"bb": bb, "lane": lane, "ttl": self._ttl_s, "max": self.settings.max_address_attempts,
+                 "reason": request.failure_reason or "no result after the maximum number of attempts"}
+            async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                await cur.execute("select state, touched from bouncer_batches where id = %s for update", (bb,))
+                again = await cur.fetchone()
+                if again[0] in ("stored", "failed"):  # stored meanwhile (a retry overtook this attempt)
+                    outcome, by_status = StoreOutcome(0, 0, 0, list(again[1] or [])), {}
+                else:
+                    outcome, by_status = await self._store_locked(cur, request, body, p)
         for status, n in by_status.items():  # counted once committed: a retry that finds it stored adds nothing
             ADDRESSES_VERIFIED.labels(lane, status).inc(n)
         await self._notify(request, outcome.touched_workflow_ids)

@@ -67,6 +67,21 @@ def _small_timeline(st, workflow_id: str, t0: float) -> dict[str, float]:
     return out
 
 
+def _carrier_timeline(st, bouncer_batch_ids: list[int], t0: float) -> dict[str, float]:
+    """The Bouncer batch workflow(s) carrying B's addresses: each event's first time, in ms
+    after B's submit returned (server clock), prefixed `bb<id>.`."""
+    from workflows.models import bouncer_batch_workflow_id
+
+    wids = {bouncer_batch_workflow_id("deliverability", bb): bb for bb in bouncer_batch_ids}
+    out: dict[str, float] = {}
+    for wid, events in asyncio.run(_histories(st, list(wids))).items():
+        for at, label in _events(events, 0.0):
+            if label.startswith(("workflow_task", "timer", "activity_task_cancel")):
+                continue
+            out.setdefault(f"bb{wids[wid]}.{label}", round((at - t0) * 1000.0, 1))
+    return out
+
+
 def one_run(big: int, small: int, time_scale: float, speed: float, fair: bool, timeout: float = 600.0) -> dict:
     env = scaled_env(time_scale, FAIR_SHARE="true") if fair else scaled_env(
         time_scale, FAIR_SHARE="false", EXPRESS_MAX_ADDRESSES="0")
@@ -83,14 +98,15 @@ def one_run(big: int, small: int, time_scale: float, speed: float, fair: bool, t
         api = api_batches(st)
         with psycopg.connect(st.database_url) as conn:
             rows = conn.execute(
-                "select bb.provider_batch_id, bb.size from bouncer_batch_parts p"
+                "select bb.provider_batch_id, bb.size, bb.id from bouncer_batch_parts p"
                 " join bouncer_batches bb on bb.id = p.bouncer_batch_id where p.user_batch_id = %s",
                 (b["user_batch_id"],),
             ).fetchall()
         a_first_created = api[0]["created"]
         timeline = _small_timeline(st, b["workflow_id"], b_submitted)
+        carrier = _carrier_timeline(st, [bb for _, _, bb in rows], b_submitted)
     by_id = {x["batchId"]: x for x in api}
-    carriers = [by_id[pid] for pid, _ in rows if pid in by_id]
+    carriers = [by_id[pid] for pid, _, _ in rows if pid in by_id]
     turnovers = sum(1 for x in api if x["completed"] is not None and b_submitted < x["completed"] <= b_done)
     return {
         "small_batch_done_s": round(b_done - b_submitted, 3),
@@ -98,9 +114,12 @@ def one_run(big: int, small: int, time_scale: float, speed: float, fair: bool, t
         "small_batch_api_s": round(max(c["completed"] - c["created"] for c in carriers), 3) if carriers else None,
         "small_batch_wait_for_creation_s": (
             round(min(c["created"] for c in carriers) - b_submitted, 3) if carriers else None),
-        "small_batch_packed_with": [size for _, size in rows],
+        "small_batch_packed_with": [size for _, size, _ in rows],
         "b_submitted_after_a_first_created_s": round(b_submitted - a_first_created, 3),
         "small_timeline_ms": timeline,
+        "small_carrier_timeline_ms": carrier,
+        "small_carrier_api_ms": [[round((c["created"] - b_submitted) * 1000.0, 1),
+                                  round((c["completed"] - b_submitted) * 1000.0, 1)] for c in carriers],
         "big_ingest_s": a["ingest_s"],
         "api_batches_created": len(api),
         "wall_s": round(time.monotonic() - began, 1),

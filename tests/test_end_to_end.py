@@ -11,7 +11,7 @@ import temporal_client
 from helpers import make_settings, running_pipeline, write_list
 from sandbox.verdicts import verdict
 from activities.user_batches import scheduler_input
-from workflows.models import LanePause, SchedulerStatus, scheduler_id
+from workflows.models import LanePause, SchedulerStatus, bouncer_batch_workflow_id, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -86,6 +86,11 @@ async def test_three_user_batches_end_with_every_row_terminal_and_the_sandboxs_v
         assert p.sql("select count(*) from bouncer_batches where not express") == [(-(-regular // 1000),)]
         assert stats["batches_created"] == -(-regular // 1000) + 1
         assert stats["callbacks_sent"] == stats["batches_created"]
+        # The express batch (and so its activities) goes first in any task queue with a backlog.
+        for bb, is_express in p.sql("select id, express from bouncer_batches"):
+            history = await dev_env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, bb)).fetch_history()
+            started = history.events[0].workflow_execution_started_event_attributes
+            assert started.priority.priority_key == (1 if is_express else 0), (bb, is_express)
 
         # Nothing left queued; the scheduler saw every slot come back.
         assert p.sql("select count(*) from queue") == [(0,)]

@@ -12,7 +12,7 @@ import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import Priority, RetryPolicy
 from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 CREDITS_PAUSE = "out of credits"
+EXPRESS_PRIORITY = Priority(priority_key=1)
 DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
@@ -269,6 +270,11 @@ class GreedySchedulerWorkflow:
         assert self._input is not None
         inp = self._input
 
+        # Since release 3 an express batch (one small list) and its activities go first in every
+        # task queue that has a backlog (Temporal task priority; the default key is 3): its
+        # creation is not queued behind a big list's paced creations on the create queue.
+        express_first = workflow.patched("express-priority")
+
         async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
             try:
                 await workflow.start_child_workflow(
@@ -284,6 +290,7 @@ class GreedySchedulerWorkflow:
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                     static_summary=f"Bouncer batch {bouncer_batch_id}: {size:,} addresses, lane {inp.lane}",
+                    priority=EXPRESS_PRIORITY if express and express_first else Priority.default,
                 )
             except WorkflowAlreadyStartedError:
                 pass  # adopted: it is already running and will signal batch_finished
