@@ -72,16 +72,6 @@ def properties_of(stored: StoredEntry) -> dict[str, Any]:
 
 
 @dataclass
-class Digested:
-    """`Account.digest_entries`: what a new batch keeps of its entries."""
-
-    unique: list[StoredEntry]  # first entry of each case-folded address, in order
-    unique_digests: list[bytes]  # their exact addresses' digests
-    all_digests: list[bytes]  # every distinct exact address's digest
-    received: int  # entries received, duplicates included
-
-
-@dataclass
 class Batch:
     batch_id: str
     entries: list[StoredEntry]  # unique entries, first occurrence kept
@@ -171,11 +161,8 @@ class Account:
 
     # ---- creation -----------------------------------------------------------------------
 
-    @staticmethod
-    def digest_entries(entries: list[dict[str, Any]]) -> Digested:
-        """The entries a batch keeps and their digests. Pure (no account state): the app runs
-        it off its event loop for big batches, as a real API's servers would not make every
-        other request wait while they read one batch."""
+    def create(self, entries: list[dict[str, Any]], callback_url: str | None, now: float) -> Batch | int:
+        """Accept a batch, or return the credits left when they do not cover it."""
         unique: list[StoredEntry] = []
         unique_digests: list[bytes] = []
         keys: set[str] = set()
@@ -192,19 +179,12 @@ class Account:
                 keys.add(key)
                 unique.append(compact(entry))
                 unique_digests.append(digest)
-        return Digested(unique, unique_digests, list(digests.values()), len(entries))
-
-    def create(self, entries: list[dict[str, Any]] | Digested, callback_url: str | None, now: float) -> Batch | int:
-        """Accept a batch (its entries, or `digest_entries` of them), or return the credits
-        left when they do not cover it."""
-        digested = entries if isinstance(entries, Digested) else self.digest_entries(entries)
-        unique, unique_digests = digested.unique, digested.unique_digests
         if len(unique) > self.credits:
             return self.credits
         self.credits -= len(unique)
         self.credits_charged += len(unique)
-        self.addresses_received += digested.received
-        for digest in digested.all_digests:
+        self.addresses_received += len(entries)
+        for digest in digests.values():
             if digest in self.seen:
                 self.seen_twice.add(digest)
                 if digest in self.delivered:
@@ -214,8 +194,8 @@ class Account:
         batch = Batch(
             batch_id=secrets.token_hex(12),
             entries=unique,
-            quantity=digested.received,
-            duplicates=digested.received - len(unique),
+            quantity=len(entries),
+            duplicates=len(entries) - len(unique),
             created=now,
             callback_url=callback_url,
             credits=len(unique),

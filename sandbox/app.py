@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from sandbox.account import Account, Batch, Clock, Digested, iso
+from sandbox.account import Account, Batch, Clock, iso
 from sandbox.callbacks import CallbackSender
 from sandbox.faults import FaultConfig, FaultInjector
 from sandbox.ratelimit import SlidingWindow
@@ -238,50 +238,31 @@ async def _authorized(request: Request, sandbox: Sandbox, handler: Handler, crea
 # ---- the Bouncer API ------------------------------------------------------------------------
 
 
-# Create bodies from this size on are parsed and digested in a thread (10,000 addresses: ~450 KB).
-OFF_LOOP_BYTES = 64 * 1024
-
-
-def _read_batch(raw: bytes, text: bool) -> Digested | str:
-    """A create request's body as `Account.digest_entries`, or what is wrong with it. Pure."""
-    if text:
-        lines = raw.decode("utf-8", "replace").splitlines()
-        entries: list[dict[str, Any]] = [{"email": line.strip()} for line in lines if line.strip()]
-    else:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return "malformed JSON body"
-        if not isinstance(body, list):
-            return "body must be a JSON array of objects with an email property"
-        for index, entry in enumerate(body):
-            if not isinstance(entry, dict) or not isinstance(entry.get("email"), str):
-                return f"entry {index} is not an object with a string email property"
-        entries = body
-    if not entries:
-        return "no emails in the batch"
-    if len(entries) > MAX_BATCH:
-        return f"too many emails: {len(entries)} > {MAX_BATCH}"
-    return Account.digest_entries(entries)
-
-
 @api_endpoint("create", creation=True)
 async def create_batch(request: Request, sandbox: Sandbox, now: float) -> Response:
     callback = request.query_params.get("callback")
     if callback is not None and not callback.startswith(("http://", "https://")):
         return _error(400, "callback must be an http(s) URL")
     raw = await request.body()
-    text = request.headers.get("content-type", "").startswith("text/plain")
-    if len(raw) < OFF_LOOP_BYTES:
-        read = _read_batch(raw, text)
+    if request.headers.get("content-type", "").startswith("text/plain"):
+        lines = raw.decode("utf-8", "replace").splitlines()
+        entries: list[dict[str, Any]] = [{"email": line.strip()} for line in lines if line.strip()]
     else:
-        # Reading a big batch takes tens of ms of CPU; a thread leaves the event loop free to
-        # answer other requests meanwhile (the GIL switches every few ms), as a real API would.
-        read = await asyncio.to_thread(_read_batch, raw, text)
-        now = sandbox.tick()  # the batch exists from now on
-    if isinstance(read, str):
-        return _error(400, read)
-    result = sandbox.account.create(read, callback, now)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(400, "malformed JSON body")
+        if not isinstance(body, list):
+            return _error(400, "body must be a JSON array of objects with an email property")
+        for index, entry in enumerate(body):
+            if not isinstance(entry, dict) or not isinstance(entry.get("email"), str):
+                return _error(400, f"entry {index} is not an object with a string email property")
+        entries = body
+    if not entries:
+        return _error(400, "no emails in the batch")
+    if len(entries) > MAX_BATCH:
+        return _error(400, f"too many emails: {len(entries)} > {MAX_BATCH}")
+    result = sandbox.account.create(entries, callback, now)
     if isinstance(result, int):
         return _error(402, f"{result} credits left")
     sandbox.batches_created += 1
