@@ -296,6 +296,8 @@ def phase_breakdown(timelines: list[dict], slots: int) -> dict:
         "stored_to_workflow_closed": med("store_results_completed", "wf_closed"),
         "slot_freed_to_next_child_started": ms(p50(refill)),
         "child_started_to_submit_started": med("wf_started", "submit_batch_started"),
+        "child_started_to_submit_scheduled": med("wf_started", "submit_batch_scheduled"),
+        "submit_scheduled_to_started": med("submit_batch_scheduled", "submit_batch_started"),
         "submit_started_to_api_created": med("submit_batch_started", "created"),
         "api_created_to_submit_completed": med("created", "submit_batch_completed"),
     }
