@@ -62,7 +62,7 @@ def build_workers(
     lane's API client (its two task queues are served only when it is given)."""
     user_batches = UserBatchActivities(settings, pool, client)
     ingest = IngestActivities(settings.database_url)
-    packing = PackingActivities(pool, settings.max_in_flight_per_user)
+    packing = PackingActivities(pool, settings.max_in_flight_per_user, client)
     events = EventActivities(settings, pool)
     recurring = RecurringActivities(pool)
     cleanup = CleanupActivities(pool)

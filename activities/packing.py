@@ -13,28 +13,65 @@ example exact: John 5k + Alice 2k + Bob 3k, then Bob 3k.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
+from temporalio.client import Client
+from temporalio.common import Priority, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.heartbeat import heartbeats
-from workflows.models import PackedBatch, PackRequest, PackResult
+from workflows.models import EXPRESS_PRIORITY, PackedBatch, PackRequest, PackResult, bouncer_batch_workflow_id
+
+BOUNCER_BATCH_WORKFLOW = "BouncerBatchWorkflow"  # by name: workflows import this module
 
 
 class PackingActivities:
-    def __init__(self, pool: AsyncConnectionPool, max_in_flight_per_user: int = 0) -> None:
+    def __init__(self, pool: AsyncConnectionPool, max_in_flight_per_user: int = 0, client: Client | None = None) -> None:
         self.pool = pool
         self.max_in_flight_per_user = max_in_flight_per_user  # 0: no cap unless `user_limits` sets one
+        self.client = client  # starts the batches' workflows (`PackRequest.start`)
 
     @activity.defn
     @heartbeats
     async def pack_batches(self, request: PackRequest) -> PackResult:
-        """Form up to `slots` regular and `express_slots` express Bouncer batches.
+        """Form up to `slots` regular and `express_slots` express Bouncer batches; with
+        `request.start`, start their workflows once they are committed.
 
-        Idempotent by `pack_key`: a retry returns the batches the first attempt created.
+        Idempotent by `pack_key`: a retry returns (and starts) the batches the first attempt created.
         """
+        result = await self._pack(request)
+        await self._start_workflows(request, result.batches)
+        return result
+
+    async def _start_workflows(self, request: PackRequest, batches: list[PackedBatch]) -> None:
+        """One Bouncer batch workflow per batch, eagerly on this worker when the server allows.
+        A batch's workflow id is never reused: a retry finds it started (or finished) and moves on."""
+        if request.start is None or self.client is None:
+            return
+
+        async def start(batch: PackedBatch) -> None:
+            try:
+                await self.client.start_workflow(
+                    BOUNCER_BATCH_WORKFLOW,
+                    dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id),
+                    id=bouncer_batch_workflow_id(request.lane, batch.bouncer_batch_id),
+                    task_queue=request.start_task_queue,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    static_summary=f"Bouncer batch {batch.bouncer_batch_id}: {batch.size:,} addresses, "
+                    f"lane {request.lane}",
+                    priority=EXPRESS_PRIORITY if batch.express else Priority.default,
+                    request_eager_start=True,
+                )
+            except WorkflowAlreadyStartedError:
+                pass
+
+        await asyncio.gather(*(start(b) for b in batches))
+
+    async def _pack(self, request: PackRequest) -> PackResult:
         if request.linger_s > 0 and 0 < await self._queued(request.lane) < request.batch_size:
             # Less than a full batch: give lists submitted together a moment to arrive and share
             # Bouncer batches (the seed's John + Alice + Bob). A full batch is never held back.

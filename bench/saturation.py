@@ -242,7 +242,8 @@ def batch_timelines(st: DevStack, api: list[dict]) -> list[dict]:
 def scheduler_breakdown(st: DevStack) -> dict:
     """The scheduler's side of a turnover, from its history (p50 ms over the `batch_finished`
     signals that led to a pack): signal → its workflow task started → pack scheduled → pack
-    started → pack completed → first child start initiated → that child started."""
+    started → pack completed (→ first child start initiated → that child started, before release 3:
+    since then the pack activity starts the batches itself)."""
     from temporalio.api.enums.v1 import EventType as E
 
     from workflows.models import scheduler_id
@@ -272,13 +273,17 @@ def scheduler_breakdown(st: DevStack) -> dict:
             elif kind2 == E.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED and "child_initiated" in marks:
                 marks["child_started"] = t2
                 break
-        if "child_started" not in marks:
+            elif kind2 == E.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED and "pack_completed" in marks:
+                break  # since release 3 the pack activity starts the batches: no child events
+        if "pack_completed" not in marks:
             continue  # this signal's slot was refilled by an earlier pack (or never)
         names = list(marks)
         for a, b in zip(names, names[1:]):
             steps.setdefault(f"{a}_to_{b}", []).append(marks[b] - marks[a])
-        steps.setdefault("signal_to_child_started", []).append(marks["child_started"] - t)
-    return {k: ms(p50(v)) for k, v in steps.items()} | {"turnovers_seen": len(steps.get("signal_to_child_started", []))}
+        steps.setdefault("signal_to_pack_completed", []).append(marks["pack_completed"] - t)
+        if "child_started" in marks:
+            steps.setdefault("signal_to_child_started", []).append(marks["child_started"] - t)
+    return {k: ms(p50(v)) for k, v in steps.items()} | {"turnovers_seen": len(steps.get("signal_to_pack_completed", []))}
 
 
 def phase_breakdown(timelines: list[dict], slots: int) -> dict:

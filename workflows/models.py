@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from temporalio.common import Priority
+
 PRIORITIES = ("critical", "high", "normal", "low")
 
 
@@ -25,6 +27,12 @@ def user_batch_workflow_id(user_batch_id: int) -> str:
 
 def bouncer_batch_workflow_id(lane: str, bouncer_batch_id: int) -> str:
     return f"bouncer-batch-{lane}-{bouncer_batch_id}"
+
+
+# Since release 3 an express Bouncer batch (one small list) and its activities go first in every
+# task queue that has a backlog (Temporal task priority; the default key is 3): its creation is
+# not queued behind a big list's paced creations on the create queue.
+EXPRESS_PRIORITY = Priority(priority_key=1)
 
 
 # ---- user batch -------------------------------------------------------------------------
@@ -190,6 +198,11 @@ class PackRequest:
     express_max_addresses: int = 0
     # Wait this long first if less than one full batch is queued (lists submitted together share).
     linger_s: float = 0.0
+    # Since release 3 the pack activity starts each batch's workflow itself (`start`, with the
+    # batch's id filled in, on `start_task_queue`), as soon as its transaction commits: not one
+    # scheduler workflow task later, and eagerly on the packing worker. None: the scheduler does.
+    start: BouncerBatchInput | None = None
+    start_task_queue: str = ""
 
 
 @dataclass

@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.bouncer_batch import BouncerBatchWorkflow
     from workflows.models import (
         DONE_AT_API,
+        EXPRESS_PRIORITY,
         BatchFinished,
         BouncerBatchInput,
         LaneEvent,
@@ -36,7 +37,6 @@ with workflow.unsafe.imports_passed_through():
     )
 
 CREDITS_PAUSE = "out of credits"
-EXPRESS_PRIORITY = Priority(priority_key=1)
 DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
 
 
@@ -225,6 +225,7 @@ class GreedySchedulerWorkflow:
         express_asked = max(self._free_express(), 0)
         if express_asked:
             self._state.express_hint = False  # a small list arriving during the pack sets it again
+        pack_starts = workflow.patched("pack-starts-batches")
         result = await workflow.execute_activity_method(
             PackingActivities.pack_batches,
             PackRequest(
@@ -236,6 +237,15 @@ class GreedySchedulerWorkflow:
                 express_slots=express_asked,
                 express_max_addresses=inp.express_max_addresses,
                 linger_s=linger_s,
+                start=BouncerBatchInput(
+                    bouncer_batch_id=0,
+                    lane=inp.lane,
+                    poll_interval_s=inp.poll_interval_s,
+                    deadline_s=inp.deadline_s,
+                    api_create_task_queue=inp.api_create_task_queue,
+                    api_task_queue=inp.api_task_queue,
+                ) if pack_starts else None,
+                start_task_queue=workflow.info().task_queue if pack_starts else "",
             ),
             start_to_close_timeout=timedelta(seconds=120),
             heartbeat_timeout=HEARTBEAT_TIMEOUT,
@@ -247,7 +257,11 @@ class GreedySchedulerWorkflow:
         if not linger_in_activity and result.queue_drained:
             self._state.work_hint = False
         self._take_slots(result.batches)
-        if workflow.patched("start-children-in-background"):
+        if pack_starts:
+            # Since release 3 the pack activity started them: its retries and a fresh scheduler's
+            # adoption (`unfinished_batches`) start any it could not.
+            self._state.dispatched_batches += len(result.batches)
+        elif workflow.patched("start-children-in-background"):
             # The loop does not wait for the children to start (a workflow task round trip or
             # two): a slot freed meanwhile is packed at once (the slots are taken above).
             task = asyncio.ensure_future(self._start_children(result.batches))
@@ -270,10 +284,7 @@ class GreedySchedulerWorkflow:
         assert self._input is not None
         inp = self._input
 
-        # Since release 3 an express batch (one small list) and its activities go first in every
-        # task queue that has a backlog (Temporal task priority; the default key is 3): its
-        # creation is not queued behind a big list's paced creations on the create queue.
-        express_first = workflow.patched("express-priority")
+        express_first = workflow.patched("express-priority")  # EXPRESS_PRIORITY, since release 3
 
         async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
             try:
