@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import psycopg
@@ -37,6 +38,8 @@ from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
 
 # Failure types the workflows branch on.
+# A store waits at most this long for a turn (STORE_CONCURRENCY), then runs anyway.
+STORE_TURN_WAIT_S = 2.0
 OUT_OF_CREDITS = "OutOfCredits"
 UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
@@ -162,6 +165,21 @@ class BouncerApiActivities:
 
         await asyncio.gather(*(one(w) for w in workflow_ids))
 
+    @contextlib.asynccontextmanager
+    async def _store_turn(self) -> AsyncIterator[None]:
+        """One of STORE_CONCURRENCY turns, or none after STORE_TURN_WAIT_S: stores yield to a
+        burst of creations, but never fall behind the API for longer than that (with a hard cap,
+        a fast API's completions outran the stores and the lane's dispatch stalled on them)."""
+        try:
+            await asyncio.wait_for(self._storing.acquire(), timeout=STORE_TURN_WAIT_S)
+        except asyncio.TimeoutError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            self._storing.release()
+
     @property
     def _ttl_s(self) -> float:
         return self.settings.result_ttl_days * 86400.0
@@ -224,19 +242,21 @@ class BouncerApiActivities:
                     " ambiguous_creates = ambiguous_creates + (state = 'submitting')::int where id = %s",
                     (bouncer_batch_id,),
                 )
-            callback = None
-            if self.settings.callback_base_url:
-                callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={token}"
-            try:
-                created = await self.bouncer.create_batch_body(body.encode(), callback_url=callback)
-            except BouncerError as exc:
-                if not isinstance(exc, Transient):
-                    # A clear refusal: nothing was created, so a retry is not ambiguous.
+        callback = None
+        if self.settings.callback_base_url:
+            callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={token}"
+        try:
+            created = await self.bouncer.create_batch_body(body.encode(), callback_url=callback)
+        except BouncerError as exc:
+            if not isinstance(exc, Transient):
+                # A clear refusal: nothing was created, so a retry is not ambiguous.
+                async with self.pool.connection() as conn:
                     await conn.execute(
                         "update bouncer_batches set state = 'packed', last_error = %s where id = %s",
                         (str(exc)[:500], bouncer_batch_id),
                     )
-                raise _as_temporal_error(exc, f"creating Bouncer batch {bouncer_batch_id}") from None
+            raise _as_temporal_error(exc, f"creating Bouncer batch {bouncer_batch_id}") from None
+        async with self.pool.connection() as conn:  # none is held during the request
             await conn.execute(
                 "update bouncer_batches set state = 'submitted', provider_batch_id = %s, sent = %s,"
                 " submitted_at = now() where id = %s",
@@ -320,7 +340,7 @@ class BouncerApiActivities:
             await self._notify(request, list(row[1] or []))
             return StoreOutcome(0, 0, 0, list(row[1] or []))
         # An express batch (one small list, a few hundred rows) is stored at once: its user is waiting.
-        async with contextlib.nullcontext() if row[3] else self._storing:
+        async with contextlib.nullcontext() if row[3] else self._store_turn():
             body = b""
             if request.download and row[2] is not None:
                 try:

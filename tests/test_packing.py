@@ -7,6 +7,7 @@ User batches are ingested the way the CLI does (insert `user_batches`, COPY the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -472,3 +473,53 @@ async def test_pack_cost_does_not_grow_with_the_backlog(world):
     t_small = await timed(small, ["s1", "s2", "s3"])
     t_big = await timed(big, ["b1", "b2", "b3"])
     assert t_big < 3 * t_small + 0.05, (t_small, t_big)
+
+
+# ---- the pack starts the batches' workflows (since release 3) --------------------------------
+
+
+async def test_a_pack_starts_one_workflow_per_batch_and_its_retry_starts_none_again(world, dev_env):
+    """`PackRequest.start`: each batch's workflow is started once its batch is committed. A retry
+    of the pack (same key) answers the same batches and starts nothing new, even for a batch
+    whose workflow has already ended (ids are never reused)."""
+    import uuid
+
+    from temporalio.client import WorkflowExecutionStatus
+
+    from workflows.models import BouncerBatchInput, bouncer_batch_workflow_id
+
+    await world.add("carol", emails("carol", 2_500))
+    tiny = await world.add("dave", emails("dave", 40))
+    packer = PackingActivities(world.packer.pool, client=dev_env.client)
+    queue = f"no-worker-{uuid.uuid4().hex[:8]}"  # nothing runs them: their state is the start's alone
+    request = PackRequest(lane=LANE, pack_key=f"start-{uuid.uuid4().hex[:8]}", slots=15, batch_size=1_000,
+                          express_slots=1, express_max_addresses=100,
+                          start=BouncerBatchInput(0, LANE), start_task_queue=queue)
+    first = await packer.pack_batches(request)
+    assert sorted((b.size, b.express) for b in first.batches) == [(40, True), (500, False)] + [(1_000, False)] * 2
+    assert world.sql("select distinct user_batch_id from bouncer_batch_parts p join bouncer_batches b"
+                     " on b.id = p.bouncer_batch_id where b.express") == [(tiny,)]
+
+    async def runs(bb: int) -> list:
+        wid = bouncer_batch_workflow_id(LANE, bb)
+        return [w async for w in dev_env.client.list_workflows(f"WorkflowId = '{wid}'")]
+
+    for batch in first.batches:
+        handle = dev_env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, batch.bouncer_batch_id))
+        started = (await handle.fetch_history()).events[0].workflow_execution_started_event_attributes
+        assert started.input.payloads and started.task_queue.name == queue
+        assert started.priority.priority_key == (1 if batch.express else 0)
+    ended = first.batches[0].bouncer_batch_id
+    await dev_env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, ended)).terminate("test")
+
+    again = await packer.pack_batches(request)
+    assert again.batches == first.batches
+    for batch in first.batches:
+        for _ in range(50):  # the visibility store catches up
+            found = await runs(batch.bouncer_batch_id)
+            if found:
+                break
+            await asyncio.sleep(0.1)
+        assert len(found) == 1, batch
+        expected = WorkflowExecutionStatus.TERMINATED if batch.bouncer_batch_id == ended else WorkflowExecutionStatus.RUNNING
+        assert found[0].status == expected

@@ -1,5 +1,6 @@
 """STORE_CONCURRENCY: a worker downloads and stores at most that many Bouncer batches at once;
-an express batch (one small list, its user waiting) never waits for a turn.
+a store that waited STORE_TURN_WAIT_S runs anyway; an express batch (one small list, its user
+waiting) never waits for a turn.
 
 `store_results` runs in Temporal's activity test environment against the real database. The
 download is held open (an asyncio event) so that overlapping stores are observable.
@@ -15,6 +16,7 @@ import psycopg
 from temporalio.testing import ActivityEnvironment
 
 import db
+from activities import bouncer_api
 from activities.bouncer_api import BouncerApiActivities
 from helpers import make_settings
 from workflows.models import StoreRequest
@@ -63,7 +65,8 @@ async def _until(predicate, what: str) -> None:
     raise AssertionError(f"not within 5 s: {what}")
 
 
-async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_ones_never_wait(db_url):
+async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_ones_never_wait(db_url, monkeypatch):
+    monkeypatch.setattr(bouncer_api, "STORE_TURN_WAIT_S", 1.5)
     settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"), store_concurrency=2)
     pool = db.open_pool(db_url, 8)
     await pool.open()
@@ -85,9 +88,14 @@ async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_
         await _until(lambda: express[1] in downloads.in_flight, "the express download")
         assert len(downloads.in_flight) == 3
 
+        # The three that waited run anyway once they have waited STORE_TURN_WAIT_S for a turn.
+        waited_from = asyncio.get_running_loop().time()
+        await _until(lambda: len(downloads.in_flight) == 6, "the waiting stores to run anyway")
+        assert asyncio.get_running_loop().time() - waited_from > 0.8  # they had already waited ~0.3 s
+
         downloads.release.set()
         await asyncio.wait_for(asyncio.gather(*stores, express_store), timeout=30)
-        assert downloads.most == 3
+        assert downloads.most == 6
         with psycopg.connect(db_url) as conn:
             states = conn.execute(
                 "select state from bouncer_batches where id = any(%s)", ([bb for bb, _ in regular] + [express[0]],)
