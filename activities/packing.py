@@ -20,7 +20,7 @@ import time
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.common import Priority, WorkflowIDReusePolicy
+from temporalio.common import Priority
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.heartbeat import heartbeats
@@ -49,7 +49,9 @@ class PackingActivities:
 
     async def _start_workflows(self, request: PackRequest, batches: list[PackedBatch]) -> None:
         """One Bouncer batch workflow per batch, eagerly on this worker when the server allows.
-        A batch's workflow id is never reused: a retry finds it started (or finished) and moves on."""
+        A retry finds a running one started and moves on; one that has ended runs again, finds its
+        batch submitted (or stored) and ends, freeing the slot the retry took (as a child start
+        did before release 3)."""
         if request.start is None or self.client is None:
             return
 
@@ -60,7 +62,6 @@ class PackingActivities:
                     dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id),
                     id=bouncer_batch_workflow_id(request.lane, batch.bouncer_batch_id),
                     task_queue=request.start_task_queue,
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     static_summary=f"Bouncer batch {batch.bouncer_batch_id}: {batch.size:,} addresses, "
                     f"lane {request.lane}",
                     priority=EXPRESS_PRIORITY if batch.express else Priority.default,
