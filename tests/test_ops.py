@@ -240,7 +240,7 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
 
     # Tracing: the worker's spans reached the OTLP endpoint (flushed at the latest on shutdown).
     # (Workflows started by a client without the interceptor, here the user batches, trace their activities.)
-    expected = {"RunWorkflow:GreedySchedulerWorkflow", "StartChildWorkflow:BouncerBatchWorkflow",
+    expected = {"RunWorkflow:GreedySchedulerWorkflow", "StartWorkflow:BouncerBatchWorkflow",  # by the pack activity
                 "RunWorkflow:BouncerBatchWorkflow", "HandleSignal:pause", "RunActivity:prepare_user_batch",
                 "RunActivity:submit_batch", "RunActivity:store_results"}
     assert expected <= set(span_names), " | ".join(sorted(set(span_names)))
