@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     bouncer_max_concurrency: int = Field(10, description="API requests in flight per process")
     store_concurrency: int = Field(
         2, ge=1, description="Bouncer batches downloaded and stored at once per worker process (the rest wait their "
-        "turn, leaving the CPU to the creations that refill the API's slots)"
+        "turn, at most 2 s, leaving the CPU to the creations that refill the API's slots; express batches never wait)"
     )
 
     # Packing and limits
