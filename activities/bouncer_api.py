@@ -37,9 +37,10 @@ from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
 
-# Failure types the workflows branch on.
 # A store waits at most this long for a turn (STORE_CONCURRENCY), then runs anyway.
 STORE_TURN_WAIT_S = 2.0
+
+# Failure types the workflows branch on.
 OUT_OF_CREDITS = "OutOfCredits"
 UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
