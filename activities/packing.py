@@ -24,7 +24,14 @@ from temporalio.common import Priority
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.heartbeat import heartbeats
-from workflows.models import EXPRESS_PRIORITY, PackedBatch, PackRequest, PackResult, bouncer_batch_workflow_id
+from workflows.models import (
+    EXPRESS_PRIORITY,
+    PackedBatch,
+    PackRequest,
+    PackResult,
+    bouncer_batch_summary,
+    bouncer_batch_workflow_id,
+)
 
 BOUNCER_BATCH_WORKFLOW = "BouncerBatchWorkflow"  # by name: workflows import this module
 
@@ -62,8 +69,7 @@ class PackingActivities:
                     dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id),
                     id=bouncer_batch_workflow_id(request.lane, batch.bouncer_batch_id),
                     task_queue=request.start_task_queue,
-                    static_summary=f"Bouncer batch {batch.bouncer_batch_id}: {batch.size:,} addresses, "
-                    f"lane {request.lane}",
+                    static_summary=bouncer_batch_summary(request.lane, batch.bouncer_batch_id, batch.size),
                     priority=EXPRESS_PRIORITY if batch.express else Priority.default,
                     request_eager_start=True,
                 )

@@ -37,6 +37,7 @@ import psycopg
 from bench.common import bench_stack, submit
 from bench.dispatch import _events
 from bench.saturation import (
+    LANE,
     _histories,
     api_batches,
     documented_limits,
@@ -72,7 +73,7 @@ def _carrier_timeline(st, bouncer_batch_ids: list[int], t0: float) -> dict[str, 
     after B's submit returned (server clock), prefixed `bb<id>.`."""
     from workflows.models import bouncer_batch_workflow_id
 
-    wids = {bouncer_batch_workflow_id("deliverability", bb): bb for bb in bouncer_batch_ids}
+    wids = {bouncer_batch_workflow_id(LANE, bb): bb for bb in bouncer_batch_ids}
     out: dict[str, float] = {}
     for wid, events in asyncio.run(_histories(st, list(wids))).items():
         for at, label in _events(events, 0.0):

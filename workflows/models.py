@@ -29,6 +29,11 @@ def bouncer_batch_workflow_id(lane: str, bouncer_batch_id: int) -> str:
     return f"bouncer-batch-{lane}-{bouncer_batch_id}"
 
 
+def bouncer_batch_summary(lane: str, bouncer_batch_id: int, size: int) -> str:
+    """A Bouncer batch workflow's static summary in the Web UI."""
+    return f"Bouncer batch {bouncer_batch_id}: {size:,} addresses, lane {lane}"
+
+
 # Since release 3 an express Bouncer batch (one small list) and its activities go first in every
 # task queue that has a backlog (Temporal task priority; the default key is 3): its creation is
 # not queued behind a big list's paced creations on the create queue.

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         SchedulerInput,
         SchedulerState,
         SchedulerStatus,
+        bouncer_batch_summary,
         bouncer_batch_workflow_id,
     )
 
@@ -300,7 +301,7 @@ class GreedySchedulerWorkflow:
                     ),
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-                    static_summary=f"Bouncer batch {bouncer_batch_id}: {size:,} addresses, lane {inp.lane}",
+                    static_summary=bouncer_batch_summary(inp.lane, bouncer_batch_id, size),
                     priority=EXPRESS_PRIORITY if express and express_first else Priority.default,
                 )
             except WorkflowAlreadyStartedError:

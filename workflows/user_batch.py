@@ -73,13 +73,7 @@ class UserBatchWorkflow:
             if not self._id:
                 await self._register_and_ingest(inp)
             async with self._control:
-                self._progress = await workflow.execute_activity_method(
-                    UserBatchActivities.prepare_user_batch,
-                    self._id,
-                    start_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=HEARTBEAT_TIMEOUT,  # a dead worker is noticed in seconds
-                    retry_policy=DB_RETRY,
-                )
+                self._progress = await _database(UserBatchActivities.prepare_user_batch, self._id, minutes=30)
             if not workflow.patched("prepare-nudges-scheduler"):
                 await self._nudge()  # since release 2 the prepare activity signals the schedulers
             self._describe()
@@ -112,13 +106,7 @@ class UserBatchWorkflow:
                     break
             if summary is None:
                 async with self._control:
-                    summary = await workflow.execute_activity_method(
-                        UserBatchActivities.finalize_user_batch,
-                        self._id,
-                        start_to_close_timeout=timedelta(minutes=30),
-                        heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                        retry_policy=DB_RETRY,
-                    )
+                    summary = await _database(UserBatchActivities.finalize_user_batch, self._id, minutes=30)
             self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
             search.show({search.BATCH_STATE: "completed"})
@@ -132,13 +120,7 @@ class UserBatchWorkflow:
             # Temporal cancellation: withdraw queued addresses, then end as cancelled.
             if not self._id:
                 raise  # cancelled before its row existed: nothing to withdraw
-            summary = await workflow.execute_activity_method(
-                UserBatchActivities.cancel_user_batch,
-                self._id,
-                start_to_close_timeout=timedelta(minutes=10),
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=DB_RETRY,
-            )
+            summary = await _database(UserBatchActivities.cancel_user_batch, self._id, minutes=10)
             await self._nudge()  # other batches may have inherited shared addresses
             workflow.set_current_details(f"cancelled: {_counts(summary.by_state)}")
             search.show({search.BATCH_STATE: "cancelled"})
@@ -185,26 +167,14 @@ class UserBatchWorkflow:
 
     async def _set_paused(self, paused: bool) -> Progress:
         async with self._control:
-            self._progress = await workflow.execute_activity_method(
-                UserBatchActivities.set_paused,
-                PauseRequest(self._id, paused),
-                start_to_close_timeout=timedelta(minutes=10),
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=DB_RETRY,
-            )
+            self._progress = await _database(UserBatchActivities.set_paused, PauseRequest(self._id, paused), minutes=10)
         await self._nudge()
         self._news += 1  # the main loop re-reads progress and upserts the search attributes
         self._describe(upsert=False)  # no commands beside an update's response
         return self._progress
 
     async def _advance(self) -> Progress:
-        return await workflow.execute_activity_method(
-            UserBatchActivities.advance_user_batch,
-            self._id,
-            start_to_close_timeout=timedelta(minutes=30),  # it may finalize a big list
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
+        return await _database(UserBatchActivities.advance_user_batch, self._id, minutes=30)  # may finalize a big list
 
     async def _read_progress(self) -> Progress:
         return await workflow.execute_activity_method(
@@ -248,6 +218,15 @@ class UserBatchWorkflow:
         if upsert:
             search.show({search.USER_ID: p.user_id, search.PRIORITY: p.priority,
                          search.LANE: p.lanes[0].lane if p.lanes else "", search.BATCH_STATE: state})
+
+
+def _database(activity, arg, minutes: int):
+    """A long database activity: it heartbeats (a dead worker is noticed in seconds, not at the
+    timeout) and is retried by DB_RETRY."""
+    return workflow.execute_activity_method(
+        activity, arg, start_to_close_timeout=timedelta(minutes=minutes), heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        retry_policy=DB_RETRY,
+    )
 
 
 def _counts(counts: dict[str, int]) -> str:
