@@ -521,3 +521,51 @@ async def test_a_pack_starts_one_workflow_per_batch_and_its_retry_starts_none_ag
             await asyncio.sleep(0.1)
         assert [w.status for w in found] == [WorkflowExecutionStatus.RUNNING], batch
         await dev_env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, batch.bouncer_batch_id)).terminate()
+
+
+async def test_batches_packed_ahead_are_full_flagged_ready_and_a_retry_answers_the_same(world):
+    """`PackRequest.ready`: after the slots' batches, full batches only, flagged `ready`."""
+    await world.add("erin", emails("erin", 3_500))
+    request = PackRequest(lane=LANE, pack_key="ahead", slots=2, batch_size=1_000, ready=5)
+    first = await world.packer.pack_batches(request)
+    # 2 for the slots, then 1 full one ahead: the 500 left are not a full batch.
+    assert [(b.size, b.ready) for b in first.batches] == [(1_000, False), (1_000, False), (1_000, True)]
+    assert first.queued_after == 500
+    assert await world.packer.pack_batches(request) == first  # a retry: the same batches, the same flags
+
+    # A slot batch that drained the queue leaves nothing to pack ahead.
+    short = await world.packer.pack_batches(PackRequest(lane=LANE, pack_key="short", slots=1, batch_size=1_000,
+                                                        ready=5))
+    assert [(b.size, b.ready) for b in short.batches] == [(500, False)]
+
+    # A fresh scheduler adopts the unsent regular ones as ready (it grants them slots as they free).
+    world.sql("update bouncer_batches set state = 'submitted' where id = %s returning id", (first.batches[0].bouncer_batch_id,))
+    adopted = await world.packer.unfinished_batches(LANE)
+    assert [b.ready for b in adopted] == [False, True, True, True]
+
+
+async def test_pausing_withdraws_the_addresses_of_batches_packed_but_not_sent(world):
+    """A paused list's addresses in a batch packed ahead (not yet sent) leave it; those already
+    sent stay until their results are stored."""
+    ub = await world.add("fay", emails("fay", 3_000))
+    packed = await world.pack("pause-ahead", slots=1, batch_size=1_000, ready=1)
+    sent, ahead = packed.batches
+    assert ahead.ready and not sent.ready
+    world.sql("update bouncer_batches set state = 'submitted' where id = %s returning id", (sent.bouncer_batch_id,))
+
+    progress = await world.user_batches.set_paused(PauseRequest(ub, paused=True))
+    assert progress.state == "paused" and progress.remaining == 1_000  # only the sent batch
+
+    def rows_in(bb: int) -> int:
+        return world.sql(
+            "select count(*) from queue q join bouncer_batch_parts p on p.user_batch_id = q.user_batch_id"
+            " and q.seq >= p.seq_from and q.seq < p.seq_to where p.bouncer_batch_id = %s", (bb,))[0][0]
+
+    assert rows_in(sent.bouncer_batch_id) == 1_000 and rows_in(ahead.bouncer_batch_id) == 0
+    assert world.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(1_000,)]
+
+    # Resume queues the withdrawn ones again, each once.
+    progress = await world.user_batches.set_paused(PauseRequest(ub, paused=False))
+    assert progress.remaining == 3_000
+    assert world.sql("select count(*), count(distinct address_id) from queue where user_batch_id = %s",
+                     (ub,)) == [(3_000, 3_000)]
