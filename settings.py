@@ -72,10 +72,6 @@ class Settings(BaseSettings):
     requests_per_minute: float = Field(
         180, description="Other API requests per minute, enforced by the Temporal server on the API queue"
     )
-    ready_batches: int = Field(
-        2, ge=0, description="Bouncer batches per lane packed ahead, waiting for a slot: a freed slot is refilled by a "
-        "signal, without a pack on the way (a list of higher priority arriving waits behind at most these)"
-    )
     pack_linger_s: float = Field(
         0.5, description="After new work arrives, wait this long so lists submitted together share batches"
     )

@@ -45,9 +45,8 @@ class PackingActivities:
     @activity.defn
     @heartbeats
     async def pack_batches(self, request: PackRequest) -> PackResult:
-        """Form up to `slots` regular and `express_slots` express Bouncer batches, and then up to
-        `ready` regular ones to wait for a slot; with `request.start`, start their workflows once
-        they are committed.
+        """Form up to `slots` regular and `express_slots` express Bouncer batches; with
+        `request.start`, start their workflows once they are committed.
 
         Idempotent by `pack_key`: a retry returns (and starts) the batches the first attempt created.
         """
@@ -67,8 +66,7 @@ class PackingActivities:
             try:
                 await self.client.start_workflow(
                     BOUNCER_BATCH_WORKFLOW,
-                    dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id,
-                                        wait_for_slot=batch.ready),
+                    dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id),
                     id=bouncer_batch_workflow_id(request.lane, batch.bouncer_batch_id),
                     task_queue=request.start_task_queue,
                     static_summary=bouncer_batch_summary(request.lane, batch.bouncer_batch_id, batch.size),
@@ -98,11 +96,7 @@ class PackingActivities:
                     "select queue_drained, queued_after from pack_runs where pack_key = %s", (request.pack_key,)
                 )
                 drained, queued_after = await cur.fetchone()
-                # Formed in order: express, `slots` regular, then the ready ones.
-                regular = [row for row in done if not row[2]]
-                ready_ids = {row[0] for row in regular[request.slots:]}
-                return PackResult([PackedBatch(*row, ready=row[0] in ready_ids) for row in done],
-                                  drained, queued_after)
+                return PackResult([PackedBatch(*row) for row in done], drained, queued_after)
 
             await cur.execute(
                 """
@@ -146,16 +140,6 @@ class PackingActivities:
                 regular += 1
                 if batch.size < request.batch_size:
                     break  # the queue ran out
-            # Packed ahead, waiting for a slot: full batches only (a partial one could not take in
-            # work that arrives while it waits). `left` counts seq numbers: an upper bound.
-            ready = 0
-            while (ready < request.ready and regular == request.slots
-                   and sum(max(c[4] - c[3], 0) for c in candidates) >= request.batch_size):
-                batch = await packer.form(candidates, request.batch_size, express=False)
-                if batch is None:
-                    break
-                batches.append(dataclasses.replace(batch, ready=True))
-                ready += 1
             left = sum(max(c[4] - c[3], 0) for c in candidates)
             await cur.execute(
                 "insert into pack_runs (lane, pack_key, batches, addresses, queue_drained, queued_after, duration_ms)"
@@ -178,13 +162,10 @@ class PackingActivities:
 
     @activity.defn
     async def unfinished_batches(self, lane: str) -> list[PackedBatch]:
-        """Bouncer batches of the lane not yet stored or failed: a fresh scheduler adopts them.
-
-        Regular ones not yet sent are marked `ready`: the scheduler grants them slots as they
-        free (one packed ahead waits for that; one that had its slot already goes on anyway)."""
+        """Bouncer batches of the lane not yet stored or failed: a fresh scheduler adopts them."""
         async with self.pool.connection() as conn, conn.cursor() as cur:
             await cur.execute(
-                "select id, size, express, state = 'packed' and not express from bouncer_batches"
+                "select id, size, express from bouncer_batches"
                 " where lane = %s and state in ('packed', 'submitting', 'submitted')"
                 " order by id",
                 (lane,),

@@ -160,18 +160,9 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
     """Withdraw this batch's unclaimed queue rows; hand shared ones to a batch still waiting.
 
     Returns how many addresses moved to another user batch's queue (so its lane has new work).
-    In-flight addresses finish: they are already paid for. Addresses in Bouncer batches packed
-    but not yet sent (packed ahead, waiting for a slot) are withdrawn too: the batch goes without
-    them. Its row is locked first, so a submit either ran before (and sent them) or sends none.
+    In-flight (claimed) addresses finish: they are already paid for.
     """
     p = {"ub": user_batch_id, "lane": lane}
-    await cur.execute(
-        "select bb.id from bouncer_batches bb where bb.lane = %(lane)s and bb.state = 'packed' and exists"
-        " (select 1 from bouncer_batch_parts p where p.bouncer_batch_id = bb.id and p.user_batch_id = %(ub)s)"
-        " order by bb.id for update",
-        p,
-    )
-    unsent = [bb for (bb,) in await cur.fetchall()]
     await cur.execute("drop table if exists released")
     await cur.execute(
         """
@@ -179,14 +170,11 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
         with d as (
             delete from queue q using user_batch_lanes l
             where q.user_batch_id = %(ub)s and q.lane = %(lane)s
-              and l.user_batch_id = q.user_batch_id and l.lane = q.lane
-              and (q.seq >= l.cursor or exists (
-                   select 1 from bouncer_batch_parts p where p.bouncer_batch_id = any(%(unsent)s)
-                   and p.user_batch_id = q.user_batch_id and q.seq >= p.seq_from and q.seq < p.seq_to))
+              and l.user_batch_id = q.user_batch_id and l.lane = q.lane and q.seq >= l.cursor
             returning q.address_id, q.attempts)
         select * from d
         """,
-        {**p, "unsent": unsent},
+        p,
     )
     await cur.execute("update user_batch_lanes set holes = true where user_batch_id = %(ub)s and lane = %(lane)s", p)
     await cur.execute("drop table if exists heirs")
@@ -343,7 +331,6 @@ def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
         # The catchall lane gets trickles of hand-offs: no express batches, its slots are all it has.
         express_slots=settings.express_slots if lane == DELIVERABILITY else 0,
         express_max_addresses=settings.express_max_addresses,
-        ready_batches=settings.ready_batches if lane == DELIVERABILITY else 0,
     )
 
 

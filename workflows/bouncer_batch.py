@@ -1,4 +1,4 @@
-"""One Bouncer batch: [wait for a slot ->] submit -> await completion (callback, else polling) -> download + store -> notify."""
+"""One Bouncer batch: submit -> await completion (callback, else polling) -> download + store -> notify."""
 
 from __future__ import annotations
 
@@ -59,18 +59,12 @@ def failure_type(err: BaseException) -> str:
 class BouncerBatchWorkflow:
     def __init__(self) -> None:
         self._callback_received = False
-        self._slot_granted = False
         self._phase = "submitting"
 
     @workflow.signal
     def completed(self) -> None:
         """Sent by the callback receiver once Bouncer reports the batch done."""
         self._callback_received = True
-
-    @workflow.signal
-    def slot_granted(self) -> None:
-        """Sent by the lane's scheduler to a batch packed ahead (`wait_for_slot`): create it now."""
-        self._slot_granted = True
 
     @workflow.query
     def phase(self) -> str:
@@ -83,11 +77,6 @@ class BouncerBatchWorkflow:
         result = StoreOutcome(0, 0, 0)
         freeing: asyncio.Future | None = None
         try:
-            if inp.wait_for_slot:  # packed ahead (release 4): the scheduler grants it a slot by signal
-                self._phase = "ready"
-                self._show(inp, f"Bouncer batch {bb} packed, waiting for a free slot")
-                await workflow.wait_condition(lambda: self._slot_granted)
-                self._phase = "submitting"
             request, outcome = await self._submit_and_wait(inp)
             if workflow.patched("store-notifies-user-batches"):
                 # The store activity signals the user batches it touched right after its commit.

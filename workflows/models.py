@@ -156,9 +156,6 @@ class SchedulerInput:
     fair_share: bool = True  # False: plain FIFO within a priority (for comparison)
     express_slots: int = 0  # extra slots for small lists only (see PackRequest)
     express_max_addresses: int = 0
-    # Bouncer batches packed and started ahead, waiting for a slot (since release 4): a freed slot
-    # is refilled by a signal, with the pack off the turnover's path (see PackRequest.ready).
-    ready_batches: int = 0
     # Carried across continue-as-new (a fresh start leaves it None and adopts unfinished batches).
     state: SchedulerState | None = None
 
@@ -176,7 +173,6 @@ class SchedulerState:
     queued: int = 0  # as of the last pack
     storing: dict[str, int] = field(default_factory=dict)  # done at the API, results not yet stored
     express_hint: bool = True  # a small list may be queued (cleared by a pack that found none)
-    ready: dict[str, int] = field(default_factory=dict)  # packed and started, waiting for a slot
 
 
 @dataclass
@@ -191,7 +187,6 @@ class SchedulerStatus:
     queued: int  # addresses waiting in the lane's queues, as of the last pack
     express_in_flight: int = 0
     storing: int = 0  # Bouncer batches done at the API whose results are being stored
-    ready: int = 0  # Bouncer batches packed ahead, waiting for a slot
     free_express_slots: int = 0
 
 
@@ -213,10 +208,6 @@ class PackRequest:
     # scheduler workflow task later, and eagerly on the packing worker. None: the scheduler does.
     start: BouncerBatchInput | None = None
     start_task_queue: str = ""
-    # Since release 4: up to this many more regular batches, packed after the `slots` ones and
-    # started waiting for a slot (`BouncerBatchInput.wait_for_slot`): the scheduler hands each a
-    # slot by signal the moment one frees, without a pack on the way.
-    ready: int = 0
 
 
 @dataclass
@@ -224,7 +215,6 @@ class PackedBatch:
     bouncer_batch_id: int
     size: int
     express: bool = False
-    ready: bool = False  # started waiting for a slot (PackRequest.ready)
 
 
 @dataclass
@@ -250,8 +240,6 @@ class BouncerBatchInput:
     deadline_s: float = 6 * 3600.0
     api_create_task_queue: str = "verify-api-create"
     api_task_queue: str = "verify-api"
-    # Packed ahead: wait for the scheduler's `slot_granted` signal before creating it at the API.
-    wait_for_slot: bool = False
 
 
 @dataclass

@@ -30,7 +30,6 @@ with workflow.unsafe.imports_passed_through():
         LaneEvent,
         LanePause,
         PackRequest,
-        PackResult,
         SchedulerInput,
         SchedulerState,
         SchedulerStatus,
@@ -49,8 +48,7 @@ class GreedySchedulerWorkflow:
         self._input: SchedulerInput | None = None
         self._cap_storing = False
         self._express_hints = False
-        self._starting: set[asyncio.Future] = set()  # child starts and slot grants under way
-        self._reserved = 0  # slots promised to the pack under way (its batches start in them)
+        self._starting: set[asyncio.Future] = set()  # child starts under way (not yet started)
         self._started: list[asyncio.Future] = []  # finished ones, to re-raise their errors
 
     # ---- messages ---------------------------------------------------------------------
@@ -65,7 +63,6 @@ class GreedySchedulerWorkflow:
     def batch_finished(self, finished: BatchFinished) -> None:
         key = str(finished.bouncer_batch_id)
         size = self._state.in_flight.pop(key, None)
-        self._state.ready.pop(key, None)  # ended before it got a slot (cancelled)
         if finished.outcome == DONE_AT_API:
             if size is not None:  # its API slot is free; its store is still to come
                 self._state.storing[key] = size
@@ -73,7 +70,6 @@ class GreedySchedulerWorkflow:
             self._state.storing.pop(key, None)
         self._state.express_in_flight.pop(key, None)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
-        self._grant()  # here, not in the main loop: it may be waiting for a pack
         self._describe()  # the main loop may not wake (paused)
 
     @workflow.signal
@@ -105,7 +101,6 @@ class GreedySchedulerWorkflow:
         self._state.paused = False
         self._state.pause_reason = ""
         self._state.work_hint = True
-        self._grant()
         self._describe()
 
     @workflow.query
@@ -118,13 +113,12 @@ class GreedySchedulerWorkflow:
             pause_reason=self._state.pause_reason,
             in_flight=len(self._state.in_flight),
             in_flight_addresses=sum(self._state.in_flight.values()),
-            free_slots=max(self._free_slots() + self._reserved, 0) if inp else 0,  # a pack under way fills some
+            free_slots=max(self._free_slots(), 0) if inp else 0,
             dispatched_batches=self._state.dispatched_batches,
             queued=self._state.queued,
             express_in_flight=len(self._state.express_in_flight),
             storing=len(self._state.storing),
             free_express_slots=max(self._free_express(), 0) if inp else 0,
-            ready=len(self._state.ready),
         )
 
     # ---- main loop ----------------------------------------------------------------------
@@ -146,7 +140,6 @@ class GreedySchedulerWorkflow:
             )
             self._take_slots(adopted)
             await self._start_children(adopted)
-            self._grant()
         self._describe()
         # Before this patch a pause for credits that arrived while the loop waited without a
         # timeout never started the credit-check timer (the lane stayed paused until an operator
@@ -167,10 +160,8 @@ class GreedySchedulerWorkflow:
                 await self._check_credits()
                 continue
             self._reap()
-            self._grant()
             if self._can_pack():
                 await self._pack()
-                self._grant()  # ready batches for slots freed during the pack
             self._describe()
 
         await workflow.wait_condition(lambda: not self._starting)
@@ -189,34 +180,7 @@ class GreedySchedulerWorkflow:
         free = slots - len(self._state.in_flight)
         if self._cap_storing:
             free = min(free, 2 * slots - len(self._state.in_flight) - len(self._state.storing))
-        return free - self._reserved
-
-    def _ready_wanted(self) -> int:
-        """Batches to pack ahead (`SchedulerInput.ready_batches`; 0 before release 4)."""
-        assert self._input is not None
-        return max(self._input.ready_batches - len(self._state.ready), 0)
-
-    def _grant(self) -> None:
-        """Give free slots to batches packed ahead, oldest first, by signal (no pack on the way)."""
-        if self._state.paused:
-            return
-        while self._state.ready and self._free_slots() > 0:
-            key = min(self._state.ready, key=int)
-            self._state.in_flight[key] = self._state.ready.pop(key)
-            task = asyncio.ensure_future(self._send_grant(int(key)))
-            self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
-
-    async def _send_grant(self, bouncer_batch_id: int) -> None:
-        assert self._input is not None
-        try:
-            await workflow.get_external_workflow_handle(
-                bouncer_batch_workflow_id(self._input.lane, bouncer_batch_id)
-            ).signal(BouncerBatchWorkflow.slot_granted)
-        except Exception:  # noqa: BLE001 - its workflow is gone (terminated): the slot is free again
-            workflow.logger.warning("Bouncer batch %s took no slot: its workflow has ended", bouncer_batch_id)
-            self._state.in_flight.pop(str(bouncer_batch_id), None)
-            self._state.work_hint = True
+        return free
 
     def _free_express(self) -> int:
         assert self._input is not None
@@ -229,7 +193,7 @@ class GreedySchedulerWorkflow:
             # Since release 2 free express slots alone do not start a pack on every signal: only
             # while a small list may be waiting (new work arrived, or the last pack filled them).
             return not self._state.paused and (
-                (self._state.work_hint and self._wants_regular())
+                (self._state.work_hint and self._free_slots() > 0)
                 or (self._state.express_hint and self._free_express() > 0)
             )
         return (
@@ -237,9 +201,6 @@ class GreedySchedulerWorkflow:
             and self._state.work_hint
             and (self._free_slots() > 0 or self._free_express() > 0)
         )
-
-    def _wants_regular(self) -> bool:
-        return self._free_slots() > 0 or self._ready_wanted() > 0
 
     def _should_continue(self) -> bool:
         info = workflow.info()
@@ -266,12 +227,31 @@ class GreedySchedulerWorkflow:
         if express_asked:
             self._state.express_hint = False  # a small list arriving during the pack sets it again
         pack_starts = workflow.patched("pack-starts-batches")
-        slots = self._free_slots()
-        self._reserved = slots  # a slot freed during the pack goes to a ready batch, not these
-        try:
-            result = await self._pack_activity(inp, slots, linger_s, express_asked, pack_starts)
-        finally:
-            self._reserved = 0
+        result = await workflow.execute_activity_method(
+            PackingActivities.pack_batches,
+            PackRequest(
+                lane=inp.lane,
+                pack_key=f"{workflow.info().run_id}:{self._state.packs}",
+                slots=self._free_slots(),
+                batch_size=inp.batch_size,
+                fair_share=inp.fair_share,
+                express_slots=express_asked,
+                express_max_addresses=inp.express_max_addresses,
+                linger_s=linger_s,
+                start=BouncerBatchInput(
+                    bouncer_batch_id=0,
+                    lane=inp.lane,
+                    poll_interval_s=inp.poll_interval_s,
+                    deadline_s=inp.deadline_s,
+                    api_create_task_queue=inp.api_create_task_queue,
+                    api_task_queue=inp.api_task_queue,
+                ) if pack_starts else None,
+                start_task_queue=workflow.info().task_queue if pack_starts else "",
+            ),
+            start_to_close_timeout=timedelta(seconds=120),
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
         self._state.queued = result.queued_after
         if express_asked and sum(b.express for b in result.batches) == express_asked:
             self._state.express_hint = True  # every express slot filled: more small lists may wait
@@ -292,40 +272,9 @@ class GreedySchedulerWorkflow:
         else:
             await self._start_children(result.batches)
 
-    async def _pack_activity(self, inp: SchedulerInput, slots: int, linger_s: float, express_asked: int,
-                             pack_starts: bool) -> PackResult:
-        return await workflow.execute_activity_method(
-            PackingActivities.pack_batches,
-            PackRequest(
-                lane=inp.lane,
-                pack_key=f"{workflow.info().run_id}:{self._state.packs}",
-                slots=slots,
-                batch_size=inp.batch_size,
-                fair_share=inp.fair_share,
-                express_slots=express_asked,
-                express_max_addresses=inp.express_max_addresses,
-                linger_s=linger_s,
-                start=BouncerBatchInput(
-                    bouncer_batch_id=0,
-                    lane=inp.lane,
-                    poll_interval_s=inp.poll_interval_s,
-                    deadline_s=inp.deadline_s,
-                    api_create_task_queue=inp.api_create_task_queue,
-                    api_task_queue=inp.api_task_queue,
-                ) if pack_starts else None,
-                start_task_queue=workflow.info().task_queue if pack_starts else "",
-                ready=self._ready_wanted() if pack_starts else 0,
-            ),
-            start_to_close_timeout=timedelta(seconds=120),
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
-
     def _take_slots(self, batches: list) -> None:
         for b in batches:
-            held = self._state.ready if b.ready else (
-                self._state.express_in_flight if b.express else self._state.in_flight)
-            held[str(b.bouncer_batch_id)] = b.size
+            (self._state.express_in_flight if b.express else self._state.in_flight)[str(b.bouncer_batch_id)] = b.size
 
     def _reap(self) -> None:
         """Raise what a background child start raised (it fails the workflow task, as before)."""
@@ -338,7 +287,7 @@ class GreedySchedulerWorkflow:
 
         express_first = workflow.patched("express-priority")  # EXPRESS_PRIORITY, since release 3
 
-        async def start(bouncer_batch_id: int, size: int, express: bool, ready: bool) -> None:
+        async def start(bouncer_batch_id: int, size: int, express: bool) -> None:
             try:
                 await workflow.start_child_workflow(
                     BouncerBatchWorkflow.run,
@@ -349,7 +298,6 @@ class GreedySchedulerWorkflow:
                         deadline_s=inp.deadline_s,
                         api_create_task_queue=inp.api_create_task_queue,
                         api_task_queue=inp.api_task_queue,
-                        wait_for_slot=ready,
                     ),
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
@@ -360,7 +308,7 @@ class GreedySchedulerWorkflow:
                 pass  # adopted: it is already running and will signal batch_finished
             self._state.dispatched_batches += 1
 
-        await asyncio.gather(*(start(b.bouncer_batch_id, b.size, b.express, b.ready) for b in batches))
+        await asyncio.gather(*(start(b.bouncer_batch_id, b.size, b.express) for b in batches))
 
     async def _check_credits(self) -> None:
         assert self._input is not None
