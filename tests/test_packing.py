@@ -521,3 +521,20 @@ async def test_a_pack_starts_one_workflow_per_batch_and_its_retry_starts_none_ag
             await asyncio.sleep(0.1)
         assert [w.status for w in found] == [WorkflowExecutionStatus.RUNNING], batch
         await dev_env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, batch.bouncer_batch_id)).terminate()
+
+
+async def test_a_list_is_summarized_alike_whether_its_addresses_are_probed_or_the_table_read(world):
+    """The summary probes the address index once the table is 8x the list, else reads it: same counts."""
+    rows = emails("gus", 300) + ["gus.1@company1.example", "not-an-address"]
+    ub = world.submit("gus", rows)
+    await world.user_batches.prepare_user_batch(ub)
+    world.sql("insert into results (address_id, lane, status, reason, score, accept_all, record)"
+              " select id, %s, case when id %% 3 = 0 then 'risky' else 'deliverable' end, 'x', 50, 'no', '{}'::jsonb"
+              " from addresses where email like 'gus.%%' and id %% 2 = 0 returning 1", (LANE,))
+    table_read = await world.user_batches._summarize(ub)
+    assert table_read.by_state == {"verified": 150, "pending": 150, "duplicate": 1, "invalid": 1}
+    assert sum(table_read.by_status.values()) == 151  # the duplicate row shares its address's result
+    world.sql("insert into addresses (email) select 'filler' || g || '@x.example' from generate_series(1, 3000) g"
+              " returning 1")
+    assert world.sql("select max(id) >= 8 * 302 from addresses") == [(True,)]
+    assert await world.user_batches._summarize(ub) == table_read
