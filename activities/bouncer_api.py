@@ -51,21 +51,15 @@ NOT_READY = "NotReady"
 async def store_incoming(cur: psycopg.AsyncCursor, p: dict, folded: bool = False) -> None:
     """Write the `incoming` temp table's records to `results` (`folded`: the case-fold copies).
 
-    An update for addresses that had a result (re-verified), then a plain insert for the rest:
-    ON CONFLICT's speculative insertion measured ~30% slower for new rows. No other store can
-    write the same address meanwhile (an address is in one queue row per lane).
+    A plain insert for addresses without a result, then an update for those that had one (re-
+    verified past the TTL), run only when the insert left some out: in the common case every
+    address is new, and the update's probe of `results` for each of 10,000 records found none
+    (29 s of statement time over the 200 stores of a 2M run). Not ON CONFLICT: its speculative
+    insertion measured ~30% slower for new rows. No other store can write the same address
+    meanwhile (an address is in one queue row per lane).
     """
     q = {**p, "folded": folded}
     async with index_probes(cur):
-        await cur.execute(
-            """
-            update results r set status = i.status, reason = i.reason, score = i.score,
-                accept_all = i.accept_all, record = i.record, verified_at = now()
-            from (select distinct on (address_id) * from incoming where folded = %(folded)s order by address_id) i
-            where r.address_id = i.address_id and r.lane = %(lane)s
-            """,
-            q,
-        )
         await cur.execute(
             """
             insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)
@@ -77,6 +71,19 @@ async def store_incoming(cur: psycopg.AsyncCursor, p: dict, folded: bool = False
             """,
             q,
         )
+        inserted = max(cur.rowcount, 0)
+        await cur.execute("select count(distinct address_id) from incoming where folded = %(folded)s", q)
+        if (await cur.fetchone())[0] > inserted:
+            await cur.execute(
+                """
+                update results r set status = i.status, reason = i.reason, score = i.score,
+                    accept_all = i.accept_all, record = i.record, verified_at = now()
+                from (select distinct on (address_id) * from incoming where folded = %(folded)s order by address_id) i
+                where r.address_id = i.address_id and r.lane = %(lane)s
+                  and r.xmin <> pg_current_xact_id()::xid  -- not the rows inserted just above
+                """,
+                q,
+            )
 
 
 async def resolve(cur: psycopg.AsyncCursor, p: dict) -> None:
