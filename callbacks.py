@@ -8,7 +8,6 @@ naming another `batchId` (a copy left by an ambiguous create) is refused as stal
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 
@@ -36,12 +35,14 @@ def _posted_batch_id(body: bytes) -> str | None:
     return str(value) if value is not None else None
 
 
-async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
+async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> bool:
     try:
         await client.get_workflow_handle(scheduler_id(lane)).signal(
             "batch_finished", BatchFinished(bouncer_batch_id, DONE_AT_API))
+        return True
     except RPCError as exc:  # no scheduler running: a fresh one adopts from the database
         log.warning("scheduler of lane %s not signalled for batch %s: %s", lane, bouncer_batch_id, exc)
+        return False
 
 
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -75,12 +76,11 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
             # early download is retried until the batch is complete.
             counts["stale"] += 1
             return JSONResponse({"status": "not the tracked batch"}, status_code=409)
-        signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed")]
-        if provider_id is not None and posted == provider_id:
-            # Verified done at the API: the lane's scheduler hears it now, not one workflow task
-            # later from the batch workflow (which still signals it: a repeat is harmless).
-            signals.append(_free_slot(client, lane, bb))
-        await asyncio.gather(*signals)
+        # Verified done at the API: the lane's scheduler hears it now, not one workflow task later
+        # from the batch workflow, which is told so and then does not repeat it (one scheduler
+        # workflow task less per batch). Unverified, or not delivered: the batch workflow frees it.
+        freed = provider_id is not None and posted == provider_id and await _free_slot(client, lane, bb)
+        await client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", freed)
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 

@@ -266,6 +266,13 @@ async def test_callbacks_complete_a_user_batch_without_any_status_request(skippi
             evs = await events(env.client, bouncer_batch_workflow_id(LANE, bb))
             assert signals(evs)["completed"] == 1
             assert "await_batch_completion" not in scheduled_activities(evs)
+            # The receiver freed the API slot and said so: the batch signals the scheduler once, at its end.
+            to_scheduler = [e for e in evs if e.event_type == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+                            and e.signal_external_workflow_execution_initiated_event_attributes.workflow_execution.workflow_id
+                            == scheduler_id(LANE)]
+            assert len(to_scheduler) == 1
+        # So each batch reached the scheduler twice: done at the API (receiver), then stored (workflow).
+        assert signals(await events(env.client, scheduler_id(LANE)))["batch_finished"] == 2 * 3
         await assert_replays(env.client, p)
 
 

@@ -59,12 +59,16 @@ def failure_type(err: BaseException) -> str:
 class BouncerBatchWorkflow:
     def __init__(self) -> None:
         self._callback_received = False
+        self._slot_freed = False  # the callback receiver already told the scheduler
         self._phase = "submitting"
 
     @workflow.signal
-    def completed(self) -> None:
-        """Sent by the callback receiver once Bouncer reports the batch done."""
+    def completed(self, slot_freed: bool = False) -> None:
+        """Sent by the callback receiver once Bouncer reports the batch done; `slot_freed`: it
+        has signalled the scheduler that the batch's API slot is free (receivers before release 4
+        sent no argument)."""
         self._callback_received = True
+        self._slot_freed = self._slot_freed or slot_freed
 
     @workflow.query
     def phase(self) -> str:
@@ -83,7 +87,7 @@ class BouncerBatchWorkflow:
                 request = dataclasses.replace(request, notify=True)
             self._phase = "storing"
             self._show(inp, f"storing results of Bouncer batch {bb}")
-            if workflow.patched("free-slot-before-store"):
+            if workflow.patched("free-slot-before-store") and not self._slot_freed:
                 # The batch no longer occupies one of the API's parallel slots: the scheduler may
                 # dispatch the next one while this one downloads and stores (the end signal in
                 # `finally` repeats it harmlessly and wakes the scheduler for re-queued addresses).
