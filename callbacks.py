@@ -8,6 +8,7 @@ naming another `batchId` (a copy left by an ambiguous create) is refused as stal
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -35,14 +36,12 @@ def _posted_batch_id(body: bytes) -> str | None:
     return str(value) if value is not None else None
 
 
-async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> bool:
+async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
     try:
         await client.get_workflow_handle(scheduler_id(lane)).signal(
             "batch_finished", BatchFinished(bouncer_batch_id, DONE_AT_API))
-        return True
     except RPCError as exc:  # no scheduler running: a fresh one adopts from the database
         log.warning("scheduler of lane %s not signalled for batch %s: %s", lane, bouncer_batch_id, exc)
-        return False
 
 
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -77,10 +76,16 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
             counts["stale"] += 1
             return JSONResponse({"status": "not the tracked batch"}, status_code=409)
         # Verified done at the API: the lane's scheduler hears it now, not one workflow task later
-        # from the batch workflow, which is told so and then does not repeat it (one scheduler
-        # workflow task less per batch). Unverified, or not delivered: the batch workflow frees it.
-        freed = provider_id is not None and posted == provider_id and await _free_slot(client, lane, bb)
-        await client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", freed)
+        # from the batch workflow, which is told so and does not repeat it (one scheduler workflow
+        # task less per batch). Both at once: sent one after the other, the completion reached
+        # the batch workflow 172–215 ms after the API finished in `bench fairness`, against ~100
+        # ms. Should the scheduler's signal fail, the batch's end signal (after its store) frees
+        # the slot instead. Unverified: the batch workflow frees it.
+        verified = provider_id is not None and posted == provider_id
+        signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", verified)]
+        if verified:
+            signals.append(_free_slot(client, lane, bb))
+        await asyncio.gather(*signals)
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 

@@ -65,8 +65,8 @@ class BouncerBatchWorkflow:
     @workflow.signal
     def completed(self, slot_freed: bool = False) -> None:
         """Sent by the callback receiver once Bouncer reports the batch done; `slot_freed`: it
-        has signalled the scheduler that the batch's API slot is free (receivers before release 4
-        sent no argument)."""
+        signals the scheduler that the batch's API slot is free (receivers before release 4 sent
+        no argument)."""
         self._callback_received = True
         self._slot_freed = self._slot_freed or slot_freed
 
