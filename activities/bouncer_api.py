@@ -48,8 +48,9 @@ NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
 
 
-async def store_incoming(cur: psycopg.AsyncCursor, p: dict, folded: bool = False) -> None:
-    """Write the `incoming` temp table's records to `results` (`folded`: the case-fold copies).
+async def store_incoming(cur: psycopg.AsyncCursor, p: dict, records: int, folded: bool = False) -> None:
+    """Write the `incoming` temp table's `records` records to `results` (`folded`: the case-fold
+    copies; the caller has counted them already).
 
     A plain insert for addresses without a result, then an update for those that had one (re-
     verified past the TTL), run only when the insert left some out: in the common case every
@@ -71,9 +72,7 @@ async def store_incoming(cur: psycopg.AsyncCursor, p: dict, folded: bool = False
             """,
             q,
         )
-        inserted = max(cur.rowcount, 0)
-        await cur.execute("select count(distinct address_id) from incoming where folded = %(folded)s", q)
-        if (await cur.fetchone())[0] > inserted:
+        if max(cur.rowcount, 0) < records:  # (a record repeated in a download also runs it, harmlessly)
             await cur.execute(
                 """
                 update results r set status = i.status, reason = i.reason, score = i.score,
@@ -409,15 +408,15 @@ class BouncerApiActivities:
         await cur.execute("select status, count(*) from incoming group by 1")
         by_status = {status: int(n) for status, n in await cur.fetchall()}
         stored = sum(by_status.values())
-        await store_incoming(cur, p)
+        await store_incoming(cur, p, stored)
         await cur.execute("create temp table resolved (user_batch_id bigint, address_id bigint) on commit drop")
         await resolve(cur, p)
         # The API folds case: two of our addresses that differ only in the local part's case
         # come back as one record (charged once). Both get it; else the other looks unanswered
         # and is sent and paid again (found by tests/test_bad_input.py). Only addresses left
         # without a record are looked at, so the common case costs one empty probe.
-        if stored and await case_folded(cur, p):
-            await store_incoming(cur, p, folded=True)
+        if stored and (copies := await case_folded(cur, p)):
+            await store_incoming(cur, p, copies, folded=True)
             await resolve(cur, p)
         # The rest: sent but no result came back (or the batch failed/was abandoned).
         await cur.execute(
