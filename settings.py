@@ -59,8 +59,12 @@ class Settings(BaseSettings):
     bouncer_timeout_s: float = Field(30.0, description="HTTP timeout per API request, seconds")
     bouncer_max_concurrency: int = Field(10, description="API requests in flight per process")
     store_concurrency: int = Field(
-        2, ge=1, description="Bouncer batches downloaded and stored at once per worker process (the rest wait their "
-        "turn, at most 2 s, leaving the CPU to the creations that refill the API's slots; express batches never wait)"
+        1, ge=1, description="Bouncer batches downloaded and stored at once per worker process (the rest wait their "
+        "turn, at most STORE_TURN_WAIT_S, leaving the CPU to the creations that refill the API's slots; express "
+        "batches never wait)"
+    )
+    store_turn_wait_s: float = Field(
+        30.0, ge=0, description="A store that has waited this long for a turn (STORE_CONCURRENCY) runs anyway, seconds"
     )
 
     # Packing and limits

@@ -37,9 +37,6 @@ from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
 
-# A store waits at most this long for a turn (STORE_CONCURRENCY), then runs anyway.
-STORE_TURN_WAIT_S = 2.0
-
 # Failure types the workflows branch on.
 OUT_OF_CREDITS = "OutOfCredits"
 UNAUTHORIZED = "Unauthorized"
@@ -178,7 +175,7 @@ class BouncerApiActivities:
         burst of creations, but never fall behind the API for longer than that (with a hard cap,
         a fast API's completions outran the stores and the lane's dispatch stalled on them)."""
         try:
-            await asyncio.wait_for(self._storing.acquire(), timeout=STORE_TURN_WAIT_S)
+            await asyncio.wait_for(self._storing.acquire(), timeout=self.settings.store_turn_wait_s)
         except asyncio.TimeoutError:
             yield
             return

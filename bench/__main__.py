@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--speed", type=float, default=30.0, help="sandbox addresses/s per batch (before scaling)")
     p.add_argument("--batches", type=int, default=45, help="backlog in Bouncer batches (3 × 15 slots)")
     p.add_argument("--batch-size", type=int, default=10_000)
+    p.add_argument("--slots", type=int, default=15,
+                   help="MAX_CONCURRENT_BATCHES (1: turnovers one at a time, with nothing else running)")
     p.add_argument("--profile", metavar="DIR", help="py-spy the worker and the sandbox into DIR (raw stacks)")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
@@ -92,7 +94,7 @@ def main() -> None:
         from bench import saturation
 
         result = saturation.run(args.callback, args.time_scale, args.speed, args.batches, args.batch_size,
-                                profile=args.profile)
+                                profile=args.profile, slots=args.slots)
     elif args.name == "fairness":
         from bench import fairness
 

@@ -23,7 +23,7 @@ slot_utilization
 
 dispatch_gap_ms_p50 / _p95
     Creations and completions at the API are each sorted by time. The scheduler starts a batch
-    only when one of its 15 slots is free, and a slot is held at least from creation to
+    only when one of its 15 slots (`--slots`) is free, and a slot is held at least from creation to
     completion at the API, so the (15+k)-th creation is the one that refilled the slot the k-th
     completion freed: gap_k = created[15+k] − completed[k], for every k with a creation left.
     Reported in real wall-clock ms.
@@ -336,9 +336,10 @@ def slot_metrics(api: list[dict], slots: int) -> dict:
 
 
 def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, batches: int = 3 * SLOTS,
-        batch_size: int = 10_000, users: int = 3, timeout: float = 240.0, profile: str | None = None) -> dict:
-    addresses = batches * batch_size
-    env = scaled_env(time_scale, BATCH_SIZE=batch_size)
+        batch_size: int = 10_000, users: int = 3, timeout: float = 240.0, profile: str | None = None,
+        slots: int = SLOTS) -> dict:
+    addresses = batches * batch_size // users * users  # what `write_lists` writes
+    env = scaled_env(time_scale, BATCH_SIZE=batch_size, MAX_CONCURRENT_BATCHES=slots)
     began = time.monotonic()
     with bench_stack(documented_limits(time_scale, speed, 2 * addresses), env, callbacks=callback) as st:
         stack_s = time.monotonic() - began
@@ -360,7 +361,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         stats = sandbox_stats(st)
         timelines = batch_timelines(st, api)
         scheduler_phases = scheduler_breakdown(st)
-    m = slot_metrics(api, SLOTS)
+    m = slot_metrics(api, slots)
     gaps_ms = [g * 1000.0 for g in m.pop("gaps")]
     mean_gap = statistics.fmean(gaps_ms) / 1000.0 if gaps_ms else 0.0
     api_s = m.pop("mean_api_batch_s")
@@ -372,6 +373,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         "speed_per_batch": speed,
         "batch_size": batch_size,
         "batches": len(api),
+        "slots": slots,
         "slot_utilization": m["slot_utilization"],
         "responses_429": responses_429(stats),
         "dispatch_gap_ms_p50": round(g50, 1) if g50 is not None else None,
@@ -390,7 +392,7 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         "requests": stats["requests"],
         "callbacks_sent": stats["callbacks_sent"],
         "addresses_sent_twice": stats["addresses_sent_twice"],
-        "phases_ms_p50": phase_breakdown(timelines, SLOTS),
+        "phases_ms_p50": phase_breakdown(timelines, slots),
         "scheduler_phases_ms_p50": scheduler_phases,
         "cpu_during_backlog": cpu,
         "setup_s": {"stack": round(stack_s, 1), "lists_prepared": round(prepared_s, 1)},

@@ -16,7 +16,6 @@ import psycopg
 from temporalio.testing import ActivityEnvironment
 
 import db
-from activities import bouncer_api
 from activities.bouncer_api import BouncerApiActivities
 from helpers import make_settings
 from workflows.models import StoreRequest
@@ -65,9 +64,9 @@ async def _until(predicate, what: str) -> None:
     raise AssertionError(f"not within 5 s: {what}")
 
 
-async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_ones_never_wait(db_url, monkeypatch):
-    monkeypatch.setattr(bouncer_api, "STORE_TURN_WAIT_S", 1.5)
-    settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"), store_concurrency=2)
+async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_ones_never_wait(db_url):
+    settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"), store_concurrency=2,
+                             store_turn_wait_s=1.5)
     pool = db.open_pool(db_url, 8)
     await pool.open()
     try:

@@ -34,7 +34,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Replayer
 
 from activities.user_batches import scheduler_input
+from conftest import SANDBOX_KEY
 from helpers import Pipeline, make_settings, running_pipeline, write_list
+from sandbox.process import running_sandbox
 from worker import WORKFLOWS
 from workflows.models import (
     DONE_AT_API,
@@ -239,7 +241,16 @@ async def test_polling_completes_a_user_batch_with_status_requests_and_no_callba
 # ---- 2. callbacks -------------------------------------------------------------------------------
 
 
-async def test_callbacks_complete_a_user_batch_without_any_status_request(skipping_env, db_url, sandbox, tmp_path):
+@pytest.fixture
+def slow_sandbox():
+    """A sandbox of its own that processes a 100-address batch in ~0.2 s. The shared one takes
+    ~2 ms: a callback could overtake the create's answer being recorded, and the receiver, unable
+    to verify it, would leave the slot to the batch workflow (correct, but another path)."""
+    with running_sandbox(SANDBOX_KEY, "--time-scale", "100", "--speed", "5") as sb:
+        yield sb
+
+
+async def test_callbacks_complete_a_user_batch_without_any_status_request(skipping_env, db_url, slow_sandbox, tmp_path):
     """With an hour between polls, only the callback signal can end the wait.
 
     Time skipping stays disabled while waiting: otherwise the server would jump the hour as
@@ -247,7 +258,7 @@ async def test_callbacks_complete_a_user_batch_without_any_status_request(skippi
     and polling would win the race. Locked, time runs at wall-clock speed, so a status
     request would take an hour: zero status requests proves the callback path did it.
     """
-    env = skipping_env
+    env, sandbox = skipping_env, slow_sandbox
     settings = make_settings(db_url, sandbox, batch_size=100, poll_interval_s=3600)
     async with running_pipeline(env.client, settings, callbacks_on=True) as p:
         handle = await p.submit_file(write_list(tmp_path / "cb.csv", emails("cb", 230)), "carl")
@@ -266,7 +277,12 @@ async def test_callbacks_complete_a_user_batch_without_any_status_request(skippi
             evs = await events(env.client, bouncer_batch_workflow_id(LANE, bb))
             assert signals(evs)["completed"] == 1
             assert "await_batch_completion" not in scheduled_activities(evs)
-            # The receiver freed the API slot and said so: the batch signals the scheduler once, at its end.
+            # The receiver verified the callback, freed the API slot and said so: the batch signals
+            # the scheduler once, at its end.
+            (completed,) = [e.workflow_execution_signaled_event_attributes for e in evs
+                            if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+                            and e.workflow_execution_signaled_event_attributes.signal_name == "completed"]
+            assert await env.client.data_converter.decode(completed.input.payloads, [bool]) == [True]
             to_scheduler = [e for e in evs if e.event_type == EventType.EVENT_TYPE_SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
                             and e.signal_external_workflow_execution_initiated_event_attributes.workflow_execution.workflow_id
                             == scheduler_id(LANE)]
