@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "batches never wait)"
     )
     store_turn_wait_s: float = Field(
-        30.0, ge=0, description="A store that has waited this long for a turn (STORE_CONCURRENCY) runs anyway, seconds"
+        5.0, ge=0, description="A store that has waited this long for a turn (STORE_CONCURRENCY) runs anyway, seconds"
     )
 
     # Packing and limits

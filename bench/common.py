@@ -33,11 +33,13 @@ def bench_stack(
     """
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     os.chmod(root, 0o755)  # the embedded Postgres runs as its own system user when we are root
-    st = DevStack(
-        root, temporal_port=free_port(), ui_port=free_port(), sandbox_port=free_port(),
-        callback_port=free_port(), sandbox_args=sandbox_args, worker_env=worker_env,
-    )
+    st = DevStack(root, temporal_port=free_port(), ui_port=free_port(), sandbox_args=sandbox_args, worker_env=worker_env)
     try:
+        # Temporal first: its dev server also listens on ports of its own choosing, so ports picked
+        # before it started could be taken by then ("cannot start the Bouncer sandbox: port ... is
+        # already in use" once in a run of benchmarks).
+        st.start_temporal()
+        st.sandbox_port, st.callback_port = free_port(), free_port()
         st.up(worker=False)
         if sql_stats:
             with psycopg.connect(st.database_url, autocommit=True) as conn:
