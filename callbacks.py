@@ -86,6 +86,9 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         if verified:
             signals.append(_free_slot(client, lane, bb))
         await asyncio.gather(*signals)
+        async with pool.connection() as conn:  # after the signals: off the path that refills the slot
+            await conn.execute("update bouncer_batches set callback_at = coalesce(callback_at, now()) where id = %s",
+                               (bb,))
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 

@@ -240,6 +240,17 @@ class BouncerApiActivities:
                         (bouncer_batch_id,),
                     )
                     return SubmitOutcome(sent=0, submitted=False)
+                heard = False
+                if self.settings.callback_base_url:
+                    # Did the lane's latest known completion come by callback? (A backward scan
+                    # of the primary key that stops at the first completed batch: the in-flight
+                    # ones, at most a lane's slots, are skipped.)
+                    await cur.execute(
+                        "select callback_at is not null from bouncer_batches where lane = %s and id < %s"
+                        " and (callback_at is not null or completed_at is not null) order by id desc limit 1",
+                        (lane, bouncer_batch_id),
+                    )
+                    heard = bool((await cur.fetchone() or (False,))[0])
                 # A request may already have gone out without an answer: the API may hold a copy.
                 await cur.execute(
                     "update bouncer_batches set state = 'submitting', create_attempts = create_attempts + 1,"
@@ -266,7 +277,7 @@ class BouncerApiActivities:
                 " submitted_at = now() where id = %s",
                 (created.batch_id, count, bouncer_batch_id),
             )
-        return SubmitOutcome(sent=count, submitted=True, callback=callback is not None)
+        return SubmitOutcome(sent=count, submitted=True, callback=callback is not None, callbacks_heard=heard)
 
     async def _provider_id(self, bouncer_batch_id: int) -> str:
         async with self.pool.connection() as conn:

@@ -35,6 +35,7 @@ from temporalio.worker import Replayer
 
 from activities.user_batches import scheduler_input
 from conftest import SANDBOX_KEY
+from devstack import free_port
 from helpers import Pipeline, make_settings, running_pipeline, write_list
 from sandbox.process import running_sandbox
 from worker import WORKFLOWS
@@ -51,6 +52,7 @@ from workflows.models import (
     bouncer_batch_workflow_id,
     scheduler_id,
 )
+from workflows.bouncer_batch import SPARSE_POLLS
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -290,6 +292,50 @@ async def test_callbacks_complete_a_user_batch_without_any_status_request(skippi
         # So each batch reached the scheduler twice: done at the API (receiver), then stored (workflow).
         assert signals(await events(env.client, scheduler_id(LANE)))["batch_finished"] == 2 * 3
         await assert_replays(env.client, p)
+
+
+def first_wait(evs) -> timedelta:
+    """How long a Bouncer batch waited for its callback before its first status poll."""
+    (timer, *_) = [e.timer_started_event_attributes for e in evs if e.event_type == EventType.EVENT_TYPE_TIMER_STARTED]
+    return timer.start_to_fire_timeout.ToTimedelta()
+
+
+async def test_fallback_polls_are_sparse_while_the_lanes_callbacks_arrive(skipping_env, db_url, sandbox, tmp_path):
+    """A batch polls after 1 interval until a callback has been heard in its lane; after one, after
+    SPARSE_POLLS intervals; once a callback is lost (found by a poll), after 1 interval again."""
+    env = skipping_env
+    lost = {"callback_public_url": f"http://127.0.0.1:{free_port()}"}  # nothing listens: callbacks are lost
+    heard: list[tuple[str, timedelta, int]] = []  # per batch: how it completed, its first wait, polls
+
+    async def one_batch(name: str, callbacks_on: bool, **overrides) -> None:
+        settings = make_settings(db_url, sandbox, batch_size=100, **overrides)
+        async with running_pipeline(env.client, settings, callbacks_on=callbacks_on) as p:
+            handle = await p.submit_file(write_list(tmp_path / f"{name}.csv", emails(name, 50)), "sid")
+            if callbacks_on:  # see the callbacks test: the wall clock runs, an hour between polls
+                with env.auto_time_skipping_disabled():
+                    summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+            else:
+                summary = await asyncio.wait_for(handle.result(), timeout=30)
+            assert summary.by_state == {"verified": 50}
+            ((bb, by_callback),) = p.sql("select id, callback_at is not null from bouncer_batches"
+                                         " where id = (select max(id) from bouncer_batches)")
+            evs = await events(env.client, bouncer_batch_workflow_id(LANE, bb))
+            polls = scheduled_activities(evs).get("await_batch_completion", 0)
+            heard.append(("callback" if by_callback else "poll", first_wait(evs), polls))
+            await assert_replays(env.client, p)
+
+    await one_batch("lost1", False, **lost)  # a fresh lane: no callback heard yet
+    await one_batch("heard", True, poll_interval_s=3600)
+    await one_batch("lost2", False, **lost)  # the callbacks work: sparse
+    await one_batch("lost3", False, **lost)  # the last one was lost: dense again
+    half = timedelta(seconds=0.5)
+    assert heard == [
+        ("poll", half, 1),
+        ("callback", timedelta(hours=1), 0),
+        ("poll", half * SPARSE_POLLS, 1),
+        ("poll", half, 1),
+    ]
+    assert sandbox_stats(sandbox)["callbacks_sent"] == 1
 
 
 # ---- 3. lane pause / resume -----------------------------------------------------------------------

@@ -247,6 +247,8 @@ class SubmitOutcome:
     sent: int
     submitted: bool  # False when nothing was left to send (all had fresh results meanwhile)
     callback: bool = False  # the API was given our callback URL: polling is only the fallback
+    # The lane's latest completion came by callback (callbacks work): the fallback polls are sparse.
+    callbacks_heard: bool = False
 
 
 @dataclass
