@@ -33,9 +33,11 @@ def heartbeats(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await fn(*args, **kwargs)
 
         async def beat() -> None:
+            # None at the start: the heartbeat timeout runs from the start anyway, and most of
+            # these activities end within a few seconds (each beat is a Temporal server write).
             while True:
-                activity.heartbeat()
                 await asyncio.sleep(_EVERY_S)
+                activity.heartbeat()
 
         task = asyncio.create_task(beat())
         try:
