@@ -87,7 +87,8 @@ class Settings(BaseSettings):
         "+ EXPRESS_SLOTS <= the API's 25 parallel batches)"
     )
     express_max_addresses: int = Field(
-        1_000, description="A list of at most this many addresses to verify may use an express slot; 0 turns express off"
+        1_000, description="A list of at most this many addresses to verify may use an express slot, and one of at "
+        "most this many rows is finalized by the store that settles it; 0 turns both off"
     )
     poll_interval_s: float = Field(15.0, description="Status polling interval (fallback to callbacks)")
     batch_deadline_s: float = Field(

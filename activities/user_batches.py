@@ -550,7 +550,8 @@ class UserBatchActivities:
         """`read_progress`, and once every address is settled, `finalize_user_batch` in the same
         activity: a workflow task and an activity round trip less at the end of every list."""
         progress = await self.read_progress(user_batch_id)
-        if progress.state == "queued" and progress.remaining == 0:
+        # `completed` already: a store finalized this small list (`BouncerApiActivities._finalize_small`).
+        if (progress.state == "queued" and progress.remaining == 0) or progress.state == "completed":
             summary = await self.finalize_user_batch(user_batch_id)
             progress = dataclasses.replace(progress, state=summary.state, summary=summary)
         return progress

@@ -13,15 +13,18 @@ from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
+import orjson
 import psycopg
 import pytest
+from temporalio.testing import ActivityEnvironment
 
 import db
+from activities.bouncer_api import BouncerApiActivities
 from activities.ingest import copy_items
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from helpers import make_settings, write_list
-from workflows.models import PRIORITIES, PackRequest, PackResult, PauseRequest
+from workflows.models import PRIORITIES, PackRequest, PackResult, PauseRequest, StoreRequest
 
 LANE = "deliverability"
 
@@ -369,6 +372,44 @@ async def test_pack_retry_answers_exactly_what_the_first_attempt_answered(world)
     assert (await world.pack("k1", slots=1, batch_size=1_000), await world.pack("k2", slots=1, batch_size=500)) == (
         first, second
     )
+
+
+class Answers:
+    """Stands in for `BouncerClient.download_raw`: a `deliverable` record for every address sent."""
+
+    def __init__(self, world: World, bouncer_batch_id: int) -> None:
+        self.ids = [i for (i,) in world.sql(
+            "select q.address_id from bouncer_batch_parts p join queue q on q.user_batch_id = p.user_batch_id"
+            " and q.lane = %s and q.seq >= p.seq_from and q.seq < p.seq_to where p.bouncer_batch_id = %s",
+            (LANE, bouncer_batch_id))]
+
+    async def download_raw(self, provider_batch_id: str) -> bytes:
+        return orjson.dumps([{"email": f"{i}@x.example", "name": str(i), "status": "deliverable"} for i in self.ids])
+
+
+async def test_the_store_that_settles_a_small_list_completes_it_and_leaves_a_big_one_to_its_workflow(world):
+    small = await world.add("sam", emails("sam", 30))
+    big = await world.add("bea", emails("bea", 120))
+    (batch,) = (await world.pack("k1", slots=1, batch_size=1_000)).batches
+    world.sql("update bouncer_batches set state = 'submitted', provider_batch_id = 'p1' where id = %s returning id",
+              (batch.bouncer_batch_id,))
+    settings = make_settings(world.db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"),
+                             express_max_addresses=100)
+    api = BouncerApiActivities(settings, world.packer.pool, Answers(world, batch.bouncer_batch_id))  # type: ignore[arg-type]
+    stored = await ActivityEnvironment().run(api.store_results, StoreRequest(batch.bouncer_batch_id, LANE, download=True))
+
+    assert stored.stored == 150
+    rows = dict((ub, (state, remaining, finished)) for ub, state, remaining, finished in world.sql(
+        "select b.id, b.state, l.remaining, b.finished_at is not null from user_batches b"
+        " join user_batch_lanes l on l.user_batch_id = b.id"))
+    assert rows == {small: ("completed", 0, True), big: ("queued", 0, False)}
+    assert world.sql("select summary from user_batches where id = %s", (small,)) == [
+        ({"by_state": {"verified": 30}, "by_status": {"deliverable": 30}},)]
+    # Its workflow's next read answers the summary (and ends it); the big list is finalized by it.
+    assert (await world.user_batches.advance_user_batch(small)).summary.by_state == {"verified": 30}
+    advanced = await world.user_batches.advance_user_batch(big)
+    assert advanced.summary.by_state == {"verified": 120} and world.sql(
+        "select state from user_batches where id = %s", (big,)) == [("completed",)]
 
 
 # ---- cross-batch dedupe and the result cache --------------------------------------------------
