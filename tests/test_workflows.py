@@ -237,6 +237,9 @@ async def test_polling_completes_a_user_batch_with_status_requests_and_no_callba
             assert scheduled_activities(await events(env.client, bouncer_batch_workflow_id(LANE, bb)))[
                 "await_batch_completion"
             ] == 1
+        # The user batch's counts are read (and the batch finalized) by `advance_user_batch` alone.
+        acts = scheduled_activities(await events(env.client, handle.id))
+        assert acts["advance_user_batch"] >= 1 and "read_progress" not in acts and "finalize_user_batch" not in acts
         await assert_replays(env.client, p)
 
 

@@ -107,7 +107,11 @@ class UserBatchWorkflow:
             if summary is None:
                 async with self._control:
                     summary = await _database(UserBatchActivities.finalize_user_batch, self._id, minutes=30)
-            self._progress = await self._read_progress()
+                self._progress = await self._read_progress()
+            elif not workflow.patched("no-read-after-advance"):
+                # Before release 5 the counts were read once more after `advance_user_batch` had
+                # finalized, although it had just read them: an activity round trip at every list's end.
+                self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
             search.show({search.BATCH_STATE: "completed"})
             return summary
