@@ -161,13 +161,13 @@ class BouncerBatchWorkflow:
 
         self._phase = "waiting"
         self._show(inp, f"Bouncer batch {bb}: {submitted.sent:,} addresses at the API, waiting for its results")
-        # Callbacks usually end the wait; polling starts after one interval as the fallback.
-        poll_every = timedelta(seconds=inp.poll_interval_s)
-        # Since release 5: while the lane's callbacks work (its latest completion came by one), the
-        # fallback polls every SPARSE_POLLS intervals from the start, not after 1, 2, 4, 8: 1-2
+        # Callbacks usually end the wait; polling is the fallback. Since release 5, while the lane's
+        # callbacks work (its latest completion came by one), it polls every SPARSE_POLLS intervals
+        # from the start, not after 1, 2, 4, 8 (the retry policy's backoff, capped there): 1-2
         # status requests per batch instead of ~5 (`bench saturation`: Temporal and worker CPU).
         # A lost callback is still noticed at most SPARSE_POLLS intervals late, and the lane's
         # next batches, seeing its latest completion came by poll, poll as before.
+        poll_every = timedelta(seconds=inp.poll_interval_s)
         sparse = submitted.callback and submitted.callbacks_heard and workflow.patched("sparse-polls-while-callbacks-work")
         first_wait = poll_every * SPARSE_POLLS if sparse else poll_every
         try:
@@ -192,7 +192,7 @@ class BouncerBatchWorkflow:
                 # Temporal activity attempt and an API request, and a lost callback is rare.
                 retry_policy=RetryPolicy(
                     initial_interval=first_wait,
-                    backoff_coefficient=2.0 if submitted.callback and not sparse else 1.0,
+                    backoff_coefficient=2.0 if submitted.callback else 1.0,
                     maximum_interval=poll_every * (SPARSE_POLLS if submitted.callback else 1),
                     non_retryable_error_types=NON_RETRYABLE,
                 ),
