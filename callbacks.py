@@ -22,6 +22,7 @@ from starlette.routing import Route
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.dispatch_gate import DISPATCH
 from workflows.models import DONE_AT_API, BatchFinished, bouncer_batch_workflow_id, scheduler_id
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         # ms. Should the scheduler's signal fail, the batch's end signal (after its store) frees
         # the slot instead. Unverified: the batch workflow frees it.
         verified = provider_id is not None and posted == provider_id
+        DISPATCH.heard()  # this process's stores wait for the refill (activities/dispatch_gate.py)
         signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", verified)]
         if verified:
             signals.append(_free_slot(client, lane, bb))

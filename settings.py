@@ -63,8 +63,13 @@ class Settings(BaseSettings):
         "turn, at most STORE_TURN_WAIT_S, leaving the CPU to the creations that refill the API's slots; express "
         "batches never wait)"
     )
+    store_quiet_s: float = Field(
+        0.25, ge=0, description="A regular store starts once this worker process has heard no completion and run no "
+        "pack or creation for this long (the refills of a burst of completions go first), seconds"
+    )
     store_turn_wait_s: float = Field(
-        5.0, ge=0, description="A store that has waited this long for a turn (STORE_CONCURRENCY) runs anyway, seconds"
+        5.0, ge=0, description="A store that has waited this long for quiet (STORE_QUIET_S) and a turn "
+        "(STORE_CONCURRENCY) runs anyway, seconds"
     )
 
     # Packing and limits

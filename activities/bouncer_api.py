@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -20,6 +21,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.service import RPCError
 
 from activities.catchall import NEXT_LANE, hand_off
+from activities.dispatch_gate import DISPATCH
 from activities.events import record_progress
 from activities.heartbeat import heartbeats
 from activities.user_batches import UserBatchActivities, index_probes
@@ -172,12 +174,15 @@ class BouncerApiActivities:
 
     @contextlib.asynccontextmanager
     async def _store_turn(self) -> AsyncIterator[None]:
-        """One of STORE_CONCURRENCY turns, or none after STORE_TURN_WAIT_S: stores yield to a
-        burst of creations, but never fall behind the API for longer than that (with a hard cap,
-        a fast API's completions outran the stores and the lane's dispatch stalled on them)."""
+        """Once this process's dispatch is quiet (`DispatchGate`), one of STORE_CONCURRENCY turns;
+        or neither after STORE_TURN_WAIT_S in all: stores yield to a burst of refills, but never
+        fall behind the API for longer than that (with a hard cap, a fast API's completions
+        outran the stores and the lane's dispatch stalled on them)."""
+        deadline = time.monotonic() + self.settings.store_turn_wait_s
+        await DISPATCH.quiet(self.settings.store_quiet_s, deadline)
         try:
-            await asyncio.wait_for(self._storing.acquire(), timeout=self.settings.store_turn_wait_s)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(self._storing.acquire(), timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
             yield
             return
         try:
@@ -197,6 +202,10 @@ class BouncerApiActivities:
         Addresses that got a fresh result since packing are not sent (pay once). A retry after a
         request that got no answer is an ambiguous create: it is counted on the batch row.
         """
+        with DISPATCH.dispatching():
+            return await self._submit(bouncer_batch_id)
+
+    async def _submit(self, bouncer_batch_id: int) -> SubmitOutcome:
         async with self.pool.connection() as conn:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.execute(
@@ -304,6 +313,7 @@ class BouncerApiActivities:
                 type=NOT_READY,
                 category=ApplicationErrorCategory.BENIGN,
             )
+        DISPATCH.heard()
         async with self.pool.connection() as conn:
             await conn.execute(
                 "update bouncer_batches set completed_at = coalesce(completed_at, now()) where id = %s",

@@ -23,6 +23,7 @@ from temporalio.client import Client
 from temporalio.common import Priority
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from activities.dispatch_gate import DISPATCH
 from activities.heartbeat import heartbeats
 from workflows.models import (
     EXPRESS_PRIORITY,
@@ -50,8 +51,9 @@ class PackingActivities:
 
         Idempotent by `pack_key`: a retry returns (and starts) the batches the first attempt created.
         """
-        result = await self._pack(request)
-        await self._start_workflows(request, result.batches)
+        with DISPATCH.dispatching():
+            result = await self._pack(request)
+            await self._start_workflows(request, result.batches)
         return result
 
     async def _start_workflows(self, request: PackRequest, batches: list[PackedBatch]) -> None:

@@ -1,6 +1,7 @@
 """STORE_CONCURRENCY: a worker downloads and stores at most that many Bouncer batches at once;
-a store that waited STORE_TURN_WAIT_S runs anyway; an express batch (one small list, its user
-waiting) never waits for a turn.
+a regular store first waits for its process's dispatch (packs, creations, completions heard)
+to be quiet for STORE_QUIET_S; a store that waited STORE_TURN_WAIT_S runs anyway; an express
+batch (one small list, its user waiting) never waits.
 
 `store_results` runs in Temporal's activity test environment against the real database. The
 download is held open (an asyncio event) so that overlapping stores are observable.
@@ -13,11 +14,12 @@ import uuid
 from types import SimpleNamespace
 
 import psycopg
+from helpers import make_settings
 from temporalio.testing import ActivityEnvironment
 
 import db
 from activities.bouncer_api import BouncerApiActivities
-from helpers import make_settings
+from activities.dispatch_gate import DISPATCH
 from workflows.models import StoreRequest
 
 LANE = "deliverability"
@@ -100,5 +102,81 @@ async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_
                 "select state from bouncer_batches where id = any(%s)", ([bb for bb, _ in regular] + [express[0]],)
             ).fetchall()
         assert [s for (s,) in states] == ["stored"] * 6
+    finally:
+        await pool.close()
+
+
+class HeldCreate(HeldDownloads):
+    """Also stands in for `BouncerClient.create_batch_body`: the creation is held open until
+    `created` is set; downloads answer at once and are recorded with their start time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created = asyncio.Event()
+        self.release.set()
+        self.started: dict[str, float] = {}
+
+    async def create_batch_body(self, body: bytes, callback_url: str | None = None):
+        await self.created.wait()
+        return SimpleNamespace(batch_id=uuid.uuid4().hex)
+
+    async def download_raw(self, provider_batch_id: str) -> bytes:
+        self.started[provider_batch_id] = asyncio.get_running_loop().time()
+        return await super().download_raw(provider_batch_id)
+
+
+def _packed_batch(db_url: str) -> int:
+    """A packed Bouncer batch of one queued address, ready for `submit_batch`."""
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        (ub,) = conn.execute("insert into user_batches (user_id, state) values ('u', 'queued') returning id").fetchone()
+        (address,) = conn.execute("insert into addresses (email) values (%s) returning id",
+                                  (f"{uuid.uuid4().hex}@example.com",)).fetchone()
+        conn.execute("insert into queue (user_batch_id, lane, seq, address_id) values (%s, %s, 0, %s)",
+                     (ub, LANE, address))
+        (bb,) = conn.execute(
+            "insert into bouncer_batches (lane, pack_key, size, callback_token) values (%s, %s, 1, 'token') returning id",
+            (LANE, f"store-test:{uuid.uuid4().hex}"),
+        ).fetchone()
+        conn.execute("insert into bouncer_batch_parts values (%s, %s, 0, 1, 1)", (bb, ub))
+    return bb
+
+
+async def test_a_regular_store_waits_until_its_process_has_created_the_refills(db_url):
+    """A store yields to a creation under way in its worker process, then to STORE_QUIET_S of
+    quiet; an express store does not wait; with a creation that never ends it runs anyway after
+    STORE_TURN_WAIT_S."""
+    settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"),
+                             store_quiet_s=0.4, store_turn_wait_s=2.5)
+    pool = db.open_pool(db_url, 8)
+    await pool.open()
+    try:
+        api_client = HeldCreate()
+        api = BouncerApiActivities(settings, pool, api_client)  # type: ignore[arg-type]
+        env = ActivityEnvironment()
+        loop = asyncio.get_running_loop()
+        (regular, regular_id), (express, express_id) = _batches(db_url, [False, True])
+
+        creating = asyncio.create_task(env.run(api.submit_batch, _packed_batch(db_url)))
+        await asyncio.sleep(0.1)
+        store = asyncio.create_task(env.run(api.store_results, StoreRequest(regular, LANE, download=True)))
+        express_store = asyncio.create_task(env.run(api.store_results, StoreRequest(express, LANE, download=True)))
+        await asyncio.wait_for(express_store, timeout=10)  # the express batch's user is waiting
+        assert express_id in api_client.started and not creating.done()
+        await asyncio.sleep(0.6)
+        assert regular_id not in api_client.started  # still creating: the regular store waits
+
+        api_client.created.set()
+        created_at = loop.time()
+        assert (await asyncio.wait_for(creating, timeout=10)).submitted
+        await asyncio.wait_for(store, timeout=10)
+        assert 0.35 < api_client.started[regular_id] - created_at < 1.5  # after STORE_QUIET_S of quiet
+
+        # Dispatch that never quiets (a fast API's completions) holds a store back at most
+        # STORE_TURN_WAIT_S.
+        ((late, late_id),) = _batches(db_url, [False])
+        with DISPATCH.dispatching():
+            asked_at = loop.time()
+            await asyncio.wait_for(env.run(api.store_results, StoreRequest(late, LANE, download=True)), timeout=10)
+        assert 2.3 < api_client.started[late_id] - asked_at < 4.0
     finally:
         await pool.close()
