@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         "batches never wait)"
     )
     store_quiet_s: float = Field(
-        0.25, ge=0, description="A regular store starts once this worker process has heard no completion and run no "
+        1.0, ge=0, description="A regular store starts once this worker process has heard no completion and run no "
         "pack or creation for this long (the refills of a burst of completions go first), seconds"
     )
     store_turn_wait_s: float = Field(
