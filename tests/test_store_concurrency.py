@@ -10,7 +10,9 @@ download is held open (an asyncio event) so that overlapping stores are observab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import psycopg
@@ -58,6 +60,18 @@ def _batches(db_url: str, express: list[bool]) -> list[tuple[int, str]]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def _store_api(db_url: str, api_client, **settings) -> AsyncIterator[BouncerApiActivities]:
+    """The API activities over a pool of their own, with `api_client` as the Bouncer client."""
+    pool = db.open_pool(db_url, 8)
+    await pool.open()
+    try:
+        yield BouncerApiActivities(make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"),
+                                                 **settings), pool, api_client)
+    finally:
+        await pool.close()
+
+
 async def _until(predicate, what: str) -> None:
     for _ in range(500):
         if predicate():
@@ -67,13 +81,8 @@ async def _until(predicate, what: str) -> None:
 
 
 async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_ones_never_wait(db_url):
-    settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"), store_concurrency=2,
-                             store_turn_wait_s=1.5)
-    pool = db.open_pool(db_url, 8)
-    await pool.open()
-    try:
-        downloads = HeldDownloads()
-        api = BouncerApiActivities(settings, pool, downloads)  # type: ignore[arg-type]
+    downloads = HeldDownloads()
+    async with _store_api(db_url, downloads, store_concurrency=2, store_turn_wait_s=1.5) as api:
         env = ActivityEnvironment()
         regular = _batches(db_url, [False] * 5)
         (express,) = _batches(db_url, [True])
@@ -102,8 +111,6 @@ async def test_at_most_store_concurrency_batches_are_stored_at_once_and_express_
                 "select state from bouncer_batches where id = any(%s)", ([bb for bb, _ in regular] + [express[0]],)
             ).fetchall()
         assert [s for (s,) in states] == ["stored"] * 6
-    finally:
-        await pool.close()
 
 
 class HeldCreate(HeldDownloads):
@@ -145,13 +152,8 @@ async def test_a_regular_store_waits_until_its_process_has_created_the_refills(d
     """A store yields to a creation under way in its worker process, then to STORE_QUIET_S of
     quiet; an express store does not wait; with a creation that never ends it runs anyway after
     STORE_TURN_WAIT_S."""
-    settings = make_settings(db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"),
-                             store_quiet_s=0.4, store_turn_wait_s=2.5)
-    pool = db.open_pool(db_url, 8)
-    await pool.open()
-    try:
-        api_client = HeldCreate()
-        api = BouncerApiActivities(settings, pool, api_client)  # type: ignore[arg-type]
+    api_client = HeldCreate()
+    async with _store_api(db_url, api_client, store_quiet_s=0.4, store_turn_wait_s=2.5) as api:
         env = ActivityEnvironment()
         loop = asyncio.get_running_loop()
         (regular, regular_id), (express, express_id) = _batches(db_url, [False, True])
@@ -178,5 +180,3 @@ async def test_a_regular_store_waits_until_its_process_has_created_the_refills(d
             asked_at = loop.time()
             await asyncio.wait_for(env.run(api.store_results, StoreRequest(late, LANE, download=True)), timeout=10)
         assert 2.3 < api_client.started[late_id] - asked_at < 4.0
-    finally:
-        await pool.close()
