@@ -415,6 +415,9 @@ class BouncerApiActivities:
         """`store_results`' transaction, once it holds the batch row: results, queue, waits, counts.
         Also returns the small lists (≤ EXPRESS_MAX_ADDRESSES rows) it left with nothing outstanding."""
         bb, lane = request.bouncer_batch_id, request.lane
+        # The results insert sorts the download with its records (~8 MB): at the default 4 MB
+        # it spilled to disk (1 GB of temp writes per 2M addresses).
+        await cur.execute("set local work_mem = '64MB'")
         await cur.execute(
             "create temp table incoming (address_id bigint, status text, reason text, score smallint,"
             " accept_all text, record jsonb, folded bool not null default false) on commit drop"

@@ -56,11 +56,21 @@ def schema_version(database_url: str) -> int:
         return int(row[0])
 
 
+TEMP_BUFFERS = "64MB"
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    # A store's temp table holds one download (10,000 records, ~8 MB with their jsonb): at the
+    # default 8 MB of temp buffers it went to disk (900 MB of temp writes per 2M addresses).
+    # Settable only before the session's first temp table, so here, once per connection.
+    await conn.execute(f"set temp_buffers = '{TEMP_BUFFERS}'")
+
+
 def open_pool(database_url: str, size: int) -> AsyncConnectionPool:
     """An async pool (call `await pool.open()`); one per process. Connections autocommit:
     multi-statement work opens `conn.transaction()` explicitly."""
     return AsyncConnectionPool(
-        database_url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+        database_url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}, configure=_configure
     )
 
 
