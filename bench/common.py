@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,10 @@ def bench_stack(
         yield st
     finally:
         st.down()
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):  # the stack's logs and data, to look into a run
+            print(f"bench stack kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def write_lists(folder: Path, users: int, per_user: int, tag: str) -> list[Path]:
@@ -143,26 +147,43 @@ class CpuMeter:
         cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         return sum(cpu) - cpu[3] - cpu[4], sum(cpu)  # busy, all (idle and iowait are not busy)
 
-    def start(self) -> None:
+    def start(self, sample_s: float = 0.0) -> None:
+        """`sample_s` > 0: also record the machine's busy share every `sample_s` seconds."""
         self._t0 = time.monotonic()
         self._first = cpu_seconds(self.st), self._machine()
+        self._samples: list[float] = []
+        self._stopped = threading.Event()
+        if sample_s > 0:
+            self._sampler = threading.Thread(target=self._sample, args=(sample_s,), daemon=True)
+            self._sampler.start()
+
+    def _sample(self, every_s: float) -> None:
+        busy0, all0 = self._machine()
+        while not self._stopped.wait(every_s):
+            busy1, all1 = self._machine()
+            self._samples.append(round((busy1 - busy0) / max(all1 - all0, 1), 2))
+            busy0, all0 = busy1, all1
 
     def stop(self) -> dict:
+        self._stopped.set()
         (a, (busy0, all0)), b, (busy1, all1) = self._first, cpu_seconds(self.st), self._machine()
         return {"cpu_s": {name: round(v - a.get(name, 0.0), 1) for name, v in b.items()},
                 "wall_s": round(time.monotonic() - self._t0, 1),
-                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3)}
+                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3),
+                **({"machine_busy_samples": self._samples} if self._samples else {})}
 
 
 def top_statements(database_url: str, n: int = 20) -> list[dict]:
     """The `n` statements that took the most execution time (pg_stat_statements)."""
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
-            "select calls, round(total_exec_time)::bigint, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
-            " from pg_stat_statements order by total_exec_time desc limit %s",
+            "select calls, round(total_exec_time)::bigint, rows, temp_blks_written, round(wal_bytes / 1048576),"
+            " left(regexp_replace(query, '\\s+', ' ', 'g'), 160)"
+            " from pg_stat_statements where toplevel order by total_exec_time desc limit %s",
             (n,),
         ).fetchall()
-    return [{"calls": c, "total_ms": ms, "rows": r, "query": q} for c, ms, r, q in rows]
+    return [{"calls": c, "total_ms": ms, "rows": r, "temp_blks_written": t, "wal_mb": int(w), "query": q}
+            for c, ms, r, t, w, q in rows]
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -44,20 +44,42 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
                      sql_stats=sql_stats) as st:
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
         meter = CpuMeter(st)
-        meter.start()
-        began = time.monotonic()
+        meter.start(sample_s=5.0)
+        began, began_wall = time.monotonic(), time.time()
         # Two submitters at a time: one per core, as a user's scripts would.
         with ThreadPoolExecutor(max_workers=2) as pool:
             submitted = list(pool.map(lambda i: submit(st, files[i], f"user{i}"), range(users)))
         submit_done = time.monotonic()
         ids = [s["user_batch_id"] for s in submitted]
         finished = wait_completed(st, ids, timeout)
-        cpu = meter.stop()["cpu_s"]
+        metered = meter.stop()
+        cpu = metered["cpu_s"]
         worker_rss = max(filter(None, (peak_rss_mb(st.pid(n)) for n in ["worker", *[f"worker-{i}" for i in
                                                                                  range(2, workers + 1)]])))
         with psycopg.connect(st.database_url) as conn:
             packs = [r[0] for r in conn.execute("select duration_ms from pack_runs where batches > 0")]
             sizes = [r[0] for r in conn.execute("select size from bouncer_batches")]
+            # When each phase ended, from the rows' own timestamps (s after the first submit began).
+            timeline = conn.execute(
+                """
+                select extract(epoch from x) - %s from (values
+                    ((select max(created_at) from user_batches)), ((select min(created_at) from bouncer_batches)),
+                    ((select max(created_at) from bouncer_batches)), ((select max(coalesce(callback_at, completed_at)) from bouncer_batches)),
+                    ((select max(stored_at) from bouncer_batches)), ((select max(finished_at) from user_batches))) t(x)
+                """,
+                (began_wall,),
+            ).fetchall()
+            # Bouncer batches packed and stored in each 5 s of the run: where the dispatch waited.
+            per_5s = conn.execute(
+                """
+                with e as (select floor((extract(epoch from created_at) - %(t0)s) / 5)::int as p,
+                                  floor((extract(epoch from stored_at) - %(t0)s) / 5)::int as s from bouncer_batches)
+                select array_agg((select count(*) from e where p = b) order by b),
+                       array_agg((select count(*) from e where s = b) order by b)
+                from generate_series(0, (select greatest(max(p), max(s)) from e)) b
+                """,
+                {"t0": began_wall},
+            ).fetchone()
             (verified,) = conn.execute(
                 "select count(*) from item_outcomes where user_batch_id = any(%s) and state = 'verified'", (ids,)
             ).fetchone()
@@ -86,6 +108,13 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         "bouncer_batches": len(sizes),
         "mean_batch_fill": round(sum(sizes) / (len(sizes) * 10_000), 3) if sizes else 0,
         "cpu_s": cpu | {"submitters": round(sum(s["cpu_s"] for s in submitted), 1)},
+        "timeline_s": dict(zip(["last_list_registered", "first_batch_packed", "last_batch_packed",
+                                "last_batch_completed", "last_batch_stored", "last_list_finished"],
+                               (None if t is None else round(float(t), 1) for (t,) in timeline))),
+        "batches_packed_per_5s": per_5s[0],
+        "batches_stored_per_5s": per_5s[1],
+        "machine_busy": metered["machine_busy"],
+        "machine_busy_per_5s": metered.get("machine_busy_samples", []),
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],
         **({"top_statements": statements} if sql_stats else {}),
