@@ -72,6 +72,7 @@ class UserBatchWorkflow:
         try:
             if not self._id:
                 await self._register_and_ingest(inp)
+            read_news = self._news  # the news heard before the latest read of the progress began
             async with self._control:
                 self._progress = await _database(UserBatchActivities.prepare_user_batch, self._id, minutes=30)
             if not workflow.patched("prepare-nudges-scheduler"):
@@ -81,8 +82,12 @@ class UserBatchWorkflow:
             # Since release 2 each re-read also finalizes a settled batch (one activity, not two).
             advance = workflow.patched("advance-finalizes")
             summary: Summary | None = None
+            # Since release 6 the news is taken before each read, not after it: a `progressed`
+            # signal handled in the activation that delivered a read's result (its store committed
+            # after the read) was counted as seen, and the list waited for the slow timer.
+            news_before_read = workflow.patched("news-before-read")
             while not (self._progress.state == "queued" and self._progress.remaining == 0):
-                seen = self._news
+                seen = read_news if news_before_read else self._news
                 if workflow.patched("recheck-timer-not-cancelled"):
                     # The slow timer re-reads in case a signal was missed. It runs out on its own
                     # instead of being cancelled by each signal: two history events per period,
@@ -98,6 +103,7 @@ class UserBatchWorkflow:
                         )
                     except asyncio.TimeoutError:
                         pass
+                read_news = self._news
                 async with self._control:
                     self._progress = await (self._advance() if advance else self._read_progress())
                 self._describe()
