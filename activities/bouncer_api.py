@@ -175,11 +175,13 @@ class BouncerApiActivities:
     @contextlib.asynccontextmanager
     async def _store_turn(self) -> AsyncIterator[None]:
         """Once this process's dispatch is quiet (`DispatchGate`), one of STORE_CONCURRENCY turns;
-        or neither after STORE_TURN_WAIT_S in all: stores yield to a burst of refills, but never
-        fall behind the API for longer than that (with a hard cap, a fast API's completions
-        outran the stores and the lane's dispatch stalled on them)."""
+        or neither after STORE_TURN_WAIT_S in all, or when more than MAX_CONCURRENT_BATCHES
+        stores wait: stores yield to a burst of refills, but never fall behind the API for longer
+        than that (with a hard cap, a fast API's completions outran the stores and the lane's
+        dispatch stalled on them)."""
         deadline = time.monotonic() + self.settings.store_turn_wait_s
-        await DISPATCH.quiet(self.settings.store_quiet_s, deadline)
+        if await DISPATCH.quiet(self.settings.store_quiet_s, deadline, backlog=self.settings.max_concurrent_batches):
+            deadline = time.monotonic()  # a backlog of stores: no turn to wait for either
         try:
             await asyncio.wait_for(self._storing.acquire(), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:

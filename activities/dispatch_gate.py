@@ -7,6 +7,10 @@ regular store waits until this process's dispatch work (a completion heard, a pa
 has been quiet for STORE_QUIET_S, and never longer than STORE_TURN_WAIT_S (so a fast API's
 completions, which never leave the dispatch quiet, cannot hold the stores back for good).
 
+A queue of waiting stores is bounded too: the scheduler counts a batch being stored against its
+cap (in flight + storing ≤ 2 × slots), so once more stores wait than a lane has slots, their wait
+no longer lets refills run first: it holds them back. The oldest beyond that bound go at once.
+
 Per process, as the CPU is: in a deployment with several worker hosts a store only yields to the
 dispatch of its own host. No asyncio primitive is kept (they bind to one event loop, and tests
 run many): a waiting store looks again every `_LOOK_S`.
@@ -26,6 +30,7 @@ class DispatchGate:
     def __init__(self) -> None:
         self._running = 0
         self._last = float("-inf")  # time.monotonic() of the latest dispatch event
+        self._waiting: list[object] = []  # the stores waiting for quiet, oldest first
 
     def heard(self) -> None:
         """A completion was heard: a pack and a creation are about to follow."""
@@ -47,10 +52,19 @@ class DispatchGate:
             return _LOOK_S
         return self._last + quiet_s - time.monotonic()
 
-    async def quiet(self, quiet_s: float, deadline: float) -> None:
-        """Return once dispatch has been quiet for `quiet_s`, or at `deadline` (time.monotonic())."""
-        while (wait := self._wait_s(quiet_s)) > 0 and (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(wait, left))
+    async def quiet(self, quiet_s: float, deadline: float, backlog: int) -> bool:
+        """Return once dispatch has been quiet for `quiet_s`, or at `deadline` (time.monotonic()),
+        or once more than `backlog` waiters came after this one (then True: it is not to wait more)."""
+        me = object()
+        self._waiting.append(me)
+        try:
+            while (wait := self._wait_s(quiet_s)) > 0 and (left := deadline - time.monotonic()) > 0:
+                if self._waiting.index(me) < len(self._waiting) - backlog:
+                    return True
+                await asyncio.sleep(min(wait, left))
+            return False
+        finally:
+            self._waiting.remove(me)
 
 
 DISPATCH = DispatchGate()  # the process's one gate: packs, creations, the callback receiver, stores

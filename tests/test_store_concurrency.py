@@ -1,7 +1,8 @@
 """STORE_CONCURRENCY: a worker downloads and stores at most that many Bouncer batches at once;
 a regular store first waits for its process's dispatch (packs, creations, completions heard)
-to be quiet for STORE_QUIET_S; a store that waited STORE_TURN_WAIT_S runs anyway; an express
-batch (one small list, its user waiting) never waits.
+to be quiet for STORE_QUIET_S; a store that waited STORE_TURN_WAIT_S, or that more than
+MAX_CONCURRENT_BATCHES stores wait behind, runs anyway; an express batch (one small list, its
+user waiting) never waits.
 
 `store_results` runs in Temporal's activity test environment against the real database. The
 download is held open (an asyncio event) so that overlapping stores are observable.
@@ -180,3 +181,25 @@ async def test_a_regular_store_waits_until_its_process_has_created_the_refills(d
             asked_at = loop.time()
             await asyncio.wait_for(env.run(api.store_results, StoreRequest(late, LANE, download=True)), timeout=10)
         assert 2.3 < api_client.started[late_id] - asked_at < 4.0
+
+
+async def test_stores_beyond_a_lanes_slots_do_not_wait_for_quiet(db_url):
+    """The scheduler counts waiting stores against its cap (in flight + storing ≤ 2 × slots):
+    once more stores wait than MAX_CONCURRENT_BATCHES, the oldest go at once, so a fast API's
+    completions do not stall the lane's dispatch behind stores that wait for a quiet that never
+    comes."""
+    api_client = HeldCreate()
+    async with _store_api(db_url, api_client, max_concurrent_batches=2, store_quiet_s=0.2,
+                          store_turn_wait_s=30) as api:
+        env = ActivityEnvironment()
+        batches = _batches(db_url, [False] * 4)
+        stores = []
+        with DISPATCH.dispatching():  # dispatch that never quiets
+            for bb, _ in batches:
+                stores.append(asyncio.create_task(env.run(api.store_results, StoreRequest(bb, LANE, download=True))))
+                await asyncio.sleep(0.3)
+            await _until(lambda: len(api_client.started) == 2, "the two oldest stores to start")
+            await asyncio.sleep(0.5)
+            assert set(api_client.started) == {batches[0][1], batches[1][1]}  # two wait: the lane's slots
+        await asyncio.wait_for(asyncio.gather(*stores), timeout=10)  # quiet: the other two run
+        assert set(api_client.started) == {provider for _, provider in batches}
