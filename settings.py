@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
     store_turn_wait_s: float = Field(
         5.0, ge=0, description="A store that has waited this long for quiet (STORE_QUIET_S) and a turn "
-        "(STORE_CONCURRENCY) runs anyway, seconds"
+        "(STORE_CONCURRENCY) runs anyway, seconds (so does the oldest of more than MAX_CONCURRENT_BATCHES waiting stores)"
     )
 
     # Packing and limits
