@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.catchall import NEXT_LANE, hand_off
 from activities.dispatch_gate import DISPATCH
@@ -160,15 +160,19 @@ class BouncerApiActivities:
     async def _notify(self, request: StoreRequest, workflow_ids: list[str]) -> None:
         """Signal `progressed` to the user batches a store touched, right after its commit (a
         workflow task sooner than through the Bouncer batch workflow). At least once: a retry
-        that finds the batch stored signals again; a finished user batch ignores it."""
+        that finds the batch stored signals again; a finished user batch ignores it. Any other
+        failure fails the activity, whose retry signals again (the list would otherwise hear of
+        the store only at its next slow recheck)."""
         if not request.notify or self.client is None:
             return
 
         async def one(workflow_id: str) -> None:
             try:
                 await self.client.get_workflow_handle(workflow_id).signal("progressed")
-            except RPCError as exc:  # finished or cancelled: it needs no news
-                activity.logger.info("user batch %s not signalled: %s", workflow_id, exc)
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                activity.logger.info("user batch %s not signalled (finished or cancelled): %s", workflow_id, exc)
 
         await asyncio.gather(*(one(w) for w in workflow_ids))
 
