@@ -7,6 +7,8 @@
     python -m bench ingest --rows 2000000 --json
     python -m bench chaos --addresses 200000 [--no-kills] [--no-temporal-restart] ... --json
     python -m bench sandbox --addresses 2000000 [--profile FILE] --json
+
+BENCH_KEEP=1 keeps a run's stack directory (logs, Postgres data, Temporal's SQLite) and prints it.
 """
 
 from __future__ import annotations
