@@ -185,7 +185,8 @@ class BouncerApiActivities:
         dispatch stalled on them)."""
         deadline = time.monotonic() + self.settings.store_turn_wait_s
         if await DISPATCH.quiet(self.settings.store_quiet_s, deadline, backlog=self.settings.max_concurrent_batches):
-            deadline = time.monotonic()  # a backlog of stores: no turn to wait for either
+            yield  # a backlog of stores: no turn to wait for either
+            return
         try:
             await asyncio.wait_for(self._storing.acquire(), timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
