@@ -186,6 +186,20 @@ def top_statements(database_url: str, n: int = 20) -> list[dict]:
             for c, ms, r, t, w, q in rows]
 
 
+def io_stats(database_url: str) -> dict:
+    """Where Postgres wrote since the stack started (pg_stat_io: MB written or extended, writes
+    and fsyncs per backend type, object (relation, temp relation, wal) and context)."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "select backend_type, object, context,"
+            " round(sum(coalesce(write_bytes, 0) + coalesce(extend_bytes, 0)) / 1048576.0),"
+            " sum(coalesce(writes, 0)), sum(coalesce(fsyncs, 0))"
+            " from pg_stat_io group by 1, 2, 3"
+            " having sum(coalesce(write_bytes, 0) + coalesce(extend_bytes, 0)) > 1048576 order by 4 desc"
+        ).fetchall()
+    return {f"{b}/{o}/{c}": {"mb": int(mb), "writes": int(w), "fsyncs": int(f)} for b, o, c, mb, w, f in rows}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -222,16 +236,20 @@ def _payload_sizes(message) -> Iterator[int]:
 
 
 async def history_limits(client) -> dict:
-    """Largest history (events) and largest single payload (bytes) over every workflow run."""
+    """Largest history (events) and largest single payload (bytes) over every workflow run, and
+    the events of all runs per workflow type (`history_events_by_type`)."""
     max_events = max_payload = runs = 0
+    by_type: dict[str, int] = {}  # all events, per workflow type: where the server's work goes
     async for wf in client.list_workflows():
         history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
         runs += 1
         max_events = max(max_events, len(history.events))
+        by_type[wf.workflow_type] = by_type.get(wf.workflow_type, 0) + len(history.events)
         for event in history.events:
             for size in _payload_sizes(event):
                 max_payload = max(max_payload, size)
-    return {"workflow_runs": runs, "max_history_events": max_events, "max_payload_bytes": max_payload}
+    return {"workflow_runs": runs, "max_history_events": max_events, "max_payload_bytes": max_payload,
+            "history_events_by_type": dict(sorted(by_type.items()))}
 
 
 # An address as it could appear in a payload or failure message; the scan then checks candidates

@@ -18,6 +18,7 @@ from bench.common import (
     CpuMeter,
     bench_stack,
     history_limits,
+    io_stats,
     peak_rss_mb,
     percentile,
     submit,
@@ -86,6 +87,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         sandbox = httpx.get(f"{st.sandbox_url}/_sandbox/stats").json()
         limits = asyncio.run(_limits(st))
         statements = top_statements(st.database_url) if sql_stats else None
+        io = io_stats(st.database_url) if sql_stats else None
     rows = sum(s["rows"] for s in submitted)
     ingest_s = sum(s["ingest_s"] for s in submitted)
     elapsed = finished - began
@@ -117,5 +119,5 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         "machine_busy_per_5s": metered.get("machine_busy_samples", []),
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],
-        **({"top_statements": statements} if sql_stats else {}),
+        **({"top_statements": statements, "postgres_io": io} if sql_stats else {}),
     }
