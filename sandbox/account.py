@@ -208,6 +208,11 @@ class Account:
 
     # ---- time ---------------------------------------------------------------------------
 
+    def next_due(self) -> float | None:
+        """When the earliest processing batch completes (a stale heap entry may come first:
+        waking for it is harmless), or None."""
+        return self.processing[0][0] if self.processing else None
+
     def advance(self, now: float) -> None:
         """Complete every batch due by `now`, starting queued ones as slots free."""
         while self.processing and self.processing[0][0] <= now:

@@ -154,6 +154,15 @@ class Sandbox:
             self.account.completed_since.clear()
         return now
 
+    def until_next_tick(self) -> float:
+        """Seconds until the ticker should run again: at the next completion, so its callback
+        leaves when the batch completes (not up to a tick later), and at least every
+        TICK_SECONDS (batches created meanwhile, faults, the catch-all account)."""
+        due = self.account.next_due()
+        if due is None:
+            return TICK_SECONDS
+        return min(TICK_SECONDS, max(0.0, due - self.clock.now()))
+
     def count(self, endpoint: str, status: int | str) -> None:
         self.requests.setdefault(endpoint, Counter())[str(status)] += 1
 
@@ -467,7 +476,7 @@ class SandboxApp(Starlette):
 
 async def _ticker(sandbox: Sandbox) -> None:
     while True:
-        await asyncio.sleep(TICK_SECONDS)
+        await asyncio.sleep(sandbox.until_next_tick())
         try:
             sandbox.tick()
         except Exception:  # keep ticking; a bug here must not freeze every batch

@@ -436,3 +436,17 @@ def test_records_and_stats_do_not_depend_on_kept_or_forgotten_decisions(monkeypa
         account.mark_delivered(batch)
     assert batches[1].verified < len(batches[1].entries)  # the early finish left some unverified
     assert account._decisions_kept == 0
+
+
+def test_the_ticker_wakes_at_the_next_completion_not_a_tick_later() -> None:
+    from sandbox.app import TICK_SECONDS, Sandbox, SandboxConfig
+
+    sb = Sandbox(SandboxConfig(api_key=KEY, speed=100.0, time_scale=20.0))  # 2,000 addresses/s
+    assert sb.until_next_tick() == TICK_SECONDS  # nothing processing: the regular tick
+    now = sb.clock.now()
+    batch = sb.account.create([{"email": f"t{i}@example.com"} for i in range(20)], None, now)
+    assert batch.due == pytest.approx(now + 0.01)  # 20 addresses at 2,000/s
+    wait = sb.until_next_tick()
+    assert 0.0 < wait <= batch.due - now < TICK_SECONDS  # wakes for the completion itself
+    sb.account.advance(batch.due)
+    assert batch.status == "completed" and sb.until_next_tick() == TICK_SECONDS
