@@ -16,6 +16,7 @@ import pytest
 
 from sandbox import account as account_module
 from sandbox.account import Account
+from sandbox.app import TICK_SECONDS, Sandbox, SandboxConfig
 from sandbox.process import RunningSandbox, running_sandbox, start_sandbox, stop_sandbox
 from sandbox.verdicts import STATUSES, unverified, verdict
 
@@ -439,8 +440,6 @@ def test_records_and_stats_do_not_depend_on_kept_or_forgotten_decisions(monkeypa
 
 
 def test_the_ticker_wakes_at_the_next_completion_not_a_tick_later() -> None:
-    from sandbox.app import TICK_SECONDS, Sandbox, SandboxConfig
-
     sb = Sandbox(SandboxConfig(api_key=KEY, speed=100.0, time_scale=20.0))  # 2,000 addresses/s
     assert sb.until_next_tick() == TICK_SECONDS  # nothing processing: the regular tick
     now = sb.clock.now()
