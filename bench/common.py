@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -199,29 +198,6 @@ def io_stats(database_url: str) -> dict:
             " having sum(coalesce(write_bytes, 0) + coalesce(extend_bytes, 0)) > 1048576 order by 4 desc"
         ).fetchall()
     return {f"{b}/{o}/{c}": {"mb": int(mb), "writes": int(w), "fsyncs": int(f)} for b, o, c, mb, w, f in rows}
-
-
-def calibration_s(database_url: str) -> dict:
-    """This hour's speed of the machine, to compare runs across hours (it drifts by 10-30%):
-    the best of 3 timings of a fixed Python workload (hashing 300,000 short strings) and of a
-    fixed Postgres query (300,000 md5s, distinct-counted). Lower is faster; taken before the run."""
-    def best(fn) -> float:
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return round(min(times), 3)
-
-    def python() -> None:
-        for i in range(300_000):
-            hashlib.blake2b(f"user{i}@example{i % 97}.com".encode(), digest_size=8).digest()
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        def postgres() -> None:
-            conn.execute("select count(distinct md5(g::text)) from generate_series(1, 300000) g").fetchone()
-
-        return {"python": best(python), "postgres": best(postgres)}
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -2,9 +2,6 @@
 
 The sandbox processes instantly and refuses nothing, so what is left is ingest, prepare, pack,
 submit, download, store and finalize: the pipeline's cost on top of the API.
-
-The machine is shared and its speed drifts by 10-30% between hours: `calibration_s` (a fixed
-Python and Postgres workload timed before the run, lower is faster) says which hour a run had.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import psycopg
 from bench.common import (
     CpuMeter,
     bench_stack,
-    calibration_s,
     history_limits,
     io_stats,
     peak_rss_mb,
@@ -48,7 +44,6 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
     with bench_stack(["--no-limits", "--speed", "0", "--credits", str(10 * addresses)], env, workers,
                      sql_stats=sql_stats) as st:
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
-        calibration = calibration_s(st.database_url)
         meter = CpuMeter(st)
         meter.start(sample_s=5.0)
         began, began_wall = time.monotonic(), time.time()
@@ -121,7 +116,6 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         "batches_packed_per_5s": per_5s[0],
         "batches_stored_per_5s": per_5s[1],
         "machine_busy": metered["machine_busy"],
-        "calibration_s": calibration,
         "machine_busy_per_5s": metered.get("machine_busy_samples", []),
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],

@@ -57,8 +57,7 @@ Defaults: F = 20 and 30 addresses/s per batch, so a 10,000 batch spends 16.7 s (
 (333 s unscaled); a run takes ~1.5–2 minutes. Everything shares the machine's cores, the
 sandbox included (it computes every verdict in Python, serially, on one event loop), so
 `cpu_during_backlog` gives the CPU seconds of each part while the backlog lasted and the
-machine's busy share (`calibration_s`, timed before the run, says how fast the machine was that
-hour); `--profile DIR` also samples the worker and the sandbox with py-spy
+machine's busy share; `--profile DIR` also samples the worker and the sandbox with py-spy
 (raw collapsed stacks, for flame graphs).
 """
 
@@ -81,7 +80,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from bench.common import CpuMeter, bench_stack, calibration_s, percentile, submit, write_lists
+from bench.common import CpuMeter, bench_stack, percentile, submit, write_lists
 from devstack import ROOT, DevStack
 
 LANE = "deliverability"
@@ -353,7 +352,6 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
     began = time.monotonic()
     with bench_stack(documented_limits(time_scale, speed, 2 * addresses), env, callbacks=callback) as st:
         stack_s = time.monotonic() - began
-        calibration = calibration_s(st.database_url)
         files = write_lists(st.root / "lists", users, addresses // users, uuid.uuid4().hex[:6])
         starter(st, "pause", "--lane", LANE)  # the whole backlog is queued before dispatch starts
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -407,7 +405,6 @@ def run(callback: bool = True, time_scale: float = 20.0, speed: float = 30.0, ba
         "phases_ms_p50": phase_breakdown(timelines, slots),
         "scheduler_phases_ms_p50": scheduler_phases,
         "cpu_during_backlog": cpu,
-        "calibration_s": calibration,
         "setup_s": {"stack": round(stack_s, 1), "lists_prepared": round(prepared_s, 1)},
         "wall_s": round(time.monotonic() - began, 1),
     }
