@@ -147,6 +147,11 @@ class CpuMeter:
         cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         return sum(cpu) - cpu[3] - cpu[4], sum(cpu)  # busy, all (idle and iowait are not busy)
 
+    @staticmethod
+    def _busy_share(before: tuple[int, int], after: tuple[int, int], digits: int) -> float:
+        """The machine's busy share between two `_machine()` readings."""
+        return round((after[0] - before[0]) / max(after[1] - before[1], 1), digits)
+
     def start(self, sample_s: float = 0.0) -> None:
         """`sample_s` > 0: also record the machine's busy share every `sample_s` seconds."""
         self._t0 = time.monotonic()
@@ -158,18 +163,18 @@ class CpuMeter:
             self._sampler.start()
 
     def _sample(self, every_s: float) -> None:
-        busy0, all0 = self._machine()
+        before = self._machine()
         while not self._stopped.wait(every_s):
-            busy1, all1 = self._machine()
-            self._samples.append(round((busy1 - busy0) / max(all1 - all0, 1), 2))
-            busy0, all0 = busy1, all1
+            after = self._machine()
+            self._samples.append(self._busy_share(before, after, 2))
+            before = after
 
     def stop(self) -> dict:
         self._stopped.set()
-        (a, (busy0, all0)), b, (busy1, all1) = self._first, cpu_seconds(self.st), self._machine()
+        (a, machine0), b, machine1 = self._first, cpu_seconds(self.st), self._machine()
         return {"cpu_s": {name: round(v - a.get(name, 0.0), 1) for name, v in b.items()},
                 "wall_s": round(time.monotonic() - self._t0, 1),
-                "machine_busy": round((busy1 - busy0) / max(all1 - all0, 1), 3),
+                "machine_busy": self._busy_share(machine0, machine1, 3),
                 **({"machine_busy_samples": self._samples} if self._samples else {})}
 
 
