@@ -22,6 +22,7 @@ from starlette.routing import Route
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from db import SLOTS_CHANNEL
 from activities.dispatch_gate import DISPATCH
 from workflows.models import DONE_AT_API, BatchFinished, bouncer_batch_workflow_id, scheduler_id
 
@@ -44,6 +45,21 @@ async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
             "batch_finished", BatchFinished(bouncer_batch_id, DONE_AT_API))
     except RPCError as exc:  # no scheduler running: a fresh one adopts from the database
         log.warning("scheduler of lane %s not signalled for batch %s: %s", lane, bouncer_batch_id, exc)
+
+
+async def _record(pool: AsyncConnectionPool, bouncer_batch_id: int, verified: bool) -> None:
+    """The callback on the batch's row; verified, it is also seen completed at the API, which wakes
+    the standby batch following it (activities/bouncer_api.py) to take its slot."""
+    done = ", completed_at = coalesce(completed_at, now())" if verified else ""
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                f"with b as (update bouncer_batches set callback_at = coalesce(callback_at, now()){done}"
+                f" where id = %s returning id) select pg_notify('{SLOTS_CHANNEL}', id::text) from b",
+                (bouncer_batch_id,),
+            )
+    except psycopg.Error as exc:  # a standby follower looks again within a second of the batch's end
+        log.warning("callback of batch %s not recorded: %s", bouncer_batch_id, exc)
 
 
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
@@ -86,15 +102,11 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         verified = provider_id is not None and posted == provider_id
         DISPATCH.heard()  # this process's stores wait for the refill (activities/dispatch_gate.py)
         signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", verified)]
-        if verified:
-            signals.append(_free_slot(client, lane, bb))
+        if verified:  # recorded with the signals: the standby batch following it refills the slot
+            signals += [_free_slot(client, lane, bb), _record(pool, bb, verified)]
         await asyncio.gather(*signals)
-        try:  # after the signals: off the path that refills the slot
-            async with pool.connection() as conn:
-                await conn.execute(
-                    "update bouncer_batches set callback_at = coalesce(callback_at, now()) where id = %s", (bb,))
-        except psycopg.Error as exc:  # only the lane's poll spacing depends on it: the callback did its work
-            log.warning("callback of batch %s not recorded: %s", bb, exc)
+        if not verified:  # after the signals: only the lane's poll spacing depends on it
+            await _record(pool, bb, verified)
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 

@@ -87,6 +87,7 @@ def build_workers(
                 user_batches.nudge_scheduler,
                 packing.pack_batches,
                 packing.unfinished_batches,
+                packing.hold_lane,
                 events.fetch_deliveries,
                 events.deliver,
                 events.fail_delivery,
@@ -114,7 +115,7 @@ def api_workers(client: Client, settings: Settings, lane: LaneApi, api: BouncerA
             client,
             task_queue=lane.create_task_queue,
             graceful_shutdown_timeout=drain,
-            activities=[api.submit_batch],
+            activities=[api.submit_batch, api.submit_standby_batch],
             max_task_queue_activities_per_second=lane.creations_per_minute / 60.0,
         ),
         Worker(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -26,6 +27,7 @@ from activities.events import record_progress
 from activities.heartbeat import heartbeats
 from activities.user_batches import UserBatchActivities, index_probes
 from bouncer.client import BouncerClient
+from db import SLOTS_CHANNEL
 from bouncer.errors import (
     BadRequest,
     BouncerError,
@@ -45,6 +47,32 @@ UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
 NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
+
+SLOT_RECHECK_S = 1.0  # a standby batch looks at its predecessor this often without a NOTIFY
+# A request may already have gone out without an answer: the API may hold a copy.
+_MARK_SUBMITTING = (
+    "update bouncer_batches set state = 'submitting', create_attempts = create_attempts + 1,"
+    " ambiguous_creates = ambiguous_creates + (state = 'submitting')::int where id = %s"
+)
+
+
+# A batch seen completed at the API (by poll, or by a verified callback): the standby batch that
+# follows it, if any, is woken to take its slot.
+LEFT_THE_API = (
+    f"with b as (update bouncer_batches set completed_at = coalesce(completed_at, now()) where id = %s returning id)"
+    f" select pg_notify('{SLOTS_CHANNEL}', id::text) from b"
+)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A batch's create request, built and not yet sent."""
+    lane: str
+    token: str
+    count: int
+    body: str
+    heard: bool  # the lane's latest completion came by callback
+    size: int  # the row's size then (withdrawn parts change it)
 
 
 async def store_incoming(cur: psycopg.AsyncCursor, p: dict, records: int, folded: bool = False) -> None:
@@ -213,17 +241,90 @@ class BouncerApiActivities:
             return await self._submit(bouncer_batch_id)
 
     async def _submit(self, bouncer_batch_id: int) -> SubmitOutcome:
+        prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
+        if isinstance(prepared, SubmitOutcome):
+            return prepared
+        return await self._send(bouncer_batch_id, prepared)
+
+    @activity.defn
+    @heartbeats
+    async def submit_standby_batch(self, bouncer_batch_id: int) -> SubmitOutcome:
+        """Create a standby batch (packed ahead while every slot of its lane was busy) the moment
+        the batch it follows (`after_id`) has left the API, unless its lane is held (paused).
+
+        Its request body is built first, while it waits: the refill of a freed slot is one NOTIFY
+        and one request, not a scheduler workflow task, a pack, a workflow start, an activity
+        dispatch and a body. Built ahead, the body can only go stale by a list paused or cancelled
+        meanwhile, whose parts leave the batch (then it is built again): an address is queued once
+        per lane, so no other batch of the lane can have verified it since.
+        """
+        prepared = await self._prepare(bouncer_batch_id, mark_submitting=False)
+        if isinstance(prepared, SubmitOutcome):
+            return prepared
+        await self._await_slot(bouncer_batch_id)
+        with DISPATCH.dispatching():
+            ready = await self._mark_submitting(bouncer_batch_id, prepared.size)
+            if isinstance(ready, SubmitOutcome):
+                return ready
+            if not ready:  # a list was paused or cancelled while it waited: leave its addresses out
+                prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
+                if isinstance(prepared, SubmitOutcome):
+                    return prepared
+            return await self._send(bouncer_batch_id, prepared)
+
+    async def _await_slot(self, bouncer_batch_id: int) -> None:
+        """Return once the batch this one follows has left the API (completion seen by callback or
+        poll, or its end) and the lane has no hold. LISTEN comes before each look, so a NOTIFY in
+        between waits in the connection's backlog; a lost one costs at most SLOT_RECHECK_S."""
+        async with await psycopg.AsyncConnection.connect(self.settings.database_url, autocommit=True) as conn:
+            await conn.execute(f"listen {SLOTS_CHANNEL}")
+            while True:
+                row = await (await conn.execute(
+                    """
+                    select (x.id is null or x.completed_at is not null or x.state in ('stored', 'failed'))
+                           and not exists (select 1 from lane_holds h where h.lane = y.lane)
+                    from bouncer_batches y left join bouncer_batches x on x.id = y.after_id
+                    where y.id = %s
+                    """,
+                    (bouncer_batch_id,),
+                )).fetchone()
+                if row is None or row[0]:
+                    return
+                async for _note in conn.notifies(timeout=SLOT_RECHECK_S, stop_after=1):
+                    pass
+
+    async def _mark_submitting(self, bouncer_batch_id: int, size: int) -> SubmitOutcome | bool:
+        """A standby batch prepared at `size` is about to be sent: True once marked `submitting`;
+        False if a list of its parts was paused or cancelled meanwhile (`release_unclaimed` took its
+        parts out: the body is to be built again); an outcome if it was sent or ended meanwhile
+        (another attempt)."""
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute(
+                "select state, provider_batch_id, sent, size from bouncer_batches where id = %s for update",
+                (bouncer_batch_id,),
+            )
+            state, provider_id, sent, now_size = await cur.fetchone()
+            if provider_id is not None or state in ("stored", "failed"):
+                return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
+            if now_size != size:
+                return False
+            await cur.execute(_MARK_SUBMITTING, (bouncer_batch_id,))
+            return True
+
+    async def _prepare(self, bouncer_batch_id: int, mark_submitting: bool) -> _Prepared | SubmitOutcome:
+        """The request body of a batch, built by Postgres; with `mark_submitting`, the row is marked
+        `submitting` in the same transaction. An outcome instead when there is nothing to send."""
         async with self.pool.connection() as conn:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.execute(
-                    "select lane, state, provider_batch_id, sent, callback_token from bouncer_batches"
+                    "select lane, state, provider_batch_id, sent, callback_token, size from bouncer_batches"
                     " where id = %s for update",
                     (bouncer_batch_id,),
                 )
                 row = await cur.fetchone()
                 if row is None:
                     raise ApplicationError(f"Bouncer batch {bouncer_batch_id} does not exist", non_retryable=True)
-                lane, state, provider_id, sent, token = row
+                lane, state, provider_id, sent, token, size = row
                 if provider_id is not None or state in ("stored", "failed"):
                     return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
                 # Postgres writes the request body (C, in its own process): the worker's event
@@ -268,17 +369,17 @@ class BouncerApiActivities:
                         (lane, bouncer_batch_id),
                     )
                     heard = bool((await cur.fetchone() or (False,))[0])
-                # A request may already have gone out without an answer: the API may hold a copy.
-                await cur.execute(
-                    "update bouncer_batches set state = 'submitting', create_attempts = create_attempts + 1,"
-                    " ambiguous_creates = ambiguous_creates + (state = 'submitting')::int where id = %s",
-                    (bouncer_batch_id,),
-                )
+                if mark_submitting:
+                    await cur.execute(_MARK_SUBMITTING, (bouncer_batch_id,))
+        return _Prepared(lane, token, count, body, heard, size)
+
+    async def _send(self, bouncer_batch_id: int, prepared: _Prepared) -> SubmitOutcome:
+        """The create request of a batch marked `submitting`, and its answer recorded."""
         callback = None
         if self.settings.callback_base_url:
-            callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={token}"
+            callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={prepared.token}"
         try:
-            created = await self.bouncer.create_batch_body(body.encode(), callback_url=callback)
+            created = await self.bouncer.create_batch_body(prepared.body.encode(), callback_url=callback)
         except BouncerError as exc:
             if not isinstance(exc, Transient):
                 # A clear refusal: nothing was created, so a retry is not ambiguous.
@@ -292,9 +393,10 @@ class BouncerApiActivities:
             await conn.execute(
                 "update bouncer_batches set state = 'submitted', provider_batch_id = %s, sent = %s,"
                 " submitted_at = now() where id = %s",
-                (created.batch_id, count, bouncer_batch_id),
+                (created.batch_id, prepared.count, bouncer_batch_id),
             )
-        return SubmitOutcome(sent=count, submitted=True, callback=callback is not None, callbacks_heard=heard)
+        return SubmitOutcome(sent=prepared.count, submitted=True, callback=callback is not None,
+                             callbacks_heard=prepared.heard)
 
     async def _provider_id(self, bouncer_batch_id: int) -> str:
         async with self.pool.connection() as conn:
@@ -322,10 +424,7 @@ class BouncerApiActivities:
             )
         DISPATCH.heard()
         async with self.pool.connection() as conn:
-            await conn.execute(
-                "update bouncer_batches set completed_at = coalesce(completed_at, now()) where id = %s",
-                (bouncer_batch_id,),
-            )
+            await conn.execute(LEFT_THE_API, (bouncer_batch_id,))
         return status.processed or status.quantity
 
     @activity.defn

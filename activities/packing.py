@@ -25,8 +25,10 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.dispatch_gate import DISPATCH
 from activities.heartbeat import heartbeats
+from db import SLOTS_CHANNEL
 from workflows.models import (
     EXPRESS_PRIORITY,
+    LaneHold,
     PackedBatch,
     PackRequest,
     PackResult,
@@ -68,7 +70,7 @@ class PackingActivities:
             try:
                 await self.client.start_workflow(
                     BOUNCER_BATCH_WORKFLOW,
-                    dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id),
+                    dataclasses.replace(request.start, bouncer_batch_id=batch.bouncer_batch_id, after=batch.after),
                     id=bouncer_batch_workflow_id(request.lane, batch.bouncer_batch_id),
                     task_queue=request.start_task_queue,
                     static_summary=bouncer_batch_summary(request.lane, batch.bouncer_batch_id, batch.size),
@@ -89,7 +91,8 @@ class PackingActivities:
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
                 # Keys are `<pack_key>:<n>`; a range (not LIKE) so the unique index serves it.
-                "select id, size, express from bouncer_batches where pack_key > %s and pack_key < %s order by id",
+                "select id, size, express, coalesce(after_id, 0) from bouncer_batches"
+                " where pack_key > %s and pack_key < %s order by id",
                 (request.pack_key + ":", request.pack_key + ";"),
             )
             done = await cur.fetchall()
@@ -135,7 +138,8 @@ class PackingActivities:
                     batches.append(batch)
             regular = 0
             while regular < request.slots:
-                batch = await packer.form(candidates, request.batch_size, express=False)
+                after = request.follow[regular] if regular < len(request.follow) else 0
+                batch = await packer.form(candidates, request.batch_size, express=False, after=after)
                 if batch is None:
                     break
                 batches.append(batch)
@@ -175,6 +179,22 @@ class PackingActivities:
             return [PackedBatch(*row) for row in await cur.fetchall()]
 
 
+    @activity.defn
+    async def hold_lane(self, hold: LaneHold) -> None:
+        """Write the lane's hold row (its standby batches are not sent while it exists), and wake
+        them to look again."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if hold.held:
+                await conn.execute(
+                    "insert into lane_holds (lane, reason) values (%s, %s)"
+                    " on conflict (lane) do update set reason = excluded.reason",
+                    (hold.lane, hold.reason),
+                )
+            else:
+                await conn.execute("delete from lane_holds where lane = %s", (hold.lane,))
+            await conn.execute("select pg_notify(%s, %s)", (SLOTS_CHANNEL, f"lane:{hold.lane}"))
+
+
 class _Packer:
     """Forms Bouncer batches from candidate user batches, one pack at a time.
 
@@ -192,7 +212,7 @@ class _Packer:
         self.index = {id(c): i for i, c in enumerate(candidates)}  # age order, for ties
         self.formed = 0
 
-    async def form(self, candidates: list[list], size: int, express: bool) -> PackedBatch | None:
+    async def form(self, candidates: list[list], size: int, express: bool, after: int = 0) -> PackedBatch | None:
         cur, lane = self.cur, self.request.lane
         parts: list[tuple[int, int, int, int]] = []  # (user batch, from, to, count)
         room = size
@@ -221,9 +241,10 @@ class _Packer:
         if not parts:
             return None
         await cur.execute(
-            "insert into bouncer_batches (lane, pack_key, size, callback_token, express) values (%s, %s, %s, %s, %s)"
-            " returning id",
-            (lane, f"{self.request.pack_key}:{self.formed}", size - room, secrets.token_urlsafe(24), express),
+            "insert into bouncer_batches (lane, pack_key, size, callback_token, express, after_id)"
+            " values (%s, %s, %s, %s, %s, %s) returning id",
+            (lane, f"{self.request.pack_key}:{self.formed}", size - room, secrets.token_urlsafe(24), express,
+             after or None),
         )
         (bb_id,) = await cur.fetchone()
         self.formed += 1
@@ -238,7 +259,7 @@ class _Packer:
                 " where user_batch_id = %s and lane = %s",
                 (seq_to, n, ub, lane),
             )
-        return PackedBatch(bb_id, size - room, express)
+        return PackedBatch(bb_id, size - room, express, after)
 
 
 async def _allowances(cur, lane: str, default_cap: int) -> dict[str, int]:

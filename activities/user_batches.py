@@ -157,12 +157,36 @@ async def enqueue_listed(
 
 
 async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str) -> int:
-    """Withdraw this batch's unclaimed queue rows; hand shared ones to a batch still waiting.
+    """Withdraw this batch's unclaimed queue rows (and those in standby batches not yet being
+    sent); hand shared ones to a batch still waiting.
 
     Returns how many addresses moved to another user batch's queue (so its lane has new work).
     In-flight (claimed) addresses finish: they are already paid for.
     """
     p = {"ub": user_batch_id, "lane": lane}
+    # Its parts of standby batches (packed ahead, not yet being sent: they may wait minutes for a
+    # slot) are unclaimed too. A standby batch whose size changed builds its request again.
+    await cur.execute("drop table if exists withdrawn")
+    await cur.execute(
+        """
+        create temp table withdrawn on commit drop as
+        with s as (select id from bouncer_batches where lane = %(lane)s and state = 'packed' and after_id is not null
+                   for update),
+             d as (delete from bouncer_batch_parts p using s where p.bouncer_batch_id = s.id and p.user_batch_id = %(ub)s
+                   returning p.bouncer_batch_id, p.seq_from, p.seq_to, p.addresses)
+        select * from d
+        """,
+        p,
+    )
+    await cur.execute(
+        "update bouncer_batches b set size = b.size - w.n"
+        " from (select bouncer_batch_id, sum(addresses) as n from withdrawn group by 1) w where b.id = w.bouncer_batch_id"
+    )
+    await cur.execute(
+        "update user_batch_lanes set dispatched = dispatched - (select coalesce(sum(addresses), 0) from withdrawn)"
+        " where user_batch_id = %(ub)s and lane = %(lane)s",
+        p,
+    )
     await cur.execute("drop table if exists released")
     await cur.execute(
         """
@@ -171,8 +195,12 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
             delete from queue q using user_batch_lanes l
             where q.user_batch_id = %(ub)s and q.lane = %(lane)s
               and l.user_batch_id = q.user_batch_id and l.lane = q.lane and q.seq >= l.cursor
+            returning q.address_id, q.attempts),
+        w as (
+            delete from queue q using withdrawn w
+            where q.user_batch_id = %(ub)s and q.lane = %(lane)s and q.seq >= w.seq_from and q.seq < w.seq_to
             returning q.address_id, q.attempts)
-        select * from d
+        select * from d union all select * from w
         """,
         p,
     )
@@ -331,6 +359,7 @@ def scheduler_input(settings: Settings, lane: str) -> SchedulerInput:
         # The catchall lane gets trickles of hand-offs: no express batches, its slots are all it has.
         express_slots=settings.express_slots if lane == DELIVERABILITY else 0,
         express_max_addresses=settings.express_max_addresses,
+        standby_batches=min(settings.standby_batches, api.max_concurrent_batches),
     )
 
 

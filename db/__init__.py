@@ -9,6 +9,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# NOTIFY channel: a Bouncer batch left the API (payload: its id) or a lane's hold changed
+# (`lane:<lane>`); standby batches waiting for a slot listen (activities/bouncer_api.py).
+SLOTS_CHANNEL = "bouncer_slots"
 _LOCK_KEY = 74_211_001  # advisory lock: one migrator at a time across processes
 
 

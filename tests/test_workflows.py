@@ -396,7 +396,11 @@ async def test_pausing_a_user_batch_withdraws_its_unclaimed_addresses_and_resume
     """One slot, 100 per Bouncer batch, 500 addresses; the first batch waits 30 s at the API
     (a poll interval that passes only when the test lets time skip)."""
     env = skipping_env
-    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30)
+    # No standby batch: its submit activity, waiting for batch 1 to leave the API, would hold the
+    # test server's clock (time skips only while nothing runs). Standby batches of a paused list:
+    # test_pausing_a_list_takes_its_addresses_out_of_standby_batches.
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30,
+                             standby_batches=0)
     async with running_pipeline(env.client, settings) as p:
         handle = await p.submit_file(write_list(tmp_path / "ub.csv", emails("ub", 500)), "uma")
         ub = ub_id(handle)
@@ -453,7 +457,8 @@ async def test_cancelling_a_user_batch_cancels_its_rows_and_hands_shared_address
     Cancelling A: its queued addresses are withdrawn, the 100 B waits on move to B's queue,
     A's rows end `cancelled`; B completes with every address sent exactly once."""
     env = skipping_env
-    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30)
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30,
+                             standby_batches=0)  # see the test above
     a_rows = emails("a", 300)
     b_rows = a_rows[:50] + a_rows[200:] + emails("b", 50)
     async with running_pipeline(env.client, settings) as p:
@@ -663,6 +668,143 @@ async def _status_if(handle: WorkflowHandle, pred) -> SchedulerStatus | None:
 async def _idle_with(client: Client, pred) -> list | None:
     evs = await events(client, scheduler_id(LANE))
     return evs if pred(evs) and settled(evs) else None
+
+
+# ---- 6b. standby batches ------------------------------------------------------------------------
+# Packed ahead while every slot is busy, each following one in-flight batch. The sandbox below
+# keeps a 100-address batch ~0.5 s at the API, so the slots stay full and standby batches wait.
+# Time skipping stays disabled: a waiting standby activity holds the clock anyway.
+
+
+@pytest.fixture
+def paced_sandbox():
+    """A sandbox of its own that processes a 100-address batch in ~0.5 s of real time."""
+    with running_sandbox(SANDBOX_KEY, "--time-scale", "100", "--speed", "2") as sb:
+        yield sb
+
+
+@pytest.fixture
+def slow_paced_sandbox():
+    """A sandbox of its own that keeps a 100-address batch ~1.5 s at the API (a test acts meanwhile)."""
+    with running_sandbox(SANDBOX_KEY, "--time-scale", "100", "--speed", "0.67") as sb:
+        yield sb
+
+
+def standby_rows(p: Pipeline) -> list[tuple]:
+    return p.sql("select id, after_id, state, size from bouncer_batches where after_id is not null order by id")
+
+
+def sandbox_batches(sandbox) -> dict[str, dict]:
+    return {b["batchId"]: b for b in httpx.get(f"{sandbox.url}/_sandbox/batches").json()}
+
+
+@pytest.mark.parametrize("callbacks_on", [False, True], ids=["polling", "callbacks"])
+async def test_standby_batches_are_created_only_after_the_batch_they_follow_left_the_api(
+    skipping_env, db_url, paced_sandbox, tmp_path, callbacks_on
+):
+    """Two slots, 100 per batch, 1,000 addresses: the batches packed ahead wait for the one they
+    follow, so the API never holds more than two of ours, and every address goes once."""
+    env, sandbox = skipping_env, paced_sandbox
+    # Stores at once (no quiet to wait for): a lagging store holds packing ahead back, as it does packing.
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=2, express_slots=0,
+                             poll_interval_s=0.2, store_quiet_s=0)
+    async with running_pipeline(env.client, settings, callbacks_on=callbacks_on) as p:
+        handle = await p.submit_file(write_list(tmp_path / "sb.csv", emails("sb", 1000)), "sol")
+        with env.auto_time_skipping_disabled():
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.state == "completed" and summary.by_state == {"verified": 1000}
+
+        standby = standby_rows(p)
+        assert len(standby) >= 4, standby  # 10 batches, 2 at a time: most of them waited as standby
+        at_api = sandbox_batches(sandbox)
+        provider = dict(p.sql("select id, provider_batch_id from bouncer_batches"))
+        for bb, after, state, size in standby:
+            assert (state, size) == ("stored", 100)
+            mine, followed = at_api[provider[bb]], at_api[provider[after]]
+            assert mine["created"] >= followed["completed"], (bb, mine, after, followed)
+        # At no moment did the API hold more than the lane's two slots of our batches.
+        edges = sorted([(b["created"], 1) for b in at_api.values()] + [(b["completed"], -1) for b in at_api.values()],
+                       key=lambda e: (e[0], e[1]))
+        open_now = peak = 0
+        for _at, step in edges:
+            open_now += step
+            peak = max(peak, open_now)
+        assert peak <= 2
+        stats = sandbox_stats(sandbox)
+        assert (stats["batches_created"], stats["addresses_received"], stats["addresses_sent_twice"]) == (10, 1000, 0)
+        status = await scheduler_status(env.client)
+        assert (status.in_flight, status.standby) == (0, 0)
+        await assert_replays(env.client, p)
+
+
+async def test_a_paused_lane_holds_its_standby_batches_until_resumed(skipping_env, db_url, slow_paced_sandbox,
+                                                                     tmp_path):
+    env, sandbox = skipping_env, slow_paced_sandbox
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, express_slots=0,
+                             poll_interval_s=0.2)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "lh.csv", emails("lh", 300)), "liv")
+        with env.auto_time_skipping_disabled():
+            await eventually(lambda: [r for r in standby_rows(p) if r[2] == "packed"], "a standby batch")
+            await env.client.get_workflow_handle(scheduler_id(LANE)).signal(
+                GreedySchedulerWorkflow.pause, LanePause("held by test"))
+            await eventually(lambda: p.sql("select reason from lane_holds where lane = %s", (LANE,)), "the hold")
+            created = sandbox_stats(sandbox)["batches_created"]
+            # The batch at the API finishes; the one waiting behind it must stay unsent.
+            await eventually(lambda: p.sql("select count(*) from bouncer_batches where state = 'stored'")
+                             == [(created,)], "the batches at the API stored")
+            await asyncio.sleep(1.5)  # beyond the standby's recheck interval
+            assert sandbox_stats(sandbox)["batches_created"] == created
+            waiting = [r for r in standby_rows(p) if r[2] == "packed"]
+            assert len(waiting) == 1
+            assert (await scheduler_status(env.client)).paused
+
+            await env.client.get_workflow_handle(scheduler_id(LANE)).signal(GreedySchedulerWorkflow.resume)
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=30)
+        assert summary.state == "completed" and summary.by_state == {"verified": 300}
+        assert p.sql("select count(*) from lane_holds") == [(0,)]
+        stats = sandbox_stats(sandbox)
+        assert (stats["batches_created"], stats["addresses_received"], stats["addresses_sent_twice"]) == (3, 300, 0)
+        await assert_replays(env.client, p)
+
+
+async def test_pausing_a_list_takes_its_addresses_out_of_standby_batches(skipping_env, db_url, slow_paced_sandbox,
+                                                                         tmp_path):
+    """One slot: batch 1 at the API, batch 2 packed ahead behind it. Pausing the list withdraws
+    batch 2's addresses (they are not in flight); batch 2 then ends empty, never sent."""
+    env, sandbox = skipping_env, slow_paced_sandbox
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, express_slots=0,
+                             poll_interval_s=0.2)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "wd.csv", emails("wd", 500)), "wes")
+        ub = ub_id(handle)
+        with env.auto_time_skipping_disabled():
+            (standby,) = await eventually(lambda: standby_rows(p), "a standby batch")
+            assert sandbox_stats(sandbox)["batches_created"] == 1
+            progress: Progress = await handle.execute_update(UserBatchWorkflow.pause)
+            assert (progress.state, progress.remaining) == ("paused", 100)  # only batch 1, at the API
+            assert standby_rows(p) == [(standby[0], standby[1], "packed", 0)]
+            assert p.sql("select count(*) from bouncer_batch_parts where bouncer_batch_id = %s", (standby[0],)) == [(0,)]
+            assert p.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(100,)]
+
+            scheduler = env.client.get_workflow_handle(scheduler_id(LANE))
+            await eventually(lambda: _status_if(scheduler, lambda s: s.in_flight == 0 and s.standby == 0),
+                             "batch 1 done and batch 2 ended", timeout=30)
+            await eventually(lambda: p.sql("select state from bouncer_batches where id = %s", (standby[1],))
+                             == [("stored",)], "batch 1 stored")
+            assert p.sql("select sent, provider_batch_id from bouncer_batches where id = %s", (standby[0],)) == [
+                (0, None)]
+            stats = sandbox_stats(sandbox)
+            assert stats["batches_created"] == 1 and stats["addresses_received"] == 100
+
+            progress = await handle.execute_update(UserBatchWorkflow.resume)
+            assert progress.remaining == 400
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.state == "completed" and summary.by_state == {"verified": 500}
+        stats = sandbox_stats(sandbox)
+        assert (stats["addresses_received"], stats["unique_addresses_received"], stats["addresses_sent_twice"]) == (
+            500, 500, 0)
+        await assert_replays(env.client, p)
 
 
 # ---- 7. replay --------------------------------------------------------------------------------------

@@ -138,16 +138,30 @@ class BouncerBatchWorkflow:
 
     async def _submit_and_wait(self, inp: BouncerBatchInput) -> tuple[StoreRequest, str]:
         bb = inp.bouncer_batch_id
-        self._show(inp, f"creating Bouncer batch {bb} at the API")
         try:
-            submitted = await workflow.execute_activity_method(
-                BouncerApiActivities.submit_batch,
-                bb,
-                task_queue=inp.api_create_task_queue,
-                start_to_close_timeout=timedelta(minutes=2),
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=API_RETRY,
-            )
+            if inp.after:
+                # Packed ahead (release 6): its activity builds the request, waits (up to the
+                # followed batch's deadline) until that batch has left the API, then creates it.
+                self._phase = "standby"
+                self._show(inp, f"Bouncer batch {bb}: waiting for Bouncer batch {inp.after} to leave the API")
+                submitted = await workflow.execute_activity_method(
+                    BouncerApiActivities.submit_standby_batch,
+                    bb,
+                    task_queue=inp.api_create_task_queue,
+                    start_to_close_timeout=timedelta(seconds=inp.deadline_s) + timedelta(minutes=5),
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                    retry_policy=API_RETRY,
+                )
+            else:
+                self._show(inp, f"creating Bouncer batch {bb} at the API")
+                submitted = await workflow.execute_activity_method(
+                    BouncerApiActivities.submit_batch,
+                    bb,
+                    task_queue=inp.api_create_task_queue,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                    retry_policy=API_RETRY,
+                )
         except ActivityError as err:
             kind = failure_type(err)
             if kind == OUT_OF_CREDITS:

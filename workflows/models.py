@@ -156,6 +156,9 @@ class SchedulerInput:
     fair_share: bool = True  # False: plain FIFO within a priority (for comparison)
     express_slots: int = 0  # extra slots for small lists only (see PackRequest)
     express_max_addresses: int = 0
+    # While every slot is busy, keep up to this many batches packed ahead, each waiting in its
+    # submit activity for one in-flight batch to leave the API (0: none, as before release 6).
+    standby_batches: int = 0
     # Carried across continue-as-new (a fresh start leaves it None and adopts unfinished batches).
     state: SchedulerState | None = None
 
@@ -173,6 +176,10 @@ class SchedulerState:
     queued: int = 0  # as of the last pack
     storing: dict[str, int] = field(default_factory=dict)  # done at the API, results not yet stored
     express_hint: bool = True  # a small list may be queued (cleared by a pack that found none)
+    # Packed ahead, not yet at the API: bouncer batch id (str) -> [the in-flight batch it follows, size].
+    standby: dict[str, list[int]] = field(default_factory=dict)
+    ahead_drained: bool = False  # the last pack ahead found the queue empty (until new work arrives)
+    held: bool | None = None  # the lane's hold row (lane_holds) as last written; None: not known
 
 
 @dataclass
@@ -188,6 +195,15 @@ class SchedulerStatus:
     express_in_flight: int = 0
     storing: int = 0  # Bouncer batches done at the API whose results are being stored
     free_express_slots: int = 0
+    standby: int = 0  # Bouncer batches packed ahead, waiting for an in-flight one to leave the API
+
+
+@dataclass
+class LaneHold:
+    """The lane's row in `lane_holds`: standby batches are not sent while it is held."""
+    lane: str
+    held: bool
+    reason: str = ""
 
 
 @dataclass
@@ -208,6 +224,9 @@ class PackRequest:
     # scheduler workflow task later, and eagerly on the packing worker. None: the scheduler does.
     start: BouncerBatchInput | None = None
     start_task_queue: str = ""
+    # Pack ahead (release 6): at most one regular batch per id listed, each to follow that
+    # in-flight batch (sent once it has left the API); no express batches.
+    follow: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +234,7 @@ class PackedBatch:
     bouncer_batch_id: int
     size: int
     express: bool = False
+    after: int = 0  # a standby batch: the in-flight batch whose slot it takes
 
 
 @dataclass
@@ -240,6 +260,7 @@ class BouncerBatchInput:
     deadline_s: float = 6 * 3600.0
     api_create_task_queue: str = "verify-api-create"
     api_task_queue: str = "verify-api"
+    after: int = 0  # a standby batch: created once this Bouncer batch has left the API
 
 
 @dataclass

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         BatchFinished,
         BouncerBatchInput,
         LaneEvent,
+        LaneHold,
         LanePause,
         PackRequest,
         SchedulerInput,
@@ -58,10 +59,13 @@ class GreedySchedulerWorkflow:
         self._state.work_hint = True
         self._state.new_work = True
         self._state.express_hint = True
+        self._state.ahead_drained = False
 
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
         key = str(finished.bouncer_batch_id)
+        if key in self._state.standby:  # a standby batch heard of before the one it follows
+            self._state.in_flight[key] = self._state.standby.pop(key)[1]
         size = self._state.in_flight.pop(key, None)
         if finished.outcome == DONE_AT_API:
             if size is not None:  # its API slot is free; its store is still to come
@@ -69,6 +73,7 @@ class GreedySchedulerWorkflow:
         else:
             self._state.storing.pop(key, None)
         self._state.express_in_flight.pop(key, None)
+        self._promote_followers(finished.bouncer_batch_id)
         self._state.work_hint = True  # a freed slot, and possibly re-queued addresses
         self._describe()  # the main loop may not wake (paused)
 
@@ -119,6 +124,7 @@ class GreedySchedulerWorkflow:
             express_in_flight=len(self._state.express_in_flight),
             storing=len(self._state.storing),
             free_express_slots=max(self._free_express(), 0) if inp else 0,
+            standby=len(self._state.standby),
         )
 
     # ---- main loop ----------------------------------------------------------------------
@@ -127,6 +133,7 @@ class GreedySchedulerWorkflow:
     async def run(self, inp: SchedulerInput) -> None:
         self._cap_storing = workflow.patched("cap-batches-storing")
         self._express_hints = workflow.patched("express-hint")
+        self._standby_on = inp.standby_batches > 0 and workflow.patched("standby-batches")
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
@@ -151,6 +158,8 @@ class GreedySchedulerWorkflow:
             try:
                 await workflow.wait_condition(
                     lambda: self._can_pack()
+                    or self._can_pack_ahead()
+                    or self._hold_stale()
                     or self._should_continue()
                     or bool(self._started)
                     or (wake_on_credit_pause and self._credit_paused() != credit_wait),
@@ -160,8 +169,12 @@ class GreedySchedulerWorkflow:
                 await self._check_credits()
                 continue
             self._reap()
+            if self._hold_stale():
+                await self._write_hold()
             if self._can_pack():
                 await self._pack()
+            elif self._can_pack_ahead():
+                await self._pack_ahead()
             self._describe()
 
         await workflow.wait_condition(lambda: not self._starting)
@@ -271,6 +284,94 @@ class GreedySchedulerWorkflow:
             task.add_done_callback(self._started.append)
         else:
             await self._start_children(result.batches)
+
+    # ---- standby batches (release 6) ---------------------------------------------------------
+    # While every slot is busy, up to `standby_batches` batches are packed ahead, their workflows
+    # started and their request bodies built; each follows one in-flight batch and is created the
+    # moment that one leaves the API (the callback receiver's or the poll's NOTIFY wakes its submit
+    # activity). So a freed slot is refilled without this workflow on the path. A standby batch
+    # takes its slot when the batch it follows ends (or, if that one ended while the pack ran, at
+    # once): it is never at the API before its predecessor left, so the lane stays within its slots.
+
+    def _followable(self) -> list[int]:
+        """In-flight regular batches no standby batch follows yet, oldest (soonest done) first."""
+        followed = {after for after, _size in self._state.standby.values()}
+        return sorted(int(k) for k in self._state.in_flight if int(k) not in followed)
+
+    def _can_pack_ahead(self) -> bool:
+        if not self._standby_on or self._state.paused or self._state.ahead_drained:
+            return False
+        assert self._input is not None
+        slots = self._input.max_concurrent_batches
+        waiting = len(self._state.standby)
+        return (
+            self._free_slots() <= 0  # a free slot is packed for directly
+            and waiting < self._input.standby_batches
+            # with the stores behind, at most a slot's worth waits to be stored (as `_free_slots`)
+            and (not self._cap_storing
+                 or 2 * slots - len(self._state.in_flight) - len(self._state.storing) - waiting > 0)
+            and bool(self._followable())
+        )
+
+    async def _pack_ahead(self) -> None:
+        assert self._input is not None
+        inp = self._input
+        follow = self._followable()[: inp.standby_batches - len(self._state.standby)]
+        self._state.packs += 1
+        result = await workflow.execute_activity_method(
+            PackingActivities.pack_batches,
+            PackRequest(
+                lane=inp.lane,
+                pack_key=f"{workflow.info().run_id}:{self._state.packs}",
+                slots=len(follow),
+                batch_size=inp.batch_size,
+                fair_share=inp.fair_share,
+                start=BouncerBatchInput(
+                    bouncer_batch_id=0,
+                    lane=inp.lane,
+                    poll_interval_s=inp.poll_interval_s,
+                    deadline_s=inp.deadline_s,
+                    api_create_task_queue=inp.api_create_task_queue,
+                    api_task_queue=inp.api_task_queue,
+                ),
+                start_task_queue=workflow.info().task_queue,
+                follow=follow,
+            ),
+            start_to_close_timeout=timedelta(seconds=120),
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        self._state.queued = result.queued_after
+        if len(result.batches) < len(follow):
+            self._state.ahead_drained = True  # until new work arrives
+        for b in result.batches:
+            self._state.standby[str(b.bouncer_batch_id)] = [b.after, b.size]
+            self._promote_followers(b.after, ended_only=True)
+        self._state.dispatched_batches += len(result.batches)
+
+    def _promote_followers(self, bouncer_batch_id: int, ended_only: bool = False) -> None:
+        """The standby batch following this one takes its slot (with `ended_only`: if it has left)."""
+        if ended_only and str(bouncer_batch_id) in self._state.in_flight:
+            return
+        for key, (after, size) in list(self._state.standby.items()):
+            if after == bouncer_batch_id:
+                del self._state.standby[key]
+                self._state.in_flight[key] = size
+
+    def _hold_stale(self) -> bool:
+        """The lane's hold row (which standby batches obey) is not known to match `paused`."""
+        return self._standby_on and self._state.held != self._state.paused
+
+    async def _write_hold(self) -> None:
+        assert self._input is not None
+        held = self._state.paused
+        await workflow.execute_activity_method(
+            PackingActivities.hold_lane,
+            LaneHold(self._input.lane, held, self._state.pause_reason),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DB_RETRY,
+        )
+        self._state.held = held
 
     def _take_slots(self, batches: list) -> None:
         for b in batches:
