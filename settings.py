@@ -84,8 +84,8 @@ class Settings(BaseSettings):
     standby_batches: int = Field(
         8, ge=0, description="While every slot of a lane is busy, Bouncer batches packed ahead, each created the "
         "moment one in flight leaves the API (0: off). Keep CREATIONS_PER_MINUTE + STANDBY_BATCHES <= the API's 60 "
-        "creations a minute (standby batches may be created faster than that pace for a moment); a list submitted "
-        "behind a big one waits for up to this many completions more (small lists use express slots)"
+        "creations a minute (standby batches may be created faster than that pace for a moment). A list owed their "
+        "places (a higher priority or, with fair share, a less served user) empties them and is packed first"
     )
     pack_linger_s: float = Field(
         0.5, description="After new work arrives, wait this long so lists submitted together share batches"

@@ -88,6 +88,7 @@ def build_workers(
                 packing.pack_batches,
                 packing.unfinished_batches,
                 packing.hold_lane,
+                packing.refresh_standby,
                 events.fetch_deliveries,
                 events.deliver,
                 events.fail_delivery,

@@ -274,15 +274,17 @@ class BouncerApiActivities:
 
     async def _await_slot(self, bouncer_batch_id: int) -> None:
         """Return once the batch this one follows has left the API (completion seen by callback or
-        poll, or its end) and the lane has no hold. LISTEN comes before each look, so a NOTIFY in
-        between waits in the connection's backlog; a lost one costs at most SLOT_RECHECK_S."""
+        poll, or its end) and the lane has no hold, or once this one was emptied. LISTEN comes
+        before each look, so a NOTIFY in between waits in the connection's backlog; a lost one
+        costs at most SLOT_RECHECK_S."""
         async with await psycopg.AsyncConnection.connect(self.settings.database_url, autocommit=True) as conn:
             await conn.execute(f"listen {SLOTS_CHANNEL}")
             while True:
                 row = await (await conn.execute(
                     """
-                    select (x.id is null or x.completed_at is not null or x.state in ('stored', 'failed'))
-                           and not exists (select 1 from lane_holds h where h.lane = y.lane)
+                    select y.size = 0  -- emptied while it waited (`refresh_standby`, `release_unclaimed`)
+                           or ((x.id is null or x.completed_at is not null or x.state in ('stored', 'failed'))
+                               and not exists (select 1 from lane_holds h where h.lane = y.lane))
                     from bouncer_batches y left join bouncer_batches x on x.id = y.after_id
                     where y.id = %s
                     """,

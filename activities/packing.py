@@ -32,6 +32,7 @@ from workflows.models import (
     PackedBatch,
     PackRequest,
     PackResult,
+    StandbyRefresh,
     bouncer_batch_summary,
     bouncer_batch_workflow_id,
 )
@@ -193,6 +194,123 @@ class PackingActivities:
             else:
                 await conn.execute("delete from lane_holds where lane = %s", (hold.lane,))
             await conn.execute("select pg_notify(%s, %s)", (SLOTS_CHANNEL, f"lane:{hold.lane}"))
+
+
+    @activity.defn
+    async def refresh_standby(self, request: StandbyRefresh) -> list[int]:
+        """Empty the lane's standby batches if work that arrived after them is owed their places.
+
+        Standby batches (release 6) are packed while every slot is busy, possibly many turnovers
+        before they are sent; without this a list submitted behind a big import would wait for
+        all of them. If the packer, with their addresses back in the queue, would put queued work
+        of another user ahead (a higher priority or, with fair share, a less served user), their
+        parts go back to their queues and the batches are left empty (their workflows end without
+        a request; the scheduler packs ahead again). Returns the batches now empty (idempotent:
+        a retry finds them so). A batch already being sent is not touched.
+        """
+        if not request.standby:
+            return []
+        lane = request.lane
+        async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await cur.execute(
+                "select id, size from bouncer_batches where id = any(%s) and lane = %s and state = 'packed'"
+                " and after_id is not null order by id for update",
+                (request.standby, lane),
+            )
+            rows = await cur.fetchall()
+            empty = [bb for bb, size in rows if size == 0]  # a retry, or every list of it paused
+            waiting = [bb for bb, size in rows if size > 0]
+            if not waiting:
+                return empty
+            await cur.execute(
+                "select p.user_batch_id, p.seq_from, p.seq_to, p.addresses, b.user_id, b.priority"
+                " from bouncer_batch_parts p join user_batches b on b.id = p.user_batch_id"
+                " where p.bouncer_batch_id = any(%s)",
+                (waiting,),
+            )
+            parts = await cur.fetchall()
+            await cur.execute(
+                """
+                select b.user_id, b.priority from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
+                where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq
+                """,
+                (lane,),
+            )
+            queued = await cur.fetchall()
+            await cur.execute(
+                """
+                select b.user_id, sum(l.dispatched) from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
+                where l.lane = %s and b.state in ('queued', 'paused') group by 1
+                """,
+                (lane,),
+            )
+            served = {u: int(n) for u, n in await cur.fetchall()}
+            if not _owed_standby(parts, queued, served, request.fair_share):
+                return empty
+            await cur.execute("delete from bouncer_batch_parts where bouncer_batch_id = any(%s)", (waiting,))
+            await cur.execute("update bouncer_batches set size = 0 where id = any(%s)", (waiting,))
+            ranges: dict[int, list[tuple[int, int, int]]] = {}
+            for ub, seq_from, seq_to, n, _user, _prio in parts:
+                ranges.setdefault(ub, []).append((seq_from, seq_to, n))
+            for ub, rs in ranges.items():
+                await _requeue(cur, ub, lane, rs)
+            await cur.execute("select pg_notify(%s, %s)", (SLOTS_CHANNEL, f"lane:{lane}"))
+        return empty + waiting
+
+
+def _owed_standby(parts: list[tuple], queued: list[tuple], served: dict[str, int], fair_share: bool) -> bool:
+    """Would the packer put queued work ahead of (some of) these standby parts? Its order is
+    priority (lower first), then, with fair share, the least served user (then age: a list
+    queued after the parts were packed never comes first by age)."""
+    users = {user for *_r, user, _prio in parts}
+    lowest = max(prio for *_r, prio in parts)  # the part the packer reached last
+    most_served = max(served.get(user, 0) for user in users)
+    return any(
+        prio < lowest or (fair_share and user not in users and prio == lowest and served.get(user, 0) < most_served)
+        for user, prio in queued
+    )
+
+
+async def _requeue(cur, user_batch_id: int, lane: str, ranges: list[tuple[int, int, int]]) -> None:
+    """Put the queue rows of withdrawn parts (seq ranges, packed but never sent) back in their
+    queue: the cursor moves back when nothing after them was packed, else they are numbered
+    again after the queue's end (and the queue is marked as having gaps)."""
+    first = min(f for f, _t, _n in ranges)
+    addresses = sum(n for _f, _t, n in ranges)
+    p = {"ub": user_batch_id, "lane": lane, "first": first, "n": addresses,
+         "froms": [f for f, _t, _n in ranges], "tos": [t for _f, t, _n in ranges]}
+    await cur.execute(
+        "select exists (select 1 from bouncer_batch_parts p join bouncer_batches b on b.id = p.bouncer_batch_id"
+        " where p.user_batch_id = %(ub)s and b.lane = %(lane)s and p.seq_to > %(first)s)",
+        p,
+    )
+    (later,) = await cur.fetchone()
+    if not later:
+        await cur.execute(
+            "update user_batch_lanes set cursor = %(first)s, dispatched = dispatched - %(n)s"
+            " where user_batch_id = %(ub)s and lane = %(lane)s",
+            p,
+        )
+        return
+    await cur.execute(
+        """
+        with moved as (
+            select q.seq, row_number() over (order by q.seq) as rn
+            from queue q join unnest(%(froms)s::bigint[], %(tos)s::bigint[]) w(f, t) on q.seq >= w.f and q.seq < w.t
+            where q.user_batch_id = %(ub)s and q.lane = %(lane)s)
+        update queue q set seq = l.next_seq + m.rn - 1
+        from moved m, user_batch_lanes l
+        where q.user_batch_id = %(ub)s and q.lane = %(lane)s and q.seq = m.seq
+          and l.user_batch_id = %(ub)s and l.lane = %(lane)s
+        """,
+        p,
+    )
+    p["rows"] = cur.rowcount
+    await cur.execute(
+        "update user_batch_lanes set next_seq = next_seq + %(rows)s, holes = true, dispatched = dispatched - %(n)s"
+        " where user_batch_id = %(ub)s and lane = %(lane)s",
+        p,
+    )
 
 
 class _Packer:

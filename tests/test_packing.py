@@ -24,7 +24,7 @@ from activities.ingest import copy_items
 from activities.packing import PackingActivities
 from activities.user_batches import UserBatchActivities
 from helpers import make_settings, write_list
-from workflows.models import PRIORITIES, PackRequest, PackResult, PauseRequest, StoreRequest
+from workflows.models import PRIORITIES, PackRequest, PackResult, PauseRequest, StandbyRefresh, StoreRequest
 
 LANE = "deliverability"
 
@@ -325,6 +325,81 @@ async def test_parts_count_exactly_the_rows_they_claim_with_and_without_seq_gaps
     # Pay once: ann's 200 own addresses were each packed once; the shared ones only by ben.
     assert world.packed_addresses(ann) == 200
     assert world.packed_addresses(ben) == 100
+
+
+# ---- standby batches, refreshed when new work is owed their places ------------------------------
+
+
+async def pack_ahead(world, key: str, follow: list[int], batch_size: int = 100) -> list[int]:
+    result = await world.packer.pack_batches(
+        PackRequest(lane=LANE, pack_key=key, slots=len(follow), batch_size=batch_size, follow=follow))
+    assert [b.after for b in result.batches] == follow[: len(result.batches)]
+    return [b.bouncer_batch_id for b in result.batches]
+
+
+def sent_once(world, ub: int) -> tuple[int, int]:
+    """(addresses in non-empty batches' parts, distinct ones) of a user batch: each packed once?"""
+    return world.sql(
+        "select count(*), count(distinct q.address_id) from bouncer_batch_parts p"
+        " join queue q on q.user_batch_id = p.user_batch_id and q.lane = %s and q.seq >= p.seq_from and q.seq < p.seq_to"
+        " where p.user_batch_id = %s", (LANE, ub))[0]
+
+
+async def test_standby_batches_give_their_places_to_a_less_served_newcomer(world):
+    """Two batches in flight, two packed ahead behind them (ann's 200-400). Ben's list arrives:
+    with fair share he is owed their places, so they are emptied, ann's addresses go back under
+    her cursor, and the next pack ahead serves ben first."""
+    ann = await world.add("ann", emails("ann", 500))
+    flying = [b.bouncer_batch_id for b in (await world.pack("r1", slots=2, batch_size=100)).batches]
+    standby = await pack_ahead(world, "a1", flying)
+    assert [world.composition(bb) for bb in standby] == [{"ann": 100}, {"ann": 100}]
+
+    refresh = StandbyRefresh(LANE, standby)
+    assert await world.packer.refresh_standby(refresh) == []  # nobody owed: nothing changes
+    assert world.sql("select sum(size) from bouncer_batches where id = any(%s)", (standby,)) == [(200,)]
+
+    await world.add("ben", emails("ben", 150))
+    assert await world.packer.refresh_standby(refresh) == standby
+    assert world.sql("select size, state from bouncer_batches where id = any(%s)", (standby,)) == [(0, "packed")] * 2
+    assert world.parts(standby[0]) == world.parts(standby[1]) == []
+    assert world.sql("select cursor, dispatched, holes from user_batch_lanes where user_batch_id = %s", (ann,)) == [
+        (200, 200, False)]
+    assert await world.packer.refresh_standby(refresh) == standby  # a retry answers the same
+
+    again = await pack_ahead(world, "a2", flying)
+    assert [world.composition(bb) for bb in again] == [{"ben": 100}, {"ben": 50, "ann": 50}]
+    assert [p[3:5] for p in world.parts(again[1]) if p[1] == "ann"] == [(200, 250)]
+
+
+async def test_withdrawn_standby_parts_are_numbered_again_when_a_later_pack_claimed_past_them(world):
+    """A slot freed (batch r2 packed ann's 400-500) after ann's 200-400 stood by: the cursor cannot
+    go back, so those rows are numbered after the queue's end; every address is still packed once."""
+    ann = await world.add("ann", emails("ann", 500))
+    flying = [b.bouncer_batch_id for b in (await world.pack("r1", slots=2, batch_size=100)).batches]
+    standby = await pack_ahead(world, "a1", flying)
+    await world.pack("r2", slots=1, batch_size=100)
+    ben = await world.add("ben", emails("ben", 50))
+    assert await world.packer.refresh_standby(StandbyRefresh(LANE, standby)) == standby
+    assert world.sql("select cursor, next_seq, dispatched, holes from user_batch_lanes where user_batch_id = %s",
+                     (ann,)) == [(500, 700, 300, True)]
+    while await pack_ahead(world, f"a{len(world.parts())}", flying):
+        pass
+    assert sent_once(world, ann) == (500, 500)
+    assert sent_once(world, ben) == (50, 50)
+
+
+async def test_only_priority_or_fair_share_empties_standby_batches(world):
+    """A newcomer of lower priority, or (without fair share) of the same one, is not owed the
+    places of standby batches; one of higher priority is, fair share or not."""
+    await world.add("ann", emails("ann", 500))
+    flying = [b.bouncer_batch_id for b in (await world.pack("r1", slots=1, batch_size=100)).batches]
+    standby = await pack_ahead(world, "a1", flying)
+    await world.add("lou", emails("lou", 50), priority="low")
+    assert await world.packer.refresh_standby(StandbyRefresh(LANE, standby)) == []
+    await world.add("ben", emails("ben", 50))
+    assert await world.packer.refresh_standby(StandbyRefresh(LANE, standby, fair_share=False)) == []
+    await world.add("hal", emails("hal", 50), priority="high")
+    assert await world.packer.refresh_standby(StandbyRefresh(LANE, standby, fair_share=False)) == standby
 
 
 # ---- idempotency ------------------------------------------------------------------------------

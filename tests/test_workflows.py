@@ -807,6 +807,46 @@ async def test_pausing_a_list_takes_its_addresses_out_of_standby_batches(skippin
         await assert_replays(env.client, p)
 
 
+async def test_a_list_submitted_behind_standby_batches_takes_their_places(skipping_env, db_url, slow_paced_sandbox,
+                                                                          tmp_path):
+    """Three slots, three of ann's batches standing by behind them. Ben's list arrives: fair share
+    owes him their places, so they are emptied (never sent) and his first batch is the next one
+    created, not the fourth. Nothing is lost or sent twice."""
+    env, sandbox = skipping_env, slow_paced_sandbox
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=3, express_slots=0,
+                             poll_interval_s=0.2, store_quiet_s=0)
+    async with running_pipeline(env.client, settings) as p:
+        ann = await p.submit_file(write_list(tmp_path / "ann.csv", emails("ann", 1200)), "ann")
+        with env.auto_time_skipping_disabled():
+            await eventually(lambda: len([r for r in standby_rows(p) if r[2] == "packed" and r[3]]) == 3,
+                             "three standby batches")
+            ben = await p.submit_file(write_list(tmp_path / "ben.csv", emails("ben", 300)), "ben")
+            await prepared(ben)
+            sent_before = p.sql("select count(*) from bouncer_batches where provider_batch_id is not null")[0][0]
+            summaries = await asyncio.wait_for(asyncio.gather(ann.result(), ben.result()), timeout=90)
+        assert [s.by_state for s in summaries] == [{"verified": 1200}, {"verified": 300}]
+
+        emptied = p.sql("select size, sent, provider_batch_id, state from bouncer_batches"
+                        " where after_id is not null and size = 0")
+        assert len(emptied) >= 3 and set(emptied) == {(0, 0, None, "stored")}
+        at_api = sandbox_batches(sandbox)
+        created = sorted(
+            (at_api[provider]["created"], user)
+            for provider, user in p.sql(
+                "select distinct bb.provider_batch_id, b.user_id from bouncer_batches bb"
+                " join bouncer_batch_parts pt on pt.bouncer_batch_id = bb.id join user_batches b on b.id = pt.user_batch_id"
+                " where bb.provider_batch_id is not null"))
+        ann_before_ben = [user for _at, user in created].index("ben")
+        # At most one of ann's standby batches was already on its way when ben's list arrived.
+        assert ann_before_ben <= sent_before + 1, (sent_before, created)
+        stats = sandbox_stats(sandbox)
+        assert (stats["addresses_received"], stats["unique_addresses_received"], stats["addresses_sent_twice"]) == (
+            1500, 1500, 0)
+        status = await scheduler_status(env.client)
+        assert (status.in_flight, status.standby) == (0, 0)
+        await assert_replays(env.client, p)
+
+
 # ---- 7. replay --------------------------------------------------------------------------------------
 
 

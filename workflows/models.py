@@ -180,6 +180,8 @@ class SchedulerState:
     standby: dict[str, list[int]] = field(default_factory=dict)
     ahead_drained: bool = False  # the last pack ahead found the queue empty (until new work arrives)
     held: bool | None = None  # the lane's hold row (lane_holds) as last written; None: not known
+    # New work arrived since the standby batches were packed: it may be owed their places (release 7).
+    standby_stale: bool = False
 
 
 @dataclass
@@ -227,6 +229,14 @@ class PackRequest:
     # Pack ahead (release 6): at most one regular batch per id listed, each to follow that
     # in-flight batch (sent once it has left the API); no express batches.
     follow: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StandbyRefresh:
+    """New work arrived while standby batches wait: empty those that now jump the queue."""
+    lane: str
+    standby: list[int]  # the scheduler's standby batches (not yet promoted to a slot)
+    fair_share: bool = True
 
 
 @dataclass

@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         SchedulerInput,
         SchedulerState,
         SchedulerStatus,
+        StandbyRefresh,
         bouncer_batch_summary,
         bouncer_batch_workflow_id,
     )
@@ -60,6 +61,7 @@ class GreedySchedulerWorkflow:
         self._state.new_work = True
         self._state.express_hint = True
         self._state.ahead_drained = False
+        self._state.standby_stale = True
 
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
@@ -134,6 +136,7 @@ class GreedySchedulerWorkflow:
         self._cap_storing = workflow.patched("cap-batches-storing")
         self._express_hints = workflow.patched("express-hint")
         self._standby_on = inp.standby_batches > 0 and workflow.patched("standby-batches")
+        self._refresh_on = self._standby_on and workflow.patched("standby-refresh")
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
@@ -158,6 +161,7 @@ class GreedySchedulerWorkflow:
             try:
                 await workflow.wait_condition(
                     lambda: self._can_pack()
+                    or self._can_refresh()
                     or self._can_pack_ahead()
                     or self._hold_stale()
                     or self._should_continue()
@@ -173,6 +177,8 @@ class GreedySchedulerWorkflow:
                 await self._write_hold()
             if self._can_pack():
                 await self._pack()
+            elif self._can_refresh():
+                await self._refresh_standby()
             elif self._can_pack_ahead():
                 await self._pack_ahead()
             self._describe()
@@ -313,9 +319,31 @@ class GreedySchedulerWorkflow:
             and bool(self._followable())
         )
 
+    def _can_refresh(self) -> bool:
+        return self._refresh_on and self._state.standby_stale and bool(self._state.standby)
+
+    async def _refresh_standby(self) -> None:
+        """New work arrived while batches stood by (release 7): those it is owed (by priority or
+        fair share) are emptied and forgotten, and the loop packs ahead again with it in the queue.
+        Without this a list submitted behind a big import waits for every standby batch."""
+        assert self._input is not None
+        self._state.standby_stale = False
+        emptied = await workflow.execute_activity_method(
+            PackingActivities.refresh_standby,
+            StandbyRefresh(self._input.lane, sorted(int(k) for k in self._state.standby), self._input.fair_share),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=DB_RETRY,
+        )
+        for bb in emptied:  # never sent: their workflows end, and their `batch_finished` finds nothing
+            self._state.standby.pop(str(bb), None)
+            self._state.in_flight.pop(str(bb), None)  # promoted while the activity ran
+        if emptied:
+            self._state.ahead_drained = False
+
     async def _pack_ahead(self) -> None:
         assert self._input is not None
         inp = self._input
+        self._state.standby_stale = False  # this pack sees every list queued so far
         follow = self._followable()[: inp.standby_batches - len(self._state.standby)]
         self._state.packs += 1
         result = await workflow.execute_activity_method(
