@@ -27,7 +27,6 @@ from activities.events import record_progress
 from activities.heartbeat import heartbeats
 from activities.user_batches import UserBatchActivities, index_probes
 from bouncer.client import BouncerClient
-from db import SLOTS_CHANNEL
 from bouncer.errors import (
     BadRequest,
     BouncerError,
@@ -37,6 +36,7 @@ from bouncer.errors import (
     Transient,
     Unauthorized,
 )
+from db import SLOTS_CHANNEL
 from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome

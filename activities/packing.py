@@ -116,14 +116,7 @@ class PackingActivities:
             candidates = [list(r) for r in await cur.fetchall()]
             if not candidates:
                 return PackResult([], queue_drained=True)
-            await cur.execute(
-                """
-                select b.user_id, sum(l.dispatched) from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
-                where l.lane = %s and b.state in ('queued', 'paused') group by 1
-                """,
-                (request.lane,),
-            )
-            served = {u: int(n) for u, n in await cur.fetchall()}
+            served = await _served(cur, request.lane)
             allowance = await _allowances(cur, request.lane, self.max_in_flight_per_user)
             packer = _Packer(cur, request, candidates, served, allowance)
 
@@ -179,7 +172,6 @@ class PackingActivities:
             )
             return [PackedBatch(*row) for row in await cur.fetchall()]
 
-
     @activity.defn
     async def hold_lane(self, hold: LaneHold) -> None:
         """Write the lane's hold row (its standby batches are not sent while it exists), and wake
@@ -194,7 +186,6 @@ class PackingActivities:
             else:
                 await conn.execute("delete from lane_holds where lane = %s", (hold.lane,))
             await conn.execute("select pg_notify(%s, %s)", (SLOTS_CHANNEL, f"lane:{hold.lane}"))
-
 
     @activity.defn
     async def refresh_standby(self, request: StandbyRefresh) -> list[int]:
@@ -237,14 +228,7 @@ class PackingActivities:
                 (lane,),
             )
             queued = await cur.fetchall()
-            await cur.execute(
-                """
-                select b.user_id, sum(l.dispatched) from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
-                where l.lane = %s and b.state in ('queued', 'paused') group by 1
-                """,
-                (lane,),
-            )
-            served = {u: int(n) for u, n in await cur.fetchall()}
+            served = await _served(cur, lane)
             if not _owed_standby(parts, queued, served, request.fair_share):
                 return empty
             await cur.execute("delete from bouncer_batch_parts where bouncer_batch_id = any(%s)", (waiting,))
@@ -378,6 +362,18 @@ class _Packer:
                 (seq_to, n, ub, lane),
             )
         return PackedBatch(bb_id, size - room, express, after)
+
+
+async def _served(cur, lane: str) -> dict[str, int]:
+    """Fair share's measure: addresses packed per user from their unfinished batches in the lane."""
+    await cur.execute(
+        """
+        select b.user_id, sum(l.dispatched) from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
+        where l.lane = %s and b.state in ('queued', 'paused') group by 1
+        """,
+        (lane,),
+    )
+    return {u: int(n) for u, n in await cur.fetchall()}
 
 
 async def _allowances(cur, lane: str, default_cap: int) -> dict[str, int]:
