@@ -225,6 +225,19 @@ class GreedySchedulerWorkflow:
         info = workflow.info()
         return info.is_continue_as_new_suggested() or info.get_current_history_length() > 4000
 
+    def _batch_template(self) -> BouncerBatchInput:
+        """The input of the Bouncer batch workflows a pack starts (the pack fills in each id)."""
+        assert self._input is not None
+        inp = self._input
+        return BouncerBatchInput(
+            bouncer_batch_id=0,
+            lane=inp.lane,
+            poll_interval_s=inp.poll_interval_s,
+            deadline_s=inp.deadline_s,
+            api_create_task_queue=inp.api_create_task_queue,
+            api_task_queue=inp.api_task_queue,
+        )
+
     async def _pack(self) -> None:
         assert self._input is not None
         inp = self._input
@@ -257,14 +270,7 @@ class GreedySchedulerWorkflow:
                 express_slots=express_asked,
                 express_max_addresses=inp.express_max_addresses,
                 linger_s=linger_s,
-                start=BouncerBatchInput(
-                    bouncer_batch_id=0,
-                    lane=inp.lane,
-                    poll_interval_s=inp.poll_interval_s,
-                    deadline_s=inp.deadline_s,
-                    api_create_task_queue=inp.api_create_task_queue,
-                    api_task_queue=inp.api_task_queue,
-                ) if pack_starts else None,
+                start=self._batch_template() if pack_starts else None,
                 start_task_queue=workflow.info().task_queue if pack_starts else "",
             ),
             start_to_close_timeout=timedelta(seconds=120),
@@ -354,14 +360,7 @@ class GreedySchedulerWorkflow:
                 slots=len(follow),
                 batch_size=inp.batch_size,
                 fair_share=inp.fair_share,
-                start=BouncerBatchInput(
-                    bouncer_batch_id=0,
-                    lane=inp.lane,
-                    poll_interval_s=inp.poll_interval_s,
-                    deadline_s=inp.deadline_s,
-                    api_create_task_queue=inp.api_create_task_queue,
-                    api_task_queue=inp.api_task_queue,
-                ),
+                start=self._batch_template(),
                 start_task_queue=workflow.info().task_queue,
                 follow=follow,
             ),
@@ -420,14 +419,7 @@ class GreedySchedulerWorkflow:
             try:
                 await workflow.start_child_workflow(
                     BouncerBatchWorkflow.run,
-                    BouncerBatchInput(
-                        bouncer_batch_id=bouncer_batch_id,
-                        lane=inp.lane,
-                        poll_interval_s=inp.poll_interval_s,
-                        deadline_s=inp.deadline_s,
-                        api_create_task_queue=inp.api_create_task_queue,
-                        api_task_queue=inp.api_task_queue,
-                    ),
+                    dataclasses.replace(self._batch_template(), bouncer_batch_id=bouncer_batch_id),
                     id=bouncer_batch_workflow_id(inp.lane, bouncer_batch_id),
                     parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                     static_summary=bouncer_batch_summary(inp.lane, bouncer_batch_id, size),
