@@ -59,9 +59,9 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
                                                                                  range(2, workers + 1)]])))
         with psycopg.connect(st.database_url) as conn:
             packs = [r[0] for r in conn.execute("select duration_ms from pack_runs where batches > 0")]
-            # Sent batches; a standby batch emptied for a list owed its place never went out.
-            sizes = [r[0] for r in conn.execute("select size from bouncer_batches where size > 0")]
-            (emptied,) = conn.execute("select count(*) from bouncer_batches where size = 0").fetchone()
+            # Sent batches; a standby batch emptied for a list owed its place (size 0) never went out.
+            every_size = [r[0] for r in conn.execute("select size from bouncer_batches")]
+            sizes = [n for n in every_size if n > 0]
             # When each phase ended, from the rows' own timestamps (s after the first submit began).
             timeline = conn.execute(
                 """
@@ -111,7 +111,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         **limits,
         "bouncer_batches": len(sizes),
         "mean_batch_fill": round(sum(sizes) / (len(sizes) * 10_000), 3) if sizes else 0,
-        "bouncer_batches_emptied": emptied,
+        "bouncer_batches_emptied": len(every_size) - len(sizes),
         "cpu_s": cpu | {"submitters": round(sum(s["cpu_s"] for s in submitted), 1)},
         "timeline_s": dict(zip(["last_list_registered", "first_batch_packed", "last_batch_packed",
                                 "last_batch_completed", "last_batch_stored", "last_list_finished"],
