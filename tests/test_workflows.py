@@ -780,7 +780,8 @@ async def test_pausing_a_list_takes_its_addresses_out_of_standby_batches(skippin
         ub = ub_id(handle)
         with env.auto_time_skipping_disabled():
             (standby,) = await eventually(lambda: standby_rows(p), "a standby batch")
-            assert sandbox_stats(sandbox)["batches_created"] == 1
+            # The standby batch is packed while batch 1 may still be on its way to the API.
+            await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "batch 1 created at the API")
             progress: Progress = await handle.execute_update(UserBatchWorkflow.pause)
             assert (progress.state, progress.remaining) == ("paused", 100)  # only batch 1, at the API
             assert standby_rows(p) == [(standby[0], standby[1], "packed", 0)]
