@@ -746,6 +746,8 @@ async def test_a_paused_lane_holds_its_standby_batches_until_resumed(skipping_en
         handle = await p.submit_file(write_list(tmp_path / "lh.csv", emails("lh", 300)), "liv")
         with env.auto_time_skipping_disabled():
             await eventually(lambda: [r for r in standby_rows(p) if r[2] == "packed"], "a standby batch")
+            # The standby batch can be packed before batch 1 reaches the API: wait for it there.
+            await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "batch 1 created at the API")
             await env.client.get_workflow_handle(scheduler_id(LANE)).signal(
                 GreedySchedulerWorkflow.pause, LanePause("held by test"))
             await eventually(lambda: p.sql("select reason from lane_holds where lane = %s", (LANE,)), "the hold")
@@ -780,7 +782,7 @@ async def test_pausing_a_list_takes_its_addresses_out_of_standby_batches(skippin
         ub = ub_id(handle)
         with env.auto_time_skipping_disabled():
             (standby,) = await eventually(lambda: standby_rows(p), "a standby batch")
-            # The standby batch is packed while batch 1 may still be on its way to the API.
+            # The standby batch can be packed before batch 1 reaches the API: wait for it there.
             await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "batch 1 created at the API")
             progress: Progress = await handle.execute_update(UserBatchWorkflow.pause)
             assert (progress.state, progress.remaining) == ("paused", 100)  # only batch 1, at the API
@@ -821,6 +823,8 @@ async def test_a_list_submitted_behind_standby_batches_takes_their_places(skippi
         with env.auto_time_skipping_disabled():
             await eventually(lambda: len([r for r in standby_rows(p) if r[2] == "packed" and r[3]]) == 3,
                              "three standby batches")
+            # Standby batches can be packed before the three they follow reach the API: wait for those.
+            await eventually(lambda: sandbox_stats(sandbox)["batches_created"] >= 3, "ann's first three batches")
             ben = await p.submit_file(write_list(tmp_path / "ben.csv", emails("ben", 300)), "ben")
             await prepared(ben)
             sent_before = p.sql("select count(*) from bouncer_batches where provider_batch_id is not null")[0][0]
