@@ -81,6 +81,7 @@ class BouncerBatchWorkflow:
         outcome = "stored"
         result = StoreOutcome(0, 0, 0)
         freeing: asyncio.Future | None = None
+        evicted = False
         try:
             request, outcome = await self._submit_and_wait(inp)
             if workflow.patched("store-notifies-user-batches"):
@@ -124,11 +125,17 @@ class BouncerBatchWorkflow:
                                              maximum_interval=timedelta(seconds=30)),
                 )
             return result
+        except GeneratorExit:
+            # Not an end: a stopped worker's cached run is garbage-collected (outside any workflow
+            # task, so no signal can be sent); the run goes on elsewhere from its history.
+            evicted = True
+            raise
         finally:
             # The scheduler owns the slot count; it must hear of every end, success or not.
-            if freeing is not None:
-                await freeing  # in order: done at the API, then the end
-            await self._batch_finished(inp, BatchFinished(bb, outcome))
+            if not evicted:
+                if freeing is not None:
+                    await freeing  # in order: done at the API, then the end
+                await self._batch_finished(inp, BatchFinished(bb, outcome))
 
     async def _batch_finished(self, inp: BouncerBatchInput, finished: BatchFinished) -> None:
         try:
