@@ -8,39 +8,39 @@ import asyncio
 from workflows.bouncer_batch import BouncerBatchWorkflow
 from workflows.models import BouncerBatchInput
 
+INPUT = BouncerBatchInput(bouncer_batch_id=7, lane="deliverability")
+
+
+def workflow_with(submit_and_wait) -> tuple[BouncerBatchWorkflow, list]:
+    """The workflow with its submit replaced and the ends it reports to the scheduler recorded."""
+    wf, ends = BouncerBatchWorkflow(), []
+
+    async def batch_finished(_inp, end):
+        ends.append(end)
+
+    wf._submit_and_wait = submit_and_wait
+    wf._batch_finished = batch_finished
+    return wf, ends
+
 
 async def test_a_run_closed_by_the_garbage_collector_signals_nothing_and_raises_nothing():
-    wf = BouncerBatchWorkflow()
-    finished: list = []
-
     async def suspended(_inp):  # the run waits at the API, as a cached run does
         await asyncio.get_running_loop().create_future()
 
-    async def batch_finished(_inp, end):
-        finished.append(end)
-
-    wf._submit_and_wait = suspended
-    wf._batch_finished = batch_finished
-    run = wf.run(BouncerBatchInput(bouncer_batch_id=7, lane="deliverability"))
+    wf, ends = workflow_with(suspended)
+    run = wf.run(INPUT)
     run.send(None)  # now suspended at its first await
     run.close()  # what the garbage collector does; raises if the coroutine does not exit cleanly
-    assert finished == []
+    assert ends == []
 
 
 async def test_a_run_that_ends_by_an_error_still_tells_the_scheduler():
-    wf = BouncerBatchWorkflow()
-    finished: list = []
-
     async def failing(_inp):
         raise RuntimeError("submit failed")
 
-    async def batch_finished(_inp, end):
-        finished.append(end)
-
-    wf._submit_and_wait = failing
-    wf._batch_finished = batch_finished
+    wf, ends = workflow_with(failing)
     try:
-        await wf.run(BouncerBatchInput(bouncer_batch_id=7, lane="deliverability"))
+        await wf.run(INPUT)
     except RuntimeError:
         pass
-    assert [f.bouncer_batch_id for f in finished] == [7]
+    assert [e.bouncer_batch_id for e in ends] == [7]
