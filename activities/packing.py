@@ -104,16 +104,7 @@ class PackingActivities:
                 drained, queued_after = await cur.fetchone()
                 return PackResult([PackedBatch(*row) for row in done], drained, queued_after)
 
-            await cur.execute(
-                """
-                select l.user_batch_id, b.user_id, b.priority, l.cursor, l.next_seq, l.holes
-                from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
-                where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq
-                order by b.priority, b.created_at, b.id
-                """,
-                (request.lane,),
-            )
-            candidates = [list(r) for r in await cur.fetchall()]
+            candidates = await _candidates(cur, request.lane)
             if not candidates:
                 return PackResult([], queue_drained=True)
             served = await _served(cur, request.lane)
@@ -220,14 +211,7 @@ class PackingActivities:
                 (waiting,),
             )
             parts = await cur.fetchall()
-            await cur.execute(
-                """
-                select b.user_id, b.priority from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
-                where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq
-                """,
-                (lane,),
-            )
-            queued = await cur.fetchall()
+            queued = [(user, prio) for _ub, user, prio, *_rest in await _candidates(cur, lane)]
             served = await _served(cur, lane)
             if not _owed_standby(parts, queued, served, request.fair_share):
                 return empty
@@ -362,6 +346,21 @@ class _Packer:
                 (seq_to, n, ub, lane),
             )
         return PackedBatch(bb_id, size - room, express, after)
+
+
+async def _candidates(cur, lane: str) -> list[list]:
+    """The lane's queued lists with addresses left, in packing order (before fair share):
+    `[user batch, user, priority, cursor, next_seq, holes]` each."""
+    await cur.execute(
+        """
+        select l.user_batch_id, b.user_id, b.priority, l.cursor, l.next_seq, l.holes
+        from user_batch_lanes l join user_batches b on b.id = l.user_batch_id
+        where l.lane = %s and b.state = 'queued' and l.cursor < l.next_seq
+        order by b.priority, b.created_at, b.id
+        """,
+        (lane,),
+    )
+    return [list(r) for r in await cur.fetchall()]
 
 
 async def _served(cur, lane: str) -> dict[str, int]:
