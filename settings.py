@@ -76,16 +76,17 @@ class Settings(BaseSettings):
     batch_size: int = Field(10_000, description="Addresses per Bouncer batch")
     max_concurrent_batches: int = Field(15, description="Bouncer batches in flight per lane")
     creations_per_minute: float = Field(
-        50, description="Batch creations per minute, enforced by the Temporal server on the create queue"
+        45, description="Batch creations per minute, enforced by the Temporal server on the create queue"
     )
     requests_per_minute: float = Field(
         180, description="Other API requests per minute, enforced by the Temporal server on the API queue"
     )
     standby_batches: int = Field(
-        8, ge=0, description="While every slot of a lane is busy, Bouncer batches packed ahead, each created the "
+        15, ge=0, description="While every slot of a lane is busy, Bouncer batches packed ahead, each created the "
         "moment one in flight leaves the API (0: off). Keep CREATIONS_PER_MINUTE + STANDBY_BATCHES <= the API's 60 "
         "creations a minute (standby batches may be created faster than that pace for a moment). A list owed their "
-        "places (a higher priority or, with fair share, a less served user) empties them and is packed first"
+        "places (a higher priority or, with fair share, a less served user) empties them and is packed first. The "
+        "defaults (45 + 15) give each of the 15 slots a batch standing by"
     )
     pack_linger_s: float = Field(
         0.5, description="After new work arrives, wait this long so lists submitted together share batches"

@@ -3,7 +3,7 @@
 50,000 addresses in five user batches of 10,000, submitted back to back (one `starter.py
 submit --json` process after the other, as a user's script would). The sandbox keeps the
 documented limits *unscaled* (`time_scale` 1: 60 creations/min, 200 requests/min, 25
-processing) and the worker runs with its defaults (CREATIONS_PER_MINUTE 50,
+processing) and the worker runs with its defaults (CREATIONS_PER_MINUTE 45,
 REQUESTS_PER_MINUTE 180, POLL_INTERVAL_S 15, PACK_LINGER_S 0.5): dispatch latency is our own
 wall-clock overhead plus the real creation budget, so nothing is gained by scaling it.
 

@@ -5,7 +5,7 @@ queue (FAIR_SHARE=false and EXPRESS_MAX_ADDRESSES=0: FIFO by age within a priori
 slot). In each: user A submits `big` addresses; once A's first Bouncer batch exists at the
 API (`/_sandbox/stats` batches_created ≥ 1), user B submits `small` addresses at the same
 priority. The sandbox keeps the documented limits, time-scaled by F, and the worker's budgets
-are scaled alike (CREATIONS_PER_MINUTE = 50·F, REQUESTS_PER_MINUTE = 180·F,
+are scaled alike (CREATIONS_PER_MINUTE = 45·F, REQUESTS_PER_MINUTE = 180·F,
 POLL_INTERVAL_S = 15/F). A run ends as soon as B's user batch is completed; A need not finish
 (the stack is torn down).
 

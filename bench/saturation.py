@@ -2,8 +2,8 @@
 
 The sandbox keeps the documented limits (60 creations/min, 200 other requests/min, 25 batches
 processing at once, a per-batch speed), all shrunk by `--time-scale F` so a run fits in about
-two minutes; the worker's own budgets are scaled alike so it still sits just under them:
-CREATIONS_PER_MINUTE = 50·F, REQUESTS_PER_MINUTE = 180·F, POLL_INTERVAL_S = 15/F. A backlog of
+two minutes; the worker's defaults are scaled alike so it still sits just under them:
+CREATIONS_PER_MINUTE = 45·F, REQUESTS_PER_MINUTE = 180·F, POLL_INTERVAL_S = 15/F. A backlog of
 `batches` (default 45 = 3 × MAX_CONCURRENT_BATCHES) full Bouncer batches is queued *before*
 dispatch starts: the lane is paused (signal-with-start of its scheduler), the lists are
 submitted and prepared, then the lane is resumed. So queued work exists from the first
@@ -82,6 +82,7 @@ import psycopg
 
 from bench.common import CpuMeter, bench_stack, percentile, submit, write_lists
 from devstack import ROOT, DevStack
+from settings import Settings
 
 LANE = "deliverability"
 SLOTS = 15
@@ -91,11 +92,12 @@ SLOTS = 15
 
 
 def scaled_env(time_scale: float, **extra: object) -> dict[str, str]:
-    """Worker budgets just under the (scaled) documented limits."""
+    """The worker's default budgets (just under the documented limits), scaled."""
+    default = {name: field.default for name, field in Settings.model_fields.items()}
     env = {
-        "CREATIONS_PER_MINUTE": f"{50 * time_scale:g}",
-        "REQUESTS_PER_MINUTE": f"{180 * time_scale:g}",
-        "POLL_INTERVAL_S": f"{15 / time_scale:g}",
+        "CREATIONS_PER_MINUTE": f"{default['creations_per_minute'] * time_scale:g}",
+        "REQUESTS_PER_MINUTE": f"{default['requests_per_minute'] * time_scale:g}",
+        "POLL_INTERVAL_S": f"{default['poll_interval_s'] / time_scale:g}",
         "MAX_CONCURRENT_BATCHES": str(SLOTS),
     }
     env.update({k: str(v) for k, v in extra.items()})
