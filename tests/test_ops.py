@@ -357,7 +357,7 @@ async def test_status_watch_redraws_lanes_api_use_credits_and_dead_letters(dev_e
 
     env = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
     env.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=dev_env.client.service_client.config.target_host,
-               COLUMNS="120")
+               COLUMNS="120", CREATIONS_PER_MINUTE="50")  # 25 creations this minute: half the budget
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("insert into alert_state (name, firing, value) values ('credits', false, 123456)")
         conn.execute("insert into api_usage (minute, budget, requests)"
