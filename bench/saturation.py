@@ -93,11 +93,11 @@ SLOTS = 15
 
 def scaled_env(time_scale: float, **extra: object) -> dict[str, str]:
     """The worker's default budgets (just under the documented limits), scaled."""
-    default = {name: field.default for name, field in Settings.model_fields.items()}
+    field = Settings.model_fields
     env = {
-        "CREATIONS_PER_MINUTE": f"{default['creations_per_minute'] * time_scale:g}",
-        "REQUESTS_PER_MINUTE": f"{default['requests_per_minute'] * time_scale:g}",
-        "POLL_INTERVAL_S": f"{default['poll_interval_s'] / time_scale:g}",
+        "CREATIONS_PER_MINUTE": f"{field['creations_per_minute'].default * time_scale:g}",
+        "REQUESTS_PER_MINUTE": f"{field['requests_per_minute'].default * time_scale:g}",
+        "POLL_INTERVAL_S": f"{field['poll_interval_s'].default / time_scale:g}",
         "MAX_CONCURRENT_BATCHES": str(SLOTS),
     }
     env.update({k: str(v) for k, v in extra.items()})
