@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 import psycopg
 from psycopg.types.json import Jsonb
@@ -264,6 +263,8 @@ class EventActivities:
             "x-bouncer-timestamp": str(now),
             "x-bouncer-signature": sign(d.secret, now, body),
         }
+        import httpx  # here: every CLI process imports this module (`record_event`), few deliver
+
         status, error = 0, ""
         try:
             async with httpx.AsyncClient(timeout=self.settings.event_timeout_s) as http:
