@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--addresses", type=int, default=200_000)
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--sql-stats", action="store_true", help="also report the top statements (pg_stat_statements) and Postgres' writes (pg_stat_io)")
+    p.add_argument("--sql-stats", action="store_true", help="also report the top statements (pg_stat_statements), Postgres' CPU by statement (sampled) and its writes (pg_stat_io)")
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
     p = sub.add_parser("saturation", help="slot utilization and dispatch gaps under the documented limits")

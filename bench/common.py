@@ -178,6 +178,55 @@ class CpuMeter:
                 **({"machine_busy_samples": self._samples} if self._samples else {})}
 
 
+class PgCpuSampler:
+    """Postgres CPU by statement (`bench pipeline --sql-stats`).
+
+    Every `every_s`, each backend's CPU since the last look (/proc) goes to the statement
+    pg_stat_activity shows for it: the running one, or for an idle backend the last one, so
+    statements shorter than the interval are charged to the last of them (`COMMIT` collects
+    some). Background processes go by type (autovacuum worker, walwriter, ...). Unlike
+    pg_stat_statements' times, which are wall time under contention, this is where the two
+    cores went. Its own cost: ~50 small queries a second.
+    """
+
+    def __init__(self, st: DevStack, every_s: float = 0.02) -> None:
+        self.st, self.every_s = st, every_s
+        self._cpu: dict[str, float] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        last: dict[int, float] = {}
+        with psycopg.connect(self.st.database_url, autocommit=True) as conn:
+            conn.execute("set max_parallel_workers_per_gather = 0")
+            me = conn.info.backend_pid
+            while not self._stopped.wait(self.every_s):
+                rows = conn.execute(
+                    "select pid, case when backend_type = 'client backend'"
+                    " then left(regexp_replace(query, '\\s+', ' ', 'g'), 100) else backend_type end"
+                    " from pg_stat_activity where pid <> %s", (me,),
+                ).fetchall()
+                for pid, what in rows:
+                    with contextlib.suppress(OSError):
+                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        used = (int(fields[11]) + int(fields[12])) / tick
+                        if pid in last:
+                            self._cpu[what] = self._cpu.get(what, 0.0) + used - last[pid]
+                        last[pid] = used
+
+    def stop(self, n: int = 20) -> list[dict]:
+        """The `n` statements (or process types) that used the most CPU, with their share."""
+        self._stopped.set()
+        self._thread.join()
+        total = sum(self._cpu.values()) or 1.0
+        top = sorted(self._cpu.items(), key=lambda kv: -kv[1])[:n]
+        return [{"cpu_s": round(v, 2), "share": round(v / total, 3), "what": k} for k, v in top]
+
+
 def top_statements(database_url: str, n: int = 20) -> list[dict]:
     """The `n` statements that took the most execution time (pg_stat_statements)."""
     with psycopg.connect(database_url) as conn:

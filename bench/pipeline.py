@@ -16,6 +16,7 @@ import psycopg
 
 from bench.common import (
     CpuMeter,
+    PgCpuSampler,
     bench_stack,
     history_limits,
     io_stats,
@@ -46,6 +47,9 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
         meter = CpuMeter(st)
         meter.start(sample_s=5.0)
+        pg_cpu = PgCpuSampler(st) if sql_stats else None
+        if pg_cpu:
+            pg_cpu.start()
         began, began_wall = time.monotonic(), time.time()
         # Two submitters at a time: one per core, as a user's scripts would.
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -54,6 +58,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         ids = [s["user_batch_id"] for s in submitted]
         finished = wait_completed(st, ids, timeout)
         metered = meter.stop()
+        by_statement = pg_cpu.stop() if pg_cpu else None
         cpu = metered["cpu_s"]
         worker_rss = max(filter(None, (peak_rss_mb(st.pid(n)) for n in ["worker", *[f"worker-{i}" for i in
                                                                                  range(2, workers + 1)]])))
@@ -122,5 +127,6 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         "machine_busy_per_5s": metered.get("machine_busy_samples", []),
         "addresses_sent_twice": sandbox["addresses_sent_twice"],
         "api_addresses_received": sandbox["addresses_received"],
-        **({"top_statements": statements, "postgres_io": io} if sql_stats else {}),
+        **({"top_statements": statements, "postgres_io": io, "postgres_cpu_by_statement": by_statement}
+           if sql_stats else {}),
     }
