@@ -202,7 +202,6 @@ class PgCpuSampler:
         tick = os.sysconf("SC_CLK_TCK")
         last: dict[int, float] = {}
         with psycopg.connect(self.st.database_url, autocommit=True) as conn:
-            conn.execute("set max_parallel_workers_per_gather = 0")
             me = conn.info.backend_pid
             while not self._stopped.wait(self.every_s):
                 rows = conn.execute(
