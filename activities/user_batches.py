@@ -518,11 +518,12 @@ class UserBatchActivities:
                     await enqueue_listed(cur, user_batch_id, lane, self._ttl_s, first_time=True)
                 await cur.execute(
                     """
-                    update user_batches set state = 'queued',
-                        rows_total = (select count(*) from items where user_batch_id = %(ub)s),
-                        invalid = (select count(*) from items where user_batch_id = %(ub)s and state = 'invalid'),
-                        duplicates = (select count(*) from items where user_batch_id = %(ub)s and state = 'duplicate')
-                    where id = %(ub)s
+                    update user_batches b set state = 'queued', rows_total = c.n, invalid = c.invalid,
+                        duplicates = c.duplicates
+                    from (select count(*) as n, count(*) filter (where state = 'invalid') as invalid,
+                                 count(*) filter (where state = 'duplicate') as duplicates
+                          from items where user_batch_id = %(ub)s) c
+                    where b.id = %(ub)s
                     """,
                     p,
                 )
