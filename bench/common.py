@@ -112,13 +112,18 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def proc_cpu_s(pid: int, reaped: bool = True) -> float:
+    """CPU seconds of a process (utime + stime), with `reaped` its waited-for children's too;
+    OSError if it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds of a process, its reaped children and its live descendants."""
     total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+        total += proc_cpu_s(pid)
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 for child in (task / "children").read_text().split():
@@ -195,11 +200,11 @@ class PgCpuSampler:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> PgCpuSampler:
         self._thread.start()
+        return self
 
     def _run(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
         last: dict[int, float] = {}
         with psycopg.connect(self.st.database_url, autocommit=True) as conn:
             me = conn.info.backend_pid
@@ -211,8 +216,7 @@ class PgCpuSampler:
                 ).fetchall()
                 for pid, what in rows:
                     with contextlib.suppress(OSError):
-                        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                        used = (int(fields[11]) + int(fields[12])) / tick
+                        used = proc_cpu_s(pid, reaped=False)
                         if pid in last:
                             self._cpu[what] = self._cpu.get(what, 0.0) + used - last[pid]
                         last[pid] = used

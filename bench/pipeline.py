@@ -47,9 +47,7 @@ def run(addresses: int, users: int, workers: int = 1, timeout: float = 1800.0, s
         files = write_lists(st.root / "lists", users, per_user, uuid.uuid4().hex[:6])  # not timed
         meter = CpuMeter(st)
         meter.start(sample_s=5.0)
-        pg_cpu = PgCpuSampler(st) if sql_stats else None
-        if pg_cpu:
-            pg_cpu.start()
+        pg_cpu = PgCpuSampler(st).start() if sql_stats else None
         began, began_wall = time.monotonic(), time.time()
         # Two submitters at a time: one per core, as a user's scripts would.
         with ThreadPoolExecutor(max_workers=2) as pool:
