@@ -37,6 +37,17 @@ class Settings(BaseSettings):
     # Temporal
     temporal_address: str = Field("localhost:7233", description="Temporal frontend host:port")
     temporal_namespace: str = Field("default", description="Temporal namespace")
+    temporal_api_key: SecretStr = Field(
+        SecretStr(""), description="Temporal Cloud API key (secret; sent as a bearer token, turns TLS on)"
+    )
+    temporal_tls: bool = Field(
+        False, description="Connect to Temporal over TLS (on by itself with an API key, CA or client certificate)"
+    )
+    temporal_tls_ca_file: str = Field(
+        "", description="PEM file of the CA that signed Temporal's server certificate (empty: the system's roots)"
+    )
+    temporal_tls_cert_file: str = Field("", description="PEM client certificate for mTLS (Temporal Cloud mTLS auth)")
+    temporal_tls_key_file: str = Field("", description="PEM private key of TEMPORAL_TLS_CERT_FILE (secret file)")
     task_queue: str = Field("verify", description="Task queue of workflows and database activities")
     api_create_task_queue: str = Field(
         "verify-api-create", description="Task queue of batch-creation API activities"

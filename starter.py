@@ -87,6 +87,8 @@ def settings() -> Settings:
 async def temporal(s: Settings) -> Client:
     try:
         return await temporal_client.connect(s)
+    except ValueError as exc:  # a TLS setting (the message names it)
+        raise fail(str(exc), 2)
     except RuntimeError as exc:
         raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. Is the stack up (`starter.py dev up`)?", 1)
 

@@ -20,12 +20,14 @@ import binascii
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import temporalio.converter
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.converter import PayloadCodec
+from temporalio.service import TLSConfig
 
 from settings import Settings
 
@@ -95,11 +97,37 @@ def data_converter(settings: Settings) -> temporalio.converter.DataConverter:
     return dataclasses.replace(temporalio.converter.default(), payload_codec=EncryptionCodec(parse_keys(spec)))
 
 
+def _read_pem(setting: str, path: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    """TLS toward Temporal from the settings: off unless TEMPORAL_TLS is set or an API key, a CA or
+    a client certificate is given (Temporal Cloud takes either an API key or mTLS, always over TLS)."""
+    ca = _read_pem("TEMPORAL_TLS_CA_FILE", settings.temporal_tls_ca_file)
+    cert = _read_pem("TEMPORAL_TLS_CERT_FILE", settings.temporal_tls_cert_file)
+    key = _read_pem("TEMPORAL_TLS_KEY_FILE", settings.temporal_tls_key_file)
+    if (cert is None) != (key is None):
+        raise ValueError("TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together: set both or neither")
+    if ca is None and cert is None:
+        return settings.temporal_tls or bool(settings.temporal_api_key.get_secret_value())
+    return TLSConfig(server_root_ca_cert=ca, client_cert=cert, client_private_key=key)
+
+
 async def connect(settings: Settings, **kwargs) -> Client:
-    """A client for `settings` (address, namespace, payload codec); kwargs go to Client.connect."""
+    """A client for `settings` (address, namespace, TLS, API key, payload codec); kwargs go to
+    Client.connect. ValueError names the setting that is wrong; RuntimeError: Temporal unreachable
+    (or it refused the credentials)."""
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
+        api_key=settings.temporal_api_key.get_secret_value() or None,
+        tls=tls_config(settings),
         data_converter=data_converter(settings),
         **kwargs,
     )

@@ -170,11 +170,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     db.migrate(settings.database_url)
     sdk = telemetry.sdk_metrics(telemetry.free_port()) if settings.metrics_listen else None
     tracing = telemetry.tracing(settings)
-    client = await temporal_client.connect(
-        settings,
-        runtime=sdk.runtime if sdk else None,
-        interceptors=[tracing.interceptor] if tracing else [],
-    )
+    try:
+        client = await temporal_client.connect(
+            settings,
+            runtime=sdk.runtime if sdk else None,
+            interceptors=[tracing.interceptor] if tracing else [],
+        )
+    except ValueError as exc:  # a TLS setting (the message names it)
+        raise SystemExit(f"worker: {exc}") from None
     await require_search_attributes(client, settings)
     usage = metrics.ApiUsage()
     if settings.cleanup_schedule:

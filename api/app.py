@@ -33,6 +33,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import db
+import temporal_client
 from activities.ingest import UnreadableInput, copy_rows
 from api import keys, openapi
 from api.uploads import BadBody, csv_rows, json_rows, limited, multipart_file, pull
@@ -76,9 +77,9 @@ class Services:
         async with self._lock:
             if self._client is None:
                 s = self.settings
-                try:
-                    self._client = await Client.connect(s.temporal_address, namespace=s.temporal_namespace)
-                except RuntimeError as exc:
+                try:  # with the workers' payload codec: queries and updates answer in ciphertext
+                    self._client = await temporal_client.connect(s)
+                except (RuntimeError, ValueError) as exc:
                     raise ApiError(503, f"cannot reach Temporal at {s.temporal_address}: {exc}") from None
             return self._client
 

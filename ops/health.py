@@ -20,6 +20,7 @@ from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 import db
+import temporal_client
 from ops import alerts, readings
 from settings import LANES
 from workflows.models import SchedulerStatus, scheduler_id
@@ -93,7 +94,7 @@ async def check(settings, bouncer_factory) -> Report:
 async def _temporal(settings, report: Report) -> Client | None:
     try:
         client = await asyncio.wait_for(
-            Client.connect(settings.temporal_address, namespace=settings.temporal_namespace), TIMEOUT_S
+            temporal_client.connect(settings), TIMEOUT_S
         )
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the finding
         report.add("temporal", DOWN, f"cannot reach Temporal at {settings.temporal_address}: {_first_line(exc)}")

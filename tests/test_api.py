@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def api_process(settings, temporal_address: str) -> Iterator[str]:
+def api_process(settings, temporal_address: str, **extra_env: str) -> Iterator[str]:
     """`python -m api` on a free port, configured through its environment like in production."""
     port = free_port()
     env = {**os.environ, "DATABASE_URL": settings.database_url, "TEMPORAL_ADDRESS": temporal_address,
-           "TASK_QUEUE": settings.task_queue, "API_LISTEN": f"127.0.0.1:{port}", "API_MAX_UPLOAD_MB": "2"}
+           "TASK_QUEUE": settings.task_queue, "API_CREATE_TASK_QUEUE": settings.api_create_task_queue,
+           "API_TASK_QUEUE": settings.api_task_queue, "API_LISTEN": f"127.0.0.1:{port}", "API_MAX_UPLOAD_MB": "2",
+           **extra_env}
     proc = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import datetime
+import ipaddress
 import logging
+import os
+import ssl
+import subprocess
+import sys
 import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +31,7 @@ from settings import Settings
 from worker import bouncer_client
 from workflows.models import Summary, bouncer_batch_workflow_id, scheduler_id
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = f"sk-live-{uuid.uuid4().hex}"
 
 
@@ -144,6 +154,154 @@ async def test_with_payload_encryption_on_a_run_completes_and_its_histories_hold
             await dev_env.client.get_workflow_handle(handle.id, result_type=Summary).result()
         scan = await addresses_in_histories(client, {r.lower() for r in rows})
         assert scan["leaked"] == []
+
+
+async def test_with_payload_encryption_on_the_http_api_submits_pauses_and_reads_lanes(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """The API process answers from queries and updates, whose results the workers encrypt: it
+    needs the codec as well (before, a lane read or a pause through the API failed to decode)."""
+    from test_api import api_process, new_key, wait_finished
+
+    keys = f"current:{_key()}"
+    address = dev_env.client.service_client.config.target_host
+    settings = make_settings(db_url, sandbox, batch_size=40, payload_keys=keys, temporal_address=address)
+    client = await temporal_client.connect(settings)
+    admin, user = new_key(settings, "ops", admin=True), new_key(settings, "eve")
+    async with running_pipeline(client, settings):
+        with api_process(settings, address, PAYLOAD_KEYS=keys) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                paused = await http.post("/v1/lanes/deliverability/pause", headers=admin)  # signal, then query
+                assert paused.status_code == 200 and paused.json()["paused"] is True, paused.text
+                sub = await http.post("/v1/batches", headers=user, json=emails("api", 60))
+                assert sub.status_code == 201, sub.text
+                batch_url = f"/v1/batches/{sub.json()['id']}"
+                held = await http.post(f"{batch_url}/pause", headers=user)  # an update
+                assert held.status_code == 200 and held.json()["state"] == "paused", held.text
+                assert (await http.post(f"{batch_url}/resume", headers=user)).status_code == 200
+                lanes = (await http.get("/v1/lanes", headers=admin)).json()["lanes"]
+                assert [d["paused"] for d in lanes if d["lane"] == "deliverability"] == [True]
+                assert (await http.post("/v1/lanes/deliverability/resume", headers=admin)).json()["paused"] is False
+                done = await wait_finished(http, batch_url, user, timeout=60)
+                assert done["summary"]["by_state"] == {"verified": 60}
+        # What the API started is ciphertext in Temporal too.
+        history = await client.get_workflow_handle(sub.json()["workflow_id"]).fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        assert [p.metadata["encoding"] for p in started.input.payloads] == [temporal_client.ENCODING]
+
+
+# ---- TLS toward Temporal (Temporal Cloud, or a self-hosted frontend behind TLS) ---------------------
+
+
+def _pki(root: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `root`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def build(cn: str, key, issuer: x509.Name, signer, ca: bool, extra=()) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
+                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                          encipher_only=False, decipher_only=False), critical=True))
+        for ext in extra:
+            b = b.add_extension(ext, critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    files = {"ca": build("test CA", ca_key, ca_name, ca_key, ca=True)}
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files["server"] = build("127.0.0.1", server_key, ca_name, ca_key, ca=False, extra=[
+        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])])
+    files["client"] = build("worker", client_key, ca_name, ca_key, ca=False, extra=[
+        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
+    paths = {}
+    for name, cert in files.items():
+        paths[name] = root / f"{name}.pem"
+        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    for name, key in (("server_key", server_key), ("client_key", client_key)):
+        paths[name] = root / f"{name}.pem"
+        paths[name].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return paths
+
+
+@contextlib.asynccontextmanager
+async def tls_frontend(upstream: str, pki: dict[str, Path]) -> AsyncIterator[tuple[str, list[str]]]:
+    """A TLS front for the dev server that requires a client certificate signed by the test CA (as
+    Temporal Cloud's mTLS does). Yields its address and the client certificates' names it saw."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server"], pki["server_key"])
+    ctx.load_verify_locations(pki["ca"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2"])  # gRPC
+    host, _, port = upstream.rpartition(":")
+    clients: list[str] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peercert") or {}
+        clients.append(dict(x[0] for x in peer.get("subject", ())).get("commonName", ""))
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", clients
+    finally:
+        server.close()
+
+
+async def test_over_mutual_tls_a_run_completes_and_without_the_certificate_or_the_ca_temporal_is_refused(
+    dev_env, db_url, sandbox, tmp_path
+):
+    pki = _pki(tmp_path)
+    async with tls_frontend(dev_env.client.service_client.config.target_host, pki) as (address, clients):
+        settings = make_settings(db_url, sandbox, batch_size=40, temporal_address=address,
+                                 temporal_tls_ca_file=str(pki["ca"]), temporal_tls_cert_file=str(pki["client"]),
+                                 temporal_tls_key_file=str(pki["client_key"]))
+        client = await temporal_client.connect(settings)
+        async with running_pipeline(client, settings) as p:
+            handle = await p.submit_file(write_list(tmp_path / "t.csv", emails("tls", 50)), "tia")
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+            assert summary.by_state == {"verified": 50}
+        assert clients and set(clients) == {"worker"}  # every connection came through the TLS front
+        for missing in ({"temporal_tls_cert_file": "", "temporal_tls_key_file": ""},  # no client certificate
+                        {"temporal_tls_ca_file": ""}):  # the server's CA not trusted (the system's roots)
+            with pytest.raises(RuntimeError):
+                await temporal_client.connect(settings.model_copy(update=missing),
+                                              connect_timeout=datetime.timedelta(seconds=5))
+
+
+def test_a_wrong_tls_setting_is_named_by_the_cli_and_the_worker(db_url, batch, tmp_path):  # noqa: F811
+    run = cli(db_url, "pause", str(batch), "--user", "ann", TEMPORAL_TLS_CERT_FILE=str(tmp_path / "nope.pem"),
+              TEMPORAL_TLS_KEY_FILE=str(tmp_path / "nope.pem"))
+    assert_clean_error(run, 2, "TEMPORAL_TLS_CERT_FILE: cannot read", "nope.pem")
+    (tmp_path / "cert.pem").write_text("")
+    run = cli(db_url, "pause", str(batch), "--user", "ann", TEMPORAL_TLS_CERT_FILE=str(tmp_path / "cert.pem"))
+    assert_clean_error(run, 2, "TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together")
+    worker = subprocess.run([sys.executable, "worker.py"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": db_url, "TEMPORAL_TLS_CA_FILE": "/nonexistent/ca.pem",
+                                 "METRICS_LISTEN": ""})
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr
+    assert "worker: TEMPORAL_TLS_CA_FILE: cannot read /nonexistent/ca.pem" in worker.stderr
 
 
 # ---- --user scoping ---------------------------------------------------------------------------------
