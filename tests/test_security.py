@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from helpers import make_settings, running_pipeline, write_list
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
@@ -283,6 +284,10 @@ async def test_over_mutual_tls_a_run_completes_and_without_the_certificate_or_th
             summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
             assert summary.by_state == {"verified": 50}
         assert clients and set(clients) == {"worker"}  # every connection came through the TLS front
+        keyed = await temporal_client.connect(settings.model_copy(update={"temporal_api_key": SecretStr("tk-1")}))
+        assert keyed.api_key == "tk-1"  # sent as `authorization: Bearer tk-1` (the dev server ignores it)
+        assert temporal_client.tls_config(Settings(_env_file=None, temporal_api_key="tk-1")) is True  # TLS on by itself
+        assert temporal_client.tls_config(Settings(_env_file=None)) is False
         for missing in ({"temporal_tls_cert_file": "", "temporal_tls_key_file": ""},  # no client certificate
                         {"temporal_tls_ca_file": ""}):  # the server's CA not trusted (the system's roots)
             with pytest.raises(RuntimeError):
