@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from helpers import make_settings, running_pipeline, write_list
+from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from test_cli import assert_clean_error, assert_one_line, batch, cli  # noqa: F401 - `batch` is a fixture
