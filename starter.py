@@ -90,7 +90,9 @@ async def temporal(s: Settings) -> Client:
     except ValueError as exc:  # a TLS setting (the message names it)
         raise fail(str(exc), 2)
     except RuntimeError as exc:
-        raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. Is the stack up (`starter.py dev up`)?", 1)
+        hint = ("Check TEMPORAL_TLS_CA_FILE, TEMPORAL_TLS_CERT_FILE / _KEY_FILE or TEMPORAL_API_KEY (README, Security)"
+                if temporal_client.tls_config(s) else "Is the stack up (`starter.py dev up`)?")
+        raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. {hint}", 1)
 
 
 def db_connect(s: Settings) -> psycopg.Connection:

@@ -65,7 +65,8 @@ def run_starter(db_url: str, *args: str) -> Run:
 def cli(db_url: str, *args: str, **env: str) -> Run:
     """The same app in this process: exit code, stdout and stderr kept apart; `env` sets variables."""
     overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
-    overrides.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=NO_TEMPORAL, COLUMNS=None, **env)
+    overrides.update(DATABASE_URL=db_url, TEMPORAL_ADDRESS=NO_TEMPORAL, COLUMNS=None)
+    overrides.update(env)
     result = CliRunner(env=overrides).invoke(starter.app, list(args), catch_exceptions=False)
     return Run(tuple(args), result.exit_code, result.stdout, result.stderr)
 

@@ -293,6 +293,9 @@ async def test_over_mutual_tls_a_run_completes_and_without_the_certificate_or_th
             with pytest.raises(RuntimeError):
                 await temporal_client.connect(settings.model_copy(update=missing),
                                               connect_timeout=datetime.timedelta(seconds=5))
+        # The CLI says which settings to check (not "is the stack up?"). In a thread: it runs its own loop.
+        run = await asyncio.to_thread(cli, db_url, "status", TEMPORAL_ADDRESS=address, TEMPORAL_TLS="true")
+        assert_clean_error(run, 1, f"cannot reach Temporal at {address}", "UnknownIssuer", "TEMPORAL_TLS_CA_FILE")
 
 
 def test_a_wrong_tls_setting_is_named_by_the_cli_and_the_worker(db_url, batch, tmp_path):  # noqa: F811
