@@ -185,8 +185,11 @@ async def test_with_payload_encryption_on_the_http_api_submits_pauses_and_reads_
                 assert (await http.post("/v1/lanes/deliverability/resume", headers=admin)).json()["paused"] is False
                 done = await wait_finished(http, batch_url, user, timeout=60)
                 assert done["summary"]["by_state"] == {"verified": 60}
+        # The run ends (the list reads completed a little before): the next test's user-batch-1 must not collide.
+        handle = client.get_workflow_handle(sub.json()["workflow_id"], result_type=Summary)
+        assert (await asyncio.wait_for(handle.result(), timeout=30)).by_state == {"verified": 60}
         # What the API started is ciphertext in Temporal too.
-        history = await client.get_workflow_handle(sub.json()["workflow_id"]).fetch_history()
+        history = await handle.fetch_history()
         started = history.events[0].workflow_execution_started_event_attributes
         assert [p.metadata["encoding"] for p in started.input.payloads] == [temporal_client.ENCODING]
 
