@@ -91,7 +91,7 @@ async def temporal(s: Settings) -> Client:
         raise fail(str(exc), 2)
     except RuntimeError as exc:
         hint = ("Check TEMPORAL_TLS_CA_FILE, TEMPORAL_TLS_CERT_FILE / _KEY_FILE or TEMPORAL_API_KEY (README, Security)"
-                if temporal_client.tls_config(s) else "Is the stack up (`starter.py dev up`)?")
+                if temporal_client.uses_tls(s) else "Is the stack up (`starter.py dev up`)?")
         raise fail(f"cannot reach Temporal at {s.temporal_address}: {exc}. {hint}", 1)
 
 

@@ -106,16 +106,22 @@ def _read_pem(setting: str, path: str) -> bytes | None:
         raise ValueError(f"{setting}: cannot read {path}: {exc.strerror}") from None
 
 
+def uses_tls(settings: Settings) -> bool:
+    """TLS toward Temporal: TEMPORAL_TLS, or an API key, a CA or a client certificate given
+    (Temporal Cloud takes either an API key or mTLS, always over TLS)."""
+    return bool(settings.temporal_tls or settings.temporal_api_key.get_secret_value() or settings.temporal_tls_ca_file
+                or settings.temporal_tls_cert_file or settings.temporal_tls_key_file)
+
+
 def tls_config(settings: Settings) -> TLSConfig | bool:
-    """TLS toward Temporal from the settings: off unless TEMPORAL_TLS is set or an API key, a CA or
-    a client certificate is given (Temporal Cloud takes either an API key or mTLS, always over TLS)."""
+    """`Client.connect`'s `tls` from the settings (the PEM files read here)."""
     ca = _read_pem("TEMPORAL_TLS_CA_FILE", settings.temporal_tls_ca_file)
     cert = _read_pem("TEMPORAL_TLS_CERT_FILE", settings.temporal_tls_cert_file)
     key = _read_pem("TEMPORAL_TLS_KEY_FILE", settings.temporal_tls_key_file)
     if (cert is None) != (key is None):
         raise ValueError("TEMPORAL_TLS_CERT_FILE and TEMPORAL_TLS_KEY_FILE go together: set both or neither")
     if ca is None and cert is None:
-        return settings.temporal_tls or bool(settings.temporal_api_key.get_secret_value())
+        return uses_tls(settings)
     return TLSConfig(server_root_ca_cert=ca, client_cert=cert, client_private_key=key)
 
 

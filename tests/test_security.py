@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import datetime
-import ipaddress
 import logging
 import os
 import ssl
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 from helpers import make_settings, running_pipeline, write_list
 from pydantic import SecretStr
 from temporalio.api.common.v1 import Payload
@@ -198,44 +198,14 @@ async def test_with_payload_encryption_on_the_http_api_submits_pauses_and_reads_
 
 
 def _pki(root: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `root`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def build(cn: str, key, issuer: x509.Name, signer, ca: bool, extra=()) -> x509.Certificate:
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True))
-        for ext in extra:
-            b = b.add_extension(ext, critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    files = {"ca": build("test CA", ca_key, ca_name, ca_key, ca=True)}
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    files["server"] = build("127.0.0.1", server_key, ca_name, ca_key, ca=False, extra=[
-        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])])
-    files["client"] = build("worker", client_key, ca_name, ca_key, ca=False, extra=[
-        x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])])
-    paths = {}
-    for name, cert in files.items():
-        paths[name] = root / f"{name}.pem"
-        paths[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for name, key in (("server_key", server_key), ("client_key", client_key)):
-        paths[name] = root / f"{name}.pem"
-        paths[name].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    return paths
+    """A CA (trustme), a server certificate for 127.0.0.1 and a client certificate, as PEM files in `root`."""
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("worker@example.com", common_name="worker")
+    pems = {"ca": ca.cert_pem, "server": server.cert_chain_pems[0], "server_key": server.private_key_pem,
+            "client": client.cert_chain_pems[0], "client_key": client.private_key_pem}
+    for name, pem in pems.items():
+        pem.write_to_path(str(root / f"{name}.pem"))
+    return {name: root / f"{name}.pem" for name in pems}
 
 
 @contextlib.asynccontextmanager
