@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -109,6 +110,54 @@ def test_help_works_for_every_command(read_only_db):
     assert "--user" in cli(db_url, "submit", "--help").out
     assert "--format" in cli(db_url, "results", "--help").out
     assert "--lane" in cli(db_url, "pause", "--help").out
+
+
+def _readme_cli_entries() -> dict[str, str]:
+    """The README's CLI block, by top-level command: the text of its lines (comments dropped)."""
+    block = (ROOT / "README.md").read_text().split("\n## CLI\n", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    entries: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        text = line.split("  #", 1)[0]
+        if text.startswith("python starter.py "):
+            current = text.split()[2]
+        assert current, line
+        entries[current] = entries.get(current, "") + " " + text
+    return entries
+
+
+def _leaf_commands(group, path=()):
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # a group (typer's click classes are its own)
+            yield from _leaf_commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_the_readme_cli_block_shows_every_command_and_option_and_only_those():
+    """Every command and option of `starter.py` is in the README's CLI block, and every option
+    the block names exists (a flag added or renamed without the README fails here)."""
+    import typer.main
+
+    entries = _readme_cli_entries()
+    flag = re.compile(r"(?<![\w-])--?[a-z][a-z-]*")
+    existing: dict[str, set[str]] = {}
+    for path, command in _leaf_commands(typer.main.get_command(starter.app)):
+        assert path[0] in entries, f"`starter.py {' '.join(path)}` is not in the README's CLI block"
+        text = entries[path[0]]
+        words = set(re.split(r"[\s|\[\]]+", text))
+        assert set(path[1:]) <= words, f"`starter.py {' '.join(path)}` is not in the README's CLI block"
+        for param in command.params:
+            if param.param_type_name != "option" or param.hidden:
+                continue
+            names = [o for o in [*param.opts, *param.secondary_opts] if o != "--help"]
+            existing.setdefault(path[0], set()).update(names)
+            if names:
+                assert set(flag.findall(text)) & set(names), (
+                    f"`starter.py {' '.join(path)}` option {'/'.join(names)} is not in the README's CLI block")
+    for top, text in entries.items():
+        unknown = set(flag.findall(text)) - existing.get(top, set())
+        assert not unknown, f"the README's CLI block names options `starter.py {top}` does not have: {unknown}"
 
 
 # ---- bad input: exit 2, one clean line --------------------------------------------------------
