@@ -119,7 +119,11 @@ def detect_shape(sample: str, column: str | None) -> CsvShape:
     header = [c.strip().lower().lstrip("\ufeff") for c in rows[0]]
     if column is not None:
         if column.isdigit():
-            return CsvShape(delimiter, "@" not in first, int(column) - 1 if int(column) > 0 else 0)
+            number, width = int(column), max(map(len, rows))
+            if not 1 <= number <= width:
+                raise UnreadableInput(f"column {number} not found: columns are numbered from 1, and the first"
+                                      f" lines have {width}")
+            return CsvShape(delimiter, "@" not in first, number - 1)
         if column.lower() not in header:
             raise UnreadableInput(f"column {column!r} not found in the header: {', '.join(rows[0])}")
         return CsvShape(delimiter, True, header.index(column.lower()))
@@ -391,10 +395,30 @@ class _RowReader:
                 i, pos = i + 1, text.index("\n", pos) + 1
 
 
+# Byte-order marks of the encodings read by transcoding to UTF-8 (UTF-32's first: it starts like UTF-16's).
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _as_utf8(raw: io.RawIOBase, encoding: str) -> Iterator[bytes]:
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    while data := raw.read(_BLOCK_BYTES):
+        yield decoder.decode(data).encode()
+    yield decoder.decode(b"", final=True).encode()
+
+
 def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through: int
             ) -> Iterator[list[_Run | tuple]]:
     with open_source(uri) as (head, raw):
-        shape = detect_shape(codecs.decode(head, "utf-8-sig", errors="replace"), column)
+        # A file with a UTF-16 or UTF-32 byte-order mark (Excel's "Unicode Text" export is UTF-16)
+        # is read as the UTF-8 it stands for; anything else as UTF-8, whose BOM is dropped.
+        encoding = next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
+        if encoding is not None:
+            sample = codecs.decode(head, encoding, errors="replace")
+            raw = _Prefixed(b"", _as_utf8(raw, encoding))
+        else:
+            sample = codecs.decode(head, "utf-8-sig", errors="replace")
+        shape = detect_shape(sample, column)
         yield from _RowReader(shape, skip_through).pieces(_text_blocks(raw))
 
 

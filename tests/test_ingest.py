@@ -329,6 +329,14 @@ def test_column_by_name_not_in_header_is_unreadable(tmp_path):
         rows(p, "mobile")
 
 
+@pytest.mark.parametrize("number", ["0", "3", "9"])
+def test_a_column_number_that_no_row_has_is_unreadable(tmp_path, number):
+    p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\nBob,bob@y.com\n")
+    with pytest.raises(UnreadableInput, match=f"column {number} not found: columns are numbered from 1, and the"
+                                              " first lines have 2"):
+        rows(p, number)
+
+
 def test_column_number_beyond_the_row_makes_the_row_invalid(tmp_path):
     p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\nBob\n")
     assert rows(p) == [(2, "ann@x.com", "ann@x.com", None), (3, "Bob", None, "no value in column 2")]
@@ -355,6 +363,29 @@ def test_utf8_bom_before_header(tmp_path):
 def test_utf8_bom_without_header(tmp_path):
     p = write(tmp_path, "a.csv", "\ufeffann@x.com\nbob@y.com\n".encode())
     assert rows(p) == [(1, "ann@x.com", "ann@x.com", None), (2, "bob@y.com", "bob@y.com", None)]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_file_with_a_utf16_or_utf32_byte_order_mark_is_read_as_its_text(tmp_path, encoding):
+    # Excel's "Unicode Text" export: UTF-16 (LE) with a BOM, tab-delimited, CRLF.
+    text = "name\temail\r\nRenée\tann@x.com\r\nJürgen\tjürgen@bücher.de\r\nBob\tnot-an-address\r\n"
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE}.get(encoding, b"")
+    p = write(tmp_path, "a.txt", bom + text.encode(encoding))
+    assert rows(p) == [
+        (2, "ann@x.com", "ann@x.com", None),
+        (3, "jürgen@bücher.de", "jürgen@xn--bcher-kva.de", None),
+        (4, "not-an-address", None, "missing @"),
+    ]
+    assert rows(p, "2") == rows(p) == rows(p, "email")
+
+
+def test_a_utf16_file_longer_than_a_read_block_gives_the_rows_of_its_utf8_twin(tmp_path):
+    text = "email\n" + "".join(f"user{i}@exämple.com\n" if i % 7 == 0 else f"user{i}@x.com\n" for i in range(120_000))
+    utf16 = write(tmp_path, "wide.csv", text.encode("utf-16"))
+    assert utf16.stat().st_size > 2 * 1024 * 1024  # several read blocks; a character pair may straddle one
+    got = rows(utf16)
+    assert len(got) == 120_000
+    assert got == rows(write(tmp_path, "narrow.csv", text.encode()))
 
 
 def test_crlf_line_endings(tmp_path):
