@@ -47,7 +47,8 @@ from devstack import DevStack
 from ops import readings
 from settings import CATCHALL, LANES, Settings
 from workflows import search
-from workflows.models import PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary, UserBatchInput
+from workflows.models import FINISHED_STATES, PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary
+from workflows.models import UserBatchInput
 from workflows.models import recurring_schedule_id, scheduler_id, scheduler_summary, user_batch_workflow_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
@@ -176,10 +177,14 @@ def submit(
         raise fail(f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
     if lane_problem(lane_list, s):
         raise fail(lane_problem(lane_list, s))
+    if not user.strip():
+        raise fail("--user is empty: name the list's owner")
+    if file.is_dir():
+        raise fail(f"cannot read {file}: it is a directory, not a file")
     if not file.is_file():
         raise fail(f"cannot read {file}: no such file")
 
-    async def run() -> tuple[int, object, float, Summary | None]:
+    async def run() -> tuple[int, object, float, Summary | None, WorkflowFailureError | None]:
         # Temporal first: an unreachable server must not leave stored rows behind.
         client = await temporal(s)
         from workflows.user_batch import UserBatchWorkflow
@@ -227,10 +232,15 @@ def submit(
                 await schedules.create_recurring(client, s, ub_id, period, start_at or datetime.now(timezone.utc))
             except (RPCError, psycopg.Error) as exc:
                 raise fail(f"user batch {ub_id} started, but its schedule was not created: {exc}", 1)
-        summary = await follow(handle, as_json) if wait else None
-        return ub_id, stats, ingest_s, summary
+        summary = failure = None
+        if wait:
+            try:
+                summary = await follow(handle, as_json)
+            except WorkflowFailureError as exc:  # cancelled, or failed: reported below, with the batch's id
+                failure = exc
+        return ub_id, stats, ingest_s, summary, failure
 
-    ub_id, stats, ingest_s, summary = asyncio.run(run())
+    ub_id, stats, ingest_s, summary, failure = asyncio.run(run())
     result = {
         "user_batch_id": ub_id,
         "workflow_id": user_batch_workflow_id(ub_id),
@@ -246,6 +256,13 @@ def submit(
         result["starts_at"] = start_at.isoformat()
     if period is not None:
         result["schedule_id"] = recurring_schedule_id(ub_id)
+    if failure is not None:
+        with db_connect(s) as conn:
+            state = load_batch(conn, ub_id, None)[5]
+        result.update(state=state, error=str(failure.cause or failure))
+        if as_json:
+            emit_json(result)
+        raise fail(f"user batch {ub_id} is {state} (workflow {result['workflow_id']}: {result['error']})", 1)
     if as_json:
         emit_json(result)
     else:
@@ -275,7 +292,8 @@ def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | Non
 
 
 async def follow(handle, quiet: bool) -> Summary:
-    """Progress bar from the workflow's `progress` query until it returns."""
+    """Progress bar from the workflow's `progress` query until it returns (WorkflowFailureError
+    if it was cancelled or failed)."""
     result = asyncio.ensure_future(handle.result())
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, disable=quiet) as bar:
@@ -290,10 +308,7 @@ async def follow(handle, quiet: bool) -> Summary:
                 bar.update(task, total=unique, completed=unique - p.remaining,
                            description=f"{p.state}: addresses verified")
             await asyncio.wait([result], timeout=0.5)
-    try:
-        return result.result()
-    except WorkflowFailureError as exc:
-        raise fail(f"user batch workflow {handle.id} failed: {exc.cause}", 1)
+    return result.result()
 
 
 def print_summary(summary: Summary) -> None:
@@ -552,7 +567,10 @@ def results(
     with db_connect(s) as conn:
         lanes = load_batch(conn, user_batch_id, user)[4]
         columns = RESULT_COLUMNS + (CATCHALL_COLUMNS if CATCHALL in lanes else ())
-        sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+        try:
+            sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+        except OSError as exc:
+            raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
         n = 0
         try:
             with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
@@ -596,6 +614,8 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
     if user_batch_id is not None:
         with db_connect(s) as conn:
             row = load_batch(conn, user_batch_id, user)
+        if row[5] in FINISHED_STATES:
+            raise fail(f"user batch {user_batch_id} is {row[5]}; it cannot be {'paused' if pause else 'resumed'}")
 
     async def go() -> None:
         client = await temporal(s)
@@ -660,6 +680,8 @@ def cancel(
     s = settings()
     with db_connect(s) as conn:
         row = load_batch(conn, user_batch_id, user)
+    if row[5] in FINISHED_STATES:
+        raise fail(f"user batch {user_batch_id} is already {row[5]}")
 
     async def go() -> None:
         client = await temporal(s)
@@ -672,7 +694,8 @@ def cancel(
         while time.monotonic() < deadline:
             desc = await handle.describe()
             if desc.status is not None and desc.status.name != "RUNNING":
-                out.print(f"user batch {user_batch_id}: {desc.status.name.lower()}")
+                with db_connect(s) as conn:
+                    out.print(f"user batch {user_batch_id}: {load_batch(conn, user_batch_id, user)[5]}")
                 return
             await asyncio.sleep(0.3)
         out.print(f"user batch {user_batch_id}: cancellation requested")

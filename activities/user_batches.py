@@ -24,6 +24,7 @@ from activities.heartbeat import heartbeats
 from activities.inputs import source_problems
 from settings import CATCHALL, DELIVERABILITY, Settings
 from workflows.models import (
+    FINISHED_STATES,
     PRIORITIES,
     LaneProgress,
     PauseRequest,
@@ -622,7 +623,7 @@ class UserBatchActivities:
         """Withdraw queued addresses, mark unresolved rows cancelled, end the batch `cancelled`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
-            if state not in ("completed", "cancelled", "failed"):
+            if state not in FINISHED_STATES:
                 for lane in lanes:
                     await release_unclaimed(cur, user_batch_id, lane)
                 await cur.execute(
@@ -649,7 +650,7 @@ class UserBatchActivities:
         """Rows whose address was dead-lettered become `failed`; the batch ends `completed`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
-            if state not in ("completed", "cancelled", "failed"):
+            if state not in FINISHED_STATES:
                 summary = await self._summarize(user_batch_id, cur=cur, state="completed")
                 if summary.by_state.get("pending"):  # rows left without a result: dead-lettered
                     await self._fail_unresolved(cur, user_batch_id, lanes[0])

@@ -39,7 +39,7 @@ from api import keys, openapi
 from api.uploads import BadBody, csv_rows, json_rows, limited, multipart_file, pull
 from settings import LANES, Settings
 from workflows import search
-from workflows.models import PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
+from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
 from workflows.models import scheduler_id, user_batch_workflow_id
 
 RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
@@ -426,7 +426,7 @@ async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str 
 async def _batch_update(request: Request, name: str) -> JSONResponse:
     _only_params(request)
     doc = await _owned_batch(request)
-    if doc["state"] in ("completed", "cancelled", "failed"):
+    if doc["state"] in FINISHED_STATES:
         raise ApiError(409, f"user batch {doc['id']} is {doc['state']}; it cannot be {name}d")
     client = await _services(request).temporal()
     try:
@@ -454,7 +454,7 @@ async def cancel_batch(request: Request) -> JSONResponse:
     """Cancel the workflow: queued addresses are withdrawn, unresolved rows end `cancelled`."""
     _only_params(request)
     doc = await _owned_batch(request)
-    if doc["state"] in ("completed", "cancelled", "failed"):
+    if doc["state"] in FINISHED_STATES:
         raise ApiError(409, f"user batch {doc['id']} is already {doc['state']}")
     client = await _services(request).temporal()
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -124,6 +127,31 @@ async def running_pipeline(
             await asyncio.gather(*(w.shutdown() for w in workers), return_exceptions=True)
             await asyncio.gather(*tasks, return_exceptions=True)
     await pool.close()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings, temporal_address: str | None = None) -> dict[str, str]:
+    """The settings as the env vars a worker or CLI process reads (every field, by its upper-case name)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "DATABASE_", "BOUNCER_"))}
+    for name, value in settings.model_dump().items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    if temporal_address is not None:
+        env["TEMPORAL_ADDRESS"] = temporal_address
+    return env
+
+
+async def starter(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """`python starter.py ARGS` in a subprocess (it owns its event loop): exit code, stdout, stderr."""
+    def run():
+        proc = subprocess.run([sys.executable, "starter.py", *args], cwd=ROOT, env=env, text=True,
+                              capture_output=True, timeout=timeout, check=False)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    return await asyncio.to_thread(run)
 
 
 def write_list(path: Path, emails: list[str], header: str | None = "email") -> Path:

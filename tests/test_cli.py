@@ -198,7 +198,9 @@ def test_the_real_entry_point_help_and_bad_input(db_url, tmp_path):
         (("status", "999999"), ("no user batch 999999",)),
         (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", ","), ("unknown lane (none)",)),
         (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", "deliverability,nope"), ("nope",)),
-        (("submit", "{tmp}", "--user", "u"), ("no such file",)),
+        (("submit", "{tmp}", "--user", "u"), ("it is a directory",)),
+        (("submit", "{tmp}/missing.csv", "--user", "u"), ("no such file",)),
+        (("submit", "{tmp}/list.csv", "--user", "  "), ("--user is empty",)),
         (("pause",), ("USER_BATCH_ID",)),
         (("resume", "1", "--lane", "deliverability"), ("not both",)),
         (("pause", "--lane", "bogus"), ("unknown lane bogus",)),
@@ -314,6 +316,27 @@ def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, ba
     assert to_file.out == ""
     assert "5 rows written" in to_file.err
     assert (tmp_path / "out.csv").read_text().splitlines() == lines
+
+
+def test_results_to_a_path_that_cannot_be_written_is_one_clean_line(db_url, batch, tmp_path):
+    for target, reason in ((tmp_path / "no-such-folder" / "out.csv", "No such file or directory"),
+                           (tmp_path, "Is a directory")):
+        run = cli(db_url, "results", str(batch), "-o", str(target))
+        assert_clean_error(run, 2, f"cannot write {target}: {reason}")
+        assert_one_line(run)
+
+
+@pytest.mark.parametrize("state", ["completed", "cancelled", "failed"])
+def test_pause_resume_and_cancel_of_a_finished_batch_exit_2_naming_its_state(db_url, batch, state):
+    """Refused before Temporal is asked (the CLI's Temporal address refuses connections here)."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute("update user_batches set state = %s where id = %s", (state, batch))
+    for command, needle in (("pause", f"is {state}; it cannot be paused"),
+                            ("resume", f"is {state}; it cannot be resumed"),
+                            ("cancel", f"is already {state}")):
+        run = cli(db_url, command, str(batch))
+        assert_clean_error(run, 2, f"user batch {batch} {needle}")
+        assert_one_line(run)
 
 
 def test_results_of_a_batch_without_rows(db_url):

@@ -7,38 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
-from helpers import make_settings, running_pipeline, write_list
-from pydantic import SecretStr
+from helpers import make_settings, running_pipeline, settings_env, starter, write_list
 
-from settings import Settings
 from workflows.models import Summary
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def settings_env(settings: Settings, temporal_address: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "DATABASE_", "BOUNCER_"))}
-    for name, value in settings.model_dump().items():
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value)
-    env["TEMPORAL_ADDRESS"] = temporal_address
-    return env
-
-
-async def starter(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    def run():
-        proc = subprocess.run([sys.executable, "starter.py", *args], cwd=ROOT, env=env, text=True,
-                              capture_output=True, timeout=60, check=False)
-        return proc.returncode, proc.stdout, proc.stderr
-
-    return await asyncio.to_thread(run)
 
 
 def emails(n: int) -> list[str]:

@@ -26,7 +26,7 @@ from temporalio.client import Client
 from activities.user_batches import scheduler_input
 from conftest import binary
 from devstack import free_port
-from helpers import Pipeline, make_settings, running_pipeline, write_list
+from helpers import Pipeline, make_settings, running_pipeline, settings_env, write_list
 from settings import Settings
 from workflows.models import LanePause, scheduler_id, scheduler_summary
 from workflows.scheduler import GreedySchedulerWorkflow
@@ -38,16 +38,6 @@ LANE = "deliverability"
 
 def emails(tag: str, n: int) -> list[str]:
     return [f"{tag}.{i}@ops{i % 5}.example" for i in range(n)]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as the env vars a worker process reads (every field, by its upper-case name)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "DATABASE_", "BOUNCER_"))}
-    for name, value in settings.model_dump().items():
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

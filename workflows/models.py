@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from temporalio.common import Priority
 
 PRIORITIES = ("critical", "high", "normal", "low")
+FINISHED_STATES = ("completed", "cancelled", "failed")  # a user batch's end states
 
 
 def scheduler_id(lane: str) -> str:

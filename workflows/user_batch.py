@@ -16,6 +16,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.user_batches import UserBatchActivities
     from workflows import search
     from workflows.models import (
+        FINISHED_STATES,
         IngestRequest,
         PauseRequest,
         Progress,
@@ -63,7 +64,7 @@ class UserBatchWorkflow:
         self._reject_if_finished()
 
     def _reject_if_finished(self) -> None:
-        if self._progress is not None and self._progress.state in ("completed", "cancelled", "failed"):
+        if self._progress is not None and self._progress.state in FINISHED_STATES:
             raise ValueError(f"user batch {self._id} is {self._progress.state}")
 
     @workflow.run

@@ -1,0 +1,44 @@
+"""`starter.py submit --wait --json` against a real pipeline (dev server, Postgres, the sandbox):
+one JSON object when the list completes, and also when it is cancelled while the CLI waits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from helpers import make_settings, running_pipeline, settings_env, starter, write_list
+
+
+async def test_submit_wait_json_prints_the_summary_or_the_cancelled_batch_with_exit_1(dev_env, db_url, sandbox, tmp_path):
+    client = dev_env.client
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    env = settings_env(settings, client.service_client.config.target_host)
+    async with running_pipeline(client, settings) as p:
+        done = write_list(tmp_path / "done.csv", [f"wait.{i}@x{i % 3}.example" for i in range(30)] + ["not-an-address"])
+        code, out, err = await starter(env, "submit", str(done), "--user", "wanda", "--wait", "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["state"] == "completed" and doc["rows"] == 31 and doc["invalid"] == 1
+        assert doc["by_state"] == {"verified": 30, "invalid": 1}
+        assert sum(doc["by_status"].values()) == 30
+
+        # Held by a paused lane, then cancelled from another process while the CLI waits.
+        code, _, err = await starter(env, "pause", "--lane", "deliverability")
+        assert code == 0, err
+        held = write_list(tmp_path / "held.csv", [f"held.{i}@x.example" for i in range(20)])
+        waiting = asyncio.create_task(starter(env, "submit", str(held), "--user", "wanda", "--wait", "--json"))
+        for _ in range(200):
+            rows = p.sql("select id from user_batches where name = 'held.csv' and workflow_id is not null")
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        (ub,), = rows
+        code, out, err = await starter(env, "cancel", str(ub))
+        assert code == 0 and out.strip() == f"user batch {ub}: cancelled", (out, err)
+        code, out, err = await asyncio.wait_for(waiting, timeout=60)
+        assert code == 1, (out, err)
+        doc = json.loads(out)  # the batch's id and state still reach a script
+        assert doc["user_batch_id"] == ub and doc["workflow_id"] == f"user-batch-{ub}" and doc["rows"] == 20
+        assert doc["state"] == "cancelled" and doc["error"]
+        assert err.startswith(f"error: user batch {ub} is cancelled") and "Traceback" not in err
+        assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ub,)) == [("cancelled", 20)]
