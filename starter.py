@@ -43,9 +43,10 @@ import temporal_client
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
 from activities.user_batches import lane_problem
+from db import outcomes
 from devstack import DevStack
 from ops import readings
-from settings import CATCHALL, LANES, Settings
+from settings import LANES, Settings
 from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, Progress as BatchProgress, SchedulerStatus, Summary
 from workflows.models import UserBatchInput
@@ -542,16 +543,6 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
 
 # ---- results ----------------------------------------------------------------------------
 
-RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
-# Appended for user batches that asked for the catchall lane: its verdict of accept-all addresses.
-CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "catchall_verified_at")
-
-
-def _result_row(r: tuple) -> tuple:
-    """Timestamps as ISO 8601; everything else as stored (None is an empty CSV cell)."""
-    return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:13], r[13].isoformat() if r[13] else None)
-
-
 @app.command()
 def results(
     user_batch_id: Annotated[int, typer.Argument()],
@@ -563,10 +554,11 @@ def results(
     user: Annotated[Optional[str], typer.Option(help="Refuse batches of other users")] = None,
 ) -> None:
     """Stream a user batch's per-row results (CSV or JSON) in input order."""
+    if problem := outcomes.filter_problem(status_filter):
+        raise fail(f"--{problem}")
     s = settings()
     with db_connect(s) as conn:
-        lanes = load_batch(conn, user_batch_id, user)[4]
-        columns = RESULT_COLUMNS + (CATCHALL_COLUMNS if CATCHALL in lanes else ())
+        columns = outcomes.columns(load_batch(conn, user_batch_id, user)[4])
         try:
             sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
         except OSError as exc:
@@ -575,23 +567,17 @@ def results(
         try:
             with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
                 cur.itersize = 10_000
-                cur.execute(
-                    "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
-                    " catchall_status, catchall_reason, catchall_score, catchall_verified_at from item_outcomes where user_batch_id = %(ub)s"
-                    " and (%(f)s::text is null or status = %(f)s or state = %(f)s or catchall_status = %(f)s)"
-                    " order by row_no",
-                    {"ub": user_batch_id, "f": status_filter},
-                )
+                cur.execute(outcomes.QUERY, {"ub": user_batch_id, "f": status_filter})
                 if fmt is Format.csv:
                     w = csv.writer(sink)
                     w.writerow(columns)
                     for r in cur:
                         n += 1
-                        w.writerow(_result_row(r)[: len(columns)])
+                        w.writerow(outcomes.row(r, len(columns)))
                 else:
                     sink.write("[")
                     for r in cur:
-                        doc = dict(zip(columns, _result_row(r)))
+                        doc = dict(zip(columns, outcomes.row(r, len(columns))))
                         sink.write(("," if n else "") + "\n" + orjson.dumps(doc).decode())
                         n += 1
                     sink.write("\n]\n")

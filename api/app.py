@@ -33,6 +33,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import db
+from db import outcomes
 import temporal_client
 from activities.ingest import UnreadableInput, copy_rows
 from api import keys, openapi
@@ -42,11 +43,6 @@ from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
 from workflows.models import scheduler_id, user_batch_workflow_id
 
-RESULT_COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
-# Appended for user batches that asked for the catchall lane (as `starter.py results` does).
-CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "catchall_verified_at")
-RESULT_FILTERS = ("deliverable", "risky", "undeliverable", "unknown", "verified", "invalid", "duplicate",
-                  "cancelled", "failed", "pending")
 MAX_BIGINT = 2**63 - 1
 log = logging.getLogger("api")
 INVALID_ROWS_SHOWN = 100
@@ -376,10 +372,10 @@ async def get_results(request: Request) -> Response:
     if fmt not in ("csv", "json"):
         raise ApiError(400, f"format {fmt!r} is not csv or json")
     status_filter = request.query_params.get("status")
-    if status_filter is not None and status_filter not in RESULT_FILTERS:
-        raise ApiError(400, f"status {status_filter!r} is not one of {', '.join(RESULT_FILTERS)}")
+    if problem := outcomes.filter_problem(status_filter):
+        raise ApiError(400, problem)
     pool = _services(request).pool
-    columns = RESULT_COLUMNS + (CATCHALL_COLUMNS if "catchall" in doc["lanes"] else ())
+    columns = outcomes.columns(doc["lanes"])
     return StreamingResponse(
         _result_stream(pool, doc["id"], status_filter, fmt, columns),
         media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
@@ -392,13 +388,7 @@ async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str 
     async with pool.connection() as conn, conn.transaction():
         async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
             cur.itersize = 5_000
-            await cur.execute(
-                "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
-                " catchall_status, catchall_reason, catchall_score, catchall_verified_at"
-                " from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
-                " or status = %(f)s or state = %(f)s or catchall_status = %(f)s) order by row_no",
-                {"ub": ub, "f": status_filter},
-            )
+            await cur.execute(outcomes.QUERY, {"ub": ub, "f": status_filter})
             buf = io.StringIO()
             w = csv.writer(buf)
             if fmt == "csv":
@@ -407,8 +397,7 @@ async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str 
                 buf.write("[")
             n = 0
             async for r in cur:
-                values = (*r[:9], r[9].isoformat() if r[9] else None,
-                          *r[10:13], r[13].isoformat() if r[13] else None)[: len(columns)]
+                values = outcomes.row(r, len(columns))
                 if fmt == "csv":
                     w.writerow(values)
                 else:

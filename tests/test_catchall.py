@@ -15,6 +15,7 @@ import httpx
 from typer.testing import CliRunner
 
 import starter
+from db import outcomes
 from helpers import make_settings, running_pipeline, write_list
 from sandbox.app import CATCHALL_PREFIX
 from sandbox.verdicts import catchall_verdict, verdict
@@ -118,7 +119,7 @@ async def test_accept_all_addresses_get_a_second_verdict_from_the_catchall_lane_
     assert (row["status"], row["accept_all"]) == ("risky", "yes")
     assert row["catchall_status"] == catchall_verdict(row["email"])["status"] and row["catchall_verified_at"]
     plain = CliRunner(env={**env, "DATABASE_URL": db_url}).invoke(starter.app, ["results", str(bob_id)])
-    assert plain.stdout.splitlines()[0] == ",".join(starter.RESULT_COLUMNS)
+    assert plain.stdout.splitlines()[0] == ",".join(outcomes.COLUMNS)
 
 
 def test_catchall_verdicts_are_deterministic_and_decisive_for_most_accept_all_addresses():

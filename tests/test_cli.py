@@ -195,6 +195,7 @@ def test_the_real_entry_point_help_and_bad_input(db_url, tmp_path):
     ("args", "needles"),
     [
         (("results", "999999", "--format", "json"), ("no user batch 999999",)),
+        (("results", "1", "--status", "bogus"), ("--status 'bogus' is not one of deliverable, risky,",)),
         (("status", "999999"), ("no user batch 999999",)),
         (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", ","), ("unknown lane (none)",)),
         (("submit", "{tmp}/list.csv", "--user", "u", "--lanes", "deliverability,nope"), ("nope",)),
