@@ -304,7 +304,9 @@ async def follow(handle, quiet: bool) -> Summary:
                 p: BatchProgress | None = await handle.query("progress", result_type=BatchProgress)
             except RPCError:
                 p = None
-            if p is not None and p.lanes:
+            if p is not None and p.state == "paused":  # its `remaining` counts only the in-flight addresses
+                bar.update(task, description="paused (resume to go on): addresses verified")
+            elif p is not None and p.lanes:
                 unique = sum(lane.unique_addresses for lane in p.lanes)
                 bar.update(task, total=unique, completed=unique - p.remaining,
                            description=f"{p.state}: addresses verified")
@@ -343,17 +345,13 @@ def status(
     with db_connect(s) as conn:
         if user_batch_id is not None:
             row = load_batch(conn, user_batch_id, user)
-            lanes = conn.execute(
-                "select lane, unique_addresses, cached, shared, enqueued, remaining, failed"
-                " from user_batch_lanes where user_batch_id = %s order by lane",
-                (user_batch_id,),
-            ).fetchall()
+            lanes = conn.execute(outcomes.LANE_QUERY, (user_batch_id,)).fetchall()
             doc = batch_doc(row, lanes)
             if as_json:
                 emit_json(doc)
                 return
             t = Table(title=f"user batch {row[0]} ({row[2]}) of {row[1]}: {row[5]}")
-            for col in ("lane", "unique", "cached", "shared", "enqueued", "remaining", "failed"):
+            for col in ("lane", "unique", *outcomes.LANE_COLUMNS[2:]):
                 t.add_column(col, justify="right" if col != "lane" else "left")
             for ln in lanes:
                 t.add_row(ln[0], *(f"{v:,}" for v in ln[1:]))
@@ -534,10 +532,7 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
         "finished_at": row[11].isoformat() if row[11] else None, "summary": row[12],
     }
     if lanes is not None:
-        doc["lane_progress"] = [
-            dict(zip(("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"), ln))
-            for ln in lanes
-        ]
+        doc |= outcomes.lane_progress(lanes)
     return doc
 
 

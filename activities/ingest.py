@@ -10,6 +10,7 @@ import bisect
 import codecs
 import contextlib
 import csv
+import functools
 import io
 import itertools
 import re
@@ -400,9 +401,11 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
               (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
-def _as_utf8(raw: io.RawIOBase, encoding: str) -> Iterator[bytes]:
+def as_utf8(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
+    """`chunks` of text in `encoding` (a name Python's codecs know) as UTF-8; bytes the encoding
+    cannot decode become U+FFFD, so their row is reported invalid, never dropped."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
-    while data := raw.read(_BLOCK_BYTES):
+    for data in chunks:
         yield decoder.decode(data).encode()
     yield decoder.decode(b"", final=True).encode()
 
@@ -415,7 +418,7 @@ def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through:
         encoding = next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
         if encoding is not None:
             sample = codecs.decode(head, encoding, errors="replace")
-            raw = _Prefixed(b"", _as_utf8(raw, encoding))
+            raw = _Prefixed(b"", as_utf8(iter(functools.partial(raw.read, _BLOCK_BYTES), b""), encoding))
         else:
             sample = codecs.decode(head, "utf-8-sig", errors="replace")
         shape = detect_shape(sample, column)

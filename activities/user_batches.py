@@ -152,7 +152,8 @@ async def enqueue_listed(
         {**p, "unique": unique_addresses, "cached": cached, "failed": failed, "dense": first_time},
     )
     await cur.execute(
-        "update user_batch_lanes set remaining = enqueued + shared where user_batch_id = %(ub)s and lane = %(lane)s",
+        "update user_batch_lanes set remaining = enqueued + shared, withdrawn = 0"
+        " where user_batch_id = %(ub)s and lane = %(lane)s",
         p,
     )
 
@@ -258,8 +259,15 @@ async def announce(cur: psycopg.AsyncCursor, topic: str, summary: Summary) -> No
     })
 
 
+def _stored(summary: Summary) -> Jsonb:
+    """`user_batches.summary` of a finished batch: its rows by state and by Bouncer status."""
+    return Jsonb({"by_state": summary.by_state, "by_status": summary.by_status})
+
+
 def lane_problem(lanes: list[str], settings: Settings) -> str:
-    """Why this lane list cannot be served ('' if it can); shared by the CLI and SDK submissions."""
+    """Why this lane list cannot be served ('' if it can); shared by the CLI, HTTP and SDK submissions."""
+    if twice := sorted({lane for lane in lanes if lanes.count(lane) > 1}):
+        return f"lane {', '.join(twice)} named more than once"
     if CATCHALL in lanes and DELIVERABILITY not in lanes:
         return "the catchall lane re-verifies what the deliverability lane found accept-all: ask for both"
     if CATCHALL in lanes and CATCHALL not in settings.lanes_enabled():
@@ -604,10 +612,11 @@ class UserBatchActivities:
                 await cur.execute("update user_batches set state = 'paused' where id = %s", (ub,))
                 for lane in lanes:
                     await release_unclaimed(cur, ub, lane)
-                    # Only the in-flight addresses are still outstanding until resume.
+                    # Only the in-flight addresses are still outstanding until resume; the rest
+                    # are counted as withdrawn (not settled).
                     await cur.execute(
-                        "update user_batch_lanes set remaining ="
-                        " (select count(*) from queue where user_batch_id = %(ub)s and lane = %(lane)s)"
+                        "update user_batch_lanes set remaining = c.n, withdrawn = greatest(remaining - c.n, 0)"
+                        " from (select count(*) as n from queue where user_batch_id = %(ub)s and lane = %(lane)s) c"
                         " where user_batch_id = %(ub)s and lane = %(lane)s",
                         {"ub": ub, "lane": lane},
                     )
@@ -640,6 +649,8 @@ class UserBatchActivities:
                     (user_batch_id,),
                 )
                 summary = await self._summarize(user_batch_id, cur=cur)
+                await cur.execute("update user_batches set summary = %s where id = %s",
+                                  (_stored(summary), user_batch_id))
                 await announce(cur, "user_batch.cancelled", summary)
                 return summary
         return await self._summarize(user_batch_id)
@@ -657,8 +668,7 @@ class UserBatchActivities:
                     summary = await self._summarize(user_batch_id, cur=cur, state="completed")
                 await cur.execute(
                     "update user_batches set state = 'completed', finished_at = now(), summary = %s where id = %s",
-                    (Jsonb({"by_state": summary.by_state, "by_status": summary.by_status}),
-                     user_batch_id),
+                    (_stored(summary), user_batch_id),
                 )
                 await announce(cur, "user_batch.completed", summary)
                 return summary

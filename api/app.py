@@ -18,6 +18,7 @@ import io
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from urllib.parse import parse_qsl
 
 import orjson
 import psycopg
@@ -25,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,8 +37,9 @@ import db
 from db import outcomes
 import temporal_client
 from activities.ingest import UnreadableInput, copy_rows
+from activities.user_batches import lane_problem
 from api import keys, openapi
-from api.uploads import BadBody, csv_rows, json_rows, limited, multipart_file, pull
+from api.uploads import BadBody, charset_codec, csv_rows, decoded, json_rows, limited, multipart_file, pull
 from settings import LANES, Settings
 from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
@@ -125,10 +127,8 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi_doc, methods=["GET"]),
-        Route("/v1/batches", submit_batch, methods=["POST"]),
-        Route("/v1/batches", list_batches, methods=["GET"]),
-        Route("/v1/batches/{id}", get_batch, methods=["GET"]),
-        Route("/v1/batches/{id}", cancel_batch, methods=["DELETE"]),
+        Route("/v1/batches", _by_method(POST=submit_batch, GET=list_batches), methods=["GET", "POST"]),
+        Route("/v1/batches/{id}", _by_method(GET=get_batch, DELETE=cancel_batch), methods=["GET", "DELETE"]),
         Route("/v1/batches/{id}/results", get_results, methods=["GET"]),
         Route("/v1/batches/{id}/pause", pause_batch, methods=["POST"]),
         Route("/v1/batches/{id}/resume", resume_batch, methods=["POST"]),
@@ -139,14 +139,22 @@ def create_app(settings: Settings) -> Starlette:
 
     async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
         messages = {404: "no such route", 405: "method not allowed on this route"}
-        return error(exc.status_code, messages.get(exc.status_code, exc.detail))
+        resp = error(exc.status_code, messages.get(exc.status_code, exc.detail))
+        resp.headers.update(exc.headers or {})  # 405: Allow names the route's methods
+        return resp
 
     async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return error(exc.status, str(exc))
 
+    async def on_db_down(_request: Request, exc: Exception) -> JSONResponse:
+        return error(503, f"Postgres unreachable: {type(exc).__name__}; retry later")
+
+    async def on_client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+        # The upload's transaction rolled back: nothing was stored, and nobody is left to answer.
+        log.info("%s %s: the client disconnected before its request was read", request.method, request.url.path)
+        return Response(status_code=400)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, (psycopg.OperationalError, PoolTimeout)):
-            return error(503, f"Postgres unreachable: {type(exc).__name__}; retry later")
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, "internal error (logged); retry later or report it")
 
@@ -154,10 +162,22 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(KeyAuth, services=services)],
-        exception_handlers={HTTPException: on_http_error, ApiError: on_api_error, Exception: on_unexpected},
+        # Handlers by class answer and are done; the `Exception` one answers 500 and the server
+        # logs the traceback as well.
+        exception_handlers={HTTPException: on_http_error, ApiError: on_api_error, ClientDisconnect: on_client_gone,
+                            psycopg.OperationalError: on_db_down, PoolTimeout: on_db_down,
+                            Exception: on_unexpected},
     )
     app.state.services = services
     return app
+
+
+def _by_method(**endpoints):
+    """One route for a path's methods, so a 405 there names all of them in `Allow`."""
+    async def endpoint(request: Request) -> Response:
+        return await endpoints["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
 
 
 def _services(request: Request) -> Services:
@@ -188,11 +208,7 @@ async def _owned_batch(request: Request) -> dict:
         row = await cur.fetchone()
         if row is None:
             raise ApiError(404, f"no user batch {ub}")
-        lanes = await (await conn.execute(
-            "select lane, unique_addresses, cached, shared, enqueued, remaining, failed"
-            " from user_batch_lanes where user_batch_id = %s order by lane",
-            (ub,),
-        )).fetchall()
+        lanes = await (await conn.execute(outcomes.LANE_QUERY, (ub,))).fetchall()
     return batch_doc(row, lanes)
 
 
@@ -204,13 +220,7 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
         "summary": row[12],
     }
     if lanes is not None:
-        doc["lane_progress"] = [
-            dict(zip(("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"), ln))
-            for ln in lanes
-        ]
-        unique = sum(ln[1] for ln in lanes)
-        doc["addresses_settled"] = unique - sum(ln[5] for ln in lanes)
-        doc["addresses_total"] = unique
+        doc |= outcomes.lane_progress(lanes)
     return doc
 
 
@@ -245,14 +255,19 @@ async def openapi_doc(_request: Request) -> JSONResponse:
 
 
 def _only_params(request: Request, *known: str) -> None:
-    """Refuse query parameters the route does not know (a typo must not be silently ignored)."""
+    """Refuse query parameters the route does not know (a typo must not be silently ignored), and
+    a query string whose percent-escapes are not UTF-8 (they would be read as U+FFFD)."""
+    try:
+        parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the query string's percent-escapes are not UTF-8: encode values as UTF-8") from None
     unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         raise ApiError(400, f"unknown query parameter {', '.join(map(repr, unknown))}; "
                             f"this route takes: {', '.join(known) or 'none'}")
 
 
-def _submit_options(request: Request) -> dict:
+def _submit_options(request: Request, settings: Settings) -> dict:
     q = request.query_params
     _only_params(request, "name", "priority", "lanes", "column")
     priority = q.get("priority", "normal")
@@ -262,6 +277,8 @@ def _submit_options(request: Request) -> dict:
     bad = [x for x in lanes if x not in LANES]
     if bad or not lanes:
         raise ApiError(400, f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
+    if problem := lane_problem(lanes, settings):
+        raise ApiError(400, problem)
     name = q.get("name", "")
     if len(name) > 200 or "\x00" in name:
         raise ApiError(400, "name must be at most 200 characters, without NUL")
@@ -304,21 +321,28 @@ async def submit_batch(request: Request) -> JSONResponse:
     """Stream the body into Postgres (COPY, in one transaction) and start the UserBatchWorkflow."""
     services = _services(request)
     settings = services.settings
-    opts = _submit_options(request)
+    opts = _submit_options(request, settings)
     client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = request.headers.get("content-type", "")
+    ctype = content_type.split(";")[0].strip().lower()
     body = limited(request.stream(), settings.api_max_upload_mb * 1024 * 1024)
     loop = asyncio.get_running_loop()
-    if ctype == "multipart/form-data":
-        chunks = pull(multipart_file(body, request.headers["content-type"]), loop)
-        rows, source = csv_rows(chunks, opts["column"]), "api: multipart upload"
-    elif ctype in ("text/csv", "text/plain"):
-        rows, source = csv_rows(pull(body, loop), opts["column"]), "api: csv body"
-    elif ctype == "application/json":
-        rows, source = json_rows(pull(body, loop)), "api: json list"
-    else:
+    if ctype not in ("multipart/form-data", "text/csv", "text/plain", "application/json"):
         raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'}: send multipart/form-data with a "
                             "`file` part, text/csv, or application/json (an array of address strings)")
+    if ctype == "application/json" and opts["column"] is not None:
+        raise ApiError(400, "column applies to CSV bodies; a JSON body is an array of address strings")
+    try:
+        codec = None if ctype == "multipart/form-data" else charset_codec(content_type)
+    except BadBody as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    if ctype == "multipart/form-data":
+        chunks = pull(multipart_file(body, content_type), loop)
+        rows, source = csv_rows(chunks, opts["column"]), "api: multipart upload"
+    elif ctype == "application/json":
+        rows, source = json_rows(decoded(pull(body, loop), codec)), "api: json list"
+    else:
+        rows, source = csv_rows(decoded(pull(body, loop), codec), opts["column"]), "api: csv body"
     try:
         ub, stats, shown = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows)
     except BadBody as exc:

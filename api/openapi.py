@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from db.outcomes import LANE_COLUMNS
 from settings import LANES
 from workflows.models import PRIORITIES
 
@@ -22,9 +23,10 @@ _BATCH_ID = {"name": "id", "in": "path", "required": True, "description": "user 
 _LANE = {"name": "lane", "in": "path", "required": True, "schema": {"type": "string", "enum": list(LANES)}}
 _LANE_PROGRESS = {
     "type": "object",
-    "required": ["lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed"],
-    "properties": {k: {"type": "string"} if k == "lane" else {"type": "integer"}
-                   for k in ("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "failed")},
+    "required": list(LANE_COLUMNS),
+    "properties": {k: {"type": "string"} if k == "lane" else {"type": "integer"} for k in LANE_COLUMNS},
+    "description": "remaining: not yet settled (while paused, only those in flight; the rest are withdrawn"
+                   " until resume)",
 }
 _BATCH = {
     "type": "object",
@@ -44,10 +46,11 @@ _BATCH = {
         "workflow_id": {"type": "string", "nullable": True},
         "created_at": {"type": "string", "format": "date-time"},
         "finished_at": {"type": "string", "format": "date-time", "nullable": True},
-        "summary": {"type": "object", "nullable": True, "description": "counts by_state and by_status once finished"},
+        "summary": {"type": "object", "nullable": True,
+                    "description": "counts by_state and by_status once completed or cancelled"},
         "lane_progress": {"type": "array", "items": _LANE_PROGRESS},
         "addresses_total": {"type": "integer"},
-        "addresses_settled": {"type": "integer"},
+        "addresses_settled": {"type": "integer", "description": "verified or failed for good, over every lane"},
         "cancel_requested": {"type": "boolean"},
     },
 }
@@ -148,14 +151,15 @@ DOCUMENT: dict = {
                     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                         "file": {"type": "string", "format": "binary"}}}},
                     "text/csv": {"schema": {"type": "string"}},
-                    "application/json": {"schema": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+                    "application/json": {"schema": {"type": "array", "minItems": 1, "items": {
+                        "description": "an address string; any other element is reported as an invalid row"}}},
                 }},
                 "responses": {
                     "201": _json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
                     "400": _err("unreadable body, bad option, or no rows"),
                     **_AUTH,
                     "413": _err("body over API_MAX_UPLOAD_MB"),
-                    "415": _err("unsupported Content-Type"),
+                    "415": _err("unsupported Content-Type, or an unknown charset"),
                     "503": _DOWN["503"],
                 },
             },
@@ -197,13 +201,13 @@ DOCUMENT: dict = {
             ],
         }},
         "/v1/batches/{id}/pause": {"post": _batch_op(
-            "Pause: queued addresses skipped, in-flight ones finish",
+            "Pause: queued addresses withdrawn, in-flight ones finish (pausing a paused batch changes nothing)",
             {"200": _json({"$ref": "#/components/schemas/Batch"}, "paused")},
-            {"409": _err("finished, or not in a state that can pause"), "503": _DOWN["503"]})},
+            {"409": _err("finished"), "503": _DOWN["503"]})},
         "/v1/batches/{id}/resume": {"post": _batch_op(
-            "Resume a paused user batch",
+            "Resume a paused user batch (resuming one that is not paused changes nothing)",
             {"200": _json({"$ref": "#/components/schemas/Batch"}, "resumed")},
-            {"409": _err("finished, or not paused"), "503": _DOWN["503"]})},
+            {"409": _err("finished"), "503": _DOWN["503"]})},
         "/v1/lanes": {"get": {
             "summary": "Each lane's scheduler: paused, in flight, free slots, queued",
             "security": [{"apiKey": []}],

@@ -9,13 +9,15 @@ the upload instead of buffering it.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import io
+import itertools
 from collections.abc import AsyncIterator, Iterator
 
 import ijson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from activities.ingest import _Prefixed, iter_rows, normalize_address
+from activities.ingest import _WIDE_BOMS, _Prefixed, as_utf8, iter_rows, normalize_address
 
 
 class BadBody(Exception):
@@ -61,14 +63,19 @@ async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> Asy
             state["name"] = opts.get(b"name")
         state["field"] = state["value"] = b""
 
+    def on_headers_finished() -> None:
+        if state["name"] == b"file":
+            if state["found"]:  # two lists would be read as one, the first's last line joined to the next's header
+                raise BadBody("multipart body has more than one part named `file`: send one list per request")
+            state["found"] = True
+
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["name"] == b"file":
-            state["found"] = True
             out.append(data[start:end])
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
     })
     try:
         async for chunk in stream:
@@ -82,6 +89,25 @@ async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> Asy
         raise BadBody(f"malformed multipart body: {exc}") from None
     if not state["found"]:
         raise BadBody("multipart body has no part named `file` (send the list as -F file=@list.csv)")
+
+
+def charset_codec(content_type: str) -> str | None:
+    """The Python codec of the Content-Type's `charset` (None: none declared, or UTF-8)."""
+    _, params = parse_options_header(content_type)
+    charset = params.get(b"charset")
+    if charset is None:
+        return None
+    try:
+        name = codecs.lookup(charset.decode("latin-1")).name
+    except LookupError:
+        raise BadBody(f"charset {charset.decode('latin-1')!r} is unknown: send UTF-8, or name the list's"
+                      " encoding (for example charset=windows-1252)", 415) from None
+    return None if name == "utf-8" else name
+
+
+def decoded(chunks: Iterator[bytes], codec: str | None) -> Iterator[bytes]:
+    """The body as UTF-8, transcoded from its declared charset when that is another."""
+    return chunks if codec is None else as_utf8(chunks, codec)
 
 
 def pull(agen: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:
@@ -104,7 +130,15 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
     A non-string element is an invalid row (reported, never sent); a body that is not a JSON
     array is refused as a whole.
     """
-    stream = io.BufferedReader(_Prefixed(b"", chunks), 256 * 1024)
+    # A byte-order mark: UTF-8's is dropped (RFC 8259 lets a parser ignore it); UTF-16/32 are read as text.
+    rest, head = iter(chunks), b""
+    while len(head) < 4 and (chunk := next(rest, None)) is not None:
+        head += chunk
+    if head.startswith(codecs.BOM_UTF8):
+        head = head[3:]
+    elif encoding := next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None):
+        head, rest = b"", as_utf8(itertools.chain([head], rest), encoding)
+    stream = io.BufferedReader(_Prefixed(head, rest), 256 * 1024)
     n = 0
     try:
         for prefix, event, value in ijson.parse(stream):
@@ -122,4 +156,7 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
                 else:
                     yield n, "" if value is None else str(value), None, f"not a string (JSON {event})"
     except ijson.JSONError as exc:
-        raise BadBody(f"body is not valid JSON (after element {n}): {exc}") from None
+        # yajl's message is bytes or text, with the offending snippet on the lines after the first.
+        why = exc.args[0] if exc.args else exc
+        why = (why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)).strip().splitlines()[0]
+        raise BadBody(f"body is not valid JSON (after element {n}): {why}") from None

@@ -1,5 +1,6 @@
 """A user batch's per-row results as `starter.py results` and `GET /v1/batches/{id}/results` give
-them: the columns, the filters `--status` / `?status=` accept, and the query (in input order)."""
+them: the columns, the filters `--status` / `?status=` accept, and the query (in input order);
+and its per-lane counts as `starter.py status ID` and `GET /v1/batches/{id}` give them."""
 
 from __future__ import annotations
 
@@ -36,3 +37,19 @@ def row(r: tuple, width: int) -> tuple:
     """A QUERY row as output values: timestamps in ISO 8601, the rest as stored (None: an empty
     CSV cell), cut to `width` columns."""
     return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:13], r[13].isoformat() if r[13] else None)[:width]
+
+
+# Per lane: `remaining` addresses not yet settled; while the batch is paused only the in-flight
+# ones, the rest `withdrawn` until resume. Settled: unique_addresses - remaining - withdrawn.
+LANE_COLUMNS = ("lane", "unique_addresses", "cached", "shared", "enqueued", "remaining", "withdrawn", "failed")
+LANE_QUERY = f"select {', '.join(LANE_COLUMNS)} from user_batch_lanes where user_batch_id = %s order by lane"
+
+
+def lane_progress(lanes: list[tuple]) -> dict:
+    """`lane_progress` (one object per lane) and the batch's `addresses_settled` / `addresses_total`."""
+    unique = sum(ln[1] for ln in lanes)
+    return {
+        "lane_progress": [dict(zip(LANE_COLUMNS, ln)) for ln in lanes],
+        "addresses_settled": unique - sum(ln[5] + ln[6] for ln in lanes),
+        "addresses_total": unique,
+    }

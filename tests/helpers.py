@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,3 +162,17 @@ def write_list(path: Path, emails: list[str], header: str | None = "email") -> P
         for e in emails:
             f.write(e + "\n")
     return path
+
+
+async def eventually(check: Callable, what: str, timeout: float = 15.0, interval: float = 0.05):
+    """Poll `check` (sync or async) in real time until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

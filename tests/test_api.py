@@ -26,22 +26,23 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 import starter
 from api import keys
 from devstack import free_port
-from helpers import make_settings, running_pipeline
+from helpers import eventually, make_settings, running_pipeline
 from sandbox.verdicts import verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def api_process(settings, temporal_address: str, **extra_env: str) -> Iterator[str]:
-    """`python -m api` on a free port, configured through its environment like in production."""
+def api_process(settings, temporal_address: str, log: Path | None = None, **extra_env: str) -> Iterator[str]:
+    """`python -m api` on a free port, configured through its environment like in production
+    (its stderr into `log` if given)."""
     port = free_port()
     env = {**os.environ, "DATABASE_URL": settings.database_url, "TEMPORAL_ADDRESS": temporal_address,
            "TASK_QUEUE": settings.task_queue, "API_CREATE_TASK_QUEUE": settings.api_create_task_queue,
            "API_TASK_QUEUE": settings.api_task_queue, "API_LISTEN": f"127.0.0.1:{port}", "API_MAX_UPLOAD_MB": "2",
            **extra_env}
-    proc = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log.open("w") if log else subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -52,7 +53,8 @@ def api_process(settings, temporal_address: str, **extra_env: str) -> Iterator[s
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not come up: {proc.stderr.read() if proc.poll() is not None else ''}")
+                why = log.read_text() if log else proc.stderr.read() if proc.poll() is not None else ""
+                raise RuntimeError(f"the API did not come up: {why}")
             time.sleep(0.1)
         yield url
     finally:
@@ -183,6 +185,29 @@ async def test_uploads_stream_into_copy_while_the_body_is_still_arriving(api_set
             assert first_half_seen.is_set() and resp.json()["rows"] == 40_000
 
 
+async def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_no_traceback(dev_env, api_settings, tmp_path):
+    auth = new_key(api_settings, "hugo")
+    log = tmp_path / "api.log"
+    with api_process(api_settings, dev_env.client.service_client.config.target_host, log=log) as url:
+        host, port = url.removeprefix("http://").split(":")
+        _reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /v1/batches HTTP/1.1\r\nHost: api\r\nAuthorization: {auth['Authorization']}\r\n"
+                     "Content-Type: text/csv\r\nContent-Length: 100000000\r\n\r\n".encode())
+        writer.write(b"".join(b"h%d@gone.example\n" % i for i in range(20_000)))
+        await writer.drain()
+        await eventually(lambda: "COPY" in _copying(api_settings), "the upload's COPY")
+        writer.close()  # half-way: the transaction must roll back
+        await eventually(lambda: "disconnected" in log.read_text(), "the API noticing the disconnect")
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from user_batches where user_id = 'hugo'").fetchone() == (0,)
+    assert "Traceback" not in log.read_text() and "ERROR" not in log.read_text(), log.read_text()
+
+
+def _copying(settings) -> str:
+    with psycopg.connect(settings.database_url) as conn:
+        return " ".join(r[0] for r in conn.execute("select command from pg_stat_progress_copy").fetchall())
+
+
 async def test_a_key_sees_only_its_users_batches(dev_env, api_settings, api_url):
     alice, bob = new_key(api_settings, "alice"), new_key(api_settings, "bob")
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
@@ -240,6 +265,19 @@ async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_set
             (http.post("/v1/batches?colour=red", headers=auth, json=["a@b.example"]), 400, "colour"),
             (http.get("/v1/lanes?verbose=1", headers=auth), 400, "unknown query parameter"),
             (http.post("/v1/batches", headers=auth, files={"list": ("l.csv", b"a@b.example\n")}), 400, "`file`"),
+            # Two lists in one request: the first's last line would run into the second's header.
+            (http.post("/v1/batches", headers=auth, files=[("file", ("a.csv", b"email\nx1@a.example")),
+                                                            ("file", ("b.csv", b"email\ny1@b.example\n"))]),
+             400, "more than one part named `file`"),
+            (http.post("/v1/batches", headers={**auth, "Content-Type": "text/csv; charset=klingon"},
+                       content=b"a@b.example\n"), 415, "charset 'klingon' is unknown"),
+            (http.post("/v1/batches?lanes=deliverability,deliverability", headers=auth, json=["a@b.example"]),
+             400, "named more than once"),
+            (http.post("/v1/batches?column=Email", headers=auth, json=["a@b.example"]), 400, "column applies to CSV"),
+            (http.post("/v1/batches?name=%ff%fe", headers=auth, json=["a@b.example"]), 400, "not UTF-8"),
+            (http.post("/v1/batches", headers={**auth, "Content-Type": "application/json"},
+                       content=b'["a@b.example", "\xff@b.example"]'), 400, "(after element 1): lexical error: invalid"
+                                                                          " bytes in UTF8 string."),
             (http.post("/v1/batches?column=Work", headers={**auth, "Content-Type": "text/csv"},
                        content=b"Name,Email\nx,a@b.example\n"), 400, "column 'Work' not found"),
             (http.post("/v1/batches", headers={**auth, "Content-Type": "text/csv"}, content=b"a@b.example\n" * 300_000),
@@ -257,12 +295,37 @@ async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_set
             resp = await request
             assert resp.status_code == status, (status, resp.text)
             assert words in resp.json()["error"], resp.text
+            assert "b'" not in resp.json()["error"], resp.text
         assert batches() == 0  # refused submissions left nothing behind
+        assert set((await http.put("/v1/batches", headers=auth)).headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
 
         ok = (await http.post("/v1/batches", headers=auth, json=["a@b.example"])).json()["id"]
         for query, words in (("format=xml", "format"), ("status=great", "status")):
             resp = await http.get(f"/v1/batches/{ok}/results?{query}", headers=auth)
             assert resp.status_code == 400 and words in resp.json()["error"]
+
+
+async def test_a_declared_charset_and_byte_order_marks_are_read_as_the_text_they_stand_for(api_settings, api_url):
+    auth = new_key(api_settings, "dora")
+
+    def stored(ub: int) -> list[tuple]:
+        with psycopg.connect(api_settings.database_url) as conn:
+            return conn.execute("select row_no, email, state from items where user_batch_id = %s order by row_no",
+                                (ub,)).fetchall()
+
+    latin1 = "email\nann@bücher.example\nbob@example.com\n".encode("latin-1")
+    bodies = [
+        ("text/csv; charset=iso-8859-1", latin1, [(2, "ann@xn--bcher-kva.example"), (3, "bob@example.com")]),
+        ("text/csv", latin1, [(2, None), (3, "bob@example.com")]),  # undeclared: not UTF-8, so reported
+        ("application/json", b"\xef\xbb\xbf" + json.dumps(["ann@bücher.example"]).encode(),
+         [(1, "ann@xn--bcher-kva.example")]),
+        ("application/json", json.dumps(["bob@example.com", 5]).encode("utf-16"), [(1, "bob@example.com"), (2, None)]),
+    ]
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        for ctype, body, expected in bodies:
+            resp = await http.post("/v1/batches", headers={**auth, "Content-Type": ctype}, content=body)
+            assert resp.status_code == 201, (ctype, resp.text)
+            assert [(r[0], r[1]) for r in stored(resp.json()["id"])] == expected, ctype
 
 
 async def test_admin_key_pauses_and_resumes_a_lane(dev_env, api_settings, api_url):

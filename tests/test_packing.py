@@ -259,9 +259,12 @@ async def test_pausing_after_a_partial_pack_releases_only_unclaimed_addresses(wo
     await world.user_batches.set_paused(PauseRequest(ub, True))
     # In-flight addresses stay (they are paid for); the 500 unclaimed ones are withdrawn.
     assert world.sql("select count(*) from queue where user_batch_id = %s", (ub,))[0][0] == 1_000
+    lane = "select remaining, withdrawn from user_batch_lanes where user_batch_id = %s"
+    assert world.sql(lane, (ub,)) == [(1_000, 500)]  # none settled: not 500 of 1,500
     assert (await world.pack("k2", batch_size=1_000)).batches == []
 
     await world.user_batches.set_paused(PauseRequest(ub, False))
+    assert world.sql(lane, (ub,)) == [(1_500, 0)]
     resumed = await world.pack("k3", batch_size=1_000)
     assert [b.size for b in resumed.batches] == [500]
     # Pay once: every address of the list was packed exactly once.

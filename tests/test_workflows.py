@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,8 +34,9 @@ from temporalio.worker import Replayer
 
 from activities.user_batches import scheduler_input
 from conftest import SANDBOX_KEY
+from db import outcomes
 from devstack import free_port
-from helpers import Pipeline, make_settings, running_pipeline, write_list
+from helpers import Pipeline, eventually, make_settings, running_pipeline, write_list
 from sandbox.process import running_sandbox
 from worker import WORKFLOWS
 from workflows.models import (
@@ -73,20 +73,6 @@ def sandbox_stats(sandbox) -> dict:
 
 def status_requests(stats: dict) -> int:
     return sum(stats["requests"].get("status", {}).values())
-
-
-async def eventually(check: Callable, what: str, timeout: float = 15.0, interval: float = 0.05):
-    """Poll `check` (sync or async) in real time until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def prepared(handle: WorkflowHandle) -> Progress:
@@ -410,6 +396,7 @@ async def test_pausing_a_user_batch_withdraws_its_unclaimed_addresses_and_resume
         assert progress.state == "paused"
         assert progress.remaining == 100  # only the in-flight Bouncer batch is still outstanding
         assert p.sql("select state from user_batches where id = %s", (ub,)) == [("paused",)]
+        assert outcomes.lane_progress(p.sql(outcomes.LANE_QUERY, (ub,)))["addresses_settled"] == 0
         # Unclaimed rows withdrawn; the claimed (in-flight) ones stay until their results are stored.
         assert p.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(100,)]
         assert p.sql(
@@ -430,6 +417,9 @@ async def test_pausing_a_user_batch_withdraws_its_unclaimed_addresses_and_resume
         assert (await scheduler_status(env.client)).in_flight == 0
         assert (await handle.query(UserBatchWorkflow.progress)).state == "paused"
         assert p.sql("select count(*) from queue") == [(0,)]
+        # What `status` and the API show: 100 settled, 400 withdrawn, none in flight.
+        assert outcomes.lane_progress(p.sql(outcomes.LANE_QUERY, (ub,)))["addresses_settled"] == 100
+        assert p.sql("select remaining, withdrawn from user_batch_lanes where user_batch_id = %s", (ub,)) == [(0, 400)]
 
         progress = await handle.execute_update(UserBatchWorkflow.resume)
         assert progress.state == "queued"
@@ -480,6 +470,8 @@ async def test_cancelling_a_user_batch_cancels_its_rows_and_hands_shared_address
         assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ua,)) == [
             ("cancelled", 300)
         ]
+        # Its counts are kept, as a completed batch's are (`status`, the API's `summary`).
+        assert p.sql("select summary -> 'by_state' from user_batches where id = %s", (ua,)) == [({"cancelled": 300},)]
         # Only the claimed (in-flight) rows remain, until their batch stores.
         assert p.sql(
             "select count(*) from queue q join user_batch_lanes l using (user_batch_id, lane)"
