@@ -164,7 +164,7 @@ def write_list(path: Path, emails: list[str], header: str | None = "email") -> P
     return path
 
 
-async def eventually(check: Callable, what: str, timeout: float = 15.0, interval: float = 0.05):
+async def eventually(check: Callable, what: str, timeout: float = 30.0, interval: float = 0.05):
     """Poll `check` (sync or async) in real time until it returns something truthy."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

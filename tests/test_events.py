@@ -25,7 +25,7 @@ import starter
 from activities.events import DISPATCHER_ID, ensure_dispatcher, record_event, topic_matches, verify_signature
 from activities.user_batches import scheduler_input
 from devstack import free_port
-from helpers import make_settings, running_pipeline, write_list
+from helpers import eventually, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
 from workflows.models import LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
@@ -77,14 +77,6 @@ async def receiving():
         await task
 
 
-async def until(check, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 def cli(db_url: str, *args: str):
     env = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
     return CliRunner(env={**env, "DATABASE_URL": db_url, "COLUMNS": "200"}).invoke(starter.app, list(args))
@@ -132,17 +124,17 @@ async def test_events_reach_subscribers_signed_in_order_with_retries_and_dead_le
             GreedySchedulerWorkflow.run, scheduler_input(settings, "deliverability"), id=scheduler_id("deliverability"),
             task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("maintenance")])
         dan = await p.submit_file(write_list(tmp_path / "dan.csv", ["dan.1@co1.example"]), "dan")
-        await until(lambda: p.sql("select state from user_batches where workflow_id = %s", (dan.id,)) == [("queued",)],
-                    what="dan queued")
+        await eventually(lambda: p.sql("select state from user_batches where workflow_id = %s", (dan.id,))
+                         == [("queued",)], what="dan queued")
         await dan.cancel()
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("insert into events (kind, data) values ('alert.queue_depth', '{\"queued\": 5}')")
 
-        await until(lambda: {"user_batch.failed", "lane.paused", "user_batch.cancelled", "alert.queue_depth"}
-                    <= set(rx.topics("all")), what="every topic at /all")
-        await until(lambda: len(rx.got["flaky"]) == 1, what="the flaky receiver's third try")
-        await until(lambda: p.sql("select count(*) from deliveries where state = 'failed'") == [(2,)],
-                    what="two dead letters at /down")
+        await eventually(lambda: {"user_batch.failed", "lane.paused", "user_batch.cancelled", "alert.queue_depth"}
+                         <= set(rx.topics("all")), what="every topic at /all")
+        await eventually(lambda: len(rx.got["flaky"]) == 1, what="the flaky receiver's third try")
+        await eventually(lambda: p.sql("select count(*) from deliveries where state = 'failed'") == [(2,)],
+                         what="two dead letters at /down")
 
         # Every delivery verifies with the secret; a forged body does not.
         for r in rx.got["all"] + rx.got["flaky"]:
@@ -179,10 +171,10 @@ async def test_events_reach_subscribers_signed_in_order_with_retries_and_dead_le
         rx.down = False
         retry = cli(db_url, "events", "retry", "--failed")
         assert retry.exit_code == 0 and "2 deliveries queued again" in retry.stdout
-        await until(lambda: len(rx.got["down"]) == 2, what="the retried dead letters")
+        await eventually(lambda: len(rx.got["down"]) == 2, what="the retried dead letters")
         assert sorted(r["doc"]["user_batch_id"] for r in rx.got["down"]) == sorted([ann_id, bob_id])
-        await until(lambda: p.sql("select count(*) from deliveries where state <> 'delivered'") == [(0,)],
-                    what="everything delivered")
+        await eventually(lambda: p.sql("select count(*) from deliveries where state <> 'delivered'") == [(0,)],
+                         what="everything delivered")
         assert p.sql("select count(*) from events where not fanned_out") == [(0,)]
 
         # Temporal carried delivery ids only: no address in the dispatcher's history.

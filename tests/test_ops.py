@@ -26,7 +26,7 @@ from temporalio.client import Client
 from activities.user_batches import scheduler_input
 from conftest import binary
 from devstack import free_port
-from helpers import Pipeline, make_settings, running_pipeline, settings_env, write_list
+from helpers import Pipeline, eventually, make_settings, running_pipeline, settings_env, write_list
 from settings import Settings
 from workflows.models import LanePause, scheduler_id, scheduler_summary
 from workflows.scheduler import GreedySchedulerWorkflow
@@ -52,19 +52,6 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
-
-
-async def until(check, what: str, timeout: float = 20.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +118,7 @@ async def expect_listed(address: str, query: str, expected: set[str]) -> None:
         return found[0] == expected
 
     with contextlib.suppress(AssertionError):
-        await until(check, query, timeout=15)
+        await eventually(check, query, timeout=15)
     assert found[0] == expected, query
 
 
@@ -156,7 +143,7 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
         )
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         with worker_process(settings, tmp_path / "worker.log") as proc:
-            await until(lambda: proc.poll() is None and _ok(f"http://127.0.0.1:{port}/readyz"), "worker ready", 60)
+            await eventually(lambda: proc.poll() is None and _ok(f"http://127.0.0.1:{port}/readyz"), "worker ready", 60)
             assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
             before = scrape(metrics_url)
             p = Pipeline(client, settings)
@@ -176,7 +163,7 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
                 progress = await held.query(UserBatchWorkflow.progress)
                 return progress if progress is not None and progress.state == "queued" else None
 
-            await until(prepared, "the held batch prepared")
+            await eventually(prepared, "the held batch prepared")
 
             # The stock CLI finds each by the search attributes the workflows keep current. (This
             # test's task queue keeps other tests' workflows on the shared server out.)
@@ -195,7 +182,8 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
             assert sched_meta.current_details.startswith(f"lane {LANE} paused: held by the test; 0 Bouncer batches")
 
             # The queue-depth gauge sees the held work; the health check calls it degraded (lane paused).
-            await until(lambda: total(scrape(metrics_url), "pipeline_queue_depth", lane=LANE) == 150, "queue depth")
+            await eventually(lambda: total(scrape(metrics_url), "pipeline_queue_depth", lane=LANE) == 150,
+                             "queue depth")
             code, report = await asyncio.to_thread(run_health, settings)
             assert (code, report["status"]) == (1, "degraded"), report
             assert {c["name"]: c["status"] for c in report["checks"]}[f"scheduler_{LANE}"] == "degraded"
@@ -208,7 +196,8 @@ async def test_a_run_shows_in_search_attributes_details_metrics_traces_and_healt
             assert await desc.static_summary() == scheduler_summary(LANE)
 
             # Our series moved during the run, and the SDK's are on the same page.
-            await until(lambda: total(scrape(metrics_url), "pipeline_queue_depth", lane=LANE) == 0, "queue drained")
+            await eventually(lambda: total(scrape(metrics_url), "pipeline_queue_depth", lane=LANE) == 0,
+                             "queue drained")
             after = scrape(metrics_url)
             verified = total(after, "pipeline_addresses_verified_total", lane=LANE) - total(
                 before, "pipeline_addresses_verified_total", lane=LANE)
@@ -272,7 +261,7 @@ async def test_health_raises_each_alert_once_per_crossing_and_clears_it_when_bac
             task_queue=settings.task_queue, start_signal="pause", start_signal_args=[LanePause("held by the test")],
         )
         handle = await p.submit_file(write_list(tmp_path / "c.csv", emails("c", 30)), "carol")
-        await until(lambda: p.sql("select state from user_batches") == [("queued",)], "prepared")
+        await eventually(lambda: p.sql("select state from user_batches") == [("queued",)], "prepared")
         httpx.post(f"{sandbox.url}/_sandbox/credits", json={"credits": 100}).raise_for_status()
         # 5,500 creations this minute (as workers flush them) against a budget of 6,000 a minute.
         usage = ApiUsage()
