@@ -156,7 +156,8 @@ class Settings(BaseSettings):
         "", description="host:port the worker's callback receiver binds to; empty turns callbacks off"
     )
     callback_public_url: str = Field(
-        "", description="Base URL Bouncer calls back (defaults to http://CALLBACK_LISTEN)"
+        "", description="Base URL Bouncer calls back (defaults to http://CALLBACK_LISTEN unless that binds every"
+                        " interface: then none, polling only)"
     )
 
     # Operations: metrics, tracing, health thresholds
@@ -198,9 +199,12 @@ class Settings(BaseSettings):
 
     @property
     def callback_base_url(self) -> str:
+        """Where Bouncer calls back; empty: no callback (polling only). A receiver bound to every
+        interface (0.0.0.0, ::) gives no address to call, so that needs CALLBACK_PUBLIC_URL."""
         if self.callback_public_url:
             return self.callback_public_url.rstrip("/")
-        return f"http://{self.callback_listen}" if self.callback_listen else ""
+        host = self.callback_listen.rpartition(":")[0].strip("[]")
+        return f"http://{self.callback_listen}" if host not in ("", "0.0.0.0", "::") else ""
 
     def lane_api(self, lane: str) -> LaneApi:
         """The settings group of one lane."""

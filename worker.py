@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from datetime import timedelta
@@ -142,11 +144,18 @@ def bouncer_client(settings: Settings, lane: str = DELIVERABILITY, on_response=N
     )
 
 
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves SIGTERM/SIGINT to the worker: the drain decides when each
+    server stops (the callbacks' at once, the ops endpoint's last, answering /readyz "draining")."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def http_server(app, listen: str) -> uvicorn.Server:
     host, _, port = listen.rpartition(":")
-    server = uvicorn.Server(uvicorn.Config(app, host=host or "0.0.0.0", port=int(port), log_level="warning"))
-    server.install_signal_handlers = lambda: None  # we own SIGTERM/SIGINT
-    return server
+    return _Server(uvicorn.Config(app, host=host or "0.0.0.0", port=int(port), log_level="warning"))
 
 
 async def require_search_attributes(client: Client, settings: Settings) -> None:
@@ -189,10 +198,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(pool.close)
         if tracing:
             stack.callback(tracing.shutdown)  # flushes the last spans
-        bouncer = await stack.enter_async_context(bouncer_client(settings, on_response=usage.observe))
+        bouncer = await stack.enter_async_context(bouncer_client(settings, on_response=usage.hook(DELIVERABILITY)))
         catchall = None
         if CATCHALL in settings.lanes_enabled():
-            catchall = await stack.enter_async_context(bouncer_client(settings, CATCHALL))
+            catchall = await stack.enter_async_context(bouncer_client(settings, CATCHALL, usage.hook(CATCHALL)))
         workers = build_workers(settings, client, pool, bouncer, catchall)
         servers = []
         tasks = [asyncio.create_task(w.run()) for w in workers]
@@ -200,13 +209,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await ensure_dispatcher(client, settings)  # delivers events to subscribers; one per namespace
         if settings.callback_listen:
             servers.append(http_server(callbacks.create_app(pool, client), settings.callback_listen))
+            if not settings.callback_base_url:
+                log.warning("CALLBACK_LISTEN %s binds every interface and CALLBACK_PUBLIC_URL is unset: Bouncer is"
+                            " given no callback address, so completions are found by polling; set"
+                            " CALLBACK_PUBLIC_URL to the URL Bouncer can reach", settings.callback_listen)
         sampling = asyncio.Event()
         sampler = asyncio.create_task(metrics.sample_forever(settings, pool, usage, bouncer, sampling))
         ops = None
         if settings.metrics_listen:
             ops = http_server(
-                ops_server.create_app(pool, sdk.url, alive=lambda: not any(t.done() for t in worker_tasks),
-                                      draining=stop.is_set),
+                # A draining worker is alive (its workers stop one by one, on purpose); one whose
+                # worker stopped on its own is not.
+                ops_server.create_app(pool, sdk.url, draining=stop.is_set,
+                                      alive=lambda: stop.is_set() or not any(t.done() for t in worker_tasks)),
                 settings.metrics_listen,
             )
         tasks += [asyncio.create_task(s.serve()) for s in (*servers, *([ops] if ops else []))]

@@ -10,15 +10,18 @@ aggregate them with max(), the counters with sum().
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg_pool import AsyncConnectionPool
 
 from ops import readings
+from settings import DELIVERABILITY
 
 log = logging.getLogger("ops.metrics")
 
@@ -26,11 +29,11 @@ ADDRESSES_VERIFIED = Counter(
     "pipeline_addresses_verified", "Addresses whose result was stored, by lane and Bouncer status", ["lane", "status"]
 )
 API_REQUESTS = Counter(
-    "bouncer_api_requests", "Bouncer API requests by endpoint and HTTP status code (error: no answer)",
-    ["endpoint", "code"],
+    "bouncer_api_requests", "Bouncer API requests by lane, endpoint and HTTP status code (error: no answer)",
+    ["lane", "endpoint", "code"],
 )
 API_LATENCY = Histogram(
-    "bouncer_api_request_duration_seconds", "Bouncer API request latency by endpoint", ["endpoint"],
+    "bouncer_api_request_duration_seconds", "Bouncer API request latency by lane and endpoint", ["lane", "endpoint"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 QUEUE_DEPTH = Gauge("pipeline_queue_depth", "Addresses queued and not yet packed, by lane", ["lane"])
@@ -63,13 +66,19 @@ class ApiUsage:
     def __init__(self) -> None:
         self._pending: Tally[tuple[datetime, str]] = Tally()
 
-    def observe(self, endpoint: str, code: str, seconds: float) -> None:
-        """The Bouncer client's `on_response` hook."""
-        API_REQUESTS.labels(endpoint, code).inc()
-        API_LATENCY.labels(endpoint).observe(seconds)
-        if code != "error":  # a request that got no answer may not have reached the API
+    def observe(self, endpoint: str, code: str, seconds: float, lane: str = DELIVERABILITY) -> None:
+        """The Bouncer client's `on_response` hook (see `hook`)."""
+        API_REQUESTS.labels(lane, endpoint, code).inc()
+        API_LATENCY.labels(lane, endpoint).observe(seconds)
+        # `api_usage` (health's utilization alerts) counts against the deliverability lane's budgets;
+        # another lane's API has budgets of its own and shows in the series above.
+        if lane == DELIVERABILITY and code != "error":  # no answer: the request may not have reached the API
             minute = datetime.now(UTC).replace(second=0, microsecond=0)
             self._pending[(minute, budget_of(endpoint))] += 1
+
+    def hook(self, lane: str) -> Callable[[str, str, float], None]:
+        """`on_response` for the Bouncer client of `lane`."""
+        return functools.partial(self.observe, lane=lane)
 
     async def flush(self, pool: AsyncConnectionPool) -> None:
         pending, self._pending = self._pending, Tally()

@@ -2,7 +2,8 @@
 
 /metrics is ours (prometheus_client) followed by the SDK's (fetched from its loopback
 exporter): one port to scrape and to probe. /healthz (liveness) fails when a worker task has
-died; /readyz (readiness) also fails while draining or when Postgres does not answer.
+died (not during a drain: the process is stopping on purpose); /readyz (readiness) also fails
+while draining or when Postgres does not answer.
 """
 
 from __future__ import annotations

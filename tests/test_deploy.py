@@ -55,6 +55,33 @@ def test_compose_runs_postgres_temporal_its_ui_and_workers_with_health_checks():
     created = " ".join(services["temporal-search-attributes"]["command"])
     for key in ("UserId", "Lane", "BatchState", "Priority"):
         assert key in created
+    # The sandbox runs from the worker image but serves no /readyz: the image's check is off there.
+    assert services["sandbox"]["healthcheck"] == {"disable": True}
+
+
+def test_compose_temporal_gives_every_api_queue_one_partition():
+    """The API budgets are task-queue rate limits, divided among a queue's partitions."""
+    services = compose()["services"]
+    temporal, env = services["temporal"], services["worker"]["environment"]
+    mounted = {v.split(":")[1]: (DEPLOY / v.split(":")[0]).resolve() for v in temporal["volumes"]}
+    config = yaml.safe_load(mounted["/etc/temporal/" + temporal["environment"]["DYNAMIC_CONFIG_FILE_PATH"]].read_text())
+    api_queues = {env[k] for k in ("API_CREATE_TASK_QUEUE", "API_TASK_QUEUE", "CATCHALL_API_CREATE_TASK_QUEUE",
+                                   "CATCHALL_API_TASK_QUEUE")}
+    for key in ("matching.numTaskqueueReadPartitions", "matching.numTaskqueueWritePartitions"):
+        assert {c["constraints"]["taskQueueName"] for c in config[key] if c["value"] == 1} == api_queues, key
+    assert config["system.enableEagerWorkflowStart"] == [{"value": True}]
+
+
+def test_a_wildcard_callback_listen_without_a_public_url_gives_bouncer_no_callback():
+    """0.0.0.0:8298 (compose, k8s, the image) is no address Bouncer can call: polling only, unless
+    CALLBACK_PUBLIC_URL names one."""
+    def base(listen: str, public: str = "") -> str:
+        return Settings(database_url="postgresql://x", bouncer_api_key="k", callback_listen=listen,
+                        callback_public_url=public, _env_file=None).callback_base_url
+
+    assert base("0.0.0.0:8298") == base("[::]:8298") == base(":8298") == base("") == ""
+    assert base("0.0.0.0:8298", "https://hooks.example.com/") == "https://hooks.example.com"
+    assert base("10.0.0.5:8298") == "http://10.0.0.5:8298"
 
 
 def test_compose_worker_environment_names_every_setting_and_nothing_else():
@@ -111,6 +138,7 @@ def test_k8s_worker_drains_before_it_is_killed_and_is_probed_on_its_metrics_port
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert {"requests", "limits"} <= set(container["resources"])
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert "replicas" not in docs["Deployment"]["spec"]  # the HPA owns the count; a fixed one resets it on apply
 
 
 def test_k8s_config_and_secret_hold_every_setting_once():

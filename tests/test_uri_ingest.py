@@ -21,7 +21,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 
 from devstack import ROOT, free_port
-from helpers import make_settings, running_pipeline, write_list
+from helpers import eventually, make_settings, running_pipeline, write_list
 from workflows.models import SourceSpec, UserBatchInput
 from workflows.user_batch import UserBatchWorkflow
 
@@ -81,7 +81,7 @@ async def test_a_bad_sdk_input_fails_at_once_with_the_reason(dev_env, db_url, sa
         assert p.sql("select count(*) from items") == [(0,)]
 
 
-def _worker(dev_env, settings) -> subprocess.Popen:
+def _worker(dev_env, settings, **extra_env: str) -> subprocess.Popen:
     env = {
         **os.environ,
         "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host,
@@ -96,6 +96,7 @@ def _worker(dev_env, settings) -> subprocess.Popen:
         "POLL_INTERVAL_S": "0.5",
         "CALLBACK_LISTEN": "",
         "BATCH_SIZE": "50000",  # few, large batches: this test is about ingest, keep it quick
+        **extra_env,
     }
     return subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -141,3 +142,61 @@ async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_ur
                 proc.wait(timeout=30)
         with contextlib.suppress(Exception):  # its scheduler would outlive the workers otherwise
             await dev_env.client.get_workflow_handle("scheduler-deliverability").terminate("test finished")
+
+
+def _status(url: str) -> tuple[int, dict] | None:
+    try:
+        resp = httpx.get(url, timeout=1)
+    except httpx.TransportError:
+        return None
+    return resp.status_code, resp.json()
+
+
+async def test_sigterm_mid_ingest_drains_while_readyz_says_draining_and_healthz_holds(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """A list arriving slowly keeps the ingest activity running; SIGTERM then drains the worker
+    for up to SHUTDOWN_GRACE_S, and all that time its ops endpoint answers: /readyz 503
+    "draining" (take it out of rotation), /healthz 200 (do not kill it)."""
+    asked = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            asked.set()
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for i in range(600):  # 30 s of list, 50 rows every 50 ms
+                    self.wfile.write(b"".join(b"slow.%d.%d@drain.example\n" % (i, j) for j in range(50)))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    port, metrics = free_port(), free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    settings = make_settings(db_url, sandbox)
+    proc = _worker(dev_env, settings, METRICS_LISTEN=f"127.0.0.1:{metrics}", SHUTDOWN_GRACE_S="4")
+    ops = f"http://127.0.0.1:{metrics}"
+    handle = None
+    try:
+        await eventually(lambda: _status(f"{ops}/readyz") == (200, {"ready": True}), "the worker ready", 60)
+        handle = await _start(dev_env.client, settings, SourceSpec(uri=f"http://127.0.0.1:{port}/l.csv", user_id="d"))
+        await eventually(asked.is_set, "the ingest reading the list")
+        proc.send_signal(signal.SIGTERM)
+        answers = set()
+        for _ in range(25):  # 2.5 s of the 4 s drain
+            await asyncio.sleep(0.1)
+            answers.add((repr(_status(f"{ops}/readyz")), repr(_status(f"{ops}/healthz"))))
+        assert proc.poll() is None  # still draining: the ingest has up to 4 s
+        assert answers == {(repr((503, {"ready": False, "reason": "draining"})), repr((200, {"alive": True})))}
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        httpd.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                await handle.terminate("test finished")
