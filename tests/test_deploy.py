@@ -27,10 +27,12 @@ def compose() -> dict:
 
 
 def k8s_documents() -> dict[str, dict]:
+    """By kind for the worker's objects (and the Kustomization), by kind/name for the others."""
     docs = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            docs[doc["kind"]] = doc
+            name = doc.get("metadata", {}).get("name")
+            docs[doc["kind"] if name in (None, "bouncer-worker") else f"{doc['kind']}/{name}"] = doc
     return docs
 
 
@@ -139,6 +141,26 @@ def test_k8s_worker_drains_before_it_is_killed_and_is_probed_on_its_metrics_port
     assert {"requests", "limits"} <= set(container["resources"])
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
     assert "replicas" not in docs["Deployment"]["spec"]  # the HPA owns the count; a fixed one resets it on apply
+
+
+def test_the_http_api_is_deployed_with_the_workers_settings_and_probed_on_its_port():
+    docs, services = k8s_documents(), compose()["services"]
+    config = docs["ConfigMap"]["data"]
+    api_port = int(config["API_LISTEN"].rsplit(":", 1)[1])
+    pod = docs["Deployment/bouncer-api"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "api"]
+    assert container["envFrom"] == docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": api_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "http"}  # an outage elsewhere must not restart it
+    assert docs["Service/bouncer-api"]["spec"]["selector"] == docs["Deployment/bouncer-api"]["spec"]["selector"][
+        "matchLabels"]
+    api = services["api"]
+    assert api["command"] == ["python", "-m", "api"] and api["environment"] == services["worker"]["environment"]
+    assert api["depends_on"]["worker"]["condition"] == "service_healthy"  # the workers migrate
+    assert f"127.0.0.1:{int(api['environment']['API_LISTEN'].rsplit(':', 1)[1])}/healthz" in " ".join(
+        api["healthcheck"]["test"])
 
 
 def test_k8s_config_and_secret_hold_every_setting_once():
