@@ -126,7 +126,10 @@ def detect_shape(sample: str, column: str | None) -> CsvShape:
                                       f" lines have {width}")
             return CsvShape(delimiter, "@" not in first, number - 1)
         if column.lower() not in header:
-            raise UnreadableInput(f"column {column!r} not found in the header: {', '.join(rows[0])}")
+            if any("@" in c for c in rows[0]):  # data, not a header: never echo it (addresses stay out of Temporal)
+                raise UnreadableInput(f"column {column!r} not found: the first line is not a header (it holds an"
+                                      " address); give the column by its number, from 1")
+            raise UnreadableInput(f"column {column!r} not found in the header: {', '.join(rows[0])[:500]}")
         return CsvShape(delimiter, True, header.index(column.lower()))
     mailish = [i for i, name in enumerate(header) if name in EMAIL_HEADERS or "mail" in name]
     # A first row without `@` is a header only if it looks like one; a lone bad address on the

@@ -66,7 +66,8 @@ class Pipeline:
     settings: Settings
 
     async def submit_file(
-        self, path: Path, user: str, priority: str = "normal", lanes: tuple[str, ...] = ("deliverability",)
+        self, path: Path, user: str, priority: str = "normal", lanes: tuple[str, ...] = ("deliverability",),
+        **workflow_input,
     ) -> WorkflowHandle:
         """Ingest like `starter.py submit` (COPY) and start the user batch workflow."""
         with psycopg.connect(self.settings.database_url) as conn, conn.transaction():
@@ -81,7 +82,7 @@ class Pipeline:
                 (stats.rows, user_batch_workflow_id(ub), ub),
             )
         return await self.client.start_workflow(
-            UserBatchWorkflow.run, UserBatchInput(ub, progress_recheck_s=5.0),
+            UserBatchWorkflow.run, UserBatchInput(ub, **{"progress_recheck_s": 5.0, **workflow_input}),
             id=user_batch_workflow_id(ub), task_queue=self.settings.task_queue,
             search_attributes=search.at_start(user, priority, lanes[0], "preparing"),
         )

@@ -329,6 +329,14 @@ def test_column_by_name_not_in_header_is_unreadable(tmp_path):
         rows(p, "mobile")
 
 
+def test_a_column_name_for_a_file_without_a_header_is_refused_without_echoing_its_addresses(tmp_path):
+    """The reason travels in an activity failure through Temporal, where no address may go."""
+    p = write(tmp_path, "a.csv", b"Ann,ann@x.com\nBob,bob@y.com\n")
+    with pytest.raises(UnreadableInput, match="the first line is not a header") as raised:
+        rows(p, "email")
+    assert "@" not in str(raised.value)
+
+
 @pytest.mark.parametrize("number", ["0", "3", "9"])
 def test_a_column_number_that_no_row_has_is_unreadable(tmp_path, number):
     p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\nBob,bob@y.com\n")

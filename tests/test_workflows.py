@@ -376,6 +376,43 @@ async def test_a_paused_lane_dispatches_nothing_until_resumed(skipping_env, db_u
 # ---- 4. user batch pause / resume ----------------------------------------------------------------
 
 
+async def test_a_user_batch_paused_for_long_continues_as_new_and_then_completes_paying_once(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """Paused, a list re-reads its counts every recheck period: a week of that would outgrow the
+    history. Past `max_history_events` the run continues as new, still paused; resumed, it
+    completes, each address sent once."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox, batch_size=100, max_concurrent_batches=1, poll_interval_s=30,
+                             standby_batches=0)  # see the test below
+    async with running_pipeline(env.client, settings) as p:
+        started = await p.submit_file(write_list(tmp_path / "w.csv", emails("w", 300)), "wes", max_history_events=40)
+        ub = ub_id(started)
+        handle = env.client.get_workflow_handle(started.id)  # whichever run is current
+        await eventually(lambda: sandbox_stats(sandbox)["batches_created"] == 1, "the first Bouncer batch")
+        assert (await handle.execute_update(UserBatchWorkflow.pause)).state == "paused"
+
+        await env.sleep(150)  # 30 re-reads of 5 s
+        lengths, run_id = [], started.first_execution_run_id  # the chain of runs, from each one's last event
+        while run_id:
+            events = (await env.client.get_workflow_handle(started.id, run_id=run_id).fetch_history()).events
+            lengths.append(len(events))
+            last = events[-1]
+            run_id = (last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                      if last.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW else None)
+        assert len(lengths) >= 3 and max(lengths) <= 60, lengths
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("paused",)]
+        assert (await handle.query(UserBatchWorkflow.progress)).state == "paused"
+        assert sandbox_stats(sandbox)["addresses_received"] == 100  # nothing more went out while paused
+
+        assert (await handle.execute_update(UserBatchWorkflow.resume)).state == "queued"
+        summary: Summary = await asyncio.wait_for(started.result(), timeout=60)  # follows the runs
+        assert summary.state == "completed" and summary.by_state == {"verified": 300}
+        stats = sandbox_stats(sandbox)
+        assert stats["addresses_received"] == 300 and stats["addresses_sent_twice"] == 0
+        await assert_replays(env.client, p)
+
+
 async def test_pausing_a_user_batch_withdraws_its_unclaimed_addresses_and_resume_sends_each_once(
     skipping_env, db_url, sandbox, tmp_path
 ):

@@ -62,6 +62,9 @@ class UserBatchInput:
     progress_recheck_s: float = 60.0  # slow timer: re-read the database in case a signal was missed
     source: SourceSpec | None = None
     ingest_heartbeat_s: float = 60.0
+    # A run continues as new past this many history events (or when the server suggests it): a
+    # list paused or queued for days re-reads its counts every `progress_recheck_s`.
+    max_history_events: int = 5_000
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 from temporalio import workflow
@@ -111,6 +112,12 @@ class UserBatchWorkflow:
                 if self._progress.summary is not None:
                     summary = self._progress.summary
                     break
+                info = workflow.info()
+                if info.is_continue_as_new_suggested() or info.get_current_history_length() >= inp.max_history_events:
+                    # Its state is in Postgres: the next run's prepare finds the list queued or
+                    # paused and only reads its counts. Updates in progress finish first.
+                    await workflow.wait_condition(workflow.all_handlers_finished)
+                    workflow.continue_as_new(dataclasses.replace(inp, user_batch_id=self._id, source=None))
             if summary is None:
                 async with self._control:
                     summary = await _database(UserBatchActivities.finalize_user_batch, self._id, minutes=30)
@@ -121,6 +128,9 @@ class UserBatchWorkflow:
                 self._progress = await self._read_progress()
             workflow.set_current_details(f"completed: {summary.rows:,} rows; " + _counts(summary.by_status))
             search.show({search.BATCH_STATE: "completed"})
+            # A pause or resume accepted while the list was finalized gets its answer (the
+            # batch as it ended) instead of "workflow execution already completed".
+            await workflow.wait_condition(workflow.all_handlers_finished)
             return summary
         except (asyncio.CancelledError, ActivityError) as err:
             # A cancel that lands while an activity runs arrives as ActivityError(CancelledError).
