@@ -32,6 +32,7 @@ from settings import Settings
 from workflows.models import CLEANUP_SCHEDULE_ID, CleanupInput, RecurringRun, recurring_schedule_id
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = timedelta(days=100 * 365)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -40,7 +41,10 @@ def parse_duration(text: str) -> timedelta:
     compact = re.sub(r"\s", "", text.lower())
     if not re.fullmatch(r"(\d+(\.\d+)?[smhdw])+", compact):
         raise ValueError(f"cannot read duration {text!r}: use a number and a unit, e.g. 30d, 12h, 90m, 2w")
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in re.findall(r"([\d.]+)([smhdw])", compact)))
+    seconds = sum(float(n) * _UNITS[u] for n, u in re.findall(r"([\d.]+)([smhdw])", compact))
+    if seconds > MAX_DURATION.total_seconds():  # beyond this, dates overflow (Postgres, Temporal, Python)
+        raise ValueError(f"duration {text!r} is longer than {MAX_DURATION.days // 365} years")
+    return timedelta(seconds=seconds)
 
 
 def parse_instant(text: str) -> datetime:

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
@@ -206,6 +207,8 @@ def submit(
                             conn, ub_id, file, column,
                             on_progress=lambda st: bar.update(task, description=f"reading {file.name}: {st.rows:,} rows"),
                         )
+                    if stats.rows == 0:  # rolled back with the row: nothing is stored
+                        raise UnreadableInput(f"{file} has no rows (empty, or a header only): nothing to verify")
                     conn.execute(
                         "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
                         (stats.rows, user_batch_workflow_id(ub_id), ub_id),
@@ -279,8 +282,8 @@ def submit(
 def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | None, timedelta | None]:
     """Parse --at and --every; refuse a time in the past and --wait with a delayed start."""
     try:
-        start_at = schedules.parse_instant(at) if at else None
-        period = schedules.parse_duration(every) if every else None
+        start_at = schedules.parse_instant(at) if at is not None else None
+        period = schedules.parse_duration(every) if every is not None else None
     except ValueError as exc:
         raise fail(str(exc))
     if start_at is not None and start_at <= datetime.now(timezone.utc):
@@ -506,8 +509,12 @@ def cap(
 ) -> None:
     """Set one user's cap on in-flight addresses (packing holds the rest back), or show it."""
     s = settings()
-    if max_in_flight is not None and (clear or max_in_flight < 0):
-        raise fail("give a cap >= 0 or --clear, not both")
+    if not user.strip():
+        raise fail("the user is empty: name whose cap to set or show")
+    if max_in_flight is not None and max_in_flight < 0:
+        raise fail(f"cap {max_in_flight} is negative: give a number of addresses >= 0 (0: no cap), or --clear")
+    if max_in_flight is not None and clear:
+        raise fail("give a cap or --clear, not both")
     with db_connect(s) as conn:
         if clear:
             conn.execute("delete from user_limits where user_id = %s", (user,))
@@ -703,8 +710,10 @@ def events_subscribe(
         topic.endswith(".*") and any(t.startswith(topic[:-1]) for t in TOPICS))
     if not known:
         raise fail(f"unknown topic {topic!r}; topics are: {', '.join(TOPICS)} (or `prefix.*`, `*`)")
-    if not url.startswith(("http://", "https://")):
-        raise fail(f"url {url!r} is not an http(s) URL")
+    if problem := _url_problem(url):
+        raise fail(f"url {url!r} {problem}")
+    if user is not None and not user.strip():
+        raise fail("--user is empty: name the user whose events go to this URL, or leave it out for everyone's")
     if len(secret) < 16:
         raise fail("the secret must have at least 16 characters")
     with db_connect(settings()) as conn:
@@ -716,6 +725,20 @@ def events_subscribe(
         emit_json({"subscription_id": sub_id, "topic": topic, "url": url, "user": user})
     else:
         out.print(f"subscription {sub_id}: {topic} -> {url}" + (f" (user {user})" if user else ""))
+
+
+def _url_problem(url: str) -> str:
+    """Why a webhook URL cannot be POSTed to ('' if it can)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as exc:
+        return f"is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL with a host, e.g. https://hooks.example.com/bouncer"
+    if any(c.isspace() for c in url):
+        return "contains whitespace"
+    return ""
 
 
 @events_app.command("unsubscribe")
@@ -730,6 +753,9 @@ def events_unsubscribe(subscription_id: Annotated[int, typer.Argument()]) -> Non
     out.print(f"subscription {subscription_id} ({row[0]} -> {row[1]}) removed")
 
 
+DELIVERY_STATES = ("pending", "delivered", "failed")
+
+
 @events_app.command("list")
 def events_list(
     state: Annotated[Optional[str], typer.Option(help="Only deliveries in this state: pending, delivered, failed")]
@@ -738,6 +764,10 @@ def events_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Subscriptions, and the most recent deliveries with their state, attempts and last error."""
+    if state is not None and state not in DELIVERY_STATES:
+        raise fail(f"--state {state!r} is not one of {', '.join(DELIVERY_STATES)}")
+    if limit < 1:
+        raise fail(f"--limit {limit}: show at least 1")
     with db_connect(settings()) as conn:
         subs = conn.execute("select id, topic, url, user_id, created_at from subscriptions order by id").fetchall()
         deliveries = conn.execute(
@@ -782,9 +812,21 @@ def events_retry(
     if not delivery_ids and not all_failed:
         raise fail("give DELIVERY_ID... or --failed")
     with db_connect(settings()) as conn, conn.transaction():
+        if delivery_ids:
+            found = {i: (state, live) for i, state, live in conn.execute(
+                "select d.id, d.state, exists (select 1 from subscriptions s where s.id = d.subscription_id)"
+                " from deliveries d where d.id = any(%s)", (delivery_ids,))}
+            if missing := [i for i in delivery_ids if i not in found]:
+                raise fail(f"no delivery {', '.join(map(str, missing))} (`starter.py events list` shows them)")
+            if not_failed := [f"{i} is {found[i][0]}" for i in delivery_ids if found[i][0] != "failed"]:
+                raise fail(f"only failed deliveries are sent again: {', '.join(not_failed)}")
+            if orphans := [str(i) for i in delivery_ids if not found[i][1]]:
+                raise fail(f"delivery {', '.join(orphans)}: its subscription was removed")
+        # A delivery whose subscription was removed has nowhere to go.
         n = conn.execute(
-            "update deliveries set state = 'pending', ready_seq = nextval('delivery_ready_seq')"
-            " where state = 'failed' and (%(all)s or id = any(%(ids)s))",
+            "update deliveries d set state = 'pending', ready_seq = nextval('delivery_ready_seq')"
+            " where d.state = 'failed' and (%(all)s or d.id = any(%(ids)s))"
+            " and exists (select 1 from subscriptions s where s.id = d.subscription_id)",
             {"all": all_failed, "ids": delivery_ids or []},
         ).rowcount
         conn.execute(f"select pg_notify('{EVENTS_CHANNEL}', '')")  # wakes the dispatcher's fetch
@@ -1034,6 +1076,8 @@ def dlq_list(
     """Dead letters with their reason, attempt count and the user batches whose rows they failed."""
     from activities.dead_letters import count_dead_letters, list_dead_letters
 
+    if limit < 1:
+        raise fail(f"--limit {limit}: show at least 1")
     with db_connect(settings()) as conn:
         sel = _dlq_selection(conn, user_batch_id, lane, user, require=False)
         total = count_dead_letters(conn, sel)

@@ -43,7 +43,7 @@ from workflows.models import (
 
 TOPICS = (
     "user_batch.completed", "user_batch.failed", "user_batch.cancelled", "user_batch.progress",
-    "lane.paused", "credits.exhausted", "alert.*",
+    "lane.paused", "credits.exhausted", "dead_letters.retried", "alert.*",
 )
 DISPATCHER_ID = "events-dispatcher"
 CHANNEL = "events"  # NOTIFY channel: wakes the dispatcher's fetch at once

@@ -9,6 +9,7 @@ queued, an alert threshold crossed). Alerts are recorded (ops.alerts) as a side 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -29,6 +30,7 @@ from workflows.search import KEYS
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 EXIT_CODES = {"healthy": 0, "degraded": 1, "down": 2}
 TIMEOUT_S = 5.0
+POLLER_FRESH_S = 90.0  # a poller last seen longer ago is a worker that stopped
 
 
 @dataclass
@@ -156,7 +158,11 @@ async def _temporal_parts(settings, client: Client, report: Report, r: readings.
                                      task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
             timeout=_td(TIMEOUT_S),
         )
-        pollers = len(resp.pollers)
+        # The server lists a poller for minutes after its last poll; a live worker's long poll
+        # (up to ~70 s when idle) renews it, so an older one is a worker that is gone.
+        now = time.time()
+        pollers = sum(1 for pl in resp.pollers
+                      if now - pl.last_access_time.ToSeconds() <= POLLER_FRESH_S or not pl.HasField("last_access_time"))
         report.add("workers", OK if pollers else DEGRADED,
                    f"{pollers} worker(s) polling {settings.task_queue}" if pollers
                    else f"no worker polls task queue {settings.task_queue}: start `python worker.py`")

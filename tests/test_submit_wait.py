@@ -22,6 +22,13 @@ async def test_submit_wait_json_prints_the_summary_or_the_cancelled_batch_with_e
         assert doc["by_state"] == {"verified": 30, "invalid": 1}
         assert sum(doc["by_status"].values()) == 30
 
+        # A file without rows is refused, and leaves no batch behind.
+        for name, text in (("empty.csv", ""), ("header-only.csv", "email\n")):
+            (tmp_path / name).write_text(text)
+            code, out, err = await starter(env, "submit", str(tmp_path / name), "--user", "wanda", "--json")
+            assert (code, out) == (2, "") and "has no rows (empty, or a header only)" in err, err
+        assert p.sql("select count(*) from user_batches where name like '%%.csv' and name <> 'done.csv'") == [(0,)]
+
         # Held by a paused lane, then cancelled from another process while the CLI waits.
         code, _, err = await starter(env, "pause", "--lane", "deliverability")
         assert code == 0, err
