@@ -8,11 +8,17 @@ and the failure recorded where an operator looks (dead letters with a reason, ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 import httpx
 import pytest
+import uvicorn
 from helpers import make_settings, running_pipeline, write_list
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from temporalio.api.enums.v1 import EventType
 from temporalio.service import RPCError
 from test_workflows import (
@@ -28,6 +34,7 @@ from test_workflows import (
 
 from activities.bouncer_api import _as_temporal_error
 from bouncer.errors import RateLimited
+from devstack import free_port
 from sandbox.process import running_sandbox
 from workflows.bouncer_batch import API_RETRY
 from workflows.models import Summary, UserBatchInput, bouncer_batch_workflow_id
@@ -170,6 +177,53 @@ async def test_refused_requests_dead_letter_the_batch_with_the_reason(
         assert status.paused == lane_paused
         if lane_paused:
             assert status.pause_reason == "the API refused the key"
+
+
+@contextlib.asynccontextmanager
+async def refusing_downloads(upstream: str):
+    """The API in front of `upstream`, answering 401 to every download (a key revoked after the
+    batch was created and polled): everything else is passed through."""
+    async def forward(request: Request) -> Response:
+        if request.url.path.endswith("/download"):
+            return JSONResponse({"error": "invalid API key"}, status_code=401)
+        async with httpx.AsyncClient(base_url=upstream, timeout=30) as http:
+            resp = await http.request(request.method, request.url.path, params=request.query_params,
+                                      headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+                                      content=await request.body())
+        return Response(resp.content, resp.status_code, {"content-type": resp.headers.get("content-type", "")})
+
+    port = free_port()
+    app = Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "DELETE"])])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_a_refused_download_dead_letters_the_batch_pauses_the_lane_and_the_list_still_ends(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """Before: the store failed for good, its Bouncer batch stayed `submitted` with its addresses
+    claimed, and the list waited forever."""
+    env = skipping_env
+    async with refusing_downloads(sandbox.url) as api:
+        settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=api)
+        async with running_pipeline(env.client, settings) as p:
+            handle = await p.submit_file(write_list(tmp_path / "d.csv", emails("dl", 60)), "dora")
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+            assert summary.by_state == {"failed": 60}
+            (reason,) = p.sql("select distinct reason from dead_letters")
+            assert reason[0].startswith("download failed: Unauthorized"), reason
+            assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("failed", 1)]
+            assert p.sql("select count(*) from queue") == [(0,)]
+            status = await scheduler_status(env.client)
+            assert status.paused and status.pause_reason == "the API refused the key"
+            await assert_replays(env.client, p)
 
 
 # ---- stuck at the API ------------------------------------------------------------------------------

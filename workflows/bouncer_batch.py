@@ -100,14 +100,21 @@ class BouncerBatchWorkflow:
                     freeing = asyncio.ensure_future(self._batch_finished(inp, done_at_api))
                 else:
                     await self._batch_finished(inp, done_at_api)
-            result = await workflow.execute_activity_method(
-                BouncerApiActivities.store_results,
-                request,
-                task_queue=inp.api_task_queue,
-                start_to_close_timeout=timedelta(minutes=10),
-                heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                retry_policy=API_RETRY,
-            )
+            try:
+                result = await self._store(inp, request)
+            except ActivityError as err:
+                # A download refused for good (the key revoked, the batch gone) must still settle
+                # the batch's addresses, or their lists wait forever: gone, they are re-queued
+                # (as an abandoned batch's); refused, dead-lettered with the reason (`dlq retry`).
+                if not request.download or not workflow.patched("refused-download-settles-the-batch"):
+                    raise
+                kind = failure_type(err)
+                if kind == UNAUTHORIZED:
+                    await self._pause_lane(inp.lane, "the API refused the key")
+                outcome = "abandoned" if kind == NOT_FOUND else "failed"
+                reason = "" if kind == NOT_FOUND else f"download failed: {kind}: {err.cause}"
+                request = dataclasses.replace(request, download=False, failure_reason=reason)
+                result = await self._store(inp, request)
             self._phase = outcome
             self._show(
                 inp, f"{outcome}: {result.stored:,} results stored, {result.requeued:,} re-queued, "
@@ -136,6 +143,16 @@ class BouncerBatchWorkflow:
                 if freeing is not None:
                     await freeing  # in order: done at the API, then the end
                 await self._batch_finished(inp, BatchFinished(bb, outcome))
+
+    async def _store(self, inp: BouncerBatchInput, request: StoreRequest) -> StoreOutcome:
+        return await workflow.execute_activity_method(
+            BouncerApiActivities.store_results,
+            request,
+            task_queue=inp.api_task_queue,
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            retry_policy=API_RETRY,
+        )
 
     async def _batch_finished(self, inp: BouncerBatchInput, finished: BatchFinished) -> None:
         try:
