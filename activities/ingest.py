@@ -26,7 +26,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from db import copy_text
-from workflows.models import IngestOutcome, IngestRequest
+from workflows.models import FINISHED_STATES, IngestOutcome, IngestRequest
 
 EMAIL_HEADERS = ("email", "e-mail", "email_address", "emailaddress", "mail", "address", "e-mail address")
 _MAX_FIELD = 16 * 1024 * 1024
@@ -561,6 +561,18 @@ def _copy_blocks(
     return stats
 
 
+class BatchEnded(Exception):
+    """The user batch being read was cancelled (or deleted) meanwhile."""
+
+
+def _stop_if_ended(cur: psycopg.Cursor, user_batch_id: int) -> None:
+    """A cancel commits at once while an ingest runs in its thread: no chunk may add pending rows
+    to a finished batch. The share lock orders each chunk against the cancel's update."""
+    row = cur.execute("select state from user_batches where id = %s for share", (user_batch_id,)).fetchone()
+    if row is None or row[0] in FINISHED_STATES:
+        raise BatchEnded(f"user batch {user_batch_id} is {row[0] if row else 'gone'}: its list is not read further")
+
+
 def copy_items_resumable(
     database_url: str,
     user_batch_id: int,
@@ -584,22 +596,24 @@ def copy_items_resumable(
         carry: _Run | tuple | None = None
         while True:
             last_line, room = 0, chunk_rows
-            with conn.transaction(), conn.cursor() as cur, _copy_in(cur) as copy:
-                writer = _ItemWriter(copy, user_batch_id, stats)
-                while room:
-                    piece, carry = carry if carry is not None else next(pieces, None), None
-                    if piece is None:
-                        break
-                    if isinstance(piece, _Run):
-                        if len(piece.cells) > room:  # a chunk ends inside the run
-                            piece, carry = piece.split(room)
-                        room -= len(piece.cells)
-                        last_line = piece.lines[-1]
-                    else:
-                        room -= 1
-                        last_line = piece[0]
-                    writer.add_piece(piece)
-                writer.flush()
+            with conn.transaction(), conn.cursor() as cur:
+                _stop_if_ended(cur, user_batch_id)
+                with _copy_in(cur) as copy:
+                    writer = _ItemWriter(copy, user_batch_id, stats)
+                    while room:
+                        piece, carry = carry if carry is not None else next(pieces, None), None
+                        if piece is None:
+                            break
+                        if isinstance(piece, _Run):
+                            if len(piece.cells) > room:  # a chunk ends inside the run
+                                piece, carry = piece.split(room)
+                            room -= len(piece.cells)
+                            last_line = piece.lines[-1]
+                        else:
+                            room -= 1
+                            last_line = piece[0]
+                        writer.add_piece(piece)
+                    writer.flush()
             if last_line == 0:
                 break
             on_chunk(last_line, stats)
@@ -637,6 +651,8 @@ class IngestActivities:
             )
         except UnreadableInput as exc:
             raise ApplicationError(str(exc), type="UnreadableInput", non_retryable=True) from None
+        except BatchEnded as exc:
+            raise ApplicationError(str(exc), type="BatchEnded", non_retryable=True) from None
         with psycopg.connect(self.database_url) as conn:
             conn.execute("update user_batches set rows_total = %s where id = %s", (stats.rows, request.user_batch_id))
         return IngestOutcome(rows=stats.rows, invalid=stats.invalid, resumed_after_line=resumed)

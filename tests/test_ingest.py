@@ -680,6 +680,23 @@ def test_every_foldable_cell_normalizes_to_itself_with_a_lower_case_domain():
     assert wrong == []
 
 
+def test_a_list_cancelled_while_it_is_read_gets_no_more_rows(db_url, tmp_path):
+    """The cancel commits while the ingest runs in its thread: later chunks must not add rows
+    that would stay `pending` in a cancelled batch."""
+    p = write(tmp_path, "list.csv", b"email\n" + b"".join(f"c{i}@x.com\n".encode() for i in range(1, 1001)))
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into user_batches (id, user_id) values (92, 'cancelled-meanwhile')")
+
+    def cancel_after_first(last_line: int, stats) -> None:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("update user_batches set state = 'cancelled' where id = 92")
+
+    with pytest.raises(ingest.BatchEnded, match="user batch 92 is cancelled"):
+        copy_items_resumable(db_url, 92, str(p), None, 300, cancel_after_first)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("select count(*) from items where user_batch_id = 92").fetchone() == (300,)
+
+
 def test_resumable_copy_commits_chunks_that_split_runs_and_resumes_without_loss(db_url, tmp_path):
     p = write(tmp_path, "list.csv", b"email\n" + b"".join(
         (f"u{i}@x.com\n" if i % 50 else f"Bad {i}\n").encode() for i in range(1, 1001)))
@@ -693,6 +710,8 @@ def test_resumable_copy_commits_chunks_that_split_runs_and_resumes_without_loss(
         if len(committed) == 3:
             raise Crash
 
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into user_batches (id, user_id) values (91, 'resume')")
     with pytest.raises(Crash):
         copy_items_resumable(db_url, 91, str(p), None, 333, crash_after_three)
     assert committed == [(334, 333), (667, 666), (1000, 999)]
