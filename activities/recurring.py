@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from workflows.models import CopyOutcome, CopyRequest, user_batch_workflow_id
+from workflows.models import FINISHED_STATES, CopyOutcome, CopyRequest, user_batch_workflow_id
 
 
 class RecurringActivities:
@@ -45,12 +45,16 @@ class RecurringActivities:
             if done is not None:  # a retry after the commit: the batch exists already
                 return CopyOutcome(int(done[0]), int(latest), int(done[1]))
             src = await (await conn.execute(
-                "select user_id, name, priority, lanes from user_batches where id = %s", (latest,)
+                "select user_id, name, priority, lanes, state from user_batches where id = %s", (latest,)
             )).fetchone()
             if src is None:
                 raise ApplicationError(f"user batch {latest} of recurring list {request.schedule_id} is gone",
                                        type="UnknownRecurringList", non_retryable=True)
-            user_id, name, priority, lanes = src
+            user_id, name, priority, lanes, state = src
+            if state not in FINISHED_STATES:
+                # The schedule's overlap policy (SKIP) sees only the runs it started, not the
+                # submission the list began with: a run due while that one verifies is skipped here.
+                return CopyOutcome(0, int(latest), 0)
             (ub,) = await (await conn.execute(
                 "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
                 " returning id",

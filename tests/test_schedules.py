@@ -22,7 +22,9 @@ import starter as starter_cli
 from helpers import make_settings, running_pipeline, write_list
 from sandbox.verdicts import verdict
 from worker import WORKFLOWS
-from workflows.models import Summary, recurring_schedule_id, user_batch_workflow_id
+from activities.user_batches import scheduler_input
+from workflows.models import LanePause, Summary, recurring_schedule_id, scheduler_id, user_batch_workflow_id
+from workflows.scheduler import GreedySchedulerWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,3 +139,37 @@ async def test_a_scheduled_run_reverifies_the_stored_list_sending_only_stale_res
         with psycopg.connect(settings.database_url) as conn:
             source, user = conn.execute("select source, user_id from user_batches where id = %s", (run_ub,)).fetchone()
         assert user == "finn" and source.startswith(f"schedule {schedule_id} run ")
+
+
+async def test_a_run_due_while_the_first_submission_still_verifies_is_skipped(dev_env, db_url, sandbox, tmp_path):
+    """SKIP is the schedule's overlap policy, but the schedule did not start the list's first
+    submission: a run triggered while that one is held (its lane paused) copies nothing."""
+    client = dev_env.client
+    settings = make_settings(db_url, sandbox, batch_size=200)
+    async with running_pipeline(client, settings) as p:
+        await client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(settings, "deliverability"),
+            id=scheduler_id("deliverability"), task_queue=settings.task_queue,
+            start_signal="pause", start_signal_args=[LanePause("held by the test")],
+        )
+        try:
+            first = await p.submit_file(write_list(tmp_path / "held.csv", [f"h{i}@held.example" for i in range(30)]),
+                                        "hana")
+            (ub,) = p.sql("select id from user_batches where workflow_id = %s", (first.id,))[0]
+            schedule_id = await schedules.create_recurring(client, settings, ub, timedelta(days=30), datetime.now(UTC))
+            try:
+                schedule = client.get_schedule_handle(schedule_id)
+                await schedule.trigger()
+                deadline = time.monotonic() + 30
+                while not (actions := (await schedule.describe()).info.recent_actions):
+                    assert time.monotonic() < deadline, "the schedule did not start its run"
+                    await asyncio.sleep(0.2)
+                run = client.get_workflow_handle(actions[0].action.workflow_id)
+                assert await asyncio.wait_for(run.result(), timeout=30) is None
+            finally:
+                await schedules.delete_recurring(client, settings, schedule_id)
+            assert p.sql("select count(*) from user_batches") == [(1,)]  # nothing copied
+            assert p.sql("select state from user_batches where id = %s", (ub,)) == [("queued",)]
+        finally:
+            await client.get_workflow_handle(scheduler_id("deliverability")).terminate("test finished")
+            await first.terminate("test finished")

@@ -391,7 +391,7 @@ class CopyRequest:
 
 @dataclass
 class CopyOutcome:
-    user_batch_id: int
+    user_batch_id: int  # 0: skipped, the list's latest run (`source_user_batch_id`) is still verifying
     source_user_batch_id: int
     rows: int
 

@@ -20,13 +20,17 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=t
 @workflow.defn
 class RecurringListWorkflow:
     @workflow.run
-    async def run(self, inp: RecurringRun) -> Summary:
+    async def run(self, inp: RecurringRun) -> Summary | None:
+        """The run's summary; None when it was skipped (the list's latest run still verifies)."""
         copied = await workflow.execute_activity_method(
             RecurringActivities.copy_user_batch,
             CopyRequest(inp.schedule_id, workflow.info().workflow_id),
             start_to_close_timeout=timedelta(minutes=30),
             retry_policy=DB_RETRY,
         )
+        if not copied.user_batch_id:
+            workflow.set_current_details(f"skipped: user batch {copied.source_user_batch_id} is still verifying")
+            return None
         workflow.set_current_details(
             f"user batch {copied.user_batch_id}: {copied.rows:,} rows copied from {copied.source_user_batch_id}"
         )
