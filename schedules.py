@@ -47,6 +47,16 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def format_duration(seconds: float) -> str:
+    """What `parse_duration` reads, in days and smaller units: 2592000 -> `30d`, 5400 -> `1h30m`."""
+    rest, parts = round(seconds), []
+    for unit in "dhms":
+        n, rest = divmod(rest, _UNITS[unit])
+        if n:
+            parts.append(f"{n}{unit}")
+    return "".join(parts) or "0s"
+
+
 def parse_instant(text: str) -> datetime:
     """ISO 8601 (`2026-12-01T02:00Z`); a time without a zone is UTC."""
     try:
@@ -109,12 +119,13 @@ async def list_recurring(client: Client, settings: Settings, user: str | None = 
     found = []
     for sid, uid, source, latest, every_s, runs, created in rows:
         doc = {"schedule_id": sid, "user": uid, "source_user_batch_id": source, "latest_user_batch_id": latest,
-               "every": str(timedelta(seconds=every_s)), "runs": runs, "created_at": created.isoformat()}
+               "every": format_duration(every_s), "runs": runs, "created_at": created.isoformat()}
         try:
             desc = await client.get_schedule_handle(sid).describe()
             nxt = desc.info.next_action_times
-            doc.update(paused=desc.schedule.state.paused, note=desc.schedule.state.note or "",
-                       next_run=nxt[0].isoformat() if nxt else None)
+            paused = desc.schedule.state.paused
+            doc.update(paused=paused, note=desc.schedule.state.note or "",
+                       next_run=nxt[0].isoformat() if nxt and not paused else None)  # paused: none is due
         except Exception as exc:  # noqa: BLE001 - a row without its schedule is shown, not hidden
             doc.update(paused=None, note=f"schedule missing: {exc}", next_run=None)
         found.append(doc)

@@ -886,7 +886,8 @@ def schedules_list(
         emit_json(found)
         return
     t = Table(title="recurring lists")
-    for col in ("schedule", "user", "every", "runs", "latest batch", "next run", "state"):
+    t.add_column("schedule", no_wrap=True, min_width=len("recurring-list-") + 4)  # every command needs it whole
+    for col in ("user", "every", "runs", "latest batch", "next run", "state"):
         t.add_column(col)
     for d in found:
         state = "paused" if d["paused"] else ("active" if d["paused"] is False else d["note"])

@@ -29,9 +29,9 @@ from workflows.scheduler import GreedySchedulerWorkflow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def starter(settings, dev_env, *args: str) -> subprocess.CompletedProcess:
+def starter(settings, dev_env, *args: str, columns: int = 200) -> subprocess.CompletedProcess:
     env = {**os.environ, "DATABASE_URL": settings.database_url, "TASK_QUEUE": settings.task_queue,
-           "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host, "COLUMNS": "200"}
+           "TEMPORAL_ADDRESS": dev_env.client.service_client.config.target_host, "COLUMNS": str(columns)}
     return subprocess.run([sys.executable, "starter.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -61,12 +61,17 @@ async def test_submit_at_starts_later_and_every_creates_a_schedule(dev_env, db_u
         assert abs((sched.info.next_action_times[0] - (at + timedelta(days=30))).total_seconds()) < 1
         listed = json.loads((await asyncio.to_thread(starter, settings, dev_env, "schedules", "list", "--json")).stdout)
         assert [(d["schedule_id"], d["user"], d["every"], d["paused"]) for d in listed] == [
-            (doc["schedule_id"], "erin", "30 days, 0:00:00", False)]
+            (doc["schedule_id"], "erin", "30d", False)]  # as it was typed, `--every 30d`
         for verb, paused in (("pause", True), ("unpause", False)):
             assert (await asyncio.to_thread(starter, settings, dev_env, "schedules", verb, doc["schedule_id"])
                     ).returncode == 0
             assert (await dev_env.client.get_schedule_handle(doc["schedule_id"]).describe()).schedule.state.paused \
                 is paused
+            shown = json.loads((await asyncio.to_thread(starter, settings, dev_env, "schedules", "list", "--json")
+                                ).stdout)[0]
+            assert (shown["next_run"] is None) is paused  # a paused schedule has no next run
+            table = (await asyncio.to_thread(starter, settings, dev_env, "schedules", "list", columns=80)).stdout
+            assert doc["schedule_id"] in table  # whole, even at 80 columns
         other = await asyncio.to_thread(starter, settings, dev_env, "schedules", "pause", doc["schedule_id"],
                                         "--user", "mallory")
         assert other.returncode == 2 and "no recurring list" in other.stderr
