@@ -298,14 +298,24 @@ class EventActivities:
     @activity.defn
     async def record_lane_paused(self, request: LaneEvent) -> None:
         """`lane.paused` (sent by the lane's scheduler when it becomes paused)."""
-        async with self.pool.connection() as conn:
-            await record_event(conn, "lane.paused", None, None, {"lane": request.lane, "reason": request.reason})
+        await self._record_lane_event("lane.paused", request)
 
     @activity.defn
     async def record_credits_exhausted(self, request: LaneEvent) -> None:
         """`credits.exhausted` (sent by the lane's scheduler when a 402 pauses it; once per episode)."""
+        await self._record_lane_event("credits.exhausted", request)
+
+    async def _record_lane_event(self, topic: str, request: LaneEvent) -> None:
+        """Once per activity execution: a retry after the commit finds its row (migration 011)."""
+        info = activity.info()
         async with self.pool.connection() as conn:
-            await record_event(conn, "credits.exhausted", None, None, {"lane": request.lane, "reason": request.reason})
+            await conn.execute(
+                "with e as (insert into events (kind, subject, data) values (%s, %s, %s)"
+                " on conflict (kind, subject) where kind in ('lane.paused', 'credits.exhausted') and subject <> ''"
+                f" do nothing returning id) select pg_notify('{CHANNEL}', id::text) from e",
+                (topic, f"{request.lane} {info.workflow_run_id} {info.activity_id}",
+                 Jsonb({"lane": request.lane, "reason": request.reason})),
+            )
 
     @activity.defn
     async def fail_user_batch(self, request: UserBatchFailure) -> None:

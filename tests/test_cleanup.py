@@ -5,6 +5,7 @@ or the cache may reuse)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+from temporalio.service import RPCError
 from temporalio.worker import Replayer
 
 import schedules
@@ -125,6 +127,9 @@ async def test_clean_deletes_only_what_is_past_retention_and_not_needed(dev_env,
 
 async def test_the_daily_schedule_is_installed_idempotently_and_runs_the_cleanup(dev_env, db_url, sandbox):
     settings = make_settings(db_url, sandbox, cleanup_cron="17 3 * * *")
+    # A worker process of another test (they install it at start) may have left one on this server.
+    with contextlib.suppress(RPCError):
+        await dev_env.client.get_schedule_handle(CLEANUP_SCHEDULE_ID).delete()
     async with running_pipeline(dev_env.client, settings):
         try:
             assert await schedules.install_cleanup_schedule(dev_env.client, settings) == "created"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -18,16 +19,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from temporalio.client import WorkflowFailureError
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Replayer
 from typer.testing import CliRunner
 
+import db
 import starter
-from activities.events import DISPATCHER_ID, ensure_dispatcher, record_event, topic_matches, verify_signature
+from activities.events import (
+    DISPATCHER_ID, EventActivities, ensure_dispatcher, record_event, topic_matches, verify_signature,
+)
 from activities.user_batches import scheduler_input
 from devstack import free_port
 from helpers import eventually, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
-from workflows.models import LanePause, SourceSpec, UserBatchInput, scheduler_id
+from workflows.models import LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -197,3 +202,21 @@ async def test_record_event_works_on_sync_and_async_connections(db_url):
     with psycopg.connect(db_url) as conn:
         rows = conn.execute("select kind, user_batch_id, user_id, data from events order by id").fetchall()
     assert rows == [("alert.sync", None, "ann", {"n": 1}), ("alert.async", 7, None, {"n": 2})]
+
+
+async def test_a_lane_event_recorded_again_by_a_retry_is_stored_once(db_url, sandbox):
+    """The activity's retry after its commit (a lost completion) finds its row: subscribers hear
+    of a pause once. Another pause (another activity execution) is another event."""
+    acts = EventActivities(make_settings(db_url, sandbox), db.open_pool(db_url, 2))
+    await acts.pool.open()
+    try:
+        for activity_id in ("7", "7", "9"):
+            env = ActivityEnvironment()
+            env.info = dataclasses.replace(env.info, activity_id=activity_id, workflow_run_id="scheduler-run-1")
+            await env.run(acts.record_lane_paused, LaneEvent("deliverability", "maintenance"))
+            await env.run(acts.record_credits_exhausted, LaneEvent("deliverability", "out of credits"))
+    finally:
+        await acts.pool.close()
+    with psycopg.connect(db_url) as conn:
+        got = conn.execute("select kind, count(*) from events group by 1 order by 1").fetchall()
+    assert got == [("credits.exhausted", 2), ("lane.paused", 2)]
