@@ -50,21 +50,26 @@ CHANNEL = "events"  # NOTIFY channel: wakes the dispatcher's fetch at once
 PROGRESS_STEP_PCT = 10
 PROGRESS_EVERY_S = 30
 
+# `on conflict do nothing`: the one unique index on events (migration 011) makes a lane event's
+# subject, naming the activity execution that records it, a once-only key.
 _INSERT = (
     "with e as (insert into events (kind, subject, data, user_batch_id, user_id) values (%s, %s, %s, %s, %s)"
-    f" returning id) select pg_notify('{CHANNEL}', id::text) from e"
+    f" on conflict do nothing returning id) select pg_notify('{CHANNEL}', id::text) from e"
 )
 
 
-def record_event(conn: Any, topic: str, user_batch_id: int | None, user_id: str | None, payload: dict) -> Any:
+def record_event(conn: Any, topic: str, user_batch_id: int | None, user_id: str | None, payload: dict,
+                 subject: str | None = None) -> Any:
     """Record one event for delivery to its subscribers, inside the caller's transaction.
 
     `conn` is a psycopg connection or cursor, sync or async: with an async one, await the
     result. The payload holds ids and counts only (it is sent to webhooks as `data`).
-    Delivery starts when the transaction commits (NOTIFY is transactional).
+    Delivery starts when the transaction commits (NOTIFY is transactional). `subject`
+    defaults to the user batch's id.
     """
-    params = (topic, str(user_batch_id) if user_batch_id is not None else "", Jsonb(payload), user_batch_id,
-              user_id)
+    if subject is None:
+        subject = str(user_batch_id) if user_batch_id is not None else ""
+    params = (topic, subject, Jsonb(payload), user_batch_id, user_id)
     result = conn.execute(_INSERT, params)
     return result if inspect.isawaitable(result) else None
 
@@ -309,13 +314,8 @@ class EventActivities:
         """Once per activity execution: a retry after the commit finds its row (migration 011)."""
         info = activity.info()
         async with self.pool.connection() as conn:
-            await conn.execute(
-                "with e as (insert into events (kind, subject, data) values (%s, %s, %s)"
-                " on conflict (kind, subject) where kind in ('lane.paused', 'credits.exhausted') and subject <> ''"
-                f" do nothing returning id) select pg_notify('{CHANNEL}', id::text) from e",
-                (topic, f"{request.lane} {info.workflow_run_id} {info.activity_id}",
-                 Jsonb({"lane": request.lane, "reason": request.reason})),
-            )
+            await record_event(conn, topic, None, None, {"lane": request.lane, "reason": request.reason},
+                               subject=f"{request.lane} {info.workflow_run_id} {info.activity_id}")
 
     @activity.defn
     async def fail_user_batch(self, request: UserBatchFailure) -> None:

@@ -162,7 +162,7 @@ async def _temporal_parts(settings, client: Client, report: Report, r: readings.
         # (up to ~70 s when idle) renews it, so an older one is a worker that is gone.
         now = time.time()
         pollers = sum(1 for pl in resp.pollers
-                      if now - pl.last_access_time.ToSeconds() <= POLLER_FRESH_S or not pl.HasField("last_access_time"))
+                      if not pl.HasField("last_access_time") or now - pl.last_access_time.ToSeconds() <= POLLER_FRESH_S)
         report.add("workers", OK if pollers else DEGRADED,
                    f"{pollers} worker(s) polling {settings.task_queue}" if pollers
                    else f"no worker polls task queue {settings.task_queue}: start `python worker.py`")
