@@ -52,6 +52,13 @@ class GreedySchedulerWorkflow:
         self._express_hints = False
         self._starting: set[asyncio.Future] = set()  # child starts under way (not yet started)
         self._started: list[asyncio.Future] = []  # finished ones, to re-raise their errors
+        # Bouncer batches heard of (`batch_finished`) before the result of the pack that formed
+        # them: batch id (str) -> the last outcome heard. The pack starts their workflows, so one
+        # can leave the API, or end, while this workflow's task for the pack's result is delayed
+        # (a worker restart, a sticky timeout); signals are handled before that result. Matched
+        # and cleared when the result is taken (so it never outlives a run).
+        self._early: dict[str, str] = {}
+        self._early_on = False
 
     # ---- messages ---------------------------------------------------------------------
 
@@ -68,6 +75,10 @@ class GreedySchedulerWorkflow:
         key = str(finished.bouncer_batch_id)
         if key in self._state.standby:  # a standby batch heard of before the one it follows
             self._state.in_flight[key] = self._state.standby.pop(key)[1]
+        if not any(key in slots for slots in (self._state.in_flight, self._state.storing,
+                                               self._state.express_in_flight)):
+            if finished.outcome != DONE_AT_API or key not in self._early:
+                self._early[key] = finished.outcome
         size = self._state.in_flight.pop(key, None)
         if finished.outcome == DONE_AT_API:
             if size is not None:  # its API slot is free; its store is still to come
@@ -137,6 +148,9 @@ class GreedySchedulerWorkflow:
         self._express_hints = workflow.patched("express-hint")
         self._standby_on = inp.standby_batches > 0 and workflow.patched("standby-batches")
         self._refresh_on = self._standby_on and workflow.patched("standby-refresh")
+        # Before this patch a batch that finished before its pack's result was handled kept its
+        # slot for good; histories recorded before it replay that.
+        self._early_on = workflow.patched("batch-finished-before-its-pack")
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
@@ -372,8 +386,11 @@ class GreedySchedulerWorkflow:
         if len(result.batches) < len(follow):
             self._state.ahead_drained = True  # until new work arrives
         for b in result.batches:
+            if self._finished_early(b):
+                continue
             self._state.standby[str(b.bouncer_batch_id)] = [b.after, b.size]
             self._promote_followers(b.after, ended_only=True)
+        self._early.clear()
         self._state.dispatched_batches += len(result.batches)
 
     def _promote_followers(self, bouncer_batch_id: int, ended_only: bool = False) -> None:
@@ -402,7 +419,19 @@ class GreedySchedulerWorkflow:
 
     def _take_slots(self, batches: list) -> None:
         for b in batches:
-            (self._state.express_in_flight if b.express else self._state.in_flight)[str(b.bouncer_batch_id)] = b.size
+            if not self._finished_early(b):
+                (self._state.express_in_flight if b.express else self._state.in_flight)[str(b.bouncer_batch_id)] = b.size
+        self._early.clear()
+
+    def _finished_early(self, b) -> bool:
+        """A batch whose `batch_finished` came before its pack's result takes no API slot: if it has
+        only left the API it is being stored (as the signal would have done)."""
+        outcome = self._early.get(str(b.bouncer_batch_id)) if self._early_on else None
+        if outcome is None:
+            return False
+        if outcome == DONE_AT_API and not b.express:
+            self._state.storing[str(b.bouncer_batch_id)] = b.size
+        return True
 
     def _reap(self) -> None:
         """Raise what a background child start raised (it fails the workflow task, as before)."""
