@@ -14,6 +14,7 @@ Receivers recompute the HMAC over the raw body and compare in constant time (`ve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import inspect
@@ -171,7 +172,11 @@ class _Delivery:
     data: dict
     url: str
     secret: str
-    state: str
+
+
+# A delivery's lease outlives its POST (cut at `event_timeout_s`) by this much: the time to record
+# the attempt, and a worker's pause. The dispatcher gives `deliver` room to wait one out and post.
+DELIVERY_LEASE_GRACE_S = 20.0
 
 
 class EventActivities:
@@ -233,8 +238,7 @@ class EventActivities:
             row = await (
                 await conn.execute(
                     """
-                    select d.id, e.kind, e.id, e.created_at, e.user_batch_id, e.user_id, e.data, s.url, s.secret,
-                           d.state
+                    select d.id, e.kind, e.id, e.created_at, e.user_batch_id, e.user_id, e.data, s.url, s.secret
                     from deliveries d join events e on e.id = d.event_id join subscriptions s on s.id = d.subscription_id
                     where d.id = %s
                     """,
@@ -251,11 +255,13 @@ class EventActivities:
         """POST one event to its subscriber, signed; every attempt is recorded on the row.
 
         A 2xx marks it delivered; anything else raises a retryable error (the RetryPolicy
-        backs off). Returns the HTTP status. Already delivered or failed: returns 0.
+        backs off). Returns the HTTP status. Already delivered or failed: returns 0. The row is
+        leased while the POST runs: an attempt of an earlier dispatcher run that is still under
+        way is waited for (then this one posts only if that one failed).
         """
-        d = await self._load(delivery_id)
-        if d.state != "pending":
+        if not await self._lease(delivery_id):
             return 0
+        d = await self._load(delivery_id)
         body = orjson.dumps({
             "delivery_id": d.id, "event_id": d.event_id, "topic": d.topic, "created_at": d.created_at,
             "user_batch_id": d.user_batch_id, "user_id": d.user_id, "data": d.data,
@@ -270,25 +276,50 @@ class EventActivities:
         }
         import httpx  # here: every CLI process imports this module (`record_event`), few deliver
 
-        status, error = 0, ""
+        status, error, limit = 0, "", self.settings.event_timeout_s
         try:
-            async with httpx.AsyncClient(timeout=self.settings.event_timeout_s) as http:
+            async with asyncio.timeout(limit), httpx.AsyncClient(timeout=limit) as http:
                 response = await http.post(d.url, content=body, headers=headers)
             status = response.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}: {response.text[:200]}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
+        except TimeoutError:
+            error = f"no answer within {limit:g} s"
         async with self.pool.connection() as conn:
             await conn.execute(
                 "update deliveries set attempts = attempts + 1, last_status = %s, last_error = %s,"
-                " state = case when %s then 'delivered' else state end,"
+                " state = case when %s then 'delivered' else state end, sending_until = null,"
                 " delivered_at = case when %s then now() else delivered_at end where id = %s and state = 'pending'",
                 (status or None, error or None, not error, not error, delivery_id),
             )
         if error:
             raise ApplicationError(f"delivery {delivery_id} of {d.topic} to {d.url}: {error}", type="DeliveryFailed")
         return status
+
+    async def _lease(self, delivery_id: int) -> bool:
+        """Lease the pending row to this attempt, waiting out another attempt's lease (at most
+        one POST's time plus `DELIVERY_LEASE_GRACE_S`); False: it is no longer pending."""
+        lease_s = self.settings.event_timeout_s + DELIVERY_LEASE_GRACE_S
+        while True:
+            async with self.pool.connection() as conn:
+                if await (await conn.execute(
+                    "update deliveries set sending_until = now() + make_interval(secs => %s)"
+                    " where id = %s and state = 'pending' and (sending_until is null or sending_until < now())"
+                    " returning id",
+                    (lease_s, delivery_id),
+                )).fetchone():
+                    return True
+                row = await (await conn.execute(
+                    "select state, extract(epoch from sending_until - now()) from deliveries where id = %s",
+                    (delivery_id,),
+                )).fetchone()
+            if row is None:
+                raise ApplicationError(f"delivery {delivery_id} is gone", type="Gone", non_retryable=True)
+            if row[0] != "pending":
+                return False
+            await asyncio.sleep(min(max(float(row[1] or 0), 0.05), 0.5))
 
     @activity.defn
     async def fail_delivery(self, request: DeliveryFailure) -> None:

@@ -32,7 +32,8 @@ from activities.user_batches import scheduler_input
 from devstack import free_port
 from helpers import eventually, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
-from workflows.models import LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
+from workflows.events import EventDispatcherWorkflow
+from workflows.models import DispatcherInput, FetchRequest, LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -41,12 +42,14 @@ SECRET = "s3cret-for-the-test-receiver"
 
 @dataclass
 class Receiver:
-    """Records every POST per path; `/flaky` fails each delivery twice, `/down` while `down` is set."""
+    """Records every POST per path; `/flaky` fails each delivery twice, `/down` while `down` is set,
+    `/slow` answers after `slow_s`."""
 
     url: str = ""
     got: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
     tries: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     down: bool = True
+    slow_s: float = 1.0
 
     async def handle(self, request: Request) -> JSONResponse:
         path = request.path_params["path"]
@@ -57,6 +60,8 @@ class Receiver:
             return JSONResponse({"error": "try again"}, status_code=500)
         if path == "down" and self.down:
             return JSONResponse({"error": "down"}, status_code=503)
+        if path == "slow":
+            await asyncio.sleep(self.slow_s)
         self.got[path].append({"headers": headers, "body": body, "doc": json.loads(body)})
         return JSONResponse({"ok": True})
 
@@ -220,3 +225,90 @@ async def test_a_lane_event_recorded_again_by_a_retry_is_stored_once(db_url, san
     with psycopg.connect(db_url) as conn:
         got = conn.execute("select kind, count(*) from events group by 1 order by 1").fetchall()
     assert got == [("credits.exhausted", 2), ("lane.paused", 2)]
+
+
+async def test_a_dead_subscriber_does_not_hold_up_the_others_across_continue_as_new(dev_env, db_url, sandbox):
+    """The dispatcher continues-as-new without waiting for a dead subscriber's retries: the next
+    run fetches that subscriber's deliveries again, in order, while the live subscriber's events
+    go out at once. Before, continue-as-new waited for every chain, and with it every subscriber
+    (at the defaults a dead one held all events for about half an hour, about once an hour)."""
+    settings = make_settings(db_url, sandbox)
+    async with receiving() as rx, running_pipeline(dev_env.client, settings):
+        for path in ("down", "all"):
+            run = cli(db_url, "events", "subscribe", "--topic", "alert.*", "--url", f"{rx.url}/{path}",
+                      "--secret", SECRET)
+            assert run.exit_code == 0, run.output
+        # Each /down delivery is retried for minutes; a run continues-as-new every few seconds.
+        handle = await dev_env.client.start_workflow(
+            EventDispatcherWorkflow.run,
+            DispatcherInput(fetch_wait_s=0.5, max_attempts=1000, retry_initial_s=0.5, retry_max_s=1.0,
+                            timeout_s=2.0, max_history_events=60),
+            id=DISPATCHER_ID, task_queue=settings.task_queue)
+
+        def record(n: int) -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                record_event(conn, "alert.test", None, None, {"n": n})
+
+        def numbers(path: str) -> list[int]:
+            return [r["doc"]["data"]["n"] for r in rx.got[path]]
+
+        record(1)
+        record(2)
+        await eventually(lambda: numbers("all") == [1, 2], what="events 1 and 2 at /all")
+        runs = set()
+
+        async def run_ids() -> int:
+            runs.add((await handle.describe()).run_id)
+            return len(runs)
+
+        await eventually(lambda: _at_least(run_ids(), 3), what="two continue-as-new while /down fails", timeout=60)
+        assert rx.tries and not rx.got["down"]
+        record(3)
+        await eventually(lambda: numbers("all") == [1, 2, 3], what="event 3 at /all while /down fails",
+                         timeout=10)
+
+        rx.down = False  # /down gets each of its deliveries once, in order
+        await eventually(lambda: numbers("down") == [1, 2, 3], what="/down's deliveries")
+        await eventually(lambda: _has_settled(db_url), what="every delivery delivered")
+        ids = [r["headers"]["x-bouncer-delivery"] for path in ("down", "all") for r in rx.got[path]]
+        assert len(ids) == len(set(ids)) == 6
+        history = await handle.fetch_history()
+        await Replayer(workflows=WORKFLOWS).replay_workflow(history)
+
+
+async def _at_least(count, n: int) -> bool:
+    return await count >= n
+
+
+def _has_settled(db_url: str) -> bool:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute("select count(*) from deliveries where state <> 'delivered'").fetchone()[0] == 0
+
+
+async def test_a_delivery_under_way_is_not_posted_again_by_another_attempt(db_url, sandbox):
+    """Two attempts at one delivery (one from a dispatcher run that continued-as-new while it
+    posted, one from the next run): the second waits for the first's lease and finds it delivered."""
+    settings = make_settings(db_url, sandbox)
+    acts = EventActivities(settings, db.open_pool(db_url, 4))
+    await acts.pool.open()
+    try:
+        async with receiving() as rx:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("insert into subscriptions (topic, url, secret) values ('alert.*', %s, %s)",
+                             (f"{rx.url}/slow", SECRET))
+                record_event(conn, "alert.test", None, None, {"n": 1})
+            batch = await ActivityEnvironment().run(acts.fetch_deliveries, FetchRequest(0, 0))
+            [ref] = batch.deliveries
+
+            async def attempt(delay: float) -> int:
+                await asyncio.sleep(delay)
+                return await ActivityEnvironment().run(acts.deliver, ref.delivery_id)
+
+            first, second = await asyncio.gather(attempt(0), attempt(0.3))
+        assert (first, second) == (200, 0)
+        assert len(rx.got["slow"]) == 1
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("select state, attempts, sending_until from deliveries").fetchall() == [
+                ("delivered", 1, None)]
+    finally:
+        await acts.pool.close()

@@ -5,6 +5,11 @@ NOTIFY when idle), then sends them. Deliveries sharing a key (one subscription, 
 batch) go out one after another in event order, each under a RetryPolicy; different keys go
 out concurrently, so one slow or failing subscriber never holds up another, and a user
 batch's events reach a subscriber in order. Only delivery ids travel through Temporal.
+
+Continue-as-new does not wait for the chains (a dead subscriber's retries take many minutes,
+and every other subscriber's events would wait with them): the next run starts its cursor just
+before the oldest delivery not yet settled and fetches again what is still pending. A POST
+still under way in the old run holds its row's lease (`deliver`), so it is not sent twice.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=t
 class EventDispatcherWorkflow:
     def __init__(self) -> None:
         self._chains: dict[str, list[int]] = {}  # key -> delivery ids waiting their turn
+        self._unsettled: dict[int, int] = {}  # delivery id -> ready_seq: handed out, not yet settled
         self._running: set[str] = set()
         self._delivered = 0
         self._failed = 0
@@ -38,7 +44,10 @@ class EventDispatcherWorkflow:
 
     @workflow.run
     async def run(self, inp: DispatcherInput) -> None:
+        self._max_history = inp.max_history_events
         cursor = inp.cursor
+        # Before this patch continue-as-new waited for every chain in progress.
+        hand_over = workflow.patched("dispatcher-hands-over-chains")
         while not self._should_continue():
             batch = await workflow.execute_activity_method(
                 EventActivities.fetch_deliveries,
@@ -48,6 +57,7 @@ class EventDispatcherWorkflow:
             )
             cursor = batch.cursor
             for ref in batch.deliveries:
+                self._unsettled[ref.delivery_id] = ref.ready_seq
                 self._chains.setdefault(ref.key, []).append(ref.delivery_id)
                 if ref.key not in self._running:
                     self._running.add(ref.key)
@@ -55,8 +65,11 @@ class EventDispatcherWorkflow:
             workflow.set_current_details(
                 f"{self._delivered} delivered, {self._failed} failed, {len(self._running)} subscribers busy"
             )
-        # Chains in progress finish first: the next run starts from the cursor with nothing held.
-        await workflow.wait_condition(lambda: not self._running)
+        if hand_over:
+            if self._unsettled:  # the next run fetches them again (the ones still pending)
+                cursor = min(self._unsettled.values()) - 1
+        else:  # chains in progress finished first: the next run started from the cursor
+            await workflow.wait_condition(lambda: not self._running)
         workflow.continue_as_new(dataclasses.replace(inp, cursor=cursor))
 
     async def _drain(self, key: str, inp: DispatcherInput) -> None:
@@ -67,7 +80,8 @@ class EventDispatcherWorkflow:
                 await workflow.execute_activity_method(
                     EventActivities.deliver,
                     delivery_id,
-                    start_to_close_timeout=timedelta(seconds=inp.timeout_s + 30),
+                    # room to wait out an earlier run's attempt (its lease), then post
+                    start_to_close_timeout=timedelta(seconds=2 * inp.timeout_s + 60),
                     retry_policy=RetryPolicy(
                         initial_interval=timedelta(seconds=inp.retry_initial_s),
                         backoff_coefficient=2.0,
@@ -85,9 +99,10 @@ class EventDispatcherWorkflow:
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=DB_RETRY,
                 )
+            self._unsettled.pop(delivery_id, None)
         del self._chains[key]
         self._running.discard(key)
 
     def _should_continue(self) -> bool:
         info = workflow.info()
-        return info.is_continue_as_new_suggested() or info.get_current_history_length() > 4000
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() > self._max_history

@@ -326,6 +326,7 @@ class DispatcherInput:
     retry_max_s: float = 300.0
     timeout_s: float = 10.0  # one POST
     cursor: int = 0  # deliveries up to this ready_seq were handed out (carried across continue-as-new)
+    max_history_events: int = 4000  # continue-as-new past this many events (or when the server suggests)
 
 
 @dataclass
