@@ -10,6 +10,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -274,6 +275,12 @@ async def test_a_dead_subscriber_does_not_hold_up_the_others_across_continue_as_
         assert len(ids) == len(set(ids)) == 6
         history = await handle.fetch_history()
         await Replayer(workflows=WORKFLOWS).replay_workflow(history)
+        if os.environ.get("RECORD_HISTORIES"):  # runs that handed chains over (test_replay_recorded.py)
+            out = Path(os.environ["RECORD_HISTORIES"])
+            out.mkdir(parents=True, exist_ok=True)
+            for run_id in runs:
+                h = await dev_env.client.get_workflow_handle(DISPATCHER_ID, run_id=run_id).fetch_history()
+                (out / f"{h.workflow_id}-{h.run_id[:8]}.json").write_text(h.to_json())
 
 
 async def _at_least(count, n: int) -> bool:

@@ -3,7 +3,8 @@
 Workflows run for hours (the schedulers forever), so a deploy meets histories written by the
 previous code. `tests/histories/<release>/` holds histories captured from the scenario tests of
 tests/test_workflows.py (`RECORD_HISTORIES=dir pytest tests/test_workflows.py`): polling,
-callbacks, lane and batch pause, cancel, continue-as-new. A change that would break them needs
+callbacks, lane and batch pause, cancel, continue-as-new; since v10 also the event dispatcher's
+(`RECORD_HISTORIES=dir pytest tests/test_events.py -k dead_subscriber`). A change that would break them needs
 `workflow.patched()`.
 """
 
