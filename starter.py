@@ -43,7 +43,7 @@ import schedules
 import temporal_client
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
 from activities.ingest import UnreadableInput, copy_items
-from activities.user_batches import lane_problem
+from activities.user_batches import in_lane_order, lane_problem
 from db import outcomes
 from devstack import DevStack
 from ops import readings
@@ -179,6 +179,7 @@ def submit(
         raise fail(f"unknown lane {', '.join(bad) or '(none)'}; lanes are: {', '.join(LANES)}")
     if lane_problem(lane_list, s):
         raise fail(lane_problem(lane_list, s))
+    lane_list = in_lane_order(lane_list)
     if not user.strip():
         raise fail("--user is empty: name the list's owner")
     if file.is_dir():

@@ -22,7 +22,7 @@ from activities.catchall import CANDIDATES
 from activities.events import record_event
 from activities.heartbeat import heartbeats
 from activities.inputs import source_problems
-from settings import CATCHALL, DELIVERABILITY, Settings
+from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     FINISHED_STATES,
     PRIORITIES,
@@ -275,6 +275,12 @@ def lane_problem(lanes: list[str], settings: Settings) -> str:
     return ""
 
 
+def in_lane_order(lanes: list[str]) -> list[str]:
+    """The lanes asked for, in the pipeline's order whatever order they were named in: the first
+    is the one whose verdict a row shows (deliverability; catchall only re-verifies its accept-all)."""
+    return [lane for lane in LANES if lane in lanes]
+
+
 async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> int:
     """Repair `waits` rows that no Bouncer batch will ever settle; returns how many were re-queued.
 
@@ -409,7 +415,7 @@ class UserBatchActivities:
                     returning id
                     """,
                     (src.user_id, src.name or src.uri.rsplit("/", 1)[-1], PRIORITIES.index(src.priority),
-                     src.lanes, src.uri, request.workflow_id),
+                     in_lane_order(src.lanes), src.uri, request.workflow_id),
                 )
             ).fetchone()
         return int(row[0])

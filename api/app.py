@@ -37,7 +37,7 @@ import db
 from db import outcomes
 import temporal_client
 from activities.ingest import UnreadableInput, copy_rows
-from activities.user_batches import lane_problem
+from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
 from api.uploads import BadBody, charset_codec, csv_rows, decoded, json_rows, limited, multipart_file, pull
 from settings import LANES, Settings
@@ -285,7 +285,7 @@ def _submit_options(request: Request, settings: Settings) -> dict:
     column = q.get("column") or None
     if column is not None and ("\x00" in column or len(column) > 200):
         raise ApiError(400, "column must be a header name or a 1-based number")
-    return {"name": name, "priority": priority, "lanes": lanes, "column": column}
+    return {"name": name, "priority": priority, "lanes": in_lane_order(lanes), "column": column}
 
 
 def _ingest(settings: Settings, user: str, opts: dict, source: str, rows) -> tuple[int, object, list[dict]]:

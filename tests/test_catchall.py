@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 
 import httpx
@@ -16,7 +17,8 @@ from typer.testing import CliRunner
 
 import starter
 from db import outcomes
-from helpers import make_settings, running_pipeline, write_list
+from helpers import make_settings, running_pipeline, settings_env, write_list
+from helpers import starter as run_starter
 from sandbox.app import CATCHALL_PREFIX
 from sandbox.verdicts import catchall_verdict, verdict
 from workflows.models import SchedulerStatus
@@ -108,6 +110,20 @@ async def test_accept_all_addresses_get_a_second_verdict_from_the_catchall_lane_
                      (dan_summary.user_batch_id,)) == [(5, 0)]
         again = httpx.get(f"{sandbox.url}{CATCHALL_PREFIX}/_sandbox/stats").json()
         assert again["addresses_received"] == len(wanted)
+
+        # The lanes named the other way round (`starter.py submit --lanes catchall,deliverability`)
+        # are the same request: each row shows its deliverability verdict, none ends `failed`.
+        env = settings_env(p.settings, dev_env.client.service_client.config.target_host)
+        code, out, err = await run_starter(env, "submit", str(write_list(tmp_path / "eve.csv", ann)), "--user", "eve",
+                                       "--lanes", "catchall,deliverability", "--wait", "--json")
+        assert code == 0, err
+        eve = json.loads(out)
+        assert eve["by_state"] == {"verified": len(ann)}
+        assert p.sql("select lanes from user_batches where id = %s", (eve["user_batch_id"],)) == [
+            (["deliverability", "catchall"],)]
+        assert p.sql("select count(*) from item_outcomes where user_batch_id = %s and status is distinct from"
+                     " (select status from item_outcomes o where o.user_batch_id = %s and o.row_no = item_outcomes.row_no)",
+                     (eve["user_batch_id"], ann_id)) == [(0,)]
 
     # `starter.py results` shows the catchall columns for a batch that asked for the lane.
     env = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_", "CATCHALL_"))}
