@@ -629,10 +629,12 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
                 raise fail(f"lane {lane} could not be {'paused' if pause else 'resumed'}: {exc.message}", 1)
             out.print(f"lane {lane} {'paused' if pause else 'resumed'}")
             return
+        handle = client.get_workflow_handle(row[9])
+        if due := await temporal_client.not_started_before(handle):
+            raise fail(f"user batch {user_batch_id} starts at {due:%Y-%m-%d %H:%M:%S %Z}; nothing to "
+                       f"{'pause' if pause else 'resume'} before then (`starter.py cancel {user_batch_id}` drops it)")
         try:
-            p = await client.get_workflow_handle(row[9]).execute_update(
-                "pause" if pause else "resume", result_type=BatchProgress
-            )
+            p = await handle.execute_update("pause" if pause else "resume", result_type=BatchProgress)
         except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
             raise fail(f"user batch {user_batch_id} cannot be {'paused' if pause else 'resumed'}: {exc}", 1)
         out.print(f"user batch {user_batch_id} is {p.state}")

@@ -137,3 +137,13 @@ async def connect(settings: Settings, **kwargs) -> Client:
         data_converter=data_converter(settings),
         **kwargs,
     )
+
+
+async def not_started_before(handle, now=None):
+    """When a workflow started with a delay (`submit --at`) is due, if it is not yet: a signal or
+    an update would start it at once (Temporal dispatches its first task), so callers refuse them."""
+    from datetime import datetime, timezone
+
+    due = (await handle.describe()).execution_time
+    now = now or datetime.now(timezone.utc)
+    return due if due is not None and due > now else None

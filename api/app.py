@@ -442,8 +442,12 @@ async def _batch_update(request: Request, name: str) -> JSONResponse:
     if doc["state"] in FINISHED_STATES:
         raise ApiError(409, f"user batch {doc['id']} is {doc['state']}; it cannot be {name}d")
     client = await _services(request).temporal()
+    handle = client.get_workflow_handle(doc["workflow_id"])
+    if due := await temporal_client.not_started_before(handle):
+        raise ApiError(409, f"user batch {doc['id']} starts at {due.isoformat()}; nothing to {name} before then "
+                            "(DELETE it to drop it)")
     try:
-        await client.get_workflow_handle(doc["workflow_id"]).execute_update(name, rpc_timeout=UPDATE_TIMEOUT)
+        await handle.execute_update(name, rpc_timeout=UPDATE_TIMEOUT)
     except WorkflowUpdateFailedError as exc:
         raise ApiError(409, f"user batch {doc['id']} cannot be {name}d: {exc.cause}") from None
     except RPCError as exc:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime, timedelta, timezone
+
+from temporalio.api.enums.v1 import EventType
 
 from helpers import make_settings, running_pipeline, settings_env, starter, write_list
 
@@ -49,3 +52,26 @@ async def test_submit_wait_json_prints_the_summary_or_the_cancelled_batch_with_e
         assert doc["state"] == "cancelled" and doc["error"]
         assert err.startswith(f"error: user batch {ub} is cancelled") and "Traceback" not in err
         assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ub,)) == [("cancelled", 20)]
+
+
+async def test_a_list_due_later_is_not_started_early_by_pause_or_resume(dev_env, db_url, sandbox, tmp_path):
+    """`submit --at`: before its time, pause and resume are refused with the start time (an update
+    would have made Temporal start the workflow at once); cancel drops it."""
+    client = dev_env.client
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    env = settings_env(settings, client.service_client.config.target_host)
+    async with running_pipeline(client, settings) as p:
+        later = write_list(tmp_path / "later.csv", [f"later.{i}@x.example" for i in range(10)])
+        at = (datetime.now(timezone.utc) + timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        code, out, err = await starter(env, "submit", str(later), "--user", "lou", "--at", at, "--json")
+        assert code == 0, err
+        ub = json.loads(out)["user_batch_id"]
+        for verb in ("pause", "resume"):
+            code, out, err = await starter(env, verb, str(ub))
+            assert code == 2 and f"user batch {ub} starts at " in err and "cancel" in err, (code, out, err)
+        history = await client.get_workflow_handle(f"user-batch-{ub}").fetch_history()
+        assert not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED for e in history.events)
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("receiving",)]
+        code, out, err = await starter(env, "cancel", str(ub))
+        assert code == 0 and out.strip() == f"user batch {ub}: cancelled", (out, err)
+        assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ub,)) == [("cancelled", 10)]

@@ -32,8 +32,9 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=t
 
 @workflow.defn
 class UserBatchWorkflow:
-    def __init__(self) -> None:
-        self._id = 0
+    @workflow.init
+    def __init__(self, inp: UserBatchInput) -> None:
+        self._id = inp.user_batch_id  # known to an update that comes before `run` begins
         self._progress: Progress | None = None
         self._news = 0  # bumped by `progressed` signals and by pause/resume
         self._control = asyncio.Lock()
@@ -65,6 +66,8 @@ class UserBatchWorkflow:
         self._reject_if_finished()
 
     def _reject_if_finished(self) -> None:
+        if not self._id:
+            raise ValueError("the list is still being registered; try again in a moment")
         if self._progress is not None and self._progress.state in FINISHED_STATES:
             raise ValueError(f"user batch {self._id} is {self._progress.state}")
 
