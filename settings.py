@@ -84,7 +84,13 @@ class Settings(BaseSettings):
     )
 
     # Packing and limits
-    batch_size: int = Field(10_000, description="Addresses per Bouncer batch")
+    batch_size: int = Field(10_000, ge=1, le=100_000, description="Addresses per Bouncer batch (the API takes "
+                            "at most 100,000; 1,000-10,000 recommended)")
+    max_unanswered_creates: int = Field(
+        3, ge=1, description="Times one Bouncer batch is sent without an answer (a dropped connection or a timeout: "
+        "the API may have made, and charged, a batch each time) before it is sent no more: its addresses go to dead "
+        "letters and the lane pauses (check the Bouncer dashboard, then `resume --lane` and `dlq retry`)"
+    )
     max_concurrent_batches: int = Field(15, description="Bouncer batches in flight per lane")
     creations_per_minute: float = Field(
         45, description="Batch creations per minute, enforced by the Temporal server on the create queue"
@@ -139,7 +145,7 @@ class Settings(BaseSettings):
     catchall_creations_per_minute: float = Field(20, description="Catch-all batch creations per minute (server-enforced)")
     catchall_requests_per_minute: float = Field(100, description="Other catch-all API requests per minute")
     catchall_max_concurrency: int = Field(5, description="Catch-all API requests in flight per process")
-    catchall_batch_size: int = Field(10_000, description="Addresses per catch-all batch")
+    catchall_batch_size: int = Field(10_000, ge=1, le=100_000, description="Addresses per catch-all batch")
     catchall_max_concurrent_batches: int = Field(5, description="Catch-all batches in flight")
 
     # Events to subscribers (signed webhooks)

@@ -47,6 +47,7 @@ UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
 NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
+CREATE_UNANSWERED = "CreateUnanswered"
 
 SLOT_RECHECK_S = 1.0  # a standby batch looks at its predecessor this often without a NOTIFY
 # A request may already have gone out without an answer: the API may hold a copy.
@@ -160,8 +161,9 @@ def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
     if isinstance(exc, RateLimited):
         delay = timedelta(seconds=max(exc.retry_after or 1.0, 0.05))
         return ApplicationError(msg, type="RateLimited", next_retry_delay=delay, category=ApplicationErrorCategory.BENIGN)
-    if isinstance(exc, Transient):
-        return ApplicationError(msg, type="Transient")
+    if isinstance(exc, Transient):  # a 503's Retry-After is honoured as a 429's
+        delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
+        return ApplicationError(msg, type="Transient", next_retry_delay=delay)
     if isinstance(exc, OutOfCredits):
         return ApplicationError(msg, type=OUT_OF_CREDITS, non_retryable=True)
     if isinstance(exc, Unauthorized):
@@ -241,10 +243,13 @@ class BouncerApiActivities:
             return await self._submit(bouncer_batch_id)
 
     async def _submit(self, bouncer_batch_id: int) -> SubmitOutcome:
-        prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
-        if isinstance(prepared, SubmitOutcome):
-            return prepared
-        return await self._send(bouncer_batch_id, prepared)
+        # The creation's turn first, then the body: a list cancelled or paused while this waited
+        # for its turn is left out, not sent (and charged) from a body built before.
+        async with self.bouncer.create_gate:
+            prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
+            if isinstance(prepared, SubmitOutcome):
+                return prepared
+            return await self._send(bouncer_batch_id, prepared)
 
     @activity.defn
     @heartbeats
@@ -263,14 +268,15 @@ class BouncerApiActivities:
             return prepared
         await self._await_slot(bouncer_batch_id)
         with DISPATCH.dispatching():
-            ready = await self._mark_submitting(bouncer_batch_id, prepared.size)
-            if isinstance(ready, SubmitOutcome):
-                return ready
-            if not ready:  # a list was paused or cancelled while it waited: leave its addresses out
-                prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
-                if isinstance(prepared, SubmitOutcome):
-                    return prepared
-            return await self._send(bouncer_batch_id, prepared)
+            async with self.bouncer.create_gate:  # its turn, then the look at its parts (as `_submit`)
+                ready = await self._mark_submitting(bouncer_batch_id, prepared.size)
+                if isinstance(ready, SubmitOutcome):
+                    return ready
+                if not ready:  # a list was paused or cancelled while it waited: leave its addresses out
+                    prepared = await self._prepare(bouncer_batch_id, mark_submitting=True)
+                    if isinstance(prepared, SubmitOutcome):
+                        return prepared
+                return await self._send(bouncer_batch_id, prepared)
 
     async def _await_slot(self, bouncer_batch_id: int) -> None:
         """Return once the batch this one follows has left the API (completion seen by callback or
@@ -302,14 +308,16 @@ class BouncerApiActivities:
         (another attempt)."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
-                "select state, provider_batch_id, sent, size from bouncer_batches where id = %s for update",
+                "select state, provider_batch_id, sent, size, ambiguous_creates from bouncer_batches"
+                " where id = %s for update",
                 (bouncer_batch_id,),
             )
-            state, provider_id, sent, now_size = await cur.fetchone()
+            state, provider_id, sent, now_size, unanswered = await cur.fetchone()
             if provider_id is not None or state in ("stored", "failed"):
                 return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
             if now_size != size:
                 return False
+            self._send_again_or_stop(bouncer_batch_id, state, unanswered)
             await cur.execute(_MARK_SUBMITTING, (bouncer_batch_id,))
             return True
 
@@ -319,16 +327,18 @@ class BouncerApiActivities:
         async with self.pool.connection() as conn:
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.execute(
-                    "select lane, state, provider_batch_id, sent, callback_token, size from bouncer_batches"
-                    " where id = %s for update",
+                    "select lane, state, provider_batch_id, sent, callback_token, size, ambiguous_creates"
+                    " from bouncer_batches where id = %s for update",
                     (bouncer_batch_id,),
                 )
                 row = await cur.fetchone()
                 if row is None:
                     raise ApplicationError(f"Bouncer batch {bouncer_batch_id} does not exist", non_retryable=True)
-                lane, state, provider_id, sent, token, size = row
+                lane, state, provider_id, sent, token, size, unanswered = row
                 if provider_id is not None or state in ("stored", "failed"):
                     return SubmitOutcome(sent=sent or 0, submitted=provider_id is not None)
+                if mark_submitting:
+                    self._send_again_or_stop(bouncer_batch_id, state, unanswered)
                 # Postgres writes the request body (C, in its own process): the worker's event
                 # loop, shared with workflow tasks and other stores, does no per-address work.
                 # Per 10,000 addresses: 14 ms, against 26 ms (11 ms of worker CPU) for rows
@@ -375,16 +385,30 @@ class BouncerApiActivities:
                     await cur.execute(_MARK_SUBMITTING, (bouncer_batch_id,))
         return _Prepared(lane, token, count, body, heard, size)
 
+    def _send_again_or_stop(self, bouncer_batch_id: int, state: str, unanswered: int) -> None:
+        """Still `submitting`: the last request got no answer, and the API may hold (and have
+        charged) a batch for it. Past MAX_UNANSWERED_CREATES such requests the batch is not sent
+        again (each copy costs its size in credits): the workflow dead-letters it and pauses the lane."""
+        sends = unanswered + (state == "submitting")
+        if state == "submitting" and sends >= self.settings.max_unanswered_creates:
+            raise ApplicationError(
+                f"Bouncer batch {bouncer_batch_id} was sent {sends} times without an answer (dropped connections "
+                "or timeouts); each may have made and charged a batch at the API, so it is not sent again. Check "
+                "the Bouncer dashboard for those batches, then `starter.py resume --lane` and `starter.py dlq retry`",
+                type=CREATE_UNANSWERED, non_retryable=True,
+            )
+
     async def _send(self, bouncer_batch_id: int, prepared: _Prepared) -> SubmitOutcome:
         """The create request of a batch marked `submitting`, and its answer recorded."""
         callback = None
         if self.settings.callback_base_url:
             callback = f"{self.settings.callback_base_url}/callbacks/bouncer/{bouncer_batch_id}?token={prepared.token}"
         try:
-            created = await self.bouncer.create_batch_body(prepared.body.encode(), callback_url=callback)
+            created = await self.bouncer.create_batch_body(prepared.body.encode(), callback_url=callback,
+                                                           gate_held=True)
         except BouncerError as exc:
-            if not isinstance(exc, Transient):
-                # A clear refusal: nothing was created, so a retry is not ambiguous.
+            if not (isinstance(exc, Transient) and exc.ambiguous):
+                # A clear answer (a refusal, a 503): nothing was created, so a retry is not ambiguous.
                 async with self.pool.connection() as conn:
                     await conn.execute(
                         "update bouncer_batches set state = 'packed', last_error = %s where id = %s",

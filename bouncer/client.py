@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -164,18 +166,29 @@ class BouncerClient:
         body = orjson.dumps([{"email": email, "name": name} for email, name in entries])
         return await self.create_batch_body(body, callback_url=callback_url)
 
-    async def create_batch_body(self, body: bytes, *, callback_url: str | None = None) -> CreatedBatch:
+    @property
+    def create_gate(self) -> RateGate:
+        """The creations' gate: hold it (`async with`) while building a body that must not go
+        stale waiting for its turn, then call `create_batch_body(..., gate_held=True)`."""
+        return self._create_gate
+
+    async def create_batch_body(
+        self, body: bytes, *, callback_url: str | None = None, gate_held: bool = False
+    ) -> CreatedBatch:
         """`create_batch` with the JSON array already encoded (e.g. by the database); raises alike."""
         params = {"callback": callback_url} if callback_url else None
         data = await self._json(
             "POST",
             _BATCH,
-            gate=self._create_gate,
+            gate=contextlib.nullcontext() if gate_held else self._create_gate,
             params=params,
             content=body,
             headers={"content-type": "application/json"},
         )
-        return CreatedBatch.from_json(self._mapping(data))
+        try:
+            return CreatedBatch.from_json(self._mapping(data))
+        except (KeyError, TypeError, ValueError):  # a 2xx without a batchId: made or not, we cannot tell
+            raise Transient("a successful create answer without a batchId", status=200, ambiguous=True) from None
 
     async def get_status(self, batch_id: str, *, with_stats: bool = True) -> BatchStatus:
         """The batch's `BatchStatus` (not-ready is a status, not an error).
@@ -253,7 +266,7 @@ class BouncerClient:
         return _loads_2xx(response.content, status=response.status_code)
 
     async def _request(
-        self, method: str, path: str, *, gate: RateGate | None = None, **kwargs: Any
+        self, method: str, path: str, *, gate: AbstractAsyncContextManager | None = None, **kwargs: Any
     ) -> httpx.Response:
         async with gate or self._request_gate:
             began = time.perf_counter()

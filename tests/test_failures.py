@@ -92,8 +92,10 @@ async def test_5xx_timeouts_and_dropped_connections_are_retried_and_nothing_is_p
 ):
     env = skipping_env
     # Drops before handling: nothing was created, so a retry is not ambiguous and pays nothing twice.
+    # The sandbox delays a slow request before handling it, so a create that timed out made nothing
+    # either; at the real API it may have (the cap on such creates has its own test below).
     faults(sandbox, error_5xx=0.25, drop=0.15, slow=0.15, slow_seconds=1.0, seed=5)
-    settings = make_settings(db_url, sandbox, batch_size=100, bouncer_timeout_s=0.5)
+    settings = make_settings(db_url, sandbox, batch_size=100, bouncer_timeout_s=0.5, max_unanswered_creates=100)
     async with running_pipeline(env.client, settings) as p:
         handle = await p.submit_file(write_list(tmp_path / "t.csv", emails("tr", 400)), "tom")
         summary: Summary = await asyncio.wait_for(handle.result(), timeout=90)
@@ -103,6 +105,43 @@ async def test_5xx_timeouts_and_dropped_connections_are_retried_and_nothing_is_p
         assert {"503", "dropped"} <= codes, stats["requests"]
         assert stats["addresses_sent_after_result"] == 0
         assert p.sql("select count(*) from dead_letters") == [(0,)]
+
+
+async def test_a_batch_sent_without_an_answer_is_sent_at_most_max_unanswered_creates_times(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """Every answer is lost after the API made (and charged) the batch. Before, the create was
+    retried without end and each copy paid for (50 addresses cost 5,100 credits in the audit);
+    now the batch is sent 3 times (MAX_UNANSWERED_CREATES), then dead-lettered, and the lane pauses."""
+    env = skipping_env
+    faults(sandbox, drop=1.0, drop_when="after")
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "u.csv", emails("un", 50)), "una")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.by_state == {"failed": 50}
+        stats = sandbox_stats(sandbox)
+        assert stats["batches_created"] == settings.max_unanswered_creates == 3
+        assert p.sql("select state, create_attempts, ambiguous_creates from bouncer_batches") == [("failed", 3, 2)]
+        [(reason,)] = p.sql("select distinct reason from dead_letters")
+        assert reason.startswith("create failed: CreateUnanswered: Bouncer batch") and "sent 3 times" in reason
+        status = await scheduler_status(env.client)
+        assert status.paused and status.pause_reason.startswith("creates went unanswered")
+        await assert_replays(env.client, p)
+
+
+async def test_a_503_on_create_is_not_counted_as_an_unanswered_create(skipping_env, db_url, sandbox, tmp_path):
+    """A 503 is an answer (nothing was made): retried as often as it takes, never counted ambiguous."""
+    env = skipping_env
+    faults(sandbox, error_5xx=0.6, seed=3)
+    settings = make_settings(db_url, sandbox, batch_size=100, max_unanswered_creates=1)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "f.csv", emails("fi", 300)), "fia")
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=90)
+        assert summary.by_state == {"verified": 300}
+        assert sandbox_stats(sandbox)["requests"]["create"].get("503", 0) >= 1
+        assert p.sql("select sum(ambiguous_creates), sum(create_attempts) > count(*) from bouncer_batches") == [
+            (0, True)]
 
 
 # ---- 402 -------------------------------------------------------------------------------------------
@@ -143,6 +182,31 @@ async def test_out_of_credits_pauses_the_lane_records_an_event_and_resumes_after
         assert stats["addresses_received"] == 300 and stats["addresses_sent_twice"] == 0
         assert stats["requests"]["credits"]["200"] >= 1
         assert p.sql("select count(*) from events where kind = 'credits.exhausted'") == [(1,)]
+        await assert_replays(env.client, p)
+
+
+async def test_a_top_up_smaller_than_a_batch_is_spent_on_a_smaller_batch(skipping_env, db_url, sandbox, tmp_path):
+    """Paused for credits, the lane resumed only once the credits covered a whole BATCH_SIZE: a top-up
+    to 150 credits left a 130-address list (batches of 200) waiting for good. Now the next pack's
+    batches are no larger than the credits read."""
+    env = skipping_env
+    set_credits(sandbox, 100)
+    settings = make_settings(db_url, sandbox, batch_size=200, credit_check_s=60)
+    async with running_pipeline(env.client, settings) as p:
+        handle = await p.submit_file(write_list(tmp_path / "s.csv", emails("sm", 130)), "sami")
+
+        async def paused_for_credits():
+            with contextlib.suppress(RPCError):
+                s = await scheduler_status(env.client)
+                return s.paused and s.pause_reason == "out of credits"
+
+        await eventually(paused_for_credits, "the lane to pause for credits")
+        set_credits(sandbox, 150)
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.by_state == {"verified": 130}
+        stats = sandbox_stats(sandbox)
+        assert stats["addresses_received"] == 130 and stats["addresses_sent_twice"] == 0
+        assert not (await scheduler_status(env.client)).paused
         await assert_replays(env.client, p)
 
 

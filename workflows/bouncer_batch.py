@@ -14,6 +14,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, RetryState, T
 with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import (
         BAD_REQUEST,
+        CREATE_UNANSWERED,
         NOT_FOUND,
         OUT_OF_CREDITS,
         UNAUTHORIZED,
@@ -193,7 +194,9 @@ class BouncerBatchWorkflow:
                 return StoreRequest(bb, inp.lane, download=False, count_attempt=False), "out_of_credits"
             if kind == UNAUTHORIZED:
                 await self._pause_lane(inp.lane, "the API refused the key")
-            return StoreRequest(bb, inp.lane, download=False, failure_reason=f"create failed: {kind}: {err.cause}"), "failed"
+            elif kind == CREATE_UNANSWERED:  # (no patch: no earlier release raised it)
+                await self._pause_lane(inp.lane, f"creates went unanswered (Bouncer batch {bb}, see dead letters)")
+            return StoreRequest(bb, inp.lane, download=False, failure_reason=f"create failed: {err.cause}"), "failed"
         if not submitted.submitted:
             return StoreRequest(bb, inp.lane, download=False), "stored"
 

@@ -186,6 +186,9 @@ class SchedulerState:
     held: bool | None = None  # the lane's hold row (lane_holds) as last written; None: not known
     # New work arrived since the standby batches were packed: it may be owed their places (release 7).
     standby_stale: bool = False
+    # Credits read while paused for credits, fewer than a batch (release 10): the next pack's batches
+    # are no larger, so a top-up below BATCH_SIZE is spent rather than waited on for good.
+    credit_cap: int = 0
 
 
 @dataclass

@@ -279,7 +279,7 @@ class GreedySchedulerWorkflow:
                 lane=inp.lane,
                 pack_key=f"{workflow.info().run_id}:{self._state.packs}",
                 slots=self._free_slots(),
-                batch_size=inp.batch_size,
+                batch_size=min(inp.batch_size, self._state.credit_cap or inp.batch_size),
                 fair_share=inp.fair_share,
                 express_slots=express_asked,
                 express_max_addresses=inp.express_max_addresses,
@@ -292,6 +292,7 @@ class GreedySchedulerWorkflow:
             retry_policy=DB_RETRY,
         )
         self._state.queued = result.queued_after
+        self._state.credit_cap = 0  # one pack: a batch the credits do not cover is refused (402) and re-queued
         if express_asked and sum(b.express for b in result.batches) == express_asked:
             self._state.express_hint = True  # every express slot filled: more small lists may wait
         if not linger_in_activity and result.queue_drained:
@@ -473,6 +474,9 @@ class GreedySchedulerWorkflow:
             workflow.logger.warning("credit check failed, trying again later: %s", err.cause)
             return
         if credits >= self._input.batch_size:
+            self.resume()
+        elif credits > 0 and workflow.patched("credits-below-a-batch"):
+            self._state.credit_cap = credits
             self.resume()
 
     def _describe(self) -> None:
