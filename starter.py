@@ -293,6 +293,11 @@ def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | Non
         raise fail("--wait cannot follow a delayed start; use `starter.py status` later")
     if period is not None and period < timedelta(minutes=1):
         raise fail("--every must be at least 1m")
+    ttl = timedelta(days=settings().result_ttl_days)
+    if period is not None and period < ttl:
+        err.print(f"warning: results younger than RESULT_TTL_DAYS ({ttl.days} days) are reused, so a run every "
+                  f"{every} sends only the addresses whose results expired since; set RESULT_TTL_DAYS to at most "
+                  "the period for a fresh verdict every run")
     return start_at, period
 
 

@@ -85,6 +85,17 @@ async def test_submit_at_starts_later_and_every_creates_a_schedule(dev_env, db_u
         assert [s.id async for s in await dev_env.client.list_schedules()
                 if s.id == doc["schedule_id"]] == []
 
+        # A period shorter than RESULT_TTL_DAYS re-verifies only what expired: the CLI says so.
+        weekly = await asyncio.to_thread(
+            starter, settings, dev_env, "submit", str(tmp_path / "later.csv"), "--user", "erin",
+            "--at", (datetime.now(UTC) + timedelta(days=1)).isoformat(), "--every", "7d", "--json")
+        assert weekly.returncode == 0, weekly.stderr
+        assert "RESULT_TTL_DAYS (30 days) are reused" in weekly.stderr and "every 7d" in weekly.stderr
+        ub = json.loads(weekly.stdout)["user_batch_id"]
+        await dev_env.client.get_schedule_handle(recurring_schedule_id(ub)).delete()
+        await dev_env.client.get_workflow_handle(user_batch_workflow_id(ub)).terminate("test finished")
+        assert "warning" not in run.stderr  # every 30d: nothing to warn of
+
     for args, words in ((["--at", "2020-01-01T00:00Z"], "in the past"), (["--every", "fortnightly"], "duration"),
                         (["--every", "30s"], "at least 1m")):
         bad = CliRunner().invoke(starter_cli.app, ["submit", str(tmp_path / "later.csv"), "--user", "erin", *args])

@@ -124,7 +124,9 @@ class HeldCreate(HeldDownloads):
         self.release.set()
         self.started: dict[str, float] = {}
 
-    async def create_batch_body(self, body: bytes, callback_url: str | None = None):
+    create_gate = contextlib.nullcontext()
+
+    async def create_batch_body(self, body: bytes, callback_url: str | None = None, gate_held: bool = False):
         await self.created.wait()
         return SimpleNamespace(batch_id=uuid.uuid4().hex)
 
