@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     credit_check_s: float = Field(300.0, description="While a lane is paused for credits, check /credits this often")
     max_address_attempts: int = Field(3, description="Sends of one address before it is dead-lettered")
     result_ttl_days: float = Field(30.0, description="A result younger than this is reused, not re-verified")
+    unknown_result_ttl_days: float = Field(
+        1.0, ge=0, description="An `unknown` result (the mail provider gave no answer) is reused only this long, "
+        "not RESULT_TTL_DAYS: a later submission asks again"
+    )
 
     max_in_flight_per_user: int = Field(
         0, description="Addresses one user may have in flight per lane (0: no cap); user_limits overrides per user"
@@ -225,6 +229,10 @@ class Settings(BaseSettings):
             self.creations_per_minute, self.requests_per_minute, self.bouncer_max_concurrency, self.batch_size,
             self.max_concurrent_batches,
         )
+
+    def freshness(self) -> dict[str, float]:
+        """The query parameters of `db.fresh_result`: how long a result is reused, in seconds."""
+        return {"ttl": self.result_ttl_days * 86400.0, "ttl_unknown": self.unknown_result_ttl_days * 86400.0}
 
     def lanes_enabled(self) -> tuple[str, ...]:
         """Lanes this deployment serves: catchall only once its endpoint is configured."""

@@ -36,7 +36,7 @@ from bouncer.errors import (
     Transient,
     Unauthorized,
 )
-from db import SLOTS_CHANNEL
+from db import SLOTS_CHANNEL, fresh_result
 from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
@@ -116,13 +116,13 @@ async def store_incoming(cur: psycopg.AsyncCursor, p: dict, records: int, folded
 async def resolve(cur: psycopg.AsyncCursor, p: dict) -> None:
     """Move the batch's queue rows that now have a fresh result into the `resolved` temp table."""
     await cur.execute(
-        """
+        f"""
         with d as (
             delete from queue q using bouncer_batch_parts bp
             where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
               and q.seq >= bp.seq_from and q.seq < bp.seq_to
               and exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
-                          and r.verified_at > now() - make_interval(secs => %(ttl)s))
+                          and {fresh_result("r")})
             returning q.user_batch_id, q.address_id)
         insert into resolved select * from d
         """,
@@ -226,10 +226,6 @@ class BouncerApiActivities:
             yield
         finally:
             self._storing.release()
-
-    @property
-    def _ttl_s(self) -> float:
-        return self.settings.result_ttl_days * 86400.0
 
     @activity.defn
     @heartbeats
@@ -345,9 +341,9 @@ class BouncerApiActivities:
                 # encoded in Python, and 21 ms for json_agg(json_build_object(...)).
                 # `name` carries our address id; the body is byte-identical to orjson's.
                 await cur.execute(
-                    """
-                    select count(*), '[' || string_agg('{"email":' || to_json(a.email)::text
-                                                      || ',"name":"' || q.address_id || '"}', ','
+                    f"""
+                    select count(*), '[' || string_agg('{{"email":' || to_json(a.email)::text
+                                                      || ',"name":"' || q.address_id || '"}}', ','
                                                       order by p.seq_from, q.seq) || ']'
                     from bouncer_batch_parts p
                     join queue q on q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
@@ -356,12 +352,12 @@ class BouncerApiActivities:
                     join user_batches b on b.id = q.user_batch_id
                     where p.bouncer_batch_id = %(bb)s
                       and not exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
-                                      and r.verified_at > now() - make_interval(secs => %(ttl)s))
+                                      and {fresh_result("r")})
                       -- cancelled after packing and nobody else needs it: do not spend a credit
                       and not (b.state = 'cancelled' and not exists (
                                select 1 from waits w where w.lane = %(lane)s and w.address_id = q.address_id))
                     """,
-                    {"bb": bouncer_batch_id, "lane": lane, "ttl": self._ttl_s},
+                    {"bb": bouncer_batch_id, "lane": lane, **self.settings.freshness()},
                 )
                 count, body = await cur.fetchone()
                 if not count:
@@ -515,7 +511,7 @@ class BouncerApiActivities:
                                            type="Transient")
             activity.heartbeat("downloaded")
 
-            p = {"bb": bb, "lane": lane, "ttl": self._ttl_s, "max": self.settings.max_address_attempts,
+            p = {"bb": bb, "lane": lane, **self.settings.freshness(), "max": self.settings.max_address_attempts,
                  "reason": request.failure_reason or "no result after the maximum number of attempts"}
             async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 await cur.execute("select state, touched from bouncer_batches where id = %s for update", (bb,))
@@ -662,7 +658,7 @@ class BouncerApiActivities:
             """,
             p,
         )
-        handed_off = await hand_off(cur, lane, self._ttl_s)  # accept-all addresses -> the catchall lane
+        handed_off = await hand_off(cur, lane, self.settings.freshness())  # accept-all addresses -> the catchall lane
         await cur.execute(
             """
             select array_agg(b.workflow_id order by b.id) from user_batches b

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import psycopg
 
+from db import fresh_result
 from settings import CATCHALL, DELIVERABILITY
 
 # Which lane's results feed which lane.
@@ -25,7 +26,7 @@ CANDIDATES = f"""
 """
 
 
-async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl_s: float) -> int:
+async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl: dict) -> int:
     """Queue the accept-all addresses just settled on `lane` onto the next lane.
 
     Runs inside `store_results`' transaction and reads its `settled` temp table (user batch,
@@ -37,13 +38,13 @@ async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl_s: float) -> int:
     target = NEXT_LANE.get(lane)
     if target is None:
         return 0
-    p = {"lane": lane, "target": target, "ttl": ttl_s}
+    p = {"lane": lane, "target": target, **ttl}
     await cur.execute(
-        """
+        f"""
         create temp table handoff on commit drop as
         select s.user_batch_id, s.address_id,
                exists (select 1 from results c where c.address_id = s.address_id and c.lane = %(target)s
-                       and c.verified_at > now() - make_interval(secs => %(ttl)s)) as fresh,
+                       and {fresh_result("c")}) as fresh,
                (select q.user_batch_id from queue q where q.lane = %(target)s and q.address_id = s.address_id) as owner,
                false as queued_before
         from settled s

@@ -22,6 +22,7 @@ from activities.catchall import CANDIDATES
 from activities.events import record_event
 from activities.heartbeat import heartbeats
 from activities.inputs import source_problems
+from db import fresh_result
 from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     FINISHED_STATES,
@@ -38,7 +39,7 @@ from workflows.models import (
 
 ANALYZE_ABOVE_ROWS = 10_000
 PREPARE_ATTEMPTS = 5  # in-process re-runs after losing a race with a concurrent prepare
-_FRESH = "r.verified_at > now() - make_interval(secs => %(ttl)s)"
+_FRESH = fresh_result("r")
 
 
 @contextlib.asynccontextmanager
@@ -50,14 +51,14 @@ async def index_probes(cur: psycopg.AsyncCursor) -> AsyncIterator[None]:
     await cur.execute("set local enable_hashjoin = on; set local enable_mergejoin = on")
 
 
-async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> None:
+async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl: dict) -> None:
     """Put this batch's unresolved unique addresses on its own queue, or wait on another's.
 
     An address is resolved by a fresh result (reused, no credit spent) or by a dead letter
     written after the batch was created. An address already queued by another user batch
     becomes a `waits` row (paid once). Re-runnable: used by prepare and by resume.
     """
-    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
+    p = {"ub": user_batch_id, "lane": lane, **ttl}
     await cur.execute("drop table if exists ub_addr")
     await cur.execute(
         f"""
@@ -71,11 +72,11 @@ async def enqueue_lane(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, 
         """,
         p,
     )
-    await enqueue_listed(cur, user_batch_id, lane, ttl_s)
+    await enqueue_listed(cur, user_batch_id, lane, ttl)
 
 
 async def enqueue_listed(
-    cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float, first_time: bool = False
+    cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl: dict, first_time: bool = False
 ) -> None:
     """`enqueue_lane` once the `ub_addr` temp table lists the batch's addresses (address id,
     first line, fresh result or not, new: registered by this transaction).
@@ -91,7 +92,7 @@ async def enqueue_listed(
     counted the store's rows as still queued and its batch never finished (found by the replay
     test, 1 run in ~15).
     """
-    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
+    p = {"ub": user_batch_id, "lane": lane, **ttl}
     await cur.execute("analyze ub_addr")
     await cur.execute(
         """
@@ -281,7 +282,7 @@ def in_lane_order(lanes: list[str]) -> list[str]:
     return [lane for lane in LANES if lane in lanes]
 
 
-async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl_s: float) -> int:
+async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, lane: str, ttl: dict) -> int:
     """Repair `waits` rows that no Bouncer batch will ever settle; returns how many were re-queued.
 
     A prepare that commits after a concurrent store resolved an address it waits on leaves a
@@ -290,7 +291,7 @@ async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, la
     a dead letter written since the batch began settles it as failed, and otherwise the batch
     queues the address itself. Checked only once the batch has no queue rows of its own left.
     """
-    p = {"ub": user_batch_id, "lane": lane, "ttl": ttl_s}
+    p = {"ub": user_batch_id, "lane": lane, **ttl}
     await cur.execute(
         """
         select exists (select 1 from waits where user_batch_id = %(ub)s and lane = %(lane)s)
@@ -383,10 +384,6 @@ class UserBatchActivities:
         self.settings = settings
         self.pool = pool
         self.client = client
-
-    @property
-    def _ttl_s(self) -> float:
-        return self.settings.result_ttl_days * 86400.0
 
     async def _lanes_and_state(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> tuple[list[str], str]:
         await cur.execute("select lanes, state from user_batches where id = %s for update", (user_batch_id,))
@@ -511,7 +508,7 @@ class UserBatchActivities:
                         (user_batch_id, lane),
                     )
                     if lane == CATCHALL:  # only addresses with an accept-all result: the general path
-                        await enqueue_lane(cur, user_batch_id, lane, self._ttl_s)
+                        await enqueue_lane(cur, user_batch_id, lane, self.settings.freshness())
                         continue
                     # New addresses have no result to reuse: only the known ones are looked up.
                     await cur.execute("drop table if exists ub_addr")
@@ -528,9 +525,9 @@ class UserBatchActivities:
                         from ub_emails e join addresses a on a.email = e.email
                         where not exists (select 1 from ub_new n where n.email = e.email)
                         """,
-                        {**p, "lane": lane, "ttl": self._ttl_s},
+                        {**p, "lane": lane, **self.settings.freshness()},
                     )
-                    await enqueue_listed(cur, user_batch_id, lane, self._ttl_s, first_time=True)
+                    await enqueue_listed(cur, user_batch_id, lane, self.settings.freshness(), first_time=True)
                 await cur.execute(
                     """
                     update user_batches b set state = 'queued', rows_total = c.n, invalid = c.invalid,
@@ -556,7 +553,7 @@ class UserBatchActivities:
                 (user_batch_id,),
             )
             for (lane,) in await cur.fetchall():
-                if await settle_stranded_waits(cur, user_batch_id, lane, self._ttl_s):
+                if await settle_stranded_waits(cur, user_batch_id, lane, self.settings.freshness()):
                     requeued_lanes.append(lane)
         for lane in requeued_lanes:
             activity.logger.warning("user batch %s: stranded waits re-queued on lane %s", user_batch_id, lane)
@@ -629,7 +626,7 @@ class UserBatchActivities:
             elif not request.paused and state == "paused":
                 await cur.execute("update user_batches set state = 'queued' where id = %s", (ub,))
                 for lane in lanes:
-                    await enqueue_lane(cur, ub, lane, self._ttl_s)
+                    await enqueue_lane(cur, ub, lane, self.settings.freshness())
         return await self.read_progress(ub)
 
     @activity.defn

@@ -12,6 +12,15 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # NOTIFY channel: a Bouncer batch left the API (payload: its id) or a lane's hold changed
 # (`lane:<lane>`); standby batches waiting for a slot listen (activities/bouncer_api.py).
 SLOTS_CHANNEL = "bouncer_slots"
+
+
+def fresh_result(alias: str) -> str:
+    """SQL: the result `alias` may be reused instead of asking the API again. Parameters `ttl` and
+    `ttl_unknown` (seconds, `Settings.freshness()`): an `unknown` verdict is kept only briefly."""
+    return (f"{alias}.verified_at > now() - make_interval(secs => case when {alias}.status = 'unknown'"
+            " then %(ttl_unknown)s else %(ttl)s end)")
+
+
 _LOCK_KEY = 74_211_001  # advisory lock: one migrator at a time across processes
 
 

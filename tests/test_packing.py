@@ -534,6 +534,26 @@ async def test_a_fresh_result_is_reused_and_a_stale_one_is_not(world):
     assert world.composition(result.batches[0].bouncer_batch_id) == {"ann": 1, "cid": 3}
 
 
+async def test_an_unknown_verdict_is_reused_only_for_unknown_result_ttl_days(world):
+    """`unknown` means the mail provider gave no answer: reused for a day (UNKNOWN_RESULT_TTL_DAYS),
+    not for RESULT_TTL_DAYS, so a later submission asks again."""
+    recent, older, known = "recent@company1.example", "older@company2.example", "known@company3.example"
+    with psycopg.connect(world.db_url) as conn:
+        conn.execute("insert into addresses (email) values (%s), (%s), (%s)", (recent, older, known))
+        conn.execute(
+            "insert into results (address_id, lane, status, record, verified_at)"
+            " select id, %s, case when email = %s then 'deliverable' else 'unknown' end, '{}',"
+            " case when email = %s then now() - interval '1 hour' else now() - interval '2 days' end"
+            " from addresses where email in (%s, %s, %s)",
+            (LANE, known, recent, recent, older, known),
+        )
+    dan = await world.add("dan", [recent, older, known])
+    lane = (await world.user_batches.read_progress(dan)).lanes[0]
+    assert (lane.unique_addresses, lane.cached, lane.enqueued) == (3, 2, 1)
+    assert world.sql("select a.email from queue q join addresses a on a.id = q.address_id"
+                     " where q.user_batch_id = %s", (dan,)) == [(older,)]
+
+
 async def test_prepare_is_idempotent(world):
     ub = world.submit("ann", [*emails("ann", 20), "ann.0@company0.example", "not-an-address"])
     first = await world.user_batches.prepare_user_batch(ub)
