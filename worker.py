@@ -95,6 +95,7 @@ def build_workers(
                 events.deliver,
                 events.fail_delivery,
                 events.record_lane_paused,
+                events.record_lane_resumed,
                 events.record_credits_exhausted,
                 events.fail_user_batch,
                 recurring.copy_user_batch,

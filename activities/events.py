@@ -44,7 +44,7 @@ from workflows.models import (
 
 TOPICS = (
     "user_batch.completed", "user_batch.failed", "user_batch.cancelled", "user_batch.progress",
-    "lane.paused", "credits.exhausted", "dead_letters.retried", "alert.*",
+    "lane.paused", "lane.resumed", "credits.exhausted", "dead_letters.retried", "alert.*",
 )
 DISPATCHER_ID = "events-dispatcher"
 CHANNEL = "events"  # NOTIFY channel: wakes the dispatcher's fetch at once
@@ -335,6 +335,12 @@ class EventActivities:
     async def record_lane_paused(self, request: LaneEvent) -> None:
         """`lane.paused` (sent by the lane's scheduler when it becomes paused)."""
         await self._record_lane_event("lane.paused", request)
+
+    @activity.defn
+    async def record_lane_resumed(self, request: LaneEvent) -> None:
+        """`lane.resumed` (sent by the lane's scheduler when a pause ends: by an operator, or by a
+        credit check that found credits); `reason` is what it had been paused for."""
+        await self._record_lane_event("lane.resumed", request)
 
     @activity.defn
     async def record_credits_exhausted(self, request: LaneEvent) -> None:

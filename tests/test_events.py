@@ -221,11 +221,12 @@ async def test_a_lane_event_recorded_again_by_a_retry_is_stored_once(db_url, san
             env.info = dataclasses.replace(env.info, activity_id=activity_id, workflow_run_id="scheduler-run-1")
             await env.run(acts.record_lane_paused, LaneEvent("deliverability", "maintenance"))
             await env.run(acts.record_credits_exhausted, LaneEvent("deliverability", "out of credits"))
+            await env.run(acts.record_lane_resumed, LaneEvent("deliverability", "maintenance"))
     finally:
         await acts.pool.close()
     with psycopg.connect(db_url) as conn:
         got = conn.execute("select kind, count(*) from events group by 1 order by 1").fetchall()
-    assert got == [("credits.exhausted", 2), ("lane.paused", 2)]
+    assert got == [("credits.exhausted", 2), ("lane.paused", 2), ("lane.resumed", 2)]
 
 
 async def test_a_dead_subscriber_does_not_hold_up_the_others_across_continue_as_new(dev_env, db_url, sandbox):

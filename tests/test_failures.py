@@ -182,6 +182,9 @@ async def test_out_of_credits_pauses_the_lane_records_an_event_and_resumes_after
         assert stats["addresses_received"] == 300 and stats["addresses_sent_twice"] == 0
         assert stats["requests"]["credits"]["200"] >= 1
         assert p.sql("select count(*) from events where kind = 'credits.exhausted'") == [(1,)]
+        # Subscribers hear that the pause ended, and why it had begun.
+        await eventually(lambda: p.sql("select data from events where kind = 'lane.resumed'")
+                         == [({"lane": LANE, "reason": "out of credits"},)], "the lane.resumed event")
         await assert_replays(env.client, p)
 
 

@@ -115,11 +115,20 @@ class GreedySchedulerWorkflow:
                 )
 
     @workflow.signal
-    def resume(self) -> None:
+    async def resume(self) -> None:
+        reason = self._state.pause_reason if self._state.paused else None
         self._state.paused = False
         self._state.pause_reason = ""
         self._state.work_hint = True
         self._describe()
+        if reason is not None and workflow.patched("lane-resumed-event"):
+            # Subscribers who heard `lane.paused` hear that it ended (once per pause).
+            await workflow.execute_activity_method(
+                EventActivities.record_lane_resumed,
+                LaneEvent(workflow.info().workflow_id.removeprefix("scheduler-"), reason),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
 
     @workflow.query
     def status(self) -> SchedulerStatus:
@@ -474,10 +483,10 @@ class GreedySchedulerWorkflow:
             workflow.logger.warning("credit check failed, trying again later: %s", err.cause)
             return
         if credits >= self._input.batch_size:
-            self.resume()
+            await self.resume()
         elif credits > 0 and workflow.patched("credits-below-a-batch"):
             self._state.credit_cap = credits
-            self.resume()
+            await self.resume()
 
     def _describe(self) -> None:
         """The Web UI's current details, and Lane / BatchState (paused, dispatching, idle)."""
