@@ -196,9 +196,9 @@ def _batch_id(request: Request) -> int:
     return int(raw)
 
 
-async def _owned_batch(request: Request) -> dict:
-    """The caller's user batch row, or 404 (an id of another user's batch looks unknown)."""
-    ub = _batch_id(request)
+async def _owned_batch(request: Request, ub: int | None = None) -> dict:
+    """The caller's user batch row (the path's id by default), or 404 (an id of another user's batch looks unknown)."""
+    ub = _batch_id(request) if ub is None else ub
     async with _services(request).pool.connection() as conn:
         cur = await conn.execute(
             "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
@@ -288,7 +288,31 @@ def _submit_options(request: Request, settings: Settings) -> dict:
     return {"name": name, "priority": priority, "lanes": in_lane_order(lanes), "column": column}
 
 
-def _ingest(settings: Settings, user: str, opts: dict, source: str, rows) -> tuple[int, object, list[dict]]:
+class KeyUsed(Exception):
+    """An Idempotency-Key this user sent before (a concurrent request stored its batch first)."""
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable()):
+        raise ApiError(400, "Idempotency-Key must be 1 to 200 printable characters")
+    return key
+
+
+async def _replay(request: Request, key: str) -> JSONResponse | None:
+    """The batch an earlier request with this Idempotency-Key created, if any (200, not 201)."""
+    async with _services(request).pool.connection() as conn:
+        row = await (await conn.execute(
+            "select id from user_batches where user_id = %s and idempotency_key = %s", (_user(request), key)
+        )).fetchone()
+    if row is None:
+        return None
+    return JSONResponse(await _owned_batch(request, row[0]), headers={"Location": f"/v1/batches/{row[0]}",
+                                                              "Idempotent-Replayed": "true"})
+
+
+def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
+            key: str | None = None) -> tuple[int, object, list[dict]]:
     """In a worker thread: one transaction creates the user batch and COPYs its rows.
 
     Any failure (bad body, client gone) rolls the whole submission back: nothing half-stored.
@@ -302,11 +326,14 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows) -> tup
             yield row
 
     with psycopg.connect(settings.database_url) as conn, conn.transaction():
-        (ub,) = conn.execute(
-            "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
-            " returning id",
-            (user, opts["name"] or "api upload", PRIORITIES.index(opts["priority"]), opts["lanes"], source),
-        ).fetchone()
+        try:
+            (ub,) = conn.execute(
+                "insert into user_batches (user_id, name, priority, lanes, source, idempotency_key)"
+                " values (%s, %s, %s, %s, %s, %s) returning id",
+                (user, opts["name"] or "api upload", PRIORITIES.index(opts["priority"]), opts["lanes"], source, key),
+            ).fetchone()
+        except psycopg.errors.UniqueViolation:
+            raise KeyUsed() from None
         stats = copy_rows(conn, ub, watch(rows))
         if stats.rows == 0:
             raise BadBody("the list has no rows")
@@ -322,6 +349,9 @@ async def submit_batch(request: Request) -> JSONResponse:
     services = _services(request)
     settings = services.settings
     opts = _submit_options(request, settings)
+    key = _idempotency_key(request)
+    if key is not None and (replayed := await _replay(request, key)):
+        return replayed  # a retried submission: nothing stored twice
     client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()
@@ -344,7 +374,9 @@ async def submit_batch(request: Request) -> JSONResponse:
     else:
         rows, source = csv_rows(decoded(pull(body, loop), codec), opts["column"]), "api: csv body"
     try:
-        ub, stats, shown = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows)
+        ub, stats, shown = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key)
+    except KeyUsed:
+        return await _replay(request, key)
     except BadBody as exc:
         raise ApiError(exc.status, str(exc)) from None
     except UnreadableInput as exc:

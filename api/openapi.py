@@ -146,6 +146,9 @@ DOCUMENT: dict = {
                      "schema": {"type": "string", "pattern": f"^({_LANES_RE})(,({_LANES_RE}))*$"}},
                     {"name": "column", "in": "query", "description": "CSV email column: header name or 1-based number",
                      "schema": {"type": "string", "maxLength": 200}},
+                    {"name": "Idempotency-Key", "in": "header", "description": "the caller's key for this submission: "
+                     "a repeat (a retry after a lost answer) returns the batch the first one created, with 200",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
                 ],
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -155,6 +158,8 @@ DOCUMENT: dict = {
                         "description": "an address string; any other element is reported as an invalid row"}}},
                 }},
                 "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Batch"},
+                                 "this Idempotency-Key was used before: the batch it created (nothing stored)"),
                     "201": _json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
                     "400": _err("unreadable body, bad option, or no rows"),
                     **_AUTH,

@@ -246,6 +246,36 @@ async def test_a_key_sees_only_its_users_batches(dev_env, api_settings, api_url)
         assert resp.status_code == 202 and resp.json()["cancel_requested"] is True
 
 
+async def test_a_repeated_idempotency_key_returns_the_first_batch_and_stores_nothing(api_settings, api_url):
+    """A client whose answer was lost retries with the same Idempotency-Key: one batch, not two."""
+    dora, erik = new_key(api_settings, "dora"), new_key(api_settings, "erik")
+    body = [f"idem.{i}@firm{i % 3}.example" for i in range(5)]
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        first = await http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-1"}, json=body)
+        assert first.status_code == 201, first.text
+        ub = first.json()["id"]
+        again = await asyncio.gather(*(
+            http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-1"}, json=body) for _ in range(3)))
+        for resp in again:
+            assert resp.status_code == 200 and resp.headers["idempotent-replayed"] == "true", resp.text
+            assert resp.json()["id"] == ub and resp.headers["location"] == f"/v1/batches/{ub}"
+        # Another key, or another user with the same key: a new batch each.
+        other = await http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-2"}, json=body)
+        erik_s = await http.post("/v1/batches", headers={**erik, "Idempotency-Key": "order-1"}, json=body)
+        assert (other.status_code, erik_s.status_code) == (201, 201)
+        assert len({ub, other.json()["id"], erik_s.json()["id"]}) == 3
+        # Sent together (no answer yet to any): still one batch.
+        racing = await asyncio.gather(*(
+            http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-3"}, json=body) for _ in range(3)))
+        assert sorted(r.status_code for r in racing) == [200, 200, 201], [r.text for r in racing]
+        assert len({r.json()["id"] for r in racing}) == 1
+        bad = await http.post("/v1/batches", headers={**dora, "Idempotency-Key": "x" * 201}, json=body)
+        assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from items where user_batch_id = %s", (ub,)).fetchone() == (5,)
+        assert conn.execute("select count(*) from user_batches where user_id = 'dora'").fetchone() == (3,)
+
+
 async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_settings, api_url):
     auth = new_key(api_settings, "carol")
     admin = new_key(api_settings, "ops", admin=True)
