@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from db.outcomes import LANE_COLUMNS
+from db.outcomes import COLUMNS as RESULT_COLUMNS, LANE_COLUMNS
 from settings import LANES
 from workflows.models import PRIORITIES
 
@@ -87,13 +87,16 @@ _SUBMITTED = {
 }
 _RESULT_ROW = {
     "type": "object",
-    "required": ["row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at"],
+    "required": list(RESULT_COLUMNS),
     "properties": {
         "row": {"type": "integer"}, "input": {"type": "string"}, "email": {"type": "string", "nullable": True},
         "state": {"type": "string"}, "note": {"type": "string", "nullable": True},
         "status": {"type": "string", "nullable": True}, "reason": {"type": "string", "nullable": True},
         "score": {"type": "integer", "nullable": True}, "accept_all": {"type": "string", "nullable": True},
         "verified_at": {"type": "string", "nullable": True},
+        **{flag: {"type": "string", "nullable": True}
+           for flag in ("disposable", "free", "role", "full_mailbox", "provider", "did_you_mean")},
+        "toxicity": {"type": "integer", "nullable": True},
         # present when the user batch asked for the catchall lane
         "catchall_status": {"type": "string", "nullable": True},
         "catchall_reason": {"type": "string", "nullable": True},

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from settings import CATCHALL
 
-COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at")
+COLUMNS = ("row", "input", "email", "state", "note", "status", "reason", "score", "accept_all", "verified_at",
+           # from Bouncer's record: the domain's and the account's flags, the mail provider, a suggested
+           # correction, and the toxicity score (0-5)
+           "disposable", "free", "role", "full_mailbox", "provider", "did_you_mean", "toxicity")
 # Appended for user batches that asked for the catchall lane.
 CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "catchall_verified_at")
 # A Bouncer status (also matched against the catchall lane's) or a row's state.
@@ -16,6 +19,8 @@ FILTERS = ("deliverable", "risky", "undeliverable", "unknown", "verified", "inva
 # Parameters: `ub` (the user batch's id), `f` (one of FILTERS, or None for every row).
 QUERY = (
     "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
+    " record->'domain'->>'disposable', record->'domain'->>'free', record->'account'->>'role',"
+    " record->'account'->>'fullMailbox', record->>'provider', record->>'didYouMean', record->'toxicity',"
     " catchall_status, catchall_reason, catchall_score, catchall_verified_at"
     " from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
     " or status = %(f)s or state = %(f)s or catchall_status = %(f)s) order by row_no"
@@ -36,7 +41,7 @@ def filter_problem(status_filter: str | None) -> str | None:
 def row(r: tuple, width: int) -> tuple:
     """A QUERY row as output values: timestamps in ISO 8601, the rest as stored (None: an empty
     CSV cell), cut to `width` columns."""
-    return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:13], r[13].isoformat() if r[13] else None)[:width]
+    return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:20], r[20].isoformat() if r[20] else None)[:width]
 
 
 # Per lane: `remaining` addresses not yet settled; while the batch is paused only the in-flight

@@ -137,14 +137,21 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
                                                                 headers=auth)).text)))
         assert len(rows) == 1202
         for row in rows[:1200]:
+            v = verdict(row["email"])
             assert row["state"] == "verified"
-            assert (row["status"], row["reason"]) == (verdict(row["email"])["status"], verdict(row["email"])["reason"])
+            assert (row["status"], row["reason"]) == (v["status"], v["reason"])
+            # Bouncer's flags, provider, suggestion and toxicity come through from its record.
+            assert (row["disposable"], row["free"], row["role"], row["full_mailbox"]) == (
+                v["domain"]["disposable"], v["domain"]["free"], v["account"]["role"], v["account"]["fullMailbox"])
+            assert (row["provider"], row["did_you_mean"], row["toxicity"]) == (
+                v.get("provider") or "", v.get("didYouMean") or "", str(v["toxicity"]))
         assert [(r["row"], r["state"]) for r in rows[1200:]] == [("1202", "invalid"), ("1203", "invalid")]
 
         as_json = (await http.get(f"/v1/batches/{sub['id']}/results?format=json&status=deliverable",
                                   headers=auth)).json()
         expected = [e for e in emails if verdict(e)["status"] == "deliverable"]
         assert [r["email"] for r in as_json] == expected and expected
+        assert [r["toxicity"] for r in as_json] == [verdict(e)["toxicity"] for e in expected]  # a number in JSON
     # Pay once: the JSON list's addresses were already verified by the CSV upload.
     stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
     assert stats["addresses_received"] == 1200
