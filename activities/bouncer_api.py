@@ -39,7 +39,7 @@ from bouncer.errors import (
 from db import SLOTS_CHANNEL, fresh_result
 from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
-from workflows.models import StoreOutcome, StoreRequest, SubmitOutcome
+from workflows.models import LanePause, StoreOutcome, StoreRequest, SubmitOutcome, scheduler_id
 
 # Failure types the workflows branch on.
 OUT_OF_CREDITS = "OutOfCredits"
@@ -48,6 +48,8 @@ BAD_REQUEST = "BadRequest"
 NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
 CREATE_UNANSWERED = "CreateUnanswered"
+KEY_REFUSED = "KeyRefused"  # 401/403 for a batch already at the API: retried until the key works
+KEY_REFUSED_PAUSE = "the API refused the key"  # the lane's pause reason
 
 SLOT_RECHECK_S = 1.0  # a standby batch looks at its predecessor this often without a NOTIFY
 # A request may already have gone out without an answer: the API may hold a copy.
@@ -420,24 +422,39 @@ class BouncerApiActivities:
         return SubmitOutcome(sent=prepared.count, submitted=True, callback=callback is not None,
                              callbacks_heard=prepared.heard)
 
-    async def _provider_id(self, bouncer_batch_id: int) -> str:
+    async def _provider_id(self, bouncer_batch_id: int) -> tuple[str, str]:
+        """The batch's id at the API, and its lane."""
         async with self.pool.connection() as conn:
             row = await (
-                await conn.execute("select provider_batch_id from bouncer_batches where id = %s", (bouncer_batch_id,))
+                await conn.execute("select provider_batch_id, lane from bouncer_batches where id = %s",
+                                   (bouncer_batch_id,))
             ).fetchone()
         if row is None or row[0] is None:
             raise ApplicationError(f"Bouncer batch {bouncer_batch_id} was never created at the API", non_retryable=True)
-        return row[0]
+        return row[0], row[1]
+
+    async def _api_error(self, exc: BouncerError, what: str, lane: str) -> ApplicationError:
+        """The Temporal error for a failed request about a batch already at the API (paid for).
+        A refused key (401/403) pauses the lane, so nothing new is created with it, and is retried
+        by the activity's policy: the batch keeps its place and its results are fetched once the
+        key works again, not dead-lettered (and paid for again by `dlq retry`)."""
+        if not isinstance(exc, Unauthorized):
+            return _as_temporal_error(exc, what)
+        with contextlib.suppress(Exception):  # no scheduler running (or no client in a test): logged below
+            await activity.client().get_workflow_handle(scheduler_id(lane)).signal("pause", LanePause(KEY_REFUSED_PAUSE))
+        activity.logger.warning("%s: the API refused the key; lane %s paused, retrying until it works", what, lane)
+        return ApplicationError(f"{what}: {exc} (lane {lane} paused; fix BOUNCER_API_KEY, restart the workers, "
+                                "then `starter.py resume --lane`)", type=KEY_REFUSED)
 
     @activity.defn
     async def await_batch_completion(self, bouncer_batch_id: int) -> int:
         """One status poll. Returns the processed count once completed; otherwise raises a
         retryable `NotReady` so the activity's RetryPolicy (fixed interval) is the poller."""
-        provider_id = await self._provider_id(bouncer_batch_id)
+        provider_id, lane = await self._provider_id(bouncer_batch_id)
         try:
             status = await self.bouncer.get_status(provider_id, with_stats=True)
         except BouncerError as exc:
-            raise _as_temporal_error(exc, f"status of Bouncer batch {bouncer_batch_id}") from None
+            raise await self._api_error(exc, f"status of Bouncer batch {bouncer_batch_id}", lane) from None
         if status.status != "completed":
             raise ApplicationError(
                 f"Bouncer batch {bouncer_batch_id} is {status.status}",
@@ -454,7 +471,8 @@ class BouncerApiActivities:
         """Delete a batch stuck at the API (its addresses are then re-queued by store_results)."""
         async with self.pool.connection() as conn:
             row = await (
-                await conn.execute("select provider_batch_id from bouncer_batches where id = %s", (bouncer_batch_id,))
+                await conn.execute("select provider_batch_id, lane from bouncer_batches where id = %s",
+                                   (bouncer_batch_id,))
             ).fetchone()
         if row is None or row[0] is None:
             return
@@ -463,7 +481,7 @@ class BouncerApiActivities:
         except NotFound:
             return
         except BouncerError as exc:
-            raise _as_temporal_error(exc, f"deleting Bouncer batch {bouncer_batch_id}") from None
+            raise await self._api_error(exc, f"deleting Bouncer batch {bouncer_batch_id}", row[1]) from None
 
     @activity.defn
     async def read_credits(self) -> int:
@@ -505,7 +523,7 @@ class BouncerApiActivities:
                     # policy until it is; a non-retryable failure here would strand the batch's addresses.
                     raise ApplicationError(f"downloading Bouncer batch {bb}: {exc}", type=NOT_READY) from None
                 except BouncerError as exc:
-                    raise _as_temporal_error(exc, f"downloading Bouncer batch {bb}") from None
+                    raise await self._api_error(exc, f"downloading Bouncer batch {bb}", lane) from None
                 if body.lstrip()[:1] != b"[":
                     raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not a JSON array",
                                            type="Transient")

@@ -8,6 +8,7 @@ and the failure recorded where an operator looks (dead letters with a reason, ev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 from datetime import timedelta
 
@@ -246,12 +247,26 @@ async def test_refused_requests_dead_letter_the_batch_with_the_reason(
             assert status.pause_reason == "the API refused the key"
 
 
+@dataclasses.dataclass
+class Refusing:
+    """What the proxy in front of the API answers 401 to, while `on` (a key revoked after the batch
+    was created): `what` is "status" (GET of a batch) or "download"; everything else passes."""
+    what: str
+    on: bool = True
+    refused: int = 0
+
+    def refuses(self, request: Request) -> bool:
+        path = request.url.path
+        if not self.on or request.method != "GET" or not path.startswith("/v1.1/email/verify/batch/"):
+            return False
+        return path.endswith("/download") if self.what == "download" else not path.endswith("/download")
+
+
 @contextlib.asynccontextmanager
-async def refusing_downloads(upstream: str):
-    """The API in front of `upstream`, answering 401 to every download (a key revoked after the
-    batch was created and polled): everything else is passed through."""
+async def refusing(upstream: str, rule: Refusing):
     async def forward(request: Request) -> Response:
-        if request.url.path.endswith("/download"):
+        if rule.refuses(request):
+            rule.refused += 1
             return JSONResponse({"error": "invalid API key"}, status_code=401)
         async with httpx.AsyncClient(base_url=upstream, timeout=30) as http:
             resp = await http.request(request.method, request.url.path, params=request.query_params,
@@ -272,24 +287,36 @@ async def refusing_downloads(upstream: str):
         await task
 
 
-async def test_a_refused_download_dead_letters_the_batch_pauses_the_lane_and_the_list_still_ends(
-    skipping_env, db_url, sandbox, tmp_path
+@pytest.mark.parametrize("what", ["status", "download"])
+async def test_a_refused_key_pauses_the_lane_and_keeps_a_paid_batch_until_it_works_again(
+    skipping_env, db_url, sandbox, tmp_path, what
 ):
-    """Before: the store failed for good, its Bouncer batch stayed `submitted` with its addresses
-    claimed, and the list waited forever."""
+    """The key is refused once the batch is at the API (paid for). Before: the batch was
+    dead-lettered, so its results were lost and `dlq retry` paid for them again. Now the lane pauses
+    (nothing new is created with the key) and the batch waits; once the key works, it is stored."""
     env = skipping_env
-    async with refusing_downloads(sandbox.url) as api:
+    rule = Refusing(what)
+    async with refusing(sandbox.url, rule) as api:
         settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=api)
         async with running_pipeline(env.client, settings) as p:
-            handle = await p.submit_file(write_list(tmp_path / "d.csv", emails("dl", 60)), "dora")
+            handle = await p.submit_file(write_list(tmp_path / "k.csv", emails("key", 60)), "kim")
+
+            async def paused_for_the_key():
+                with contextlib.suppress(RPCError):
+                    s = await scheduler_status(env.client)
+                    return s.paused and s.pause_reason == "the API refused the key"
+
+            await eventually(paused_for_the_key, "the lane to pause for the key")
+            await eventually(lambda: rule.refused >= 2, "the refused request retried")
+            assert p.sql("select count(*) from dead_letters") == [(0,)]
+            assert p.sql("select state from bouncer_batches") == [("submitted",)]
+
+            rule.on = False  # the key works again
             summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
-            assert summary.by_state == {"failed": 60}
-            (reason,) = p.sql("select distinct reason from dead_letters")
-            assert reason[0].startswith("download failed: Unauthorized"), reason
-            assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("failed", 1)]
-            assert p.sql("select count(*) from queue") == [(0,)]
-            status = await scheduler_status(env.client)
-            assert status.paused and status.pause_reason == "the API refused the key"
+            assert summary.by_state == {"verified": 60}
+            stats = sandbox_stats(sandbox)
+            assert (stats["batches_created"], stats["addresses_received"], stats["addresses_sent_twice"]) == (1, 60, 0)
+            assert p.sql("select count(*) from dead_letters") == [(0,)]
             await assert_replays(env.client, p)
 
 

@@ -15,6 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.bouncer_api import (
         BAD_REQUEST,
         CREATE_UNANSWERED,
+        KEY_REFUSED_PAUSE,
         NOT_FOUND,
         OUT_OF_CREDITS,
         UNAUTHORIZED,
@@ -111,7 +112,7 @@ class BouncerBatchWorkflow:
                     raise
                 kind = failure_type(err)
                 if kind == UNAUTHORIZED:
-                    await self._pause_lane(inp.lane, "the API refused the key")
+                    await self._pause_lane(inp.lane, KEY_REFUSED_PAUSE)
                 outcome = "abandoned" if kind == NOT_FOUND else "failed"
                 reason = "" if kind == NOT_FOUND else f"download failed: {kind}: {err.cause}"
                 request = dataclasses.replace(request, download=False, failure_reason=reason)
@@ -193,7 +194,7 @@ class BouncerBatchWorkflow:
                 await self._pause_lane(inp.lane, "out of credits")
                 return StoreRequest(bb, inp.lane, download=False, count_attempt=False), "out_of_credits"
             if kind == UNAUTHORIZED:
-                await self._pause_lane(inp.lane, "the API refused the key")
+                await self._pause_lane(inp.lane, KEY_REFUSED_PAUSE)
             elif kind == CREATE_UNANSWERED:  # (no patch: no earlier release raised it)
                 await self._pause_lane(inp.lane, f"creates went unanswered (Bouncer batch {bb}, see dead letters)")
             return StoreRequest(bb, inp.lane, download=False, failure_reason=f"create failed: {err.cause}"), "failed"
@@ -264,7 +265,7 @@ class BouncerBatchWorkflow:
                         )
                         return StoreRequest(bb, inp.lane, download=False), "abandoned"
                     if kind == UNAUTHORIZED:
-                        await self._pause_lane(inp.lane, "the API refused the key")
+                        await self._pause_lane(inp.lane, KEY_REFUSED_PAUSE)
                     return StoreRequest(bb, inp.lane, download=False, failure_reason=f"status failed: {kind}"), "failed"
         return StoreRequest(bb, inp.lane, download=True), "stored"
 
