@@ -713,7 +713,7 @@ class UserBatchActivities:
                     select case when i.state = 'pending' and r.status is not null then 'verified' else i.state end,
                            r.status, {"c.status" if catchall else "null"}, count(*)
                     from items i
-                    left join addresses a on a.email = i.email and i.state in ('pending', 'duplicate')
+                    left join addresses a on a.email = i.email and i.state in ('pending', 'duplicate', 'cancelled')
                     left join results r on r.address_id = a.id and r.lane = %(lane)s
                     {"left join results c on c.address_id = a.id and c.lane = %(catchall)s" if catchall else ""}
                     where i.user_batch_id = %(ub)s

@@ -490,6 +490,24 @@ async def test_the_store_that_settles_a_small_list_completes_it_and_leaves_a_big
         "select state from user_batches where id = %s", (big,)) == [("completed",)]
 
 
+async def test_a_row_cancelled_while_its_batch_was_at_the_api_shows_the_verdict_paid_for(world):
+    """Cancelled while its Bouncer batch was at the API: the rows end `cancelled`, and the verdicts
+    that batch brought back (paid for) are shown on them and counted in the summary."""
+    ub = await world.add("cy", emails("cy", 40))
+    (batch,) = (await world.pack("k1", slots=1, batch_size=1_000)).batches
+    world.sql("update bouncer_batches set state = 'submitted', provider_batch_id = 'p1' where id = %s returning id",
+              (batch.bouncer_batch_id,))
+    cancelled = await world.user_batches.cancel_user_batch(ub)
+    assert cancelled.by_state == {"cancelled": 40} and cancelled.by_status == {}
+    settings = make_settings(world.db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"))
+    api = BouncerApiActivities(settings, world.packer.pool, Answers(world, batch.bouncer_batch_id))  # type: ignore[arg-type]
+    await ActivityEnvironment().run(api.store_results, StoreRequest(batch.bouncer_batch_id, LANE, download=True))
+    assert world.sql("select state, status, count(*) from item_outcomes where user_batch_id = %s group by 1, 2",
+                     (ub,)) == [("cancelled", "deliverable", 40)]
+    summary = await world.user_batches._summarize(ub)
+    assert summary.by_state == {"cancelled": 40} and summary.by_status == {"deliverable": 40}
+
+
 # ---- cross-batch dedupe and the result cache --------------------------------------------------
 
 
