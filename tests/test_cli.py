@@ -26,7 +26,9 @@ import starter
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_TEMPORAL = "127.0.0.1:1"  # connection refused at once
-RESULT_HEADER = "row,input,email,state,note,status,reason,score,accept_all,verified_at"
+RESULT_HEADER = ("row,input,email,state,note,status,reason,score,accept_all,verified_at,"
+                 "disposable,free,role,full_mailbox,provider,did_you_mean,toxicity")
+NONE_FROM_THE_RECORD = ",,,,,,,"  # the seven columns from Bouncer's record, for a row without a result
 
 
 @dataclass
@@ -275,7 +277,9 @@ def batch(db_url) -> int:
         conn.execute("insert into addresses (email) values ('bob@y.com')")
         conn.execute(
             "insert into results (address_id, lane, status, reason, score, accept_all, record, verified_at)"
-            " values (%s, 'deliverability', 'deliverable', 'accepted_email', 100, 'no', '{}',"
+            " values (%s, 'deliverability', 'deliverable', 'accepted_email', 100, 'no',"
+            " '{\"domain\": {\"disposable\": \"no\", \"free\": \"yes\"}, \"account\": {\"role\": \"no\","
+            " \"fullMailbox\": \"no\"}, \"provider\": \"x.com\", \"toxicity\": 0}',"
             " '2026-01-02T03:04:05+00:00')",
             (aid,),
         )
@@ -303,18 +307,20 @@ def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, ba
     lines = full.out.splitlines()
     assert lines[0] == RESULT_HEADER
     assert lines[1:] == [
-        '2, Ann@X.com ,Ann@x.com,verified,,deliverable,accepted_email,100,no,2026-01-02T03:04:05+00:00',
-        "3,cid@z.com,cid@z.com,cancelled,user batch cancelled,,,,,",
-        '4,"not, an address",,invalid,missing @,,,,,',
+        '2, Ann@X.com ,Ann@x.com,verified,,deliverable,accepted_email,100,no,2026-01-02T03:04:05+00:00,'
+        'no,yes,no,no,x.com,,0',
+        "3,cid@z.com,cid@z.com,cancelled,user batch cancelled,,,,," + NONE_FROM_THE_RECORD,
+        '4,"not, an address",,invalid,missing @,,,,,' + NONE_FROM_THE_RECORD,
         "5,ANN@x.com.,Ann@x.com,duplicate,duplicate of line 2,deliverable,accepted_email,100,no,"
-        "2026-01-02T03:04:05+00:00",
-        "6,bob@y.com,bob@y.com,pending,,,,,,",
+        "2026-01-02T03:04:05+00:00,no,yes,no,no,x.com,,0",
+        "6,bob@y.com,bob@y.com,pending,,,,,," + NONE_FROM_THE_RECORD,
     ]
     parsed = list(csv.DictReader(io.StringIO(full.out)))
     assert [r["row"] for r in parsed] == ["2", "3", "4", "5", "6"]
 
     assert invalid.code == 0
-    assert invalid.out.splitlines() == [RESULT_HEADER, '4,"not, an address",,invalid,missing @,,,,,']
+    assert invalid.out.splitlines() == [RESULT_HEADER,
+                                        '4,"not, an address",,invalid,missing @,,,,,' + NONE_FROM_THE_RECORD]
     assert deliverable.code == 0
     assert [ln.split(",")[0] for ln in deliverable.out.splitlines()[1:]] == ["2", "5"]
 
@@ -323,8 +329,10 @@ def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, ba
     assert [d["row"] for d in docs] == [2, 3, 4, 5, 6]
     assert list(docs[0]) == RESULT_HEADER.split(",")
     assert docs[0]["status"] == "deliverable" and docs[0]["score"] == 100
+    assert (docs[0]["free"], docs[0]["provider"], docs[0]["did_you_mean"], docs[0]["toxicity"]) == ("yes", "x.com", None, 0)
     assert docs[2] == {"row": 4, "input": "not, an address", "email": None, "state": "invalid", "note": "missing @",
-                       "status": None, "reason": None, "score": None, "accept_all": None, "verified_at": None}
+                       "status": None, "reason": None, "score": None, "accept_all": None, "verified_at": None,
+                       **dict.fromkeys(RESULT_HEADER.split(",")[10:])}
 
     assert_clean_error(other_user, 2, f"no user batch {batch} for user bob")
 
