@@ -49,6 +49,16 @@ def set_credits(sandbox, credits: int) -> None:
     httpx.post(f"{sandbox.url}/_sandbox/credits", json={"credits": credits}).raise_for_status()
 
 
+def lane_paused_for(client, reason: str):
+    """A check for `eventually`: the lane's scheduler is paused for `reason` (not started yet: no)."""
+    async def check() -> bool:
+        with contextlib.suppress(RPCError):
+            s = await scheduler_status(client)
+            return s.paused and s.pause_reason == reason
+        return False
+    return check
+
+
 def started_attempts(history_events) -> list[int]:
     return [e.activity_task_started_event_attributes.attempt for e in history_events
             if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
@@ -157,14 +167,7 @@ async def test_out_of_credits_pauses_the_lane_records_an_event_and_resumes_after
     async with running_pipeline(env.client, settings) as p:
         handle = await p.submit_file(write_list(tmp_path / "c.csv", emails("cr", 300)), "cora")
 
-        async def paused_for_credits():
-            try:
-                s = await scheduler_status(env.client)
-            except RPCError:
-                return None  # not started yet
-            return s if s.paused and s.pause_reason == "out of credits" else None
-
-        await eventually(paused_for_credits, "the lane to pause for credits")
+        await eventually(lane_paused_for(env.client, "out of credits"), "the lane to pause for credits")
         await eventually(lambda: p.sql("select count(*) from events where kind = 'credits.exhausted'") == [(1,)],
                          "the credits.exhausted event")
         assert p.sql("select data->>'lane' from events where kind = 'credits.exhausted'") == [(LANE,)]
@@ -199,12 +202,7 @@ async def test_a_top_up_smaller_than_a_batch_is_spent_on_a_smaller_batch(skippin
     async with running_pipeline(env.client, settings) as p:
         handle = await p.submit_file(write_list(tmp_path / "s.csv", emails("sm", 130)), "sami")
 
-        async def paused_for_credits():
-            with contextlib.suppress(RPCError):
-                s = await scheduler_status(env.client)
-                return s.paused and s.pause_reason == "out of credits"
-
-        await eventually(paused_for_credits, "the lane to pause for credits")
+        await eventually(lane_paused_for(env.client, "out of credits"), "the lane to pause for credits")
         set_credits(sandbox, 150)
         summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
         assert summary.by_state == {"verified": 130}
@@ -301,12 +299,7 @@ async def test_a_refused_key_pauses_the_lane_and_keeps_a_paid_batch_until_it_wor
         async with running_pipeline(env.client, settings) as p:
             handle = await p.submit_file(write_list(tmp_path / "k.csv", emails("key", 60)), "kim")
 
-            async def paused_for_the_key():
-                with contextlib.suppress(RPCError):
-                    s = await scheduler_status(env.client)
-                    return s.paused and s.pause_reason == "the API refused the key"
-
-            await eventually(paused_for_the_key, "the lane to pause for the key")
+            await eventually(lane_paused_for(env.client, "the API refused the key"), "the lane to pause for the key")
             await eventually(lambda: rule.refused >= 2, "the refused request retried")
             assert p.sql("select count(*) from dead_letters") == [(0,)]
             assert p.sql("select state from bouncer_batches") == [("submitted",)]
