@@ -19,6 +19,7 @@ import base64
 import binascii
 import dataclasses
 import os
+from datetime import datetime, timezone
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,11 +140,8 @@ async def connect(settings: Settings, **kwargs) -> Client:
     )
 
 
-async def not_started_before(handle, now=None):
+async def not_started_before(handle) -> datetime | None:
     """When a workflow started with a delay (`submit --at`) is due, if it is not yet: a signal or
     an update would start it at once (Temporal dispatches its first task), so callers refuse them."""
-    from datetime import datetime, timezone
-
     due = (await handle.describe()).execution_time
-    now = now or datetime.now(timezone.utc)
-    return due if due is not None and due > now else None
+    return due if due is not None and due > datetime.now(timezone.utc) else None

@@ -22,7 +22,7 @@ NEXT_LANE = {DELIVERABILITY: CATCHALL}
 CANDIDATES = f"""
     and exists (select 1 from results d where d.address_id = a.id and d.lane = '{DELIVERABILITY}'
                 and d.status = 'risky' and d.accept_all = 'yes'
-                and d.verified_at > now() - make_interval(secs => %(ttl)s))
+                and {fresh_result("d")})
 """
 
 
