@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     )
     poll_interval_s: float = Field(15.0, description="Status polling interval (fallback to callbacks)")
     batch_deadline_s: float = Field(
-        6 * 3600.0, description="A Bouncer batch not completed after this long is abandoned and re-queued"
+        6 * 3600.0, description="A Bouncer batch not completed after this long is finished early: what it verified is "
+        "stored, the rest re-queued"
     )
     credit_check_s: float = Field(300.0, description="While a lane is paused for credits, check /credits this often")
     max_address_attempts: int = Field(3, description="Sends of one address before it is dead-lettered")

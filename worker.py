@@ -126,7 +126,7 @@ def api_workers(client: Client, settings: Settings, lane: LaneApi, api: BouncerA
             client,
             task_queue=lane.api_task_queue,
             graceful_shutdown_timeout=drain,
-            activities=[api.await_batch_completion, api.store_results, api.abandon_batch, api.read_credits],
+            activities=[api.await_batch_completion, api.store_results, api.finish_batch, api.abandon_batch, api.read_credits],
             max_task_queue_activities_per_second=lane.requests_per_minute / 60.0,
         ),
     ]

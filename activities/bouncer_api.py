@@ -1,4 +1,4 @@
-"""Activities that call the Bouncer API: submit, poll, download + store, abandon, credits.
+"""Activities that call the Bouncer API: submit, poll, finish early, download + store, abandon, credits.
 
 They run on their own task queues, where the worker sets `max_task_queue_activities_per_second`
 so the Temporal server holds the API budgets across every worker process. Every client error
@@ -467,6 +467,20 @@ class BouncerApiActivities:
         return status.processed or status.quantity
 
     @activity.defn
+    async def finish_batch(self, bouncer_batch_id: int) -> bool:
+        """Ask the API to finish a batch stuck past its deadline (`POST .../finish`): what it has
+        verified comes back with the download, the rest as `unknown`/`unknown`. False when the
+        API no longer has the batch."""
+        provider_id, lane = await self._provider_id(bouncer_batch_id)
+        try:
+            await self.bouncer.finish(provider_id)
+        except NotFound:
+            return False
+        except BouncerError as exc:
+            raise await self._api_error(exc, f"finishing Bouncer batch {bouncer_batch_id}", lane) from None
+        return True
+
+    @activity.defn
     async def abandon_batch(self, bouncer_batch_id: int) -> None:
         """Delete a batch stuck at the API (its addresses are then re-queued by store_results)."""
         async with self.pool.connection() as conn:
@@ -587,6 +601,10 @@ class BouncerApiActivities:
                     psycopg.errors.InvalidParameterValue) as exc:
                 raise ApplicationError(f"downloading Bouncer batch {bb}: the answer is not valid: {exc}",
                                        type="Transient") from None
+        if request.finished_early:
+            # The API finished the batch before verifying these: no verdict, so not stored; they
+            # are re-queued below like the rest of an unanswered batch (bounded attempts).
+            await cur.execute("delete from incoming where status = 'unknown' and reason = 'unknown'")
         await cur.execute("select status, count(*) from incoming group by 1")
         by_status = {status: int(n) for status, n in await cur.fetchall()}
         stored = sum(by_status.values())

@@ -37,6 +37,7 @@ from activities.bouncer_api import _as_temporal_error
 from bouncer.errors import RateLimited
 from devstack import free_port
 from sandbox.process import running_sandbox
+from sandbox.verdicts import verdict
 from workflows.bouncer_batch import API_RETRY
 from workflows.models import Summary, UserBatchInput, bouncer_batch_workflow_id
 
@@ -316,11 +317,11 @@ async def test_a_refused_key_pauses_the_lane_and_keeps_a_paid_batch_until_it_wor
 # ---- stuck at the API ------------------------------------------------------------------------------
 
 
-async def test_a_batch_stuck_past_its_deadline_is_deleted_requeued_and_dead_lettered_after_max_attempts(
+async def test_a_batch_stuck_past_its_deadline_is_finished_early_requeued_and_dead_lettered_after_max_attempts(
     skipping_env, db_url, tmp_path
 ):
     env = skipping_env
-    # A sandbox that never finishes a batch (0.001 addresses per second).
+    # A sandbox that never verifies an address in time (0.001 addresses per second).
     with running_sandbox("stuck-key", "--speed", "0.001") as stuck:
         settings = make_settings(db_url, stuck, batch_size=100, poll_interval_s=5, batch_deadline_s=60,
                                  max_address_attempts=2)
@@ -330,14 +331,42 @@ async def test_a_batch_stuck_past_its_deadline_is_deleted_requeued_and_dead_lett
 
             assert summary.by_state == {"failed": 40}
             assert item_states(p, summary.user_batch_id) == {"failed": 40}
-            # Two attempts, each created then deleted at the API after the deadline.
+            # Two attempts, each finished early at the API after the deadline, with nothing verified:
+            # every address came back `unknown`/`unknown` and none of them was stored as a verdict.
             api = httpx.get(f"{stuck.url}/_sandbox/batches").json()
-            assert [b["status"] for b in api] == ["deleted", "deleted"], p.sql("select reason, attempts from dead_letters limit 1")
+            assert [b["status"] for b in api] == ["completed", "completed"], p.sql("select reason, attempts from dead_letters limit 1")
             assert p.sql("select state, count(*) from bouncer_batches group by 1") == [("stored", 2)]
+            assert p.sql("select count(*) from results") == [(0,)]
             assert p.sql("select count(*), min(attempts), max(attempts) from dead_letters") == [(40, 2, 2)]
             (reason,) = p.sql("select distinct reason from dead_letters")
             assert "maximum number of attempts" in reason[0]
             assert p.sql("select count(*) from queue") == [(0,)]
+
+
+async def test_a_batch_finished_early_keeps_what_it_verified_and_sends_only_the_rest_again(dev_env, db_url, tmp_path):
+    """Real time: the sandbox verifies 20 addresses a second, so a 200-address batch needs 10 s; its
+    deadline is 2 s. Finished early, the part it verified (paid for) is stored and never sent again."""
+    with running_sandbox("slow-key", "--speed", "20") as slow:
+        settings = make_settings(db_url, slow, batch_size=200, poll_interval_s=0.5, batch_deadline_s=2,
+                                 max_address_attempts=2)
+        async with running_pipeline(dev_env.client, settings) as p:
+            handle = await p.submit_file(write_list(tmp_path / "f.csv", emails("fin", 200)), "fay")
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+
+            api = httpx.get(f"{slow.url}/_sandbox/batches").json()
+            assert [b["status"] for b in api] == ["completed", "completed"]  # finished, not deleted
+            (first, second) = [size for (size,) in p.sql("select size from bouncer_batches order by id")]
+            assert first == 200 and 0 < second < 200  # the second attempt carried only the unverified part
+            assert sandbox_stats(slow)["addresses_received"] == 200 + second
+
+            verified = summary.by_state.get("verified", 0)
+            assert verified >= 200 - second and verified + summary.by_state.get("failed", 0) == 200
+            rows = p.sql("select email, status, reason from item_outcomes where state = 'verified'")
+            assert len(rows) == verified == p.sql("select count(*) from results")[0][0]
+            for email, status, reason in rows:
+                assert (status, reason) == (verdict(email)["status"], verdict(email)["reason"]) != ("unknown", "unknown")
+            assert p.sql("select count(*), max(attempts) from dead_letters") == [(200 - verified, 2)]
+            await assert_replays(dev_env.client, p)
 
 
 # ---- stranded waits ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     )
 
 SPARSE_POLLS = 8  # with a callback on its way, polls are at most this many intervals apart
+FINISH_POLLS = 5  # a batch finished early must complete within this many poll intervals
 NON_RETRYABLE = [OUT_OF_CREDITS, UNAUTHORIZED, BAD_REQUEST, NOT_FOUND]
 # 429s come back with next_retry_delay (the API's Retry-After); 5xx and timeouts back off to 2 min.
 API_RETRY = RetryPolicy(
@@ -254,7 +255,11 @@ class BouncerBatchWorkflow:
                     # failure (NotReady), not a TimeoutError: that is the stuck case too.
                     if err.retry_state == RetryState.TIMEOUT and workflow.patched("deadline-ends-as-stuck"):
                         kind = "Timeout"
-                    # Stuck past the deadline, or gone at the API: delete it there, re-queue its addresses.
+                    # Stuck past the deadline: finish it early and keep what it verified (paid
+                    # for); the rest is re-queued. Where that fails, or the batch is gone at the
+                    # API: delete it there, re-queue its addresses.
+                    if kind == "Timeout" and workflow.patched("finish-stuck-batch") and await self._finish_early(inp):
+                        return StoreRequest(bb, inp.lane, download=True, finished_early=True), "finished_early"
                     if kind in ("Timeout", NOT_FOUND):
                         await workflow.execute_activity_method(
                             BouncerApiActivities.abandon_batch,
@@ -268,6 +273,37 @@ class BouncerBatchWorkflow:
                         await self._pause_lane(inp.lane, KEY_REFUSED_PAUSE)
                     return StoreRequest(bb, inp.lane, download=False, failure_reason=f"status failed: {kind}"), "failed"
         return StoreRequest(bb, inp.lane, download=True), "stored"
+
+    async def _finish_early(self, inp: BouncerBatchInput) -> bool:
+        """`POST /finish` for a batch stuck past its deadline, then poll until the API reports it
+        completed. False where the API no longer has it, or it does not complete within
+        FINISH_POLLS poll intervals (at least a minute)."""
+        bb = inp.bouncer_batch_id
+        self._show(inp, f"Bouncer batch {bb} is past its deadline at the API: finishing it early")
+        poll_every = timedelta(seconds=inp.poll_interval_s)
+        try:
+            if not await workflow.execute_activity_method(
+                BouncerApiActivities.finish_batch,
+                bb,
+                task_queue=inp.api_task_queue,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_close_timeout=timedelta(minutes=5),
+                retry_policy=API_RETRY,
+            ):
+                return False
+            await workflow.execute_activity_method(
+                BouncerApiActivities.await_batch_completion,
+                bb,
+                task_queue=inp.api_task_queue,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_close_timeout=max(poll_every * FINISH_POLLS, timedelta(minutes=1)),
+                retry_policy=RetryPolicy(initial_interval=min(poll_every, timedelta(seconds=10)), backoff_coefficient=1.0,
+                                         non_retryable_error_types=NON_RETRYABLE),
+            )
+        except ActivityError as err:
+            workflow.logger.warning("Bouncer batch %s could not be finished early (%s): deleting it", bb, failure_type(err))
+            return False
+        return True
 
     def _show(self, inp: BouncerBatchInput, details: str) -> None:
         """The Web UI's current details, and Lane / BatchState (the phase) as search attributes."""

@@ -297,6 +297,9 @@ class StoreRequest:
     failure_reason: str = ""  # non-empty: dead-letter the batch's addresses with this reason
     count_attempt: bool = True  # False when the addresses were never sent (e.g. out of credits)
     notify: bool = False  # the activity signals `progressed` to the user batches it touched
+    # The API finished the batch early at our request: its `unknown`/`unknown` records are the
+    # addresses it never verified (re-queued, not stored).
+    finished_early: bool = False
 
 
 @dataclass
@@ -312,7 +315,7 @@ class StoreOutcome:
 @dataclass
 class BatchFinished:
     bouncer_batch_id: int
-    outcome: str  # DONE_AT_API, then stored, failed, out_of_credits, abandoned
+    outcome: str  # DONE_AT_API, then stored, failed, out_of_credits, finished_early, abandoned
 
 
 DONE_AT_API = "done_at_api"  # BatchFinished.outcome when only the API's part is over
