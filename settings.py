@@ -231,9 +231,13 @@ class Settings(BaseSettings):
             self.max_concurrent_batches,
         )
 
-    def freshness(self) -> dict[str, float]:
-        """The query parameters of `db.fresh_result`: how long a result is reused, in seconds."""
-        return {"ttl": self.result_ttl_days * 86400.0, "ttl_unknown": self.unknown_result_ttl_days * 86400.0}
+    def freshness(self, max_age_s: float | None = None) -> dict[str, float]:
+        """The query parameters of `db.fresh_result`: how long a result is reused, in seconds;
+        `max_age_s` caps both (a user batch's `max_result_age_s`, e.g. a recurring run's)."""
+        ttl, ttl_unknown = self.result_ttl_days * 86400.0, self.unknown_result_ttl_days * 86400.0
+        if max_age_s is not None:
+            ttl, ttl_unknown = min(ttl, max_age_s), min(ttl_unknown, max_age_s)
+        return {"ttl": ttl, "ttl_unknown": ttl_unknown}
 
     def lanes_enabled(self) -> tuple[str, ...]:
         """Lanes this deployment serves: catchall only once its endpoint is configured."""

@@ -172,7 +172,7 @@ def submit(
 ) -> None:
     """Stream a list into Postgres (COPY) and start its UserBatchWorkflow (now, --at a time, and --every period)."""
     s = settings()
-    start_at, period = _when(at, every, wait, s.result_ttl_days)
+    start_at, period = _when(at, every, wait)
     lane_list = [x.strip() for x in lanes.split(",") if x.strip()]
     bad = [x for x in lane_list if x not in LANES]
     if bad or not lane_list:
@@ -280,10 +280,8 @@ def submit(
             print_summary(summary)
 
 
-def _when(at: str | None, every: str | None, wait: bool,
-          ttl_days: float) -> tuple[datetime | None, timedelta | None]:
-    """Parse --at and --every; refuse a time in the past and --wait with a delayed start; warn when
-    --every is shorter than RESULT_TTL_DAYS (such runs reuse the results of the last)."""
+def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | None, timedelta | None]:
+    """Parse --at and --every; refuse a time in the past and --wait with a delayed start."""
     try:
         start_at = schedules.parse_instant(at) if at is not None else None
         period = schedules.parse_duration(every) if every is not None else None
@@ -295,11 +293,6 @@ def _when(at: str | None, every: str | None, wait: bool,
         raise fail("--wait cannot follow a delayed start; use `starter.py status` later")
     if period is not None and period < timedelta(minutes=1):
         raise fail("--every must be at least 1m")
-    ttl = timedelta(days=ttl_days)
-    if period is not None and period < ttl:
-        err.print(f"warning: results younger than RESULT_TTL_DAYS ({ttl.days} days) are reused, so a run every "
-                  f"{every} sends only the addresses whose results expired since; set RESULT_TTL_DAYS to at most "
-                  "the period for a fresh verdict every run")
     return start_at, period
 
 

@@ -120,11 +120,11 @@ async def resolve(cur: psycopg.AsyncCursor, p: dict) -> None:
     await cur.execute(
         f"""
         with d as (
-            delete from queue q using bouncer_batch_parts bp
+            delete from queue q using bouncer_batch_parts bp join user_batches b on b.id = bp.user_batch_id
             where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
               and q.seq >= bp.seq_from and q.seq < bp.seq_to
               and exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
-                          and {fresh_result("r")})
+                          and {fresh_result("r", cap="b.max_result_age_s")})
             returning q.user_batch_id, q.address_id)
         insert into resolved select * from d
         """,
@@ -354,7 +354,7 @@ class BouncerApiActivities:
                     join user_batches b on b.id = q.user_batch_id
                     where p.bouncer_batch_id = %(bb)s
                       and not exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
-                                      and {fresh_result("r")})
+                                      and {fresh_result("r", cap="b.max_result_age_s")})
                       -- cancelled after packing and nobody else needs it: do not spend a credit
                       and not (b.state = 'cancelled' and not exists (
                                select 1 from waits w where w.lane = %(lane)s and w.address_id = q.address_id))

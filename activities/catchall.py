@@ -44,7 +44,7 @@ async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl: dict) -> int:
         create temp table handoff on commit drop as
         select s.user_batch_id, s.address_id,
                exists (select 1 from results c where c.address_id = s.address_id and c.lane = %(target)s
-                       and {fresh_result("c")}) as fresh,
+                       and {fresh_result("c", cap="b.max_result_age_s")}) as fresh,
                (select q.user_batch_id from queue q where q.lane = %(target)s and q.address_id = s.address_id) as owner,
                false as queued_before
         from settled s

@@ -2,8 +2,10 @@
 
 The rows never leave Postgres: a run is one INSERT ... SELECT from the list's latest user batch.
 Rows that were invalid stay invalid (with their reason); every other row starts `pending`, so
-the normal prepare path dedupes it, reuses results still fresh under RESULT_TTL_DAYS and queues
-the rest for verification again.
+the normal prepare path dedupes it and queues it for verification again, reusing only results
+younger than half the schedule's period (`user_batches.max_result_age_s`; RESULT_TTL_DAYS if
+that is shorter): each run verifies the list again, while an address another list verified
+meanwhile is not paid for twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class RecurringActivities:
         source_tag = f"schedule {request.schedule_id} run {request.run_key}"
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "select latest_user_batch_id from recurring_lists where schedule_id = %s for update",
+                "select latest_user_batch_id, every_s from recurring_lists where schedule_id = %s for update",
                 (request.schedule_id,),
             )
             row = await cur.fetchone()
@@ -38,7 +40,7 @@ class RecurringActivities:
                     f"recurring list {request.schedule_id} is not registered (deleted with `schedules delete`?)",
                     type="UnknownRecurringList", non_retryable=True,
                 )
-            (latest,) = row
+            latest, every_s = row
             done = await (await conn.execute(
                 "select id, rows_total from user_batches where source = %s", (source_tag,)
             )).fetchone()
@@ -56,9 +58,9 @@ class RecurringActivities:
                 # submission the list began with: a run due while that one verifies is skipped here.
                 return CopyOutcome(0, int(latest), 0)
             (ub,) = await (await conn.execute(
-                "insert into user_batches (user_id, name, priority, lanes, source) values (%s, %s, %s, %s, %s)"
-                " returning id",
-                (user_id, name, priority, lanes, source_tag),
+                "insert into user_batches (user_id, name, priority, lanes, source, max_result_age_s)"
+                " values (%s, %s, %s, %s, %s, %s) returning id",
+                (user_id, name, priority, lanes, source_tag, every_s / 2),
             )).fetchone()
             rows = (await conn.execute(
                 """

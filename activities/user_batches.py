@@ -385,6 +385,12 @@ class UserBatchActivities:
         self.pool = pool
         self.client = client
 
+    async def _freshness(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> dict[str, float]:
+        """`Settings.freshness()` for this user batch: capped by its `max_result_age_s` (a recurring run's)."""
+        await cur.execute("select max_result_age_s from user_batches where id = %s", (user_batch_id,))
+        row = await cur.fetchone()
+        return self.settings.freshness(row[0] if row else None)
+
     async def _lanes_and_state(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> tuple[list[str], str]:
         await cur.execute("select lanes, state from user_batches where id = %s for update", (user_batch_id,))
         row = await cur.fetchone()
@@ -456,6 +462,7 @@ class UserBatchActivities:
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
             if state in ("receiving", "preparing"):
+                ttl = await self._freshness(cur, user_batch_id)
                 # Sorts of a 100k-row list spill to disk at the default 4 MB.
                 await cur.execute("set local work_mem = '64MB'")
                 p = {"ub": user_batch_id}
@@ -508,7 +515,7 @@ class UserBatchActivities:
                         (user_batch_id, lane),
                     )
                     if lane == CATCHALL:  # only addresses with an accept-all result: the general path
-                        await enqueue_lane(cur, user_batch_id, lane, self.settings.freshness())
+                        await enqueue_lane(cur, user_batch_id, lane, ttl)
                         continue
                     # New addresses have no result to reuse: only the known ones are looked up.
                     await cur.execute("drop table if exists ub_addr")
@@ -525,9 +532,9 @@ class UserBatchActivities:
                         from ub_emails e join addresses a on a.email = e.email
                         where not exists (select 1 from ub_new n where n.email = e.email)
                         """,
-                        {**p, "lane": lane, **self.settings.freshness()},
+                        {**p, "lane": lane, **ttl},
                     )
-                    await enqueue_listed(cur, user_batch_id, lane, self.settings.freshness(), first_time=True)
+                    await enqueue_listed(cur, user_batch_id, lane, ttl, first_time=True)
                 await cur.execute(
                     """
                     update user_batches b set state = 'queued', rows_total = c.n, invalid = c.invalid,
@@ -548,12 +555,12 @@ class UserBatchActivities:
         requeued_lanes = []
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
-                "select l.lane from user_batch_lanes l join user_batches b on b.id = l.user_batch_id"
+                "select l.lane, b.max_result_age_s from user_batch_lanes l join user_batches b on b.id = l.user_batch_id"
                 " where l.user_batch_id = %s and l.remaining > 0 and b.state = 'queued'",
                 (user_batch_id,),
             )
-            for (lane,) in await cur.fetchall():
-                if await settle_stranded_waits(cur, user_batch_id, lane, self.settings.freshness()):
+            for lane, max_age_s in await cur.fetchall():
+                if await settle_stranded_waits(cur, user_batch_id, lane, self.settings.freshness(max_age_s)):
                     requeued_lanes.append(lane)
         for lane in requeued_lanes:
             activity.logger.warning("user batch %s: stranded waits re-queued on lane %s", user_batch_id, lane)
@@ -625,8 +632,9 @@ class UserBatchActivities:
                     )
             elif not request.paused and state == "paused":
                 await cur.execute("update user_batches set state = 'queued' where id = %s", (ub,))
+                ttl = await self._freshness(cur, ub)
                 for lane in lanes:
-                    await enqueue_lane(cur, ub, lane, self.settings.freshness())
+                    await enqueue_lane(cur, ub, lane, ttl)
         return await self.read_progress(ub)
 
     @activity.defn

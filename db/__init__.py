@@ -14,11 +14,15 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SLOTS_CHANNEL = "bouncer_slots"
 
 
-def fresh_result(alias: str) -> str:
+def fresh_result(alias: str, cap: str | None = None) -> str:
     """SQL: the result `alias` may be reused instead of asking the API again. Parameters `ttl` and
-    `ttl_unknown` (seconds, `Settings.freshness()`): an `unknown` verdict is kept only briefly."""
-    return (f"{alias}.verified_at > now() - make_interval(secs => case when {alias}.status = 'unknown'"
-            " then %(ttl_unknown)s else %(ttl)s end)")
+    `ttl_unknown` (seconds, `Settings.freshness()`): an `unknown` verdict is kept only briefly.
+    `cap`: an SQL expression (seconds, NULL for none) capping both, for queries over several user
+    batches (`user_batches.max_result_age_s`)."""
+    age = f"case when {alias}.status = 'unknown' then %(ttl_unknown)s else %(ttl)s end"
+    if cap:
+        age = f"least({age}, {cap})"  # least() skips a NULL cap
+    return f"{alias}.verified_at > now() - make_interval(secs => {age})"
 
 
 _LOCK_KEY = 74_211_001  # advisory lock: one migrator at a time across processes

@@ -85,16 +85,6 @@ async def test_submit_at_starts_later_and_every_creates_a_schedule(dev_env, db_u
         assert [s.id async for s in await dev_env.client.list_schedules()
                 if s.id == doc["schedule_id"]] == []
 
-        # A period shorter than RESULT_TTL_DAYS re-verifies only what expired: the CLI says so.
-        weekly = await asyncio.to_thread(
-            starter, settings, dev_env, "submit", str(tmp_path / "later.csv"), "--user", "erin",
-            "--at", (datetime.now(UTC) + timedelta(days=1)).isoformat(), "--every", "7d", "--json")
-        assert weekly.returncode == 0, weekly.stderr
-        assert "RESULT_TTL_DAYS (30 days) are reused" in weekly.stderr and "every 7d" in weekly.stderr
-        ub = json.loads(weekly.stdout)["user_batch_id"]
-        await dev_env.client.get_schedule_handle(recurring_schedule_id(ub)).delete()
-        await dev_env.client.get_workflow_handle(user_batch_workflow_id(ub)).terminate("test finished")
-        assert "warning" not in run.stderr  # every 30d: nothing to warn of
 
     for args, words in ((["--at", "2020-01-01T00:00Z"], "in the past"), (["--every", "fortnightly"], "duration"),
                         (["--every", "30s"], "at least 1m")):
@@ -115,9 +105,13 @@ async def test_a_scheduled_run_reverifies_the_stored_list_sending_only_stale_res
         schedule_id = await schedules.create_recurring(dev_env.client, settings, ub, timedelta(days=30),
                                                        datetime.now(UTC))
         try:
-            # 120 results verified 40 days ago: past the 30-day cache TTL, so the next run pays for them again.
+            # 120 results verified 40 days ago: past the 30-day cache TTL. 60 more verified 16 days ago:
+            # within the TTL, but older than half the 30-day period, so the previous run's. The run
+            # pays for those 180 again and reuses the 120 others (as if verified for another list).
             p.sql("update results set verified_at = now() - interval '40 days' where address_id in"
                   " (select id from addresses order by id limit 120) returning 1")
+            p.sql("update results set verified_at = now() - interval '16 days' where address_id in"
+                  " (select id from addresses order by id offset 120 limit 60) returning 1")
             sent_before = httpx.get(f"{sandbox.url}/_sandbox/stats").json()["addresses_received"]
             await dev_env.client.get_schedule_handle(schedule_id).trigger()
 
@@ -143,7 +137,9 @@ async def test_a_scheduled_run_reverifies_the_stored_list_sending_only_stale_res
             assert not [e for e in emails if e.encode() in raw]
         assert summary.by_state == {"verified": 300, "invalid": 1, "duplicate": 1}
         sent = httpx.get(f"{sandbox.url}/_sandbox/stats").json()["addresses_received"] - sent_before
-        assert sent == 120  # stale ones sent again, the 180 fresh ones reused
+        assert sent == 180  # stale ones sent again, the 120 fresh ones reused
+        assert p.sql("select max_result_age_s from user_batches where id = %s", (run_ub,)) == [(15 * 86400.0,)]
+        assert p.sql("select count(*) from results where verified_at < now() - interval '1 day'") == [(0,)]
         rows = p.sql("select row_no, email, state, status from item_outcomes where user_batch_id = %s order by row_no",
                      (run_ub,))
         originals = p.sql("select row_no, email, state from item_outcomes where user_batch_id = %s order by row_no",
