@@ -1109,7 +1109,7 @@ def dlq_retry(
 ) -> None:
     """Send dead-lettered addresses again through the normal path; their user batches wait for them
     (a completed one is reopened and finalizes again)."""
-    from activities.dead_letters import requeue_dead_letters
+    from activities.dead_letters import requeue_dead_letters, wake_after_retry
 
     s = settings()
     with db_connect(s) as conn:
@@ -1118,26 +1118,11 @@ def dlq_retry(
     async def go() -> tuple[int, list]:
         client = await temporal(s)  # before changing anything: a retry must not strand rows
         with db_connect(s) as conn:
-            retried, touched = requeue_dead_letters(conn, sel)
-            lanes = [r[0] for r in conn.execute(
-                "select distinct unnest(lanes) from user_batches where id = any(%s)",
-                ([t.user_batch_id for t in touched],)).fetchall()]
-        from activities.user_batches import scheduler_input
-        from workflows.scheduler import GreedySchedulerWorkflow
-        from workflows.user_batch import UserBatchWorkflow
-
-        for t in touched:
-            if t.workflow_id is None:
-                continue
-            if t.was_completed:
-                await _restart_user_batch(client, s, UserBatchWorkflow, t)
-            else:
-                await client.get_workflow_handle(t.workflow_id).signal("progressed")
-        for ln in lanes:
-            await client.start_workflow(
-                GreedySchedulerWorkflow.run, scheduler_input(s, ln), id=scheduler_id(ln),
-                task_queue=s.task_queue, start_signal="work_available",
-            )
+            retried, touched, lanes = requeue_dead_letters(conn, sel)
+        try:
+            await wake_after_retry(client, s, touched, lanes)
+        except RuntimeError as exc:
+            raise fail(str(exc), 1)
         return retried, touched
 
     retried, touched = asyncio.run(go())
@@ -1147,20 +1132,6 @@ def dlq_retry(
     out.print(f"{retried:,} dead letters re-queued for {len(touched)} user batches"
               + "".join(f"; {t.user_batch_id}: {t.addresses:,}" + (" (reopened)" if t.was_completed else "")
                         for t in touched))
-
-
-async def _restart_user_batch(client: Client, s: Settings, workflow_cls, t) -> None:
-    """Start a reopened user batch's workflow again under its id (its last run may still be returning)."""
-    from temporalio.exceptions import WorkflowAlreadyStartedError
-
-    for _ in range(50):
-        try:
-            await client.start_workflow(workflow_cls.run, UserBatchInput(t.user_batch_id), id=t.workflow_id,
-                                        task_queue=s.task_queue)
-            return
-        except WorkflowAlreadyStartedError:
-            await asyncio.sleep(0.2)
-    raise fail(f"user batch {t.user_batch_id} was reopened but its workflow {t.workflow_id} is still running", 1)
 
 
 @dlq_app.command("purge")

@@ -1,4 +1,5 @@
-"""Dead letters: list, retry through the normal path, purge (`starter.py dlq ...`).
+"""Dead letters: list, retry through the normal path, purge (`starter.py dlq ...`, and a user
+batch's own through the HTTP API).
 
 A dead letter is one address of one lane that got no result: refused by the API (400/401/403,
 with the reason) or still without a result after MAX_ADDRESS_ATTEMPTS sends. The user batches
@@ -16,10 +17,16 @@ keeps the count); a second failure writes a new one.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
+from temporalio.client import Client
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from settings import Settings
+from workflows.models import UserBatchInput, scheduler_id
 
 _REOPENABLE = ("queued", "paused", "completed")
 
@@ -86,12 +93,12 @@ def purge_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
     return n
 
 
-def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int, list[ReopenedBatch]]:
+def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int, list[ReopenedBatch], list[str]]:
     """Re-queue the selected dead letters for the user batches that need them (one transaction).
 
-    Returns how many dead letters were retried and the user batches touched; the caller starts
-    the workflows of reopened (formerly completed) batches and nudges the lane schedulers.
-    Dead letters that no open or completed user batch needs are left alone.
+    Returns how many dead letters were retried, the user batches touched and the lanes they
+    went back to; the caller then runs `wake_after_retry`. Dead letters that no open or
+    completed user batch needs are left alone.
     """
     p = sel.params
     with conn.transaction(), conn.cursor() as cur:
@@ -172,10 +179,42 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
             "update user_batches set state = 'queued', finished_at = null, summary = null"
             " where id in (select user_batch_id from dl_hits) and state = 'completed'"
         )
+        cur.execute("select coalesce(array_agg(distinct lane order by lane), '{}') from dl_hits")
+        lanes = list(cur.fetchone()[0])
         cur.execute("delete from dead_letters where id in (select id from dl_hits)")
         retried = cur.rowcount
         cur.execute(
             "insert into events (kind, subject, data) values ('dead_letters.retried', %s, %s)",
             (sel.lane or "", Jsonb({"count": retried, "user_batches": [t.user_batch_id for t in touched]})),
         )
-    return retried, touched
+    return retried, touched, lanes
+
+
+async def wake_after_retry(client: Client, settings: Settings, touched: list[ReopenedBatch], lanes: list[str]) -> None:
+    """After `requeue_dead_letters`: start each reopened user batch's workflow again under its id
+    (its last run may still be returning), tell the open ones, and wake the lanes' schedulers."""
+    from activities.user_batches import scheduler_input
+    from workflows.scheduler import GreedySchedulerWorkflow
+    from workflows.user_batch import UserBatchWorkflow
+
+    for t in touched:
+        if t.workflow_id is None:
+            continue
+        if not t.was_completed:
+            await client.get_workflow_handle(t.workflow_id).signal("progressed")
+            continue
+        for _ in range(50):
+            try:
+                await client.start_workflow(UserBatchWorkflow.run, UserBatchInput(t.user_batch_id), id=t.workflow_id,
+                                            task_queue=settings.task_queue)
+                break
+            except WorkflowAlreadyStartedError:
+                await asyncio.sleep(0.2)
+        else:
+            raise RuntimeError(f"user batch {t.user_batch_id} was reopened but its workflow {t.workflow_id} "
+                               "is still running; retry in a moment")
+    for lane in lanes:
+        await client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(settings, lane), id=scheduler_id(lane),
+            task_queue=settings.task_queue, start_signal="work_available",
+        )

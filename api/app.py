@@ -1,4 +1,4 @@
-"""The HTTP API: submit lists, follow them, fetch results, pause/resume/cancel, lanes, health.
+"""The HTTP API: submit lists, follow them, fetch results, pause/resume/cancel, dead letters, lanes, health.
 
 Starlette, not FastAPI: the two endpoints that matter most stream their bodies (uploads into
 COPY, results out of a server-side cursor), so they take the raw request and response anyway,
@@ -132,6 +132,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/batches/{id}/results", get_results, methods=["GET"]),
         Route("/v1/batches/{id}/pause", pause_batch, methods=["POST"]),
         Route("/v1/batches/{id}/resume", resume_batch, methods=["POST"]),
+        Route("/v1/batches/{id}/dead-letters", list_batch_dead_letters, methods=["GET"]),
+        Route("/v1/batches/{id}/dead-letters/retry", retry_batch_dead_letters, methods=["POST"]),
         Route("/v1/lanes", get_lanes, methods=["GET"]),
         Route("/v1/lanes/{lane}/pause", pause_lane, methods=["POST"]),
         Route("/v1/lanes/{lane}/resume", resume_lane, methods=["POST"]),
@@ -511,6 +513,64 @@ async def cancel_batch(request: Request) -> JSONResponse:
     except RPCError as exc:
         raise ApiError(409, f"user batch {doc['id']} cannot be cancelled: {exc.message}") from None
     return JSONResponse({**doc, "cancel_requested": True}, status_code=202)
+
+
+# ---- dead letters -------------------------------------------------------------------------
+# The module's functions are synchronous (shared with the CLI): they run in a thread, each on a
+# connection of its own. Both routes act only on the caller's batch (`Selection.user`).
+
+
+def _dead_letter_selection(request: Request, doc: dict):
+    from activities.dead_letters import Selection
+
+    return Selection(user_batch_id=doc["id"], user=_user(request))
+
+
+async def list_batch_dead_letters(request: Request) -> JSONResponse:
+    """The addresses of this batch that got no result, each with why and how often it was sent."""
+    from activities.dead_letters import count_dead_letters, list_dead_letters
+
+    _only_params(request, "limit")
+    raw = request.query_params.get("limit", "100")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise ApiError(400, f"limit {raw!r} is not a whole number from 1 to 10000")
+    doc = await _owned_batch(request)
+    sel = _dead_letter_selection(request, doc)
+
+    def read() -> tuple[int, list[dict]]:
+        with psycopg.connect(_services(request).settings.database_url) as conn:
+            return count_dead_letters(conn, sel), list_dead_letters(conn, sel, int(raw))
+
+    total, rows = await asyncio.to_thread(read)
+    return JSONResponse({"total": total, "dead_letters": [
+        {"id": r["id"], "lane": r["lane"], "email": r["email"], "reason": r["reason"], "attempts": r["attempts"],
+         "bouncer_batch_id": r["bouncer_batch_id"], "created_at": r["created_at"].isoformat()} for r in rows]})
+
+
+async def retry_batch_dead_letters(request: Request) -> JSONResponse:
+    """Send this batch's dead-lettered addresses again (each costs a credit); a completed batch is
+    reopened and completes again with a fresh summary."""
+    from activities.dead_letters import requeue_dead_letters, wake_after_retry
+
+    _only_params(request)
+    doc = await _owned_batch(request)
+    if doc["state"] in ("cancelled", "failed"):
+        raise ApiError(409, f"user batch {doc['id']} is {doc['state']}; its dead letters cannot be retried")
+    services = _services(request)
+    client = await services.temporal()  # before changing anything: a retry must not strand rows
+    sel = _dead_letter_selection(request, doc)
+
+    def requeue():
+        with psycopg.connect(services.settings.database_url) as conn:
+            return requeue_dead_letters(conn, sel)
+
+    retried, touched, lanes = await asyncio.to_thread(requeue)
+    try:
+        await wake_after_retry(client, services.settings, touched, lanes)
+    except (RuntimeError, RPCError) as exc:
+        raise ApiError(503, f"user batch {doc['id']}: {retried} dead letters re-queued, but its workflow "
+                            f"did not restart: {exc}; retry the request") from None
+    return JSONResponse({"retried": retried, "batch": await _owned_batch(request)})
 
 
 # ---- lanes ------------------------------------------------------------------------------

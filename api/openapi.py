@@ -85,6 +85,16 @@ _SUBMITTED = {
         },
     },
 }
+_DEAD_LETTER = {
+    "type": "object",
+    "required": ["id", "lane", "email", "reason", "attempts", "bouncer_batch_id", "created_at"],
+    "properties": {
+        "id": {"type": "integer"}, "lane": {"type": "string", "enum": list(LANES)}, "email": {"type": "string"},
+        "reason": {"type": "string"}, "attempts": {"type": "integer"},
+        "bouncer_batch_id": {"type": "integer", "nullable": True},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
 _RESULT_ROW = {
     "type": "object",
     "required": list(RESULT_COLUMNS),
@@ -216,6 +226,22 @@ DOCUMENT: dict = {
             "Resume a paused user batch (resuming one that is not paused changes nothing)",
             {"200": _json({"$ref": "#/components/schemas/Batch"}, "resumed")},
             {"409": _err("finished"), "503": _DOWN["503"]})},
+        "/v1/batches/{id}/dead-letters": {"get": {
+            **_batch_op(
+                "Addresses of the batch that got no result: why, and how often each was sent",
+                {"200": _json({"type": "object", "required": ["total", "dead_letters"], "properties": {
+                    "total": {"type": "integer"},
+                    "dead_letters": {"type": "array", "items": _DEAD_LETTER}}}, "oldest first, at most `limit`")},
+                {"400": _err("bad limit")},
+            ),
+            "parameters": [_BATCH_ID, {"name": "limit", "in": "query",
+                                       "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}],
+        }},
+        "/v1/batches/{id}/dead-letters/retry": {"post": _batch_op(
+            "Send the batch's dead-lettered addresses again (a credit each); a completed batch reopens",
+            {"200": _json({"type": "object", "required": ["retried", "batch"], "properties": {
+                "retried": {"type": "integer"}, "batch": {"$ref": "#/components/schemas/Batch"}}}, "re-queued")},
+            {"409": _err("cancelled or failed"), "503": _DOWN["503"]})},
         "/v1/lanes": {"get": {
             "summary": "Each lane's scheduler: paused, in flight, free slots, queued",
             "security": [{"apiKey": []}],

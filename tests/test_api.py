@@ -368,6 +368,42 @@ async def test_a_declared_charset_and_byte_order_marks_are_read_as_the_text_they
             assert [(r[0], r[1]) for r in stored(resp.json()["id"])] == expected, ctype
 
 
+async def test_a_batchs_dead_letters_are_listed_and_retried_through_the_api(dev_env, api_settings, api_url):
+    auth = new_key(api_settings, "dina")
+    emails = [f"dead{i}@firm{i % 5}.example" for i in range(30)]
+    # The API refuses every creation (400: the callback URL is not http): all 30 addresses dead-letter.
+    broken = api_settings.model_copy(update={"callback_public_url": "ftp://callbacks.invalid"})
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        async with running_pipeline(dev_env.client, broken):
+            resp = await http.post("/v1/batches", headers=auth, json=emails)
+            assert resp.status_code == 201, resp.text
+            ub = resp.json()["id"]
+            done = await wait_finished(http, f"/v1/batches/{ub}", auth)
+            assert done["summary"]["by_state"] == {"failed": 30}
+            await dev_env.client.get_workflow_handle(done["workflow_id"]).result()  # not cut short by the workers' stop
+
+        url = f"/v1/batches/{ub}/dead-letters"
+        assert (await http.get(url, headers=new_key(api_settings, "ollie"))).status_code == 404  # not ollie's
+        assert (await http.post(url + "/retry", headers=new_key(api_settings, "ollie"))).status_code == 404
+        assert (await http.get(url + "?limit=0", headers=auth)).status_code == 400
+        listed = (await http.get(url + "?limit=5", headers=auth)).json()
+        assert listed["total"] == 30 and len(listed["dead_letters"]) == 5
+        first = listed["dead_letters"][0]
+        assert first["email"] in emails and first["attempts"] == 1 and first["lane"] == "deliverability"
+        assert "BadRequest" in first["reason"] and "callback" in first["reason"]
+
+        async with running_pipeline(dev_env.client, api_settings):  # the callback URL fixed
+            retried = await http.post(url + "/retry", headers=auth)
+            assert retried.status_code == 200, retried.text
+            assert retried.json()["retried"] == 30 and retried.json()["batch"]["state"] == "queued"  # reopened
+            again = await wait_finished(http, f"/v1/batches/{ub}", auth)
+            assert again["state"] == "completed" and again["summary"]["by_state"] == {"verified": 30}
+        assert (await http.get(url, headers=auth)).json() == {"total": 0, "dead_letters": []}
+        # Nothing left to retry: 0, and the batch stays completed.
+        nothing = (await http.post(url + "/retry", headers=auth)).json()
+        assert nothing["retried"] == 0 and nothing["batch"]["state"] == "completed"
+
+
 async def test_admin_key_pauses_and_resumes_a_lane(dev_env, api_settings, api_url):
     admin = new_key(api_settings, "ops", admin=True)
     async with running_pipeline(dev_env.client, api_settings), httpx.AsyncClient(base_url=api_url, timeout=30) as http:
@@ -395,7 +431,7 @@ async def test_every_answer_matches_the_openapi_document(dev_env, api_url, api_s
     auth = new_key(api_settings, "fuzz")
     schema = schemathesis.openapi.from_url(f"{api_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) == 13
 
     def fuzz() -> None:
         for operation in operations:
