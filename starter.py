@@ -210,9 +210,9 @@ def submit(
                         )
                     if stats.rows == 0:  # rolled back with the row: nothing is stored
                         raise UnreadableInput(f"{file} has no rows (empty, or a header only): nothing to verify")
-                    conn.execute(
-                        "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
-                        (stats.rows, user_batch_workflow_id(ub_id), ub_id),
+                    conn.execute(  # `scheduled` until its workflow starts (`--at`)
+                        "update user_batches set rows_total = %s, workflow_id = %s, state = %s where id = %s",
+                        (stats.rows, user_batch_workflow_id(ub_id), "scheduled" if start_at else "receiving", ub_id),
                     )
             except UnreadableInput as exc:
                 raise fail(str(exc))
@@ -221,7 +221,8 @@ def submit(
         try:
             handle = await client.start_workflow(
                 UserBatchWorkflow.run, UserBatchInput(ub_id), id=user_batch_workflow_id(ub_id), task_queue=s.task_queue,
-                search_attributes=search.at_start(user, priority.value, lane_list[0], "preparing"),
+                search_attributes=search.at_start(user, priority.value, lane_list[0],
+                                                  "scheduled" if start_at else "preparing"),
                 static_summary=f"user batch {ub_id} of {user}: {stats.rows:,} rows, priority {priority.value}",
                 start_delay=delay,
             )

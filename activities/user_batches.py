@@ -38,6 +38,7 @@ from workflows.models import (
 )
 
 ANALYZE_ABOVE_ROWS = 10_000
+STARTING = ("scheduled", "receiving", "preparing")  # user batch states prepare acts on
 PREPARE_ATTEMPTS = 5  # in-process re-runs after losing a race with a concurrent prepare
 _FRESH = fresh_result("r")
 
@@ -432,7 +433,7 @@ class UserBatchActivities:
             row = await (await conn.execute(
                 "select rows_total, state, (select reltuples from pg_class where oid = 'items'::regclass)"
                 " from user_batches where id = %s", (user_batch_id,))).fetchone()
-            if (row is not None and row[0] >= ANALYZE_ABOVE_ROWS and row[1] in ("receiving", "preparing")
+            if (row is not None and row[0] >= ANALYZE_ABOVE_ROWS and row[1] in STARTING
                     and row[2] < row[0]):
                 # Freshly COPYed rows have no statistics until autovacuum gets to them. While the
                 # statistics describe a table smaller than this list (none at all: -1), the
@@ -461,7 +462,7 @@ class UserBatchActivities:
         """One attempt in one transaction; returns the batch's lanes."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             lanes, state = await self._lanes_and_state(cur, user_batch_id)
-            if state in ("receiving", "preparing"):
+            if state in STARTING:
                 ttl = await self._freshness(cur, user_batch_id)
                 # Sorts of a 100k-row list spill to disk at the default 4 MB.
                 await cur.execute("set local work_mem = '64MB'")

@@ -38,7 +38,7 @@ _BATCH = {
         "name": {"type": "string"},
         "priority": {"type": "string", "enum": list(PRIORITIES)},
         "lanes": {"type": "array", "items": {"type": "string", "enum": list(LANES)}},
-        "state": {"type": "string", "enum": ["receiving", "preparing", "queued", "paused", "completed",
+        "state": {"type": "string", "enum": ["scheduled", "receiving", "preparing", "queued", "paused", "completed",
                                              "cancelled", "failed"]},
         "rows": {"type": "integer"},
         "invalid": {"type": "integer"},

@@ -119,16 +119,29 @@ async def test_5xx_timeouts_and_dropped_connections_are_retried_and_nothing_is_p
         assert p.sql("select count(*) from dead_letters") == [(0,)]
 
 
+def _no_batch_id(request: Request, resp: httpx.Response) -> Response | None:
+    """The create was made (and charged) at the API, but its 2xx answer names no batch."""
+    if request.method == "POST" and request.url.path == "/v1.1/email/verify/batch" and resp.is_success:
+        return JSONResponse({"status": "queued"})
+    return None
+
+
+@pytest.mark.parametrize("lost", ["dropped", "no batchId"])
 async def test_a_batch_sent_without_an_answer_is_sent_at_most_max_unanswered_creates_times(
-    skipping_env, db_url, sandbox, tmp_path
+    skipping_env, db_url, sandbox, tmp_path, lost
 ):
-    """Every answer is lost after the API made (and charged) the batch. Before, the create was
-    retried without end and each copy paid for (50 addresses cost 5,100 credits in the audit);
-    now the batch is sent 3 times (MAX_UNANSWERED_CREATES), then dead-lettered, and the lane pauses."""
+    """Every answer is lost after the API made (and charged) the batch: the connection drops, or
+    a 2xx comes back without `batchId`. Before, the create was retried without end and each copy
+    paid for (50 addresses cost 5,100 credits in the audit); now the batch is sent 3 times
+    (MAX_UNANSWERED_CREATES), then dead-lettered, and the lane pauses."""
     env = skipping_env
-    faults(sandbox, drop=1.0, drop_when="after")
-    settings = make_settings(db_url, sandbox, batch_size=100)
-    async with running_pipeline(env.client, settings) as p:
+    if lost == "dropped":
+        faults(sandbox, drop=1.0, drop_when="after")
+    async with contextlib.AsyncExitStack() as stack:
+        url = sandbox.url if lost == "dropped" else await stack.enter_async_context(
+            proxy(sandbox.url, after=_no_batch_id))
+        settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=url)
+        p = await stack.enter_async_context(running_pipeline(env.client, settings))
         handle = await p.submit_file(write_list(tmp_path / "u.csv", emails("un", 50)), "una")
         summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
         assert summary.by_state == {"failed": 50}
@@ -262,15 +275,18 @@ class Refusing:
 
 
 @contextlib.asynccontextmanager
-async def refusing(upstream: str, rule: Refusing):
+async def proxy(upstream: str, before=None, after=None):
+    """An HTTP proxy in front of the API: `before(request)` may answer instead of forwarding;
+    `after(request, upstream_answer)` may replace the API's answer (the request was handled)."""
     async def forward(request: Request) -> Response:
-        if rule.refuses(request):
-            rule.refused += 1
-            return JSONResponse({"error": "invalid API key"}, status_code=401)
+        if before is not None and (answer := before(request)) is not None:
+            return answer
         async with httpx.AsyncClient(base_url=upstream, timeout=30) as http:
             resp = await http.request(request.method, request.url.path, params=request.query_params,
                                       headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
                                       content=await request.body())
+        if after is not None and (answer := after(request, resp)) is not None:
+            return answer
         return Response(resp.content, resp.status_code, {"content-type": resp.headers.get("content-type", "")})
 
     port = free_port()
@@ -284,6 +300,16 @@ async def refusing(upstream: str, rule: Refusing):
     finally:
         server.should_exit = True
         await task
+
+
+def refusing(upstream: str, rule: Refusing):
+    def before(request: Request) -> Response | None:
+        if rule.refuses(request):
+            rule.refused += 1
+            return JSONResponse({"error": "invalid API key"}, status_code=401)
+        return None
+
+    return proxy(upstream, before=before)
 
 
 @pytest.mark.parametrize("what", ["status", "download"])

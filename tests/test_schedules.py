@@ -55,7 +55,9 @@ async def test_submit_at_starts_later_and_every_creates_a_schedule(dev_env, db_u
         desc = await handle.describe()
         assert abs((desc.execution_time - at).total_seconds()) < 1
         if datetime.now(UTC) < at - timedelta(seconds=1):  # (a very slow CLI start may already be past `at`)
-            assert p.sql("select state from user_batches where id = %s", (ub,)) == [("receiving",)]
+            assert p.sql("select state from user_batches where id = %s", (ub,)) == [("scheduled",)]
+            shown = await asyncio.to_thread(starter, settings, dev_env, "status", str(ub), "--json")
+            assert json.loads(shown.stdout)["state"] == "scheduled", shown.stdout
         # Meanwhile, the schedule: every 30 days counted from `at`, listed, paused, unpaused, deleted.
         sched = await dev_env.client.get_schedule_handle(doc["schedule_id"]).describe()
         assert abs((sched.info.next_action_times[0] - (at + timedelta(days=30))).total_seconds()) < 1
