@@ -47,6 +47,18 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+MIN_MAX_AGE = timedelta(minutes=1)
+
+
+def parse_max_age(text: str) -> float:
+    """A list's `max_result_age_s` from `7d`, `12h`...: results older than this are verified again.
+    At least a minute: a result must still count as fresh when the store that wrote it looks."""
+    age = parse_duration(text)
+    if age < MIN_MAX_AGE:
+        raise ValueError(f"{text!r} is shorter than 1m")
+    return age.total_seconds()
+
+
 def format_duration(seconds: float) -> str:
     """What `parse_duration` reads, in days and smaller units: 2592000 -> `30d`, 5400 -> `1h30m`."""
     rest, parts = round(seconds), []

@@ -169,10 +169,13 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     at: Annotated[Optional[str], typer.Option("--at", help="Start later, e.g. 2026-12-01T02:00Z")] = None,
     every: Annotated[Optional[str], typer.Option("--every", help="Re-verify the list this often, e.g. 30d")] = None,
+    max_age: Annotated[Optional[str], typer.Option(
+        "--max-age", help="Reuse only results younger than this, e.g. 7d (default RESULT_TTL_DAYS)")] = None,
 ) -> None:
     """Stream a list into Postgres (COPY) and start its UserBatchWorkflow (now, --at a time, and --every period)."""
     s = settings()
     start_at, period = _when(at, every, wait)
+    max_age_s = _max_age(max_age)
     lane_list = [x.strip() for x in lanes.split(",") if x.strip()]
     bad = [x for x in lane_list if x not in LANES]
     if bad or not lane_list:
@@ -197,9 +200,10 @@ def submit(
             try:
                 with conn.transaction():
                     (ub_id,) = conn.execute(
-                        "insert into user_batches (user_id, name, priority, lanes, source, workflow_id)"
-                        " values (%s, %s, %s, %s, %s, %s) returning id",
-                        (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file), None),
+                        "insert into user_batches (user_id, name, priority, lanes, source, workflow_id,"
+                        " max_result_age_s) values (%s, %s, %s, %s, %s, %s, %s) returning id",
+                        (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file), None,
+                         max_age_s),
                     ).fetchone()
                     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                   console=err, disable=as_json, transient=True) as bar:
@@ -279,6 +283,16 @@ def submit(
             out.print(f"re-verified every {period} by schedule {result['schedule_id']} (`starter.py schedules list`)")
         if summary is not None:
             print_summary(summary)
+
+
+def _max_age(text: str | None) -> float | None:
+    """--max-age in seconds (None: RESULT_TTL_DAYS applies)."""
+    if text is None:
+        return None
+    try:
+        return schedules.parse_max_age(text)
+    except ValueError as exc:
+        raise fail(f"--max-age: {exc}")
 
 
 def _when(at: str | None, every: str | None, wait: bool) -> tuple[datetime | None, timedelta | None]:

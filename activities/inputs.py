@@ -29,6 +29,7 @@ class SourceSpecModel(BaseModel):
     priority: Priority = "normal"
     lanes: list[Lane] = Field(min_length=1)
     column: str | None = Field(None, max_length=200)
+    max_result_age_s: float | None = Field(None, ge=60)
 
     @field_validator("user_id")
     @classmethod

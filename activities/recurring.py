@@ -3,12 +3,14 @@
 The rows never leave Postgres: a run is one INSERT ... SELECT from the list's latest user batch.
 Rows that were invalid stay invalid (with their reason); every other row starts `pending`, so
 the normal prepare path dedupes it and queues it for verification again, reusing only results
-younger than half the schedule's period (`user_batches.max_result_age_s`; RESULT_TTL_DAYS if
-that is shorter): each run verifies the list again, while an address another list verified
-meanwhile is not paid for twice.
+younger than half the schedule's period (`user_batches.max_result_age_s`; the list's own
+`--max-age` or RESULT_TTL_DAYS if shorter): each run verifies the list again, while an address
+another list verified meanwhile is not paid for twice.
 """
 
 from __future__ import annotations
+
+import math
 
 from psycopg_pool import AsyncConnectionPool
 from temporalio import activity
@@ -47,12 +49,13 @@ class RecurringActivities:
             if done is not None:  # a retry after the commit: the batch exists already
                 return CopyOutcome(int(done[0]), int(latest), int(done[1]))
             src = await (await conn.execute(
-                "select user_id, name, priority, lanes, state from user_batches where id = %s", (latest,)
+                "select user_id, name, priority, lanes, state, max_result_age_s from user_batches where id = %s",
+                (latest,)
             )).fetchone()
             if src is None:
                 raise ApplicationError(f"user batch {latest} of recurring list {request.schedule_id} is gone",
                                        type="UnknownRecurringList", non_retryable=True)
-            user_id, name, priority, lanes, state = src
+            user_id, name, priority, lanes, state, max_age_s = src
             if state not in FINISHED_STATES:
                 # The schedule's overlap policy (SKIP) sees only the runs it started, not the
                 # submission the list began with: a run due while that one verifies is skipped here.
@@ -60,7 +63,7 @@ class RecurringActivities:
             (ub,) = await (await conn.execute(
                 "insert into user_batches (user_id, name, priority, lanes, source, max_result_age_s)"
                 " values (%s, %s, %s, %s, %s, %s) returning id",
-                (user_id, name, priority, lanes, source_tag, every_s / 2),
+                (user_id, name, priority, lanes, source_tag, min(every_s / 2, max_age_s or math.inf)),
             )).fetchone()
             rows = (await conn.execute(
                 """

@@ -413,13 +413,13 @@ class UserBatchActivities:
             row = await (
                 await conn.execute(
                     """
-                    insert into user_batches (user_id, name, priority, lanes, source, workflow_id)
-                    values (%s, %s, %s, %s, %s, %s)
+                    insert into user_batches (user_id, name, priority, lanes, source, workflow_id, max_result_age_s)
+                    values (%s, %s, %s, %s, %s, %s, %s)
                     on conflict (workflow_id) do update set workflow_id = excluded.workflow_id
                     returning id
                     """,
                     (src.user_id, src.name or src.uri.rsplit("/", 1)[-1], PRIORITIES.index(src.priority),
-                     in_lane_order(src.lanes), src.uri, request.workflow_id),
+                     in_lane_order(src.lanes), src.uri, request.workflow_id, src.max_result_age_s),
                 )
             ).fetchone()
         return int(row[0])

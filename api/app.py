@@ -34,6 +34,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 import db
+import schedules
 from db import outcomes
 import temporal_client
 from activities.ingest import UnreadableInput, copy_rows
@@ -271,7 +272,7 @@ def _only_params(request: Request, *known: str) -> None:
 
 def _submit_options(request: Request, settings: Settings) -> dict:
     q = request.query_params
-    _only_params(request, "name", "priority", "lanes", "column")
+    _only_params(request, "name", "priority", "lanes", "column", "max_age")
     priority = q.get("priority", "normal")
     if priority not in PRIORITIES:
         raise ApiError(400, f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
@@ -287,7 +288,14 @@ def _submit_options(request: Request, settings: Settings) -> dict:
     column = q.get("column") or None
     if column is not None and ("\x00" in column or len(column) > 200):
         raise ApiError(400, "column must be a header name or a 1-based number")
-    return {"name": name, "priority": priority, "lanes": in_lane_order(lanes), "column": column}
+    max_age_s = None
+    if "max_age" in q:
+        try:
+            max_age_s = schedules.parse_max_age(q["max_age"])
+        except ValueError as exc:
+            raise ApiError(400, f"max_age: {exc}") from None
+    return {"name": name, "priority": priority, "lanes": in_lane_order(lanes), "column": column,
+            "max_age_s": max_age_s}
 
 
 class KeyUsed(Exception):
@@ -330,9 +338,10 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
     with psycopg.connect(settings.database_url) as conn, conn.transaction():
         try:
             (ub,) = conn.execute(
-                "insert into user_batches (user_id, name, priority, lanes, source, idempotency_key)"
-                " values (%s, %s, %s, %s, %s, %s) returning id",
-                (user, opts["name"] or "api upload", PRIORITIES.index(opts["priority"]), opts["lanes"], source, key),
+                "insert into user_batches (user_id, name, priority, lanes, source, idempotency_key, max_result_age_s)"
+                " values (%s, %s, %s, %s, %s, %s, %s) returning id",
+                (user, opts["name"] or "api upload", PRIORITIES.index(opts["priority"]), opts["lanes"], source, key,
+                 opts["max_age_s"]),
             ).fetchone()
         except psycopg.errors.UniqueViolation:
             raise KeyUsed() from None

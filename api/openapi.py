@@ -159,6 +159,9 @@ DOCUMENT: dict = {
                      "schema": {"type": "string", "pattern": f"^({_LANES_RE})(,({_LANES_RE}))*$"}},
                     {"name": "column", "in": "query", "description": "CSV email column: header name or 1-based number",
                      "schema": {"type": "string", "maxLength": 200}},
+                    {"name": "max_age", "in": "query", "description": "reuse only results younger than this "
+                     "(e.g. 7d, 12h; at least 1m); default RESULT_TTL_DAYS",
+                     "schema": {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?[smhdw])+$"}},
                     {"name": "Idempotency-Key", "in": "header", "description": "the caller's key for this submission: "
                      "a repeat (a retry after a lost answer) returns the batch the first one created, with 200",
                      "schema": {"type": "string", "minLength": 1, "maxLength": 200}},

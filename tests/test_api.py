@@ -114,7 +114,7 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
     emails = [f"lead{i}@firm{i % 13}.example" for i in range(1200)]
     body = "Name,Email\n" + "".join(f"n{i},{e}\n" for i, e in enumerate(emails)) + "broken,not-an-address\nx,a@b\n"
     async with running_pipeline(dev_env.client, api_settings), httpx.AsyncClient(base_url=api_url, timeout=30) as http:
-        resp = await http.post("/v1/batches?name=leads&priority=high", headers=auth,
+        resp = await http.post("/v1/batches?name=leads&priority=high&max_age=7d", headers=auth,
                                files={"file": ("leads.csv", body.encode(), "text/csv")})
         assert resp.status_code == 201, resp.text
         sub = resp.json()
@@ -129,6 +129,9 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
 
         done = await wait_finished(http, f"/v1/batches/{sub['id']}", auth)
         assert done["state"] == "completed" and done["priority"] == "high" and done["name"] == "leads"
+        with psycopg.connect(api_settings.database_url) as conn:
+            assert conn.execute("select max_result_age_s from user_batches where id = %s",
+                                (sub["id"],)).fetchone() == (7 * 86400.0,)
         assert done["addresses_settled"] == done["addresses_total"] == 1200
         json_done = await wait_finished(http, f"/v1/batches/{json_resp.json()['id']}", auth)
         assert json_done["summary"]["by_state"] == {"verified": 2, "invalid": 1}
@@ -302,6 +305,8 @@ async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_set
             (http.post("/v1/batches?priority=urgent", headers=auth, json=["a@b.example"]), 400, "priority"),
             (http.post("/v1/batches?lanes=deliverability,sms", headers=auth, json=["a@b.example"]), 400, "lane sms"),
             (http.post("/v1/batches?colour=red", headers=auth, json=["a@b.example"]), 400, "colour"),
+            (http.post("/v1/batches?max_age=30s", headers=auth, json=["a@b.example"]), 400, "max_age: '30s' is shorter"),
+            (http.post("/v1/batches?max_age=soon", headers=auth, json=["a@b.example"]), 400, "cannot read duration"),
             (http.get("/v1/lanes?verbose=1", headers=auth), 400, "unknown query parameter"),
             (http.post("/v1/batches", headers=auth, files={"list": ("l.csv", b"a@b.example\n")}), 400, "`file`"),
             # Two lists in one request: the first's last line would run into the second's header.

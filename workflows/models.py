@@ -54,6 +54,7 @@ class SourceSpec:
     priority: str = "normal"
     lanes: list[str] = field(default_factory=lambda: ["deliverability"])
     column: str | None = None
+    max_result_age_s: float | None = None  # reuse only results younger than this (None: RESULT_TTL_DAYS)
 
 
 @dataclass

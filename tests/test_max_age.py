@@ -1,0 +1,75 @@
+"""A list's own cap on result reuse (`submit --max-age`, the API's `max_age`, `SourceSpec.max_result_age_s`):
+results older than it are verified again, younger ones are reused (paid once), on the dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from helpers import make_settings, running_pipeline, settings_env, starter, write_list
+from temporalio.client import WorkflowFailureError
+
+from workflows.models import SourceSpec, Summary, UserBatchInput
+from workflows.user_batch import UserBatchWorkflow
+
+
+def _emails(n: int) -> list[str]:
+    return [f"aged{i}@age{i % 5}.example" for i in range(n)]
+
+
+def received(p) -> int:
+    import httpx
+
+    return httpx.get(f"{p.settings.bouncer_base_url}/_sandbox/stats").json()["addresses_received"]
+
+
+async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sandbox, tmp_path):
+    settings = make_settings(db_url, sandbox, batch_size=100)
+    path = write_list(tmp_path / "aged.csv", _emails(60))
+    async with running_pipeline(dev_env.client, settings) as p:
+        first: Summary = await asyncio.wait_for((await p.submit_file(path, "ada")).result(), timeout=60)
+        assert first.by_state == {"verified": 60}
+        # 20 results 3 days old, 20 more 12 hours old, 20 just verified: all fresh under RESULT_TTL_DAYS (30).
+        p.sql("update results set verified_at = now() - interval '3 days' where address_id in"
+              " (select id from addresses order by id limit 20) returning 1")
+        p.sql("update results set verified_at = now() - interval '12 hours' where address_id in"
+              " (select id from addresses order by id offset 20 limit 20) returning 1")
+        assert received(p) == 60
+
+        # The CLI: --max-age 2d sends the 20 results older than 2 days again, reuses the other 40.
+        code, out, err = await starter(settings_env(settings, dev_env.client.service_client.config.target_host),
+                                       "submit", str(path), "--user", "ada", "--max-age", "2d", "--wait", "--json",
+                                       timeout=120)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["by_state"] == {"verified": 60}
+        assert received(p) == 80
+        assert p.sql("select max_result_age_s from user_batches where id = %s", (doc["user_batch_id"],)) == [
+            (2 * 86400.0,)]
+
+        # An SDK client: 6 hours sends the 12-hour-old ones again (the 3-day-old ones are fresh now).
+        sdk = await dev_env.client.start_workflow(
+            UserBatchWorkflow.run,
+            UserBatchInput(source=SourceSpec(uri=str(path), user_id="ada", max_result_age_s=6 * 3600.0)),
+            id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
+        assert (await asyncio.wait_for(sdk.result(), timeout=60)).by_state == {"verified": 60}
+        assert received(p) == 100
+
+        # Without a cap the same list reuses all 60.
+        again: Summary = await asyncio.wait_for((await p.submit_file(path, "ada")).result(), timeout=60)
+        assert again.by_state == {"verified": 60} and received(p) == 100
+
+        # Refused with the reason, nothing stored: a cap under a minute, an unreadable one.
+        for bad, words in (("30s", "shorter than 1m"), ("soon", "cannot read duration")):
+            code, _out, err = await starter(settings_env(settings), "submit", str(path), "--user", "ada",
+                                            "--max-age", bad)
+            assert code == 2 and words in err, err
+        short = await dev_env.client.start_workflow(
+            UserBatchWorkflow.run, UserBatchInput(source=SourceSpec(uri=str(path), user_id="ada", max_result_age_s=5.0)),
+            id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await asyncio.wait_for(short.result(), timeout=30)
+        assert "max_result_age_s 5.0" in str(failure.value.cause.cause)
+        assert p.sql("select count(*) from user_batches") == [(4,)]
