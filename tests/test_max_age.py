@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from helpers import make_settings, running_pipeline, settings_env, starter, write_list
 from temporalio.client import WorkflowFailureError
 
-from workflows.models import SourceSpec, Summary, UserBatchInput
+import schedules
+from workflows.models import SourceSpec, Summary, UserBatchInput, user_batch_workflow_id
 from workflows.user_batch import UserBatchWorkflow
 
 
@@ -20,8 +24,6 @@ def _emails(n: int) -> list[str]:
 
 
 def received(p) -> int:
-    import httpx
-
     return httpx.get(f"{p.settings.bouncer_base_url}/_sandbox/stats").json()["addresses_received"]
 
 
@@ -49,6 +51,22 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
         assert p.sql("select max_result_age_s from user_batches where id = %s", (doc["user_batch_id"],)) == [
             (2 * 86400.0,)]
 
+        # Its recurring runs (every 30 days) keep the shorter cap: 2 days, not half the period.
+        schedule_id = await schedules.create_recurring(dev_env.client, settings, doc["user_batch_id"],
+                                                       timedelta(days=30), datetime.now(UTC))
+        try:
+            await dev_env.client.get_schedule_handle(schedule_id).trigger()
+            deadline = time.monotonic() + 30
+            while not (run := p.sql("select latest_user_batch_id from recurring_lists where runs = 1")):
+                assert time.monotonic() < deadline, "the scheduled run did not copy the list"
+                await asyncio.sleep(0.2)
+            run_summary = await asyncio.wait_for(dev_env.client.get_workflow_handle(
+                user_batch_workflow_id(run[0][0]), result_type=Summary).result(), timeout=60)
+        finally:
+            await schedules.delete_recurring(dev_env.client, settings, schedule_id)
+        assert p.sql("select max_result_age_s from user_batches where id = %s", (run[0][0],)) == [(2 * 86400.0,)]
+        assert run_summary.by_state == {"verified": 60} and received(p) == 80  # all younger than 2 days now
+
         # An SDK client: 6 hours sends the 12-hour-old ones again (the 3-day-old ones are fresh now).
         sdk = await dev_env.client.start_workflow(
             UserBatchWorkflow.run,
@@ -72,4 +90,4 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
         with pytest.raises(WorkflowFailureError) as failure:
             await asyncio.wait_for(short.result(), timeout=30)
         assert "max_result_age_s 5.0" in str(failure.value.cause.cause)
-        assert p.sql("select count(*) from user_batches") == [(4,)]
+        assert p.sql("select count(*) from user_batches") == [(5,)]
