@@ -4,8 +4,10 @@ Workflows run for hours (the schedulers forever), so a deploy meets histories wr
 previous code. `tests/histories/<release>/` holds histories captured from the scenario tests of
 tests/test_workflows.py (`RECORD_HISTORIES=dir pytest tests/test_workflows.py`): polling,
 callbacks, lane and batch pause, cancel, continue-as-new; since v10 also the event dispatcher's
-(`RECORD_HISTORIES=dir pytest tests/test_events.py -k dead_subscriber`). A change that would break them needs
-`workflow.patched()`.
+(`RECORD_HISTORIES=dir pytest tests/test_events.py -k dead_subscriber`); v11 also the failure
+scenarios of tests/test_failures.py (a stuck batch finished early, credits, a refused key), picked
+so that every patch, activity, signal and event type recorded appears at least once. A change that
+would break them needs `workflow.patched()`.
 """
 
 from __future__ import annotations
