@@ -71,7 +71,7 @@ async def test_a_list_due_later_is_not_started_early_by_pause_or_resume(dev_env,
             assert code == 2 and f"user batch {ub} starts at " in err and "cancel" in err, (code, out, err)
         history = await client.get_workflow_handle(f"user-batch-{ub}").fetch_history()
         assert not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED for e in history.events)
-        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("receiving",)]
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("scheduled",)]
         code, out, err = await starter(env, "cancel", str(ub))
         assert code == 0 and out.strip() == f"user batch {ub}: cancelled", (out, err)
         assert p.sql("select state, count(*) from items where user_batch_id = %s group by 1", (ub,)) == [("cancelled", 10)]
