@@ -199,6 +199,10 @@ class Settings(BaseSettings):
     api_listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
     api_db_pool_size: int = Field(8, description="Postgres connections of the HTTP API process")
     api_max_upload_mb: int = Field(1024, description="Largest accepted upload body, MiB (larger: 413)")
+    api_submissions_per_hour: int = Field(
+        0, ge=0, description="Lists one user may submit through the HTTP API in any hour (more: 429 with Retry-After); "
+        "0: no limit"
+    )
 
     # Cleanup (a Temporal Schedule runs CleanupWorkflow; installed at worker start)
     cleanup_schedule: bool = Field(True, description="Worker start installs/updates the daily cleanup schedule")

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import parse_qsl
@@ -53,9 +54,10 @@ UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run 
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -147,7 +149,10 @@ def create_app(settings: Settings) -> Starlette:
         return resp
 
     async def on_api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, str(exc))
+        resp = error(exc.status, str(exc))
+        if exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
 
     async def on_db_down(_request: Request, exc: Exception) -> JSONResponse:
         return error(503, f"Postgres unreachable: {type(exc).__name__}; retry later")
@@ -355,6 +360,24 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
     return ub, stats, shown
 
 
+async def _within_hourly_limit(request: Request, limit: int) -> None:
+    """API_SUBMISSIONS_PER_HOUR: refuse a user's submission while `limit` of theirs are younger than
+    an hour, with the seconds until the oldest of them is not (checked as the request starts, so
+    requests that arrive together may all pass)."""
+    if not limit:
+        return
+    async with _services(request).pool.connection() as conn:
+        row = await (await conn.execute(  # the user's newest `limit` batches (the (user_id, id) index)
+            "select extract(epoch from min(created_at) + interval '1 hour' - now()), count(*)"
+            " from (select created_at from user_batches where user_id = %s order by id desc limit %s) t",
+            (_user(request), limit),
+        )).fetchone()
+    wait_s, recent = row
+    if recent >= limit and wait_s is not None and wait_s > 0:
+        raise ApiError(429, f"{limit} lists submitted in the last hour (API_SUBMISSIONS_PER_HOUR); "
+                            f"the next is accepted in {math.ceil(wait_s)} s", retry_after=math.ceil(wait_s))
+
+
 async def submit_batch(request: Request) -> JSONResponse:
     """Stream the body into Postgres (COPY, in one transaction) and start the UserBatchWorkflow."""
     services = _services(request)
@@ -363,6 +386,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     key = _idempotency_key(request)
     if key is not None and (replayed := await _replay(request, key)):
         return replayed  # a retried submission: nothing stored twice
+    await _within_hourly_limit(request, settings.api_submissions_per_hour)
     client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()

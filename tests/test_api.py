@@ -286,6 +286,33 @@ async def test_a_repeated_idempotency_key_returns_the_first_batch_and_stores_not
         assert conn.execute("select count(*) from user_batches where user_id = 'dora'").fetchone() == (3,)
 
 
+async def test_a_user_over_api_submissions_per_hour_gets_a_429_with_retry_after(dev_env, api_settings):
+    """API_SUBMISSIONS_PER_HOUR=2: a user's third list within the hour is refused and nothing is
+    stored; a replayed Idempotency-Key still answers; another user is not limited by it."""
+    fay, gus = new_key(api_settings, "fay"), new_key(api_settings, "gus")
+    with api_process(api_settings, dev_env.client.service_client.config.target_host,
+                     API_SUBMISSIONS_PER_HOUR="2") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            for i in range(2):
+                ok = await http.post("/v1/batches", headers={**fay, "Idempotency-Key": f"f{i}"}, json=[f"f{i}@x.example"])
+                assert ok.status_code == 201, ok.text
+            third = await http.post("/v1/batches", headers=fay, json=["f2@x.example"])
+            assert third.status_code == 429, third.text
+            assert "API_SUBMISSIONS_PER_HOUR" in third.json()["error"]
+            assert 3500 <= int(third.headers["retry-after"]) <= 3600
+            replay = await http.post("/v1/batches", headers={**fay, "Idempotency-Key": "f0"}, json=["f0@x.example"])
+            assert replay.status_code == 200  # a retry of an accepted list is not a new one
+            assert (await http.post("/v1/batches", headers=gus, json=["g@x.example"])).status_code == 201
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from user_batches where user_id = 'fay'").fetchone() == (2,)
+        # An hour later (the batches aged), fay may submit again: the limit counts a rolling hour.
+        conn.execute("update user_batches set created_at = created_at - interval '61 minutes' where user_id = 'fay'")
+    with api_process(api_settings, dev_env.client.service_client.config.target_host,
+                     API_SUBMISSIONS_PER_HOUR="2") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            assert (await http.post("/v1/batches", headers=fay, json=["f2@x.example"])).status_code == 201
+
+
 async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_settings, api_url):
     auth = new_key(api_settings, "carol")
     admin = new_key(api_settings, "ops", admin=True)
