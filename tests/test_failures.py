@@ -370,9 +370,9 @@ async def test_a_batch_stuck_past_its_deadline_is_finished_early_requeued_and_de
 
 
 async def test_a_batch_finished_early_keeps_what_it_verified_and_sends_only_the_rest_again(dev_env, db_url, tmp_path):
-    """Real time: the sandbox verifies 20 addresses a second, so a 200-address batch needs 10 s; its
+    """Real time: the sandbox verifies 10 addresses a second, so a 200-address batch needs 20 s; its
     deadline is 2 s. Finished early, the part it verified (paid for) is stored and never sent again."""
-    with running_sandbox("slow-key", "--speed", "20") as slow:
+    with running_sandbox("slow-key", "--speed", "10") as slow:
         settings = make_settings(db_url, slow, batch_size=200, poll_interval_s=0.5, batch_deadline_s=2,
                                  max_address_attempts=2)
         async with running_pipeline(dev_env.client, settings) as p:
