@@ -386,18 +386,15 @@ class UserBatchActivities:
         self.pool = pool
         self.client = client
 
-    async def _freshness(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> dict[str, float]:
-        """`Settings.freshness()` for this user batch: capped by its `max_result_age_s` (a recurring run's)."""
-        await cur.execute("select max_result_age_s from user_batches where id = %s", (user_batch_id,))
-        row = await cur.fetchone()
-        return self.settings.freshness(row[0] if row else None)
-
-    async def _lanes_and_state(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> tuple[list[str], str]:
-        await cur.execute("select lanes, state from user_batches where id = %s for update", (user_batch_id,))
+    async def _lanes_and_state(self, cur: psycopg.AsyncCursor, user_batch_id: int) -> tuple[list[str], str, dict]:
+        """The batch's lanes and state (its row locked), and `Settings.freshness()` capped by its
+        `max_result_age_s` (a recurring run's, or `--max-age`)."""
+        await cur.execute("select lanes, state, max_result_age_s from user_batches where id = %s for update",
+                          (user_batch_id,))
         row = await cur.fetchone()
         if row is None:
             raise ApplicationError(f"user batch {user_batch_id} does not exist", non_retryable=True)
-        return list(row[0]), row[1]
+        return list(row[0]), row[1], self.settings.freshness(row[2])
 
     @activity.defn
     async def register_user_batch(self, request: RegisterRequest) -> int:
@@ -461,9 +458,8 @@ class UserBatchActivities:
     async def _prepare(self, user_batch_id: int) -> list[str]:
         """One attempt in one transaction; returns the batch's lanes."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            lanes, state, ttl = await self._lanes_and_state(cur, user_batch_id)
             if state in STARTING:
-                ttl = await self._freshness(cur, user_batch_id)
                 # Sorts of a 100k-row list spill to disk at the default 4 MB.
                 await cur.execute("set local work_mem = '64MB'")
                 p = {"ub": user_batch_id}
@@ -618,7 +614,7 @@ class UserBatchActivities:
         """Pause: withdraw unclaimed addresses (in-flight ones finish). Resume: enqueue again."""
         ub = request.user_batch_id
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            lanes, state = await self._lanes_and_state(cur, ub)
+            lanes, state, ttl = await self._lanes_and_state(cur, ub)
             if request.paused and state == "queued":
                 await cur.execute("update user_batches set state = 'paused' where id = %s", (ub,))
                 for lane in lanes:
@@ -633,7 +629,6 @@ class UserBatchActivities:
                     )
             elif not request.paused and state == "paused":
                 await cur.execute("update user_batches set state = 'queued' where id = %s", (ub,))
-                ttl = await self._freshness(cur, ub)
                 for lane in lanes:
                     await enqueue_lane(cur, ub, lane, ttl)
         return await self.read_progress(ub)
@@ -643,7 +638,7 @@ class UserBatchActivities:
     async def cancel_user_batch(self, user_batch_id: int) -> Summary:
         """Withdraw queued addresses, mark unresolved rows cancelled, end the batch `cancelled`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            lanes, state, _ttl = await self._lanes_and_state(cur, user_batch_id)
             if state not in FINISHED_STATES:
                 for lane in lanes:
                     await release_unclaimed(cur, user_batch_id, lane)
@@ -672,7 +667,7 @@ class UserBatchActivities:
     async def finalize_user_batch(self, user_batch_id: int) -> Summary:
         """Rows whose address was dead-lettered become `failed`; the batch ends `completed`."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            lanes, state = await self._lanes_and_state(cur, user_batch_id)
+            lanes, state, _ttl = await self._lanes_and_state(cur, user_batch_id)
             if state not in FINISHED_STATES:
                 summary = await self._summarize(user_batch_id, cur=cur, state="completed")
                 if summary.by_state.get("pending"):  # rows left without a result: dead-lettered

@@ -1,5 +1,3 @@
 -- A user batch may reuse only results younger than this (seconds; NULL: RESULT_TTL_DAYS). A
 -- recurring run sets half its period, so each run verifies its list again.
 alter table user_batches add column max_result_age_s double precision;
--- (No schema change for it: a user batch submitted with `--at` is in state `scheduled` until its
--- workflow starts and prepares it.)
