@@ -118,16 +118,21 @@ async def store_incoming(cur: psycopg.AsyncCursor, p: dict, records: int, folded
 async def resolve(cur: psycopg.AsyncCursor, p: dict) -> None:
     """Move the batch's queue rows that now have a fresh result into the `resolved` temp table.
 
-    Fresh by RESULT_TTL_DAYS, not by a list's own `max_result_age_s`: the batch's results were
-    just written. (An address the download left out but with an older result is settled by it.)"""
+    Fresh for its list (`max_result_age_s`): an address the download left out, whose result is
+    older than its list's cap, stays queued to be sent again. (`parts` is materialized so that
+    each part's list is looked up once, not once per queue row.)"""
     await cur.execute(
         f"""
-        with d as (
-            delete from queue q using bouncer_batch_parts bp
-            where bp.bouncer_batch_id = %(bb)s and q.user_batch_id = bp.user_batch_id and q.lane = %(lane)s
-              and q.seq >= bp.seq_from and q.seq < bp.seq_to
+        with parts as materialized (
+            select bp.user_batch_id, bp.seq_from, bp.seq_to, b.max_result_age_s as cap
+            from bouncer_batch_parts bp join user_batches b on b.id = bp.user_batch_id
+            where bp.bouncer_batch_id = %(bb)s),
+        d as (
+            delete from queue q using parts p
+            where q.user_batch_id = p.user_batch_id and q.lane = %(lane)s
+              and q.seq >= p.seq_from and q.seq < p.seq_to
               and exists (select 1 from results r where r.address_id = q.address_id and r.lane = %(lane)s
-                          and {fresh_result("r")})
+                          and {fresh_result("r", cap="p.cap")})
             returning q.user_batch_id, q.address_id)
         insert into resolved select * from d
         """,

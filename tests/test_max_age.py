@@ -24,7 +24,9 @@ def _emails(n: int) -> list[str]:
 
 
 def received(p) -> int:
-    return httpx.get(f"{p.settings.bouncer_base_url}/_sandbox/stats").json()["addresses_received"]
+    """Addresses the sandbox got (`p`: a running pipeline, or the sandbox itself)."""
+    url = p.url if hasattr(p, "url") else p.settings.bouncer_base_url
+    return httpx.get(f"{url}/_sandbox/stats").json()["addresses_received"]
 
 
 async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sandbox, tmp_path):
@@ -91,3 +93,43 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
             await asyncio.wait_for(short.result(), timeout=30)
         assert "max_result_age_s 5.0" in str(failure.value.cause.cause)
         assert p.sql("select count(*) from user_batches") == [(5,)]
+
+
+async def test_an_address_the_download_leaves_out_is_sent_again_not_settled_by_a_result_older_than_the_cap(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """The API's download leaves one address out. Its result from 10 days ago is fresh by
+    RESULT_TTL_DAYS but not by the list's 1-day cap: it is sent again, not settled by that result."""
+    from starlette.responses import JSONResponse
+    from test_failures import proxy
+
+    left_out = "aged3@age3.example"
+    dropped = []
+
+    def leave_one_out(request, answer):
+        if not request.url.path.endswith("/download") or dropped:
+            return None
+        records = json.loads(answer.content)
+        kept = [r for r in records if r["email"] != left_out]
+        dropped.append(len(records) - len(kept))
+        return JSONResponse(kept)
+
+    path = write_list(tmp_path / "aged.csv", _emails(10))
+    async with proxy(sandbox.url, after=leave_one_out) as url:
+        settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=url)
+        async with running_pipeline(dev_env.client, settings) as p:
+            dropped.append(0)  # the first list's download is left whole
+            first: Summary = await asyncio.wait_for((await p.submit_file(path, "ada")).result(), timeout=60)
+            assert first.by_state == {"verified": 10} and received(sandbox) == 10
+            p.sql("update results set verified_at = now() - interval '10 days' returning 1")
+            dropped.clear()
+
+            capped = await dev_env.client.start_workflow(
+                UserBatchWorkflow.run,
+                UserBatchInput(source=SourceSpec(uri=str(path), user_id="ada", max_result_age_s=86400.0)),
+                id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
+            summary: Summary = await asyncio.wait_for(capped.result(), timeout=90)
+            assert dropped == [1]
+            assert summary.by_state == {"verified": 10}
+            assert received(sandbox) == 10 + 10 + 1  # the left-out address once more
+            assert p.sql("select count(*) from results where verified_at < now() - interval '1 day'") == [(0,)]
