@@ -358,8 +358,9 @@ def status(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch)")] = 2.0,
     count: Annotated[int, typer.Option(help="Stop after this many refreshes (--watch; 0: never)")] = 0,
 ) -> None:
-    """A user batch's counts, or the overview: lanes, queues, in-flight batches, API use, credits,
-    dead letters and recent user batches."""
+    """A user batch's counts, or the overview of lanes, queues, API use, credits and dead letters.
+
+    The overview also lists in-flight Bouncer batches and recent user batches."""
     s = settings()
     with db_connect(s) as conn:
         if user_batch_id is not None:
@@ -856,8 +857,9 @@ def events_retry(
 
 @app.command()
 def health(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False) -> None:
-    """Temporal, Postgres, schema, workers, schedulers, Bouncer and credits, backlog, failures and
-    rate-limit use against the alert thresholds. Exit code 0 healthy, 1 degraded, 2 down.
+    """Check every part against the alert thresholds. Exit code 0 healthy, 1 degraded, 2 down.
+
+    Covers Temporal, Postgres, schema, workers, schedulers, Bouncer, credits, backlog, failures, rate limits.
 
     Crossing a threshold (or clearing it) records one event in `events`."""
     from ops.health import check
@@ -1122,8 +1124,9 @@ def dlq_retry(
     user: UserOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Send dead-lettered addresses again through the normal path; their user batches wait for them
-    (a completed one is reopened and finalizes again)."""
+    """Send dead-lettered addresses again through the normal path.
+
+    Their user batches wait for them (a completed one is reopened and finalizes again)."""
     from activities.dead_letters import requeue_dead_letters, wake_after_retry
 
     s = settings()
