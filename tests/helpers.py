@@ -19,6 +19,7 @@ from temporalio.client import Client, WorkflowHandle
 
 import callbacks
 import db
+from bouncer.client import BouncerClient
 from activities.events import DISPATCHER_ID
 from activities.ingest import copy_items
 from devstack import free_port
@@ -64,6 +65,7 @@ def make_settings(db_url: str, sandbox, **overrides) -> Settings:
 class Pipeline:
     client: Client
     settings: Settings
+    bouncer: BouncerClient | None = None  # the deliverability lane's client of the API workers
 
     async def submit_file(
         self, path: Path, user: str, priority: str = "normal", lanes: tuple[str, ...] = ("deliverability",),
@@ -119,7 +121,7 @@ async def running_pipeline(
             while not server.started:
                 await asyncio.sleep(0.02)
         try:
-            yield Pipeline(client, settings)
+            yield Pipeline(client, settings, bouncer)
         finally:
             for wid in (*map(scheduler_id, LANES), DISPATCHER_ID):
                 with contextlib.suppress(Exception):

@@ -26,7 +26,7 @@ import httpx
 import psycopg
 import pytest
 from temporalio import workflow
-from temporalio.api.enums.v1 import EventType
+from temporalio.api.enums.v1 import EventType, PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.exceptions import CancelledError
 from temporalio.service import RPCError, RPCStatusCode
@@ -569,6 +569,39 @@ async def test_cancelling_a_user_batch_during_an_activity_still_withdraws_it(ski
         assert p.sql("select count(*) from queue where user_batch_id = %s", (ub,)) == [(0,)]
         assert "pending" not in item_states(p, ub)
         assert "cancel_user_batch" in scheduled_activities(await events(env.client, handle.id))
+
+
+async def test_a_list_cancelled_while_its_batch_waits_for_its_creation_turn_is_not_sent(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """A submit takes its creation turn (the in-process gate of the API's creation limit) before
+    it builds the request body. A list cancelled while its batch waits for that turn is left out
+    of the body: not sent, not paid for."""
+    settings = make_settings(db_url, sandbox, batch_size=100, bouncer_max_concurrency=1, standby_batches=0)
+    async with running_pipeline(dev_env.client, settings) as p:
+        async with p.bouncer.create_gate:  # the gate's one slot: every creation waits for it
+            handle = await p.submit_file(write_list(tmp_path / "g.csv", emails("g", 50)), "gia")
+
+            async def submit_waits() -> bool:
+                ids = p.sql("select id from bouncer_batches")
+                if not ids:
+                    return False
+                wid = bouncer_batch_workflow_id(LANE, ids[0][0])
+                pending = (await dev_env.client.get_workflow_handle(wid).describe()).raw_description.pending_activities
+                return any(a.activity_type.name == "submit_batch"
+                           and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED for a in pending)
+
+            await eventually(submit_waits, "the Bouncer batch's submit to wait for its creation turn")
+            await handle.cancel()
+            await eventually(lambda: p.sql("select state from user_batches where id = %s", (ub_id(handle),))
+                             == [("cancelled",)], "the list to be cancelled")
+        with pytest.raises(WorkflowFailureError):
+            await asyncio.wait_for(handle.result(), timeout=30)
+        await eventually(lambda: p.sql("select state from bouncer_batches") == [("stored",)], "the batch to end")
+        assert p.sql("select sent, provider_batch_id from bouncer_batches") == [(0, None)]
+        stats = sandbox_stats(sandbox)
+        assert stats["batches_created"] == 0 and stats["addresses_received"] == 0
+        assert item_states(p, ub_id(handle)) == {"cancelled": 50}
 
 
 async def _has_event(client: Client, workflow_id: str, event_type) -> bool:
