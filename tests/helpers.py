@@ -19,9 +19,9 @@ from temporalio.client import Client, WorkflowHandle
 
 import callbacks
 import db
-from bouncer.client import BouncerClient
 from activities.events import DISPATCHER_ID
 from activities.ingest import copy_items
+from bouncer.client import BouncerClient
 from devstack import free_port
 from sandbox.app import CATCHALL_PREFIX
 from settings import CATCHALL, LANES, Settings

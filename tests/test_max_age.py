@@ -23,10 +23,8 @@ def _emails(n: int) -> list[str]:
     return [f"aged{i}@age{i % 5}.example" for i in range(n)]
 
 
-def received(p) -> int:
-    """Addresses the sandbox got (`p`: a running pipeline, or the sandbox itself)."""
-    url = p.url if hasattr(p, "url") else p.settings.bouncer_base_url
-    return httpx.get(f"{url}/_sandbox/stats").json()["addresses_received"]
+def received(sandbox) -> int:
+    return httpx.get(f"{sandbox.url}/_sandbox/stats").json()["addresses_received"]
 
 
 async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sandbox, tmp_path):
@@ -40,7 +38,7 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
               " (select id from addresses order by id limit 20) returning 1")
         p.sql("update results set verified_at = now() - interval '12 hours' where address_id in"
               " (select id from addresses order by id offset 20 limit 20) returning 1")
-        assert received(p) == 60
+        assert received(sandbox) == 60
 
         # The CLI: --max-age 2d sends the 20 results older than 2 days again, reuses the other 40.
         code, out, err = await starter(settings_env(settings, dev_env.client.service_client.config.target_host),
@@ -49,7 +47,7 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
         assert code == 0, err
         doc = json.loads(out)
         assert doc["by_state"] == {"verified": 60}
-        assert received(p) == 80
+        assert received(sandbox) == 80
         assert p.sql("select max_result_age_s from user_batches where id = %s", (doc["user_batch_id"],)) == [
             (2 * 86400.0,)]
 
@@ -67,7 +65,7 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
         finally:
             await schedules.delete_recurring(dev_env.client, settings, schedule_id)
         assert p.sql("select max_result_age_s from user_batches where id = %s", (run[0][0],)) == [(2 * 86400.0,)]
-        assert run_summary.by_state == {"verified": 60} and received(p) == 80  # all younger than 2 days now
+        assert run_summary.by_state == {"verified": 60} and received(sandbox) == 80  # all younger than 2 days now
 
         # An SDK client: 6 hours sends the 12-hour-old ones again (the 3-day-old ones are fresh now).
         sdk = await dev_env.client.start_workflow(
@@ -75,11 +73,11 @@ async def test_max_age_reverifies_only_results_older_than_it(dev_env, db_url, sa
             UserBatchInput(source=SourceSpec(uri=str(path), user_id="ada", max_result_age_s=6 * 3600.0)),
             id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
         assert (await asyncio.wait_for(sdk.result(), timeout=60)).by_state == {"verified": 60}
-        assert received(p) == 100
+        assert received(sandbox) == 100
 
         # Without a cap the same list reuses all 60.
         again: Summary = await asyncio.wait_for((await p.submit_file(path, "ada")).result(), timeout=60)
-        assert again.by_state == {"verified": 60} and received(p) == 100
+        assert again.by_state == {"verified": 60} and received(sandbox) == 100
 
         # Refused with the reason, nothing stored: a cap under a minute, an unreadable one.
         for bad, words in (("30s", "shorter than 1m"), ("soon", "cannot read duration")):
@@ -103,33 +101,33 @@ async def test_an_address_the_download_leaves_out_is_sent_again_not_settled_by_a
     from starlette.responses import JSONResponse
     from test_failures import proxy
 
-    left_out = "aged3@age3.example"
-    dropped = []
+    to_leave_out: list[str] = []  # an address to leave out of the next download
+    left_out: list[int] = []  # how many records each such download lost
 
     def leave_one_out(request, answer):
-        if not request.url.path.endswith("/download") or dropped:
+        if not request.url.path.endswith("/download") or not to_leave_out:
             return None
+        email = to_leave_out.pop()
         records = json.loads(answer.content)
-        kept = [r for r in records if r["email"] != left_out]
-        dropped.append(len(records) - len(kept))
+        kept = [r for r in records if r["email"] != email]
+        left_out.append(len(records) - len(kept))
         return JSONResponse(kept)
 
     path = write_list(tmp_path / "aged.csv", _emails(10))
     async with proxy(sandbox.url, after=leave_one_out) as url:
         settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=url)
         async with running_pipeline(dev_env.client, settings) as p:
-            dropped.append(0)  # the first list's download is left whole
             first: Summary = await asyncio.wait_for((await p.submit_file(path, "ada")).result(), timeout=60)
             assert first.by_state == {"verified": 10} and received(sandbox) == 10
             p.sql("update results set verified_at = now() - interval '10 days' returning 1")
-            dropped.clear()
+            to_leave_out.append("aged3@age3.example")
 
             capped = await dev_env.client.start_workflow(
                 UserBatchWorkflow.run,
                 UserBatchInput(source=SourceSpec(uri=str(path), user_id="ada", max_result_age_s=86400.0)),
                 id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
             summary: Summary = await asyncio.wait_for(capped.result(), timeout=90)
-            assert dropped == [1]
+            assert left_out == [1]
             assert summary.by_state == {"verified": 10}
             assert received(sandbox) == 10 + 10 + 1  # the left-out address once more
             assert p.sql("select count(*) from results where verified_at < now() - interval '1 day'") == [(0,)]
