@@ -63,6 +63,10 @@ class Settings(BaseSettings):
         "postgresql://postgres@localhost:5432/postgres", description="Postgres connection URL"
     )
     db_pool_size: int = Field(8, description="Connections per worker process")
+    ingest_chunk_rows: int = Field(
+        50_000, ge=1_000, description="Rows of a list fetched from a URI committed per transaction: a worker killed "
+        "mid-file resumes after the last committed chunk"
+    )
 
     # Bouncer API
     bouncer_base_url: str = Field("https://api.usebouncer.com", description="Bouncer API base URL")

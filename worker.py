@@ -63,7 +63,7 @@ def build_workers(
     """The workers of a host; shared by worker.py and the tests. `catchall` is the catchall
     lane's API client (its two task queues are served only when it is given)."""
     user_batches = UserBatchActivities(settings, pool, client)
-    ingest = IngestActivities(settings.database_url)
+    ingest = IngestActivities(settings.database_url, settings.ingest_chunk_rows)
     packing = PackingActivities(pool, settings.max_in_flight_per_user, client)
     events = EventActivities(settings, pool)
     recurring = RecurringActivities(pool)

@@ -106,7 +106,8 @@ async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_ur
     total = 200_000
     path = write_list(tmp_path / "big.csv", _emails("big", total))
     settings = make_settings(db_url, sandbox)
-    first = _worker(dev_env, settings)
+    chunks = {"INGEST_CHUNK_ROWS": "10000"}  # 20 chunks: the kill lands mid-file even on a loaded machine
+    first = _worker(dev_env, settings, **chunks)
     second = None
     try:
         handle = await _start(dev_env.client, settings, SourceSpec(uri=str(path), user_id="big"),
@@ -115,14 +116,14 @@ async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_ur
         with psycopg.connect(db_url, autocommit=True) as conn:
             while True:  # kill once some chunks are committed, well before the end
                 (n,) = conn.execute("select count(*) from items").fetchone()
-                if n >= 50_000:
+                if n >= 20_000:
                     break
                 assert time.monotonic() < deadline, "ingest did not start"
                 await asyncio.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
         assert n < total, "the worker finished the file before it could be killed"
-        second = _worker(dev_env, settings)
+        second = _worker(dev_env, settings, **chunks)
         summary = await asyncio.wait_for(handle.result(), timeout=240)
 
         assert summary.rows == total and summary.by_state == {"verified": total}
