@@ -627,7 +627,7 @@ def copy_items_resumable(
 class IngestActivities:
     """The ingest activity of SDK submissions: the worker streams the source itself."""
 
-    def __init__(self, database_url: str, chunk_rows: int = 50_000) -> None:
+    def __init__(self, database_url: str, chunk_rows: int) -> None:
         self.database_url = database_url
         self.chunk_rows = chunk_rows
 
