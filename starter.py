@@ -256,6 +256,7 @@ def submit(
         "workflow_id": user_batch_workflow_id(ub_id),
         "rows": stats.rows,
         "invalid": stats.invalid,
+        "invalid_rows": [{"row": line, "reason": why} for line, why in stats.invalid_rows],
         "ingest_s": round(ingest_s, 3),
     }
     if summary is not None:
@@ -279,10 +280,23 @@ def submit(
         out.print(f"user batch [bold]{ub_id}[/bold]: {stats.rows:,} rows ({stats.invalid:,} invalid) "
                   f"read in {ingest_s:.1f}s; workflow {result['workflow_id']}"
                   + (f", starts at {start_at:%Y-%m-%d %H:%M:%S %Z}" if start_at else ""))
+        print_invalid_rows(ub_id, stats)
         if period is not None:
             out.print(f"re-verified every {period} by schedule {result['schedule_id']} (`starter.py schedules list`)")
         if summary is not None:
             print_summary(summary)
+
+
+INVALID_ROWS_PRINTED = 10
+
+
+def print_invalid_rows(ub_id: int, stats) -> None:
+    """The first invalid rows with their line numbers and reasons (on stderr), and where the rest are."""
+    for line, why in stats.invalid_rows[:INVALID_ROWS_PRINTED]:
+        err.print(f"  line {line:,}: {why}", highlight=False, markup=False)
+    if stats.invalid > INVALID_ROWS_PRINTED:
+        err.print(f"  ... {stats.invalid - INVALID_ROWS_PRINTED:,} more invalid rows: "
+                  f"`starter.py results {ub_id} --status invalid`", highlight=False, markup=False)
 
 
 def _max_age(text: str | None) -> float | None:

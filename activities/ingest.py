@@ -16,7 +16,7 @@ import itertools
 import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -93,12 +93,16 @@ def _normalize_slow(value: str) -> tuple[str | None, str | None]:
     return email, None
 
 
+INVALID_ROWS_KEPT = 100  # invalid rows a submission reports at once (all are in `items`)
+
+
 @dataclass
 class IngestStats:
     rows: int = 0
     pending: int = 0
     invalid: int = 0
     bytes_read: int = 0
+    invalid_rows: list[tuple[int, str]] = field(default_factory=list)  # the first (line, reason)
 
 
 @dataclass
@@ -462,6 +466,8 @@ class _ItemWriter:
         raw = copy_text(cell[:1000])
         if email is None:
             stats.invalid += 1
+            if len(stats.invalid_rows) < INVALID_ROWS_KEPT:
+                stats.invalid_rows.append((row_no, reason or ""))
             self.lines.append(f"{self.prefix}{row_no}\t{raw}\t\\N\tinvalid\t{copy_text(reason or '')}\n")
         else:
             stats.pending += 1

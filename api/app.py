@@ -49,7 +49,6 @@ from workflows.models import scheduler_id, user_batch_workflow_id
 
 MAX_BIGINT = 2**63 - 1
 log = logging.getLogger("api")
-INVALID_ROWS_SHOWN = 100
 UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run the update
 
 
@@ -332,14 +331,6 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
 
     Any failure (bad body, client gone) rolls the whole submission back: nothing half-stored.
     """
-    shown: list[dict] = []
-
-    def watch(it):
-        for row in it:
-            if row[2] is None and len(shown) < INVALID_ROWS_SHOWN:
-                shown.append({"row": row[0], "reason": row[3]})
-            yield row
-
     with psycopg.connect(settings.database_url) as conn, conn.transaction():
         try:
             (ub,) = conn.execute(
@@ -350,14 +341,14 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
             ).fetchone()
         except psycopg.errors.UniqueViolation:
             raise KeyUsed() from None
-        stats = copy_rows(conn, ub, watch(rows))
+        stats = copy_rows(conn, ub, rows)
         if stats.rows == 0:
             raise BadBody("the list has no rows")
         conn.execute(
             "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
             (stats.rows, user_batch_workflow_id(ub), ub),
         )
-    return ub, stats, shown
+    return ub, stats, [{"row": line, "reason": why} for line, why in stats.invalid_rows]
 
 
 async def _within_hourly_limit(request: Request, limit: int) -> None:

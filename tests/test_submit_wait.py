@@ -22,6 +22,7 @@ async def test_submit_wait_json_prints_the_summary_or_the_cancelled_batch_with_e
         assert code == 0, err
         doc = json.loads(out)
         assert doc["state"] == "completed" and doc["rows"] == 31 and doc["invalid"] == 1
+        assert doc["invalid_rows"] == [{"row": 32, "reason": "missing @"}]  # line 32: after the header and 30
         assert doc["by_state"] == {"verified": 30, "invalid": 1}
         assert sum(doc["by_status"].values()) == 30
 
@@ -31,6 +32,16 @@ async def test_submit_wait_json_prints_the_summary_or_the_cancelled_batch_with_e
             code, out, err = await starter(env, "submit", str(tmp_path / name), "--user", "wanda", "--json")
             assert (code, out) == (2, "") and "has no rows (empty, or a header only)" in err, err
         assert p.sql("select count(*) from user_batches where name like '%%.csv' and name <> 'done.csv'") == [(0,)]
+
+        # Without --json the first 10 invalid rows are printed with their lines, then where the rest are.
+        bad = write_list(tmp_path / "bad.csv", ["ok@x.example"] + [f"bad{i}" for i in range(12)])
+        code, out, err = await starter(env, "submit", str(bad), "--user", "wanda")
+        assert code == 0, err
+        ub = int(out.split()[2].rstrip(":"))
+        assert f"user batch {ub}: 13 rows (12 invalid)" in out
+        assert [ln.strip() for ln in err.splitlines() if ln.strip().startswith("line ")] == [
+            f"line {n}: missing @" for n in range(3, 13)]
+        assert f"... 2 more invalid rows: `starter.py results {ub} --status invalid`" in err
 
         # Held by a paused lane, then cancelled from another process while the CLI waits.
         code, _, err = await starter(env, "pause", "--lane", "deliverability")
