@@ -42,7 +42,7 @@ from temporalio.service import RPCError
 import schedules
 import temporal_client
 from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
-from activities.ingest import UnreadableInput, copy_items
+from activities.ingest import IngestStats, UnreadableInput, copy_items
 from activities.user_batches import in_lane_order, lane_problem
 from db import outcomes
 from devstack import DevStack
@@ -256,7 +256,7 @@ def submit(
         "workflow_id": user_batch_workflow_id(ub_id),
         "rows": stats.rows,
         "invalid": stats.invalid,
-        "invalid_rows": [{"row": line, "reason": why} for line, why in stats.invalid_rows],
+        "invalid_rows": stats.invalid_rows,
         "ingest_s": round(ingest_s, 3),
     }
     if summary is not None:
@@ -290,10 +290,10 @@ def submit(
 INVALID_ROWS_PRINTED = 10
 
 
-def print_invalid_rows(ub_id: int, stats) -> None:
+def print_invalid_rows(ub_id: int, stats: IngestStats) -> None:
     """The first invalid rows with their line numbers and reasons (on stderr), and where the rest are."""
-    for line, why in stats.invalid_rows[:INVALID_ROWS_PRINTED]:
-        err.print(f"  line {line:,}: {why}", highlight=False, markup=False)
+    for bad in stats.invalid_rows[:INVALID_ROWS_PRINTED]:
+        err.print(f"  line {bad['row']:,}: {bad['reason']}", highlight=False, markup=False)
     if stats.invalid > INVALID_ROWS_PRINTED:
         err.print(f"  ... {stats.invalid - INVALID_ROWS_PRINTED:,} more invalid rows: "
                   f"`starter.py results {ub_id} --status invalid`", highlight=False, markup=False)

@@ -102,7 +102,7 @@ class IngestStats:
     pending: int = 0
     invalid: int = 0
     bytes_read: int = 0
-    invalid_rows: list[tuple[int, str]] = field(default_factory=list)  # the first (line, reason)
+    invalid_rows: list[dict] = field(default_factory=list)  # the first: {"row": line, "reason": why}
 
 
 @dataclass
@@ -467,7 +467,7 @@ class _ItemWriter:
         if email is None:
             stats.invalid += 1
             if len(stats.invalid_rows) < INVALID_ROWS_KEPT:
-                stats.invalid_rows.append((row_no, reason or ""))
+                stats.invalid_rows.append({"row": row_no, "reason": reason or ""})
             self.lines.append(f"{self.prefix}{row_no}\t{raw}\t\\N\tinvalid\t{copy_text(reason or '')}\n")
         else:
             stats.pending += 1

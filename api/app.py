@@ -38,7 +38,7 @@ import db
 import schedules
 from db import outcomes
 import temporal_client
-from activities.ingest import UnreadableInput, copy_rows
+from activities.ingest import IngestStats, UnreadableInput, copy_rows
 from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
 from api.uploads import BadBody, charset_codec, csv_rows, decoded, json_rows, limited, multipart_file, pull
@@ -326,7 +326,7 @@ async def _replay(request: Request, key: str) -> JSONResponse | None:
 
 
 def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
-            key: str | None = None) -> tuple[int, object, list[dict]]:
+            key: str | None = None) -> tuple[int, IngestStats]:
     """In a worker thread: one transaction creates the user batch and COPYs its rows.
 
     Any failure (bad body, client gone) rolls the whole submission back: nothing half-stored.
@@ -348,7 +348,7 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
             "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
             (stats.rows, user_batch_workflow_id(ub), ub),
         )
-    return ub, stats, [{"row": line, "reason": why} for line, why in stats.invalid_rows]
+    return ub, stats
 
 
 async def _within_hourly_limit(request: Request, limit: int) -> None:
@@ -400,7 +400,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     else:
         rows, source = csv_rows(decoded(pull(body, loop), codec), opts["column"]), "api: csv body"
     try:
-        ub, stats, shown = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key)
+        ub, stats = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key)
     except KeyUsed:
         return await _replay(request, key)
     except BadBody as exc:
@@ -421,7 +421,7 @@ async def submit_batch(request: Request) -> JSONResponse:
             await conn.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub,))
         raise ApiError(503, f"user batch {ub} stored but its workflow did not start: {exc.message}") from None
     doc = {"id": ub, "workflow_id": user_batch_workflow_id(ub), "state": "receiving", "rows": stats.rows,
-           "invalid": stats.invalid, "invalid_rows": shown}
+           "invalid": stats.invalid, "invalid_rows": stats.invalid_rows}
     return JSONResponse(doc, status_code=201, headers={"Location": f"/v1/batches/{ub}"})
 
 
