@@ -18,7 +18,6 @@ Exit codes: 0 ok, 1 failed, 2 bad input or unknown id.
 from __future__ import annotations
 
 import asyncio
-import csv
 import os
 import sys
 import time
@@ -591,32 +590,42 @@ def results(
         raise fail(f"--{problem}")
     s = settings()
     with db_connect(s) as conn:
-        columns = outcomes.columns(load_batch(conn, user_batch_id, user)[4])
+        batch = load_batch(conn, user_batch_id, user)
+        columns = outcomes.columns(batch[4])
         try:
-            sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+            sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
         except OSError as exc:
             raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
+        params = {"ub": user_batch_id, "f": status_filter}
         n = 0
-        try:
-            with conn.cursor(name="results") as cur:  # server-side: streams, never the whole list in memory
-                cur.itersize = 10_000
-                cur.execute(outcomes.QUERY, {"ub": user_batch_id, "f": status_filter})
+        # A bar while a file is written (stdout carries the rows); its total is known without a filter.
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, disable=output is None, transient=True) as bar:
+            task = bar.add_task(f"writing {output.name if output else ''}", total=None if status_filter else batch[6])
+            try:
                 if fmt is Format.csv:
-                    w = csv.writer(sink)
-                    w.writerow(columns)
-                    for r in cur:
-                        n += 1
-                        w.writerow(outcomes.row(r, len(columns)))
+                    sink.write(outcomes.csv_header(columns))
+                    # COPY streams the rows as Postgres renders them, one message per row.
+                    with conn.cursor().copy(outcomes.csv_copy(columns), params) as copy:
+                        for data in copy:
+                            sink.write(data)
+                            n += 1
+                            if not n % 10_000:
+                                bar.update(task, completed=n)
                 else:
-                    sink.write("[")
-                    for r in cur:
-                        doc = dict(zip(columns, outcomes.row(r, len(columns))))
-                        sink.write(("," if n else "") + "\n" + orjson.dumps(doc).decode())
-                        n += 1
-                    sink.write("\n]\n")
-        finally:
-            if output:
-                sink.close()
+                    with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
+                        cur.execute(outcomes.json_query(columns), params)
+                        sink.write(b"[")
+                        while docs := cur.fetchmany(10_000):
+                            sink.write(outcomes.json_chunk([d for (d,) in docs], first=not n))
+                            n += len(docs)
+                            bar.update(task, completed=n)
+                        sink.write(b"\n]\n")
+            finally:
+                if output:
+                    sink.close()
+                else:
+                    sink.flush()
     if output:
         err.print(f"{n:,} rows written to {output}")
 

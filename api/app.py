@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
 import logging
 import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from urllib.parse import parse_qsl
 
-import orjson
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
@@ -467,31 +464,26 @@ async def get_results(request: Request) -> Response:
 
 async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str | None, fmt: str,
                          columns: tuple[str, ...]) -> AsyncIterator[bytes]:
+    params = {"ub": ub, "f": status_filter}
     async with pool.connection() as conn, conn.transaction():
-        async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
-            cur.itersize = 5_000
-            await cur.execute(outcomes.QUERY, {"ub": ub, "f": status_filter})
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            if fmt == "csv":
-                w.writerow(columns)
-            else:
-                buf.write("[")
-            n = 0
-            async for r in cur:
-                values = outcomes.row(r, len(columns))
-                if fmt == "csv":
-                    w.writerow(values)
-                else:
-                    buf.write(("," if n else "") + "\n" + orjson.dumps(dict(zip(columns, values))).decode())
-                n += 1
-                if buf.tell() > 64 * 1024:
-                    yield buf.getvalue().encode()
-                    buf.seek(0)
-                    buf.truncate()
-            if fmt == "json":
-                buf.write("\n]\n")
-            yield buf.getvalue().encode()
+        if fmt == "csv":
+            buf = bytearray(outcomes.csv_header(columns))
+            async with conn.cursor().copy(outcomes.csv_copy(columns), params) as copy:
+                async for data in copy:
+                    buf += data
+                    if len(buf) > 64 * 1024:
+                        yield bytes(buf)
+                        buf.clear()
+            yield bytes(buf)
+        else:
+            async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
+                await cur.execute(outcomes.json_query(columns), params)
+                yield b"["
+                first = True
+                while docs := await cur.fetchmany(5_000):
+                    yield outcomes.json_chunk([d for (d,) in docs], first)
+                    first = False
+                yield b"\n]\n"
 
 
 async def _batch_update(request: Request, name: str) -> JSONResponse:

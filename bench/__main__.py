@@ -5,6 +5,7 @@
     python -m bench fairness --json
     python -m bench dispatch --json
     python -m bench ingest --rows 2000000 --json
+    python -m bench export --rows 2000000 --json
     python -m bench chaos --addresses 200000 [--no-kills] [--no-temporal-restart] ... --json
     python -m bench sandbox --addresses 2000000 [--profile FILE] --json
 
@@ -62,6 +63,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
 
+    p = sub.add_parser("export", help="a verified list's results out: starter.py results (CSV, JSON), HTTP API")
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--json", action="store_true", help="print one JSON object (always on)")
+
     p = sub.add_parser("chaos", help="the pipeline under crashes and API faults, then an audit")
     p.add_argument("--addresses", type=int, default=200_000)
     p.add_argument("--users", type=int, default=8)
@@ -109,6 +114,10 @@ def main() -> None:
         from bench import ingest
 
         result = ingest.run(args.rows)
+    elif args.name == "export":
+        from bench import export
+
+        result = export.run(args.rows)
     elif args.name == "chaos":
         from bench import chaos
 

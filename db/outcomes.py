@@ -16,15 +16,46 @@ CATCHALL_COLUMNS = ("catchall_status", "catchall_reason", "catchall_score", "cat
 FILTERS = ("deliverable", "risky", "undeliverable", "unknown", "verified", "invalid", "duplicate",
            "cancelled", "failed", "pending")
 
+# Each column's SQL over `item_outcomes`. Postgres renders the rows (CSV by COPY, JSON objects by
+# row_to_json): the per-row work stays in C, not in the Python process that streams them
+# out (`bench export`: 2M rows, 30.7 s with the rows formatted in Python).
+_SQL = {
+    "row": "row_no", "input": "raw", "email": "email", "state": "state", "note": "note", "status": "status",
+    "reason": "reason", "score": "score", "accept_all": "accept_all", "verified_at": "verified_at",
+    "disposable": "record->'domain'->>'disposable'", "free": "record->'domain'->>'free'",
+    "role": "record->'account'->>'role'", "full_mailbox": "record->'account'->>'fullMailbox'",
+    "provider": "record->>'provider'", "did_you_mean": "record->>'didYouMean'", "toxicity": "record->'toxicity'",
+    "catchall_status": "catchall_status", "catchall_reason": "catchall_reason", "catchall_score": "catchall_score",
+    "catchall_verified_at": "catchall_verified_at",
+}
+# As CSV text: timestamps in ISO 8601 as in JSON (not COPY's "2026-01-02 03:04:05+00"), and the
+# toxicity as its plain value.
+_CSV_SQL = _SQL | {"verified_at": "to_json(verified_at) #>> '{}'", "toxicity": "record->>'toxicity'",
+                   "catchall_verified_at": "to_json(catchall_verified_at) #>> '{}'"}
 # Parameters: `ub` (the user batch's id), `f` (one of FILTERS, or None for every row).
-QUERY = (
-    "select row_no, raw, email, state, note, status, reason, score, accept_all, verified_at,"
-    " record->'domain'->>'disposable', record->'domain'->>'free', record->'account'->>'role',"
-    " record->'account'->>'fullMailbox', record->>'provider', record->>'didYouMean', record->'toxicity',"
-    " catchall_status, catchall_reason, catchall_score, catchall_verified_at"
-    " from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
-    " or status = %(f)s or state = %(f)s or catchall_status = %(f)s) order by row_no"
-)
+_ROWS = ("from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
+         " or status = %(f)s or state = %(f)s or catchall_status = %(f)s)")
+
+
+def csv_copy(columns: tuple[str, ...]) -> str:
+    """COPY of the rows as CSV lines (no header), for `cursor.copy(csv_copy(cols), params)`."""
+    return f"copy (select {', '.join(_CSV_SQL[c] for c in columns)} {_ROWS} order by row_no) to stdout (format csv)"
+
+
+def json_query(columns: tuple[str, ...]) -> str:
+    """One JSON object (text) per row, its keys in `columns` order (row_to_json: compact, and
+    cheaper than json_build_object)."""
+    fields = ", ".join(f'{_SQL[c]} as "{c}"' for c in columns)
+    return f'select row_to_json(t)::text from (select {fields} {_ROWS}) t order by t."row"'
+
+
+def csv_header(columns: tuple[str, ...]) -> bytes:
+    return (",".join(columns) + "\n").encode()
+
+
+def json_chunk(docs: list[str], first: bool) -> bytes:
+    """JSON objects as part of the array `[\n{...},\n{...}\n]\n` (opened and closed by the caller)."""
+    return (("\n" if first else ",\n") + ",\n".join(docs)).encode()
 
 
 def columns(lanes: list[str]) -> tuple[str, ...]:
@@ -36,12 +67,6 @@ def filter_problem(status_filter: str | None) -> str | None:
     if status_filter is None or status_filter in FILTERS:
         return None
     return f"status {status_filter!r} is not one of {', '.join(FILTERS)}"
-
-
-def row(r: tuple, width: int) -> tuple:
-    """A QUERY row as output values: timestamps in ISO 8601, the rest as stored (None: an empty
-    CSV cell), cut to `width` columns."""
-    return (*r[:9], r[9].isoformat() if r[9] else None, *r[10:20], r[20].isoformat() if r[20] else None)[:width]
 
 
 # Per lane: `remaining` addresses not yet settled; while the batch is paused only the in-flight

@@ -342,6 +342,30 @@ def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, ba
     assert (tmp_path / "out.csv").read_text().splitlines() == lines
 
 
+def test_results_keep_inputs_that_need_quoting_or_escaping_exactly_in_csv_and_json(db_url, batch, tmp_path):
+    """Postgres renders the rows (COPY's CSV, json_build_object): commas, quotes, backslashes,
+    line breaks and non-ASCII text come back as they went in, in both formats."""
+    odd = ['a "quoted", name <x@y.com>', "back\\slash@x", "two\nlines@x", "tab\there@x", "jürgen@bücher.de"]
+    with psycopg.connect(db_url) as conn, conn.transaction(), conn.cursor().copy(
+            "copy items (user_batch_id, row_no, raw, email, state, reason) from stdin") as copy:
+        for i, raw in enumerate(odd):
+            copy.write_row((batch, 10 + i, raw, None, "invalid", f"reason {i}: \"{raw}\""))
+    as_csv = cli(db_url, "results", str(batch), "--status", "invalid", "-o", str(tmp_path / "odd.csv"))
+    as_json = cli(db_url, "results", str(batch), "--status", "invalid", "--format", "json",
+                  "-o", str(tmp_path / "odd.json"))
+    none = cli(db_url, "results", str(batch), "--status", "risky", "--format", "json")
+    assert as_csv.code == 0 and as_json.code == 0 and none.code == 0, (as_csv, as_json, none)
+    assert "6 rows written" in as_csv.err and "6 rows written" in as_json.err
+    with (tmp_path / "odd.csv").open(newline="", encoding="utf-8") as f:
+        parsed = list(csv.DictReader(f))
+    docs = json.loads((tmp_path / "odd.json").read_text(encoding="utf-8"))
+    for rows in (parsed, docs):
+        assert [r["input"] for r in rows] == ["not, an address", *odd]
+        assert [r["note"] for r in rows][1:] == [f"reason {i}: \"{raw}\"" for i, raw in enumerate(odd)]
+    assert [d["row"] for d in docs] == [4, 10, 11, 12, 13, 14]
+    assert json.loads(none.out) == []
+
+
 def test_results_to_a_path_that_cannot_be_written_is_one_clean_line(db_url, batch, tmp_path):
     for target, reason in ((tmp_path / "no-such-folder" / "out.csv", "No such file or directory"),
                            (tmp_path, "Is a directory")):
