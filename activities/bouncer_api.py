@@ -47,6 +47,7 @@ UNAUTHORIZED = "Unauthorized"
 BAD_REQUEST = "BadRequest"
 NOT_FOUND = "NotFound"
 NOT_READY = "NotReady"
+UNEXPECTED_STATUS = "UnexpectedStatus"
 CREATE_UNANSWERED = "CreateUnanswered"
 KEY_REFUSED = "KeyRefused"  # 401/403 for a batch already at the API: retried until the key works
 KEY_REFUSED_PAUSE = "the API refused the key"  # the lane's pause reason
@@ -463,11 +464,16 @@ class BouncerApiActivities:
             status = await self.bouncer.get_status(provider_id, with_stats=True)
         except BouncerError as exc:
             raise await self._api_error(exc, f"status of Bouncer batch {bouncer_batch_id}", lane) from None
+        if status.status in ("queued", "processing"):
+            raise ApplicationError(f"Bouncer batch {bouncer_batch_id} is {status.status}", type=NOT_READY,
+                                   category=ApplicationErrorCategory.BENIGN)
         if status.status != "completed":
+            # Not a status the API documents: still polled (the batch is paid for), but as a failure
+            # the Web UI and the worker's log show, not the benign not-ready.
             raise ApplicationError(
-                f"Bouncer batch {bouncer_batch_id} is {status.status}",
-                type=NOT_READY,
-                category=ApplicationErrorCategory.BENIGN,
+                f"Bouncer batch {bouncer_batch_id} is {status.status!r} at the API, not a status it documents:"
+                " polled until it completes or its deadline passes (then finished early or deleted)",
+                type=UNEXPECTED_STATUS,
             )
         DISPATCH.heard()
         async with self.pool.connection() as conn:

@@ -343,6 +343,44 @@ async def test_a_refused_key_pauses_the_lane_and_keeps_a_paid_batch_until_it_wor
 # ---- stuck at the API ------------------------------------------------------------------------------
 
 
+async def test_a_status_the_api_does_not_document_fails_each_poll_by_name_and_the_batch_is_stored_once_completed(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """The API answers `paused` for a batch it holds (not queued/processing/completed). Before, that
+    was the benign `NotReady` of every poll: nothing in the Web UI or the worker's log said the API
+    had answered something unknown. Now each poll fails as `UnexpectedStatus`, naming the status; the
+    batch (paid for) is still polled, and stored once the API reports it completed."""
+    env = skipping_env
+    odd = {"on": True, "answered": 0}
+
+    def paused(request: Request, resp: httpx.Response) -> Response | None:
+        path = request.url.path
+        if (odd["on"] and request.method == "GET" and path.startswith("/v1.1/email/verify/batch/")
+                and not path.endswith("/download") and resp.is_success):
+            odd["answered"] += 1
+            return JSONResponse({**resp.json(), "status": "paused"})
+        return None
+
+    async with proxy(sandbox.url, after=paused) as api:
+        settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=api)
+        async with running_pipeline(env.client, settings) as p:
+            handle = await p.submit_file(write_list(tmp_path / "o.csv", emails("odd", 30)), "oda")
+            await eventually(lambda: odd["answered"] >= 2, "the status polled twice")
+            [(bb,)] = p.sql("select id from bouncer_batches")
+            desc = await env.client.get_workflow_handle(bouncer_batch_workflow_id(LANE, bb)).describe()
+            [poll] = desc.raw_description.pending_activities
+            assert poll.activity_type.name == "await_batch_completion"
+            assert poll.last_failure.application_failure_info.type == "UnexpectedStatus"
+            assert "'paused' at the API, not a status it documents" in poll.last_failure.message
+
+            odd["on"] = False
+            summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+            assert summary.by_state == {"verified": 30}
+            stats = sandbox_stats(sandbox)
+            assert (stats["batches_created"], stats["addresses_sent_twice"]) == (1, 0)
+            assert p.sql("select count(*) from dead_letters") == [(0,)]
+
+
 async def test_a_batch_stuck_past_its_deadline_is_finished_early_requeued_and_dead_lettered_after_max_attempts(
     skipping_env, db_url, tmp_path
 ):
