@@ -20,7 +20,7 @@ import uuid
 import httpx
 import orjson
 
-from bench.common import bench_stack, cpu_seconds, submit, wait_completed, write_lists
+from bench.common import bench_stack, cpu_seconds, peak_rss_mb, proc_cpu_s, submit, wait_completed, write_lists
 from devstack import ROOT, free_port
 
 
@@ -76,7 +76,7 @@ def _http(st, ub: int) -> dict:
                 if time.monotonic() > deadline or api.poll() is not None:
                     raise RuntimeError("the HTTP API did not start") from None
                 time.sleep(0.1)
-        api_cpu0 = _proc_cpu(api.pid)
+        api_cpu0 = proc_cpu_s(api.pid, reaped=False)
         pg0 = cpu_seconds(st).get("postgres", 0.0)
         began = time.monotonic()
         lines = 0
@@ -87,24 +87,12 @@ def _http(st, ub: int) -> dict:
                 lines += chunk.count(b"\n")
         wall = time.monotonic() - began
         pg_cpu = cpu_seconds(st).get("postgres", 0.0) - pg0
-        api_cpu = _proc_cpu(api.pid) - api_cpu0
-        rss = _peak_rss(api.pid)
+        api_cpu = proc_cpu_s(api.pid, reaped=False) - api_cpu0
+        rss = peak_rss_mb(api.pid)
     finally:
         api.terminate()
         api.wait(10)
     return _figures(lines - 1, wall, api_cpu, rss, pg_cpu)
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def run(rows: int) -> dict:
