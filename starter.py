@@ -579,19 +579,26 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
 def results(
     user_batch_id: Annotated[int, typer.Argument()],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (default stdout)")] = None,
-    status_filter: Annotated[
-        Optional[str], typer.Option("--status", help="Only rows with this status or state, e.g. deliverable, invalid")
+    status_text: Annotated[Optional[str], typer.Option(
+        "--status", help="Only rows with this status or state, e.g. deliverable, invalid (several: deliverable,risky)")
     ] = None,
+    columns_text: Annotated[Optional[str], typer.Option(
+        "--columns", help="Only these columns, in this order, e.g. email,status,reason")] = None,
     fmt: Annotated[Format, typer.Option("--format")] = Format.csv,
     user: Annotated[Optional[str], typer.Option(help="Refuse batches of other users")] = None,
 ) -> None:
     """Stream a user batch's per-row results (CSV or JSON) in input order."""
-    if problem := outcomes.filter_problem(status_filter):
-        raise fail(f"--{problem}")
+    try:
+        status_filter = outcomes.status_filter(status_text)
+    except ValueError as exc:
+        raise fail(f"--{exc}") from None
     s = settings()
     with db_connect(s) as conn:
         batch = load_batch(conn, user_batch_id, user)
-        columns = outcomes.columns(batch[4])
+        try:
+            columns = outcomes.chosen_columns(columns_text, outcomes.columns(batch[4]))
+        except ValueError as exc:
+            raise fail(f"--columns: {exc}") from None
         try:
             sink = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
         except OSError as exc:

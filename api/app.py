@@ -445,16 +445,17 @@ async def get_batch(request: Request) -> JSONResponse:
 
 async def get_results(request: Request) -> Response:
     """Per-row results in input order, streamed from a server-side cursor (CSV or JSON)."""
-    _only_params(request, "format", "status")
+    _only_params(request, "format", "status", "columns")
     doc = await _owned_batch(request)
     fmt = request.query_params.get("format", "csv")
     if fmt not in ("csv", "json"):
         raise ApiError(400, f"format {fmt!r} is not csv or json")
-    status_filter = request.query_params.get("status")
-    if problem := outcomes.filter_problem(status_filter):
-        raise ApiError(400, problem)
+    try:
+        status_filter = outcomes.status_filter(request.query_params.get("status"))
+        columns = outcomes.chosen_columns(request.query_params.get("columns"), outcomes.columns(doc["lanes"]))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     pool = _services(request).pool
-    columns = outcomes.columns(doc["lanes"])
     return StreamingResponse(
         _result_stream(pool, doc["id"], status_filter, fmt, columns),
         media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
@@ -462,7 +463,7 @@ async def get_results(request: Request) -> Response:
     )
 
 
-async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: str | None, fmt: str,
+async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: list[str] | None, fmt: str,
                          columns: tuple[str, ...]) -> AsyncIterator[bytes]:
     params = {"ub": ub, "f": status_filter}
     async with pool.connection() as conn, conn.transaction():

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from db.outcomes import COLUMNS as RESULT_COLUMNS, LANE_COLUMNS
+from db.outcomes import CATCHALL_COLUMNS, COLUMNS as RESULT_COLUMNS, FILTERS, LANE_COLUMNS
 from settings import LANES
 from workflows.models import PRIORITIES
 
 _LANES_RE = "|".join(LANES)
+
+
+def _list_of(names) -> str:
+    """A pattern for a comma-separated list of `names`."""
+    one = "|".join(names)
+    return f"^({one})(,({one}))*$"
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
           "additionalProperties": False}
 
@@ -97,7 +103,7 @@ _DEAD_LETTER = {
 }
 _RESULT_ROW = {
     "type": "object",
-    "required": list(RESULT_COLUMNS),
+    "description": "every column, or those `columns` names",
     "properties": {
         "row": {"type": "integer"}, "input": {"type": "string"}, "email": {"type": "string", "nullable": True},
         "state": {"type": "string"}, "note": {"type": "string", "nullable": True},
@@ -214,14 +220,18 @@ DOCUMENT: dict = {
                 {"200": {"description": "one row per input row", "content": {
                     "text/csv": {"schema": {"type": "string"}},
                     "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}}}}},
-                {"400": _err("bad format or status filter")},
+                {"400": _err("bad format, status filter or column")},
             ),
             "parameters": [
                 _BATCH_ID,
                 {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "json"]}},
-                {"name": "status", "in": "query", "description": "only rows with this Bouncer status or row state",
-                 "schema": {"type": "string", "enum": ["deliverable", "risky", "undeliverable", "unknown", "verified",
-                                                       "invalid", "duplicate", "cancelled", "failed", "pending"]}},
+                {"name": "status", "in": "query",
+                 "description": "only rows with this Bouncer status or row state (several: comma-separated, any matches)",
+                 "schema": {"type": "string", "pattern": _list_of(FILTERS)}},
+                {"name": "columns", "in": "query",
+                 "description": "only these columns, in this order, e.g. email,status,reason (catchall_* only for a"
+                                " batch with the catchall lane)",
+                 "schema": {"type": "string", "pattern": _list_of(RESULT_COLUMNS + CATCHALL_COLUMNS)}},
             ],
         }},
         "/v1/batches/{id}/pause": {"post": _batch_op(

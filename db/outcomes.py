@@ -1,5 +1,6 @@
 """A user batch's per-row results as `starter.py results` and `GET /v1/batches/{id}/results` give
-them: the columns, the filters `--status` / `?status=` accept, and the query (in input order);
+them: the columns (`--columns` / `?columns=` choose some), the filters `--status` / `?status=`
+accept, and the queries (in input order);
 and its per-lane counts as `starter.py status ID` and `GET /v1/batches/{id}` give them."""
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ _SQL = {
 # toxicity as its plain value.
 _CSV_SQL = _SQL | {"verified_at": "to_json(verified_at) #>> '{}'", "toxicity": "record->>'toxicity'",
                    "catchall_verified_at": "to_json(catchall_verified_at) #>> '{}'"}
-# Parameters: `ub` (the user batch's id), `f` (one of FILTERS, or None for every row).
-_ROWS = ("from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text is null"
-         " or status = %(f)s or state = %(f)s or catchall_status = %(f)s)")
+# Parameters: `ub` (the user batch's id), `f` (a list of FILTERS, or None for every row).
+_ROWS = ("from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text[] is null or status = any(%(f)s::text[])"
+         " or state = any(%(f)s::text[]) or catchall_status = any(%(f)s::text[]))")
 
 
 def csv_copy(columns: tuple[str, ...]) -> str:
@@ -62,11 +63,29 @@ def columns(lanes: list[str]) -> tuple[str, ...]:
     return COLUMNS + (CATCHALL_COLUMNS if CATCHALL in lanes else ())
 
 
-def filter_problem(status_filter: str | None) -> str | None:
-    """None when `status_filter` is None or one of FILTERS, else the reason."""
-    if status_filter is None or status_filter in FILTERS:
+def status_filter(text: str | None) -> list[str] | None:
+    """`deliverable,risky` as ["deliverable", "risky"] (rows matching any); None for every row.
+    ValueError naming what is not one of FILTERS."""
+    if text is None:
         return None
-    return f"status {status_filter!r} is not one of {', '.join(FILTERS)}"
+    wanted = [w.strip() for w in text.split(",")]
+    if bad := [w for w in wanted if w not in FILTERS]:
+        raise ValueError(f"status {', '.join(map(repr, bad))} is not one of {', '.join(FILTERS)}"
+                         " (several: comma-separated)")
+    return wanted
+
+
+def chosen_columns(text: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
+    """`email,status` as ("email", "status"), in the order given; every column when None.
+    ValueError naming what this batch has not."""
+    if text is None:
+        return available
+    wanted = tuple(w.strip() for w in text.split(","))
+    if bad := [w for w in wanted if w not in available]:
+        raise ValueError(f"column {', '.join(map(repr, bad))} is not one of {', '.join(available)}")
+    if len(set(wanted)) < len(wanted):
+        raise ValueError("a column is named twice")
+    return wanted
 
 
 # Per lane: `remaining` addresses not yet settled; while the batch is paused only the in-flight

@@ -155,6 +155,12 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
         expected = [e for e in emails if verdict(e)["status"] == "deliverable"]
         assert [r["email"] for r in as_json] == expected and expected
         assert [r["toxicity"] for r in as_json] == [verdict(e)["toxicity"] for e in expected]  # a number in JSON
+        # Several statuses (any matches) and chosen columns, in the order asked.
+        picked = (await http.get(f"/v1/batches/{sub['id']}/results?status=undeliverable,invalid&columns=email,row,status",
+                                 headers=auth)).text.splitlines()
+        assert picked[0] == "email,row,status"
+        assert picked[1:] == [f"{e},{i + 2},undeliverable" for i, e in enumerate(emails)
+                              if verdict(e)["status"] == "undeliverable"] + [",1202,", ",1203,"]
     # Pay once: the JSON list's addresses were already verified by the CSV upload.
     stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
     assert stats["addresses_received"] == 1200
@@ -372,7 +378,10 @@ async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_set
         assert set(allowed.split(", ")) == {"GET", "HEAD", "POST"}
 
         ok = (await http.post("/v1/batches", headers=auth, json=["a@b.example"])).json()["id"]
-        for query, words in (("format=xml", "format"), ("status=great", "status")):
+        for query, words in (("format=xml", "format"), ("status=great", "status"),
+                             ("status=risky,great", "status 'great' is not one of"),
+                             ("columns=email,catchall_status", "column 'catchall_status' is not one of row,"),
+                             ("columns=email,email", "named twice")):
             resp = await http.get(f"/v1/batches/{ok}/results?{query}", headers=auth)
             assert resp.status_code == 400 and words in resp.json()["error"]
 

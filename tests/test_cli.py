@@ -342,6 +342,21 @@ def test_results_csv_has_the_header_and_one_line_per_row_in_row_order(db_url, ba
     assert (tmp_path / "out.csv").read_text().splitlines() == lines
 
 
+def test_results_take_several_statuses_and_chosen_columns_and_refuse_unknown_ones_by_name(db_url, batch):
+    several = cli(db_url, "results", str(batch), "--status", "deliverable,invalid", "--columns", "row,status,email")
+    as_json = cli(db_url, "results", str(batch), "--status", "cancelled, pending", "--columns", "email,row",
+                  "--format", "json")
+    assert several.code == 0 and as_json.code == 0, (several, as_json)
+    assert several.out.splitlines() == ["row,status,email", "2,deliverable,Ann@x.com", "4,,", "5,deliverable,Ann@x.com"]
+    assert json.loads(as_json.out) == [{"email": "cid@z.com", "row": 3}, {"email": "bob@y.com", "row": 6}]
+    for args, message in ((("--status", "risky,great"), "--status 'great' is not one of deliverable, risky,"),
+                          (("--columns", "email,catchall_status"),
+                           "--columns: column 'catchall_status' is not one of row, input, email,"),
+                          (("--columns", "email,,status"), "--columns: column '' is not one of"),
+                          (("--columns", "email,email"), "--columns: a column is named twice")):
+        assert_clean_error(cli(db_url, "results", str(batch), *args), 2, message)
+
+
 def test_results_keep_inputs_that_need_quoting_or_escaping_exactly_in_csv_and_json(db_url, batch, tmp_path):
     """Postgres renders the rows (COPY's CSV, json_build_object): commas, quotes, backslashes,
     line breaks and non-ASCII text come back as they went in, in both formats."""
