@@ -1,7 +1,7 @@
 """The HTTP API: submit lists, follow them, fetch results, pause/resume/cancel, dead letters, lanes, health.
 
 Starlette, not FastAPI: the two endpoints that matter most stream their bodies (uploads into
-COPY, results out of a server-side cursor), so they take the raw request and response anyway,
+COPY, results out of COPY or a server-side cursor), so they take the raw request and response anyway,
 and FastAPI's generated schema would have to be overridden for exactly those. The OpenAPI
 document is written out in `api/openapi.py` and the tests check the running server against it.
 
@@ -444,7 +444,7 @@ async def get_batch(request: Request) -> JSONResponse:
 
 
 async def get_results(request: Request) -> Response:
-    """Per-row results in input order, streamed from a server-side cursor (CSV or JSON)."""
+    """Per-row results in input order, streamed as Postgres renders them (CSV by COPY, JSON by a cursor)."""
     _only_params(request, "format", "status", "columns")
     doc = await _owned_batch(request)
     fmt = request.query_params.get("format", "csv")
