@@ -71,6 +71,7 @@ class Priority(str, Enum):
 class Format(str, Enum):
     csv = "csv"
     json = "json"
+    jsonl = "jsonl"
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -622,12 +623,13 @@ def results(
                 else:
                     with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
                         cur.execute(outcomes.json_query(columns), params)
-                        sink.write(b"[")
+                        opening, closing = outcomes.JSON_FRAMES[fmt.value]
+                        sink.write(opening)
                         while docs := cur.fetchmany(10_000):
-                            sink.write(outcomes.json_chunk([d for (d,) in docs], first=not n))
+                            sink.write(outcomes.json_chunk([d for (d,) in docs], not n, fmt.value))
                             n += len(docs)
                             bar.update(task, completed=n)
-                        sink.write(b"\n]\n")
+                        sink.write(closing)
             finally:
                 if output:
                     sink.close()

@@ -448,8 +448,8 @@ async def get_results(request: Request) -> Response:
     _only_params(request, "format", "status", "columns")
     doc = await _owned_batch(request)
     fmt = request.query_params.get("format", "csv")
-    if fmt not in ("csv", "json"):
-        raise ApiError(400, f"format {fmt!r} is not csv or json")
+    if fmt not in ("csv", "json", "jsonl"):
+        raise ApiError(400, f"format {fmt!r} is not csv, json or jsonl")
     try:
         status_filter = outcomes.status_filter(request.query_params.get("status"))
         columns = outcomes.chosen_columns(request.query_params.get("columns"), outcomes.columns(doc["lanes"]))
@@ -458,7 +458,7 @@ async def get_results(request: Request) -> Response:
     pool = _services(request).pool
     return StreamingResponse(
         _result_stream(pool, doc["id"], status_filter, fmt, columns),
-        media_type="text/csv; charset=utf-8" if fmt == "csv" else "application/json",
+        media_type={"csv": "text/csv; charset=utf-8", "json": "application/json", "jsonl": "application/jsonl"}[fmt],
         headers={"Content-Disposition": f'attachment; filename="user-batch-{doc["id"]}.{fmt}"'},
     )
 
@@ -479,12 +479,13 @@ async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: list
         else:
             async with conn.cursor(name="results") as cur:  # server-side: never the whole list in memory
                 await cur.execute(outcomes.json_query(columns), params)
-                yield b"["
+                opening, closing = outcomes.JSON_FRAMES[fmt]
+                yield opening
                 first = True
                 while docs := await cur.fetchmany(5_000):
-                    yield outcomes.json_chunk([d for (d,) in docs], first)
+                    yield outcomes.json_chunk([d for (d,) in docs], first, fmt)
                     first = False
-                yield b"\n]\n"
+                yield closing
 
 
 async def _batch_update(request: Request, name: str) -> JSONResponse:

@@ -219,12 +219,13 @@ DOCUMENT: dict = {
                 "Per-row results in input order, streamed",
                 {"200": {"description": "one row per input row", "content": {
                     "text/csv": {"schema": {"type": "string"}},
-                    "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}}}}},
+                    "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}},
+                    "application/jsonl": {"schema": {"type": "string"}}}}},  # JSON Lines: a row object a line
                 {"400": _err("bad format, status filter or column")},
             ),
             "parameters": [
                 _BATCH_ID,
-                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "json"]}},
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["csv", "json", "jsonl"]}},
                 {"name": "status", "in": "query",
                  "description": "only rows with this Bouncer status or row state (several: comma-separated, any matches)",
                  "schema": {"type": "string", "pattern": _list_of(FILTERS)}},

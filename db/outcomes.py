@@ -54,8 +54,15 @@ def csv_header(columns: tuple[str, ...]) -> bytes:
     return (",".join(columns) + "\n").encode()
 
 
-def json_chunk(docs: list[str], first: bool) -> bytes:
-    """JSON objects as part of the array `[\n{...},\n{...}\n]\n` (opened and closed by the caller)."""
+# The JSON formats' opening and closing: one array (an object a line), or JSON Lines (no array,
+# so a consumer of a big list can read it a line at a time).
+JSON_FRAMES = {"json": (b"[", b"\n]\n"), "jsonl": (b"", b"")}
+
+
+def json_chunk(docs: list[str], first: bool, fmt: str) -> bytes:
+    """JSON objects between JSON_FRAMES[fmt]: `[\n{...},\n{...}\n]\n`, or `{...}\n{...}\n`."""
+    if fmt == "jsonl":
+        return ("\n".join(docs) + "\n").encode()
     return (("\n" if first else ",\n") + ",\n".join(docs)).encode()
 
 

@@ -155,6 +155,9 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
         expected = [e for e in emails if verdict(e)["status"] == "deliverable"]
         assert [r["email"] for r in as_json] == expected and expected
         assert [r["toxicity"] for r in as_json] == [verdict(e)["toxicity"] for e in expected]  # a number in JSON
+        lines = await http.get(f"/v1/batches/{sub['id']}/results?format=jsonl&status=deliverable", headers=auth)
+        assert lines.headers["content-type"] == "application/jsonl"
+        assert [json.loads(line) for line in lines.text.splitlines()] == as_json
         # Several statuses (any matches) and chosen columns, in the order asked.
         picked = (await http.get(f"/v1/batches/{sub['id']}/results?status=undeliverable,invalid&columns=email,row,status",
                                  headers=auth)).text.splitlines()

@@ -374,11 +374,15 @@ def test_results_keep_inputs_that_need_quoting_or_escaping_exactly_in_csv_and_js
     with (tmp_path / "odd.csv").open(newline="", encoding="utf-8") as f:
         parsed = list(csv.DictReader(f))
     docs = json.loads((tmp_path / "odd.json").read_text(encoding="utf-8"))
+    lines = cli(db_url, "results", str(batch), "--status", "invalid", "--format", "jsonl")
+    assert lines.code == 0, lines
+    assert [json.loads(line) for line in lines.out.splitlines()] == docs  # JSON Lines: the same objects, a line each
     for rows in (parsed, docs):
         assert [r["input"] for r in rows] == ["not, an address", *odd]
         assert [r["note"] for r in rows][1:] == [f"reason {i}: \"{raw}\"" for i, raw in enumerate(odd)]
     assert [d["row"] for d in docs] == [4, 10, 11, 12, 13, 14]
     assert json.loads(none.out) == []
+    assert cli(db_url, "results", str(batch), "--status", "risky", "--format", "jsonl").out == ""
 
 
 def test_results_to_a_path_that_cannot_be_written_is_one_clean_line(db_url, batch, tmp_path):
