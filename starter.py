@@ -588,7 +588,7 @@ def results(
     fmt: Annotated[Format, typer.Option("--format")] = Format.csv,
     user: Annotated[Optional[str], typer.Option(help="Refuse batches of other users")] = None,
 ) -> None:
-    """Stream a user batch's per-row results (CSV or JSON) in input order."""
+    """Stream a user batch's per-row results (CSV, JSON or JSON Lines) in input order."""
     try:
         status_filter = outcomes.status_filter(status_text)
     except ValueError as exc:

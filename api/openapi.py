@@ -7,14 +7,14 @@ from settings import LANES
 from workflows.models import PRIORITIES
 
 _LANES_RE = "|".join(LANES)
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
+          "additionalProperties": False}
 
 
 def _list_of(names) -> str:
     """A pattern for a comma-separated list of `names`."""
     one = "|".join(names)
     return f"^({one})(,({one}))*$"
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
-          "additionalProperties": False}
 
 
 def _err(description: str) -> dict:
