@@ -6,7 +6,8 @@ tests/test_workflows.py (`RECORD_HISTORIES=dir pytest tests/test_workflows.py`):
 callbacks, lane and batch pause, cancel, continue-as-new; since v10 also the event dispatcher's
 (`RECORD_HISTORIES=dir pytest tests/test_events.py -k dead_subscriber`); v11 also the failure
 scenarios of tests/test_failures.py (a stuck batch finished early, credits, a refused key), picked
-so that every patch, activity, signal and event type recorded appears at least once. A change that
+so that every patch, activity, signal and event type recorded appears at least once; v12 the
+messages handled before `run` began (`-k first_task`). A change that
 would break them needs `workflow.patched()`.
 """
 

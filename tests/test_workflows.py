@@ -683,6 +683,83 @@ async def test_scheduler_continue_as_new_keeps_in_flight_paused_and_dispatched_s
         assert sum(h.workflow_id == scheduler_id(LANE) for h in histories) == 2
 
 
+async def test_messages_delivered_with_a_continued_runs_first_task_act_on_the_state_it_carries(
+    skipping_env, db_url, sandbox
+):
+    """A continued run's first task can carry signals (the callback receiver's `batch_finished`, a
+    pause): their handlers run before `run` has loaded the carried state. They must still act on
+    it: before, a `batch_finished` met the empty default state and its slot stayed taken for good."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox)
+    async with running_pipeline(env.client, settings) as p:
+        slots = p.settings.max_concurrent_batches
+
+        async def start(state: SchedulerState, signal: str, args: list) -> WorkflowHandle:
+            inp = dataclasses.replace(scheduler_input(p.settings, LANE), state=state)
+            return await env.client.start_workflow(  # signal-with-start: the signal rides the first task
+                GreedySchedulerWorkflow.run, inp, id=scheduler_id(LANE), task_queue=p.settings.task_queue,
+                start_signal=signal, start_signal_args=args,
+            )
+
+        held = dict(paused=True, pause_reason="held by test")
+        handle = await start(SchedulerState(in_flight={"123": 10, "124": 20}, **held),
+                             "batch_finished", [BatchFinished(123, "stored")])
+        status = await eventually(lambda: _status_if(handle, lambda s: s.lane == LANE), "the first task")
+        assert (status.in_flight, status.in_flight_addresses, status.free_slots) == (1, 20, slots - 1)
+        assert status.paused and status.pause_reason == "held by test"
+        await handle.terminate("next case")
+
+        handle = await start(SchedulerState(storing={"7": 10}, **held), "batch_finished", [BatchFinished(7, "stored")])
+        status = await eventually(lambda: _status_if(handle, lambda s: s.lane == LANE), "the first task")
+        assert status.storing == 0
+        await handle.terminate("next case")
+
+        handle = await start(SchedulerState(in_flight={"125": 10}), "pause", [LanePause("maintenance")])
+        status = await eventually(lambda: _status_if(handle, lambda s: s.lane == LANE), "the first task")
+        assert status.paused and status.pause_reason == "maintenance" and status.in_flight == 1
+        await handle.terminate("next case")
+
+        handle = await start(SchedulerState(in_flight={"126": 10}, **held), "resume", [])
+        status = await eventually(lambda: _status_if(handle, lambda s: s.lane == LANE and not s.paused), "resumed")
+        assert status.in_flight == 1 and status.pause_reason == ""
+        resumed = await eventually(
+            lambda: p.sql("select data->>'reason' from events where kind = 'lane.resumed'"), "lane.resumed")
+        assert resumed == [("held by test",)]
+        await handle.terminate("test over")
+        await assert_replays(env.client, p)
+
+
+async def test_a_pause_delivered_with_a_user_batchs_first_task_pauses_it_once_prepared(
+    skipping_env, db_url, sandbox, tmp_path
+):
+    """An update handled before `run` began (the worker busy when the user paused right after
+    submitting) found the list still `preparing`: the database ignored the pause, the update
+    answered as if done, and prepare queued the whole list. It now waits for prepare."""
+    env = skipping_env
+    settings = make_settings(db_url, sandbox)
+    p = Pipeline(env.client, settings)
+    handle = await p.submit_file(write_list(tmp_path / "early.csv", emails("early", 40)), "eve")  # no worker yet
+    pausing = asyncio.create_task(handle.execute_update(UserBatchWorkflow.pause))
+    await asyncio.sleep(1.0)  # the update waits at the server for the workflow's first task
+    async with running_pipeline(env.client, settings) as p:
+        progress: Progress = await asyncio.wait_for(pausing, timeout=30)
+        assert progress.state == "paused"
+        ub = ub_id(handle)
+        assert p.sql("select state from user_batches where id = %s", (ub,)) == [("paused",)]
+        history = await handle.fetch_history()
+        first_task = [e.event_type for e in history.events[:8]]
+        assert EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED in first_task  # it did ride the first task
+        await asyncio.sleep(1.0)
+        assert sandbox_stats(sandbox)["addresses_received"] == 0
+        assert p.sql("select count(*) from bouncer_batches") == [(0,)]
+
+        assert (await handle.execute_update(UserBatchWorkflow.resume)).state == "queued"
+        summary: Summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.by_state == {"verified": 40}
+        assert sandbox_stats(sandbox)["addresses_received"] == 40
+        await assert_replays(env.client, p)
+
+
 async def test_batches_done_at_the_api_free_their_slot_but_at_most_one_slots_worth_waits_to_be_stored(
     skipping_env, db_url, sandbox
 ):

@@ -59,11 +59,17 @@ class GreedySchedulerWorkflow:
         # and cleared when the result is taken (so it never outlives a run).
         self._early: dict[str, str] = {}
         self._early_on = False
+        # Messages handled before `run` began (delivered with the run's first task, e.g. right
+        # after a continue-as-new): they met the empty default state, not the one `run` carries
+        # in. Applied again to the carried state (patch `messages-before-run`).
+        self._before_run: list[tuple[str, object]] = []
 
     # ---- messages ---------------------------------------------------------------------
 
     @workflow.signal
     def work_available(self) -> None:
+        if self._input is None:
+            self._before_run.append(("work_available", None))
         self._state.work_hint = True
         self._state.new_work = True
         self._state.express_hint = True
@@ -72,6 +78,8 @@ class GreedySchedulerWorkflow:
 
     @workflow.signal
     def batch_finished(self, finished: BatchFinished) -> None:
+        if self._input is None:
+            self._before_run.append(("batch_finished", finished))
         key = str(finished.bouncer_batch_id)
         if key in self._state.standby:  # a standby batch heard of before the one it follows
             self._state.in_flight[key] = self._state.standby.pop(key)[1]
@@ -93,6 +101,8 @@ class GreedySchedulerWorkflow:
     @workflow.signal
     async def pause(self, request: LanePause) -> None:
         """In-flight batches finish; nothing new is dispatched until `resume`."""
+        if self._input is None:
+            self._before_run.append(("pause", request))
         newly = not self._state.paused
         self._state.paused = True
         self._state.pause_reason = request.reason
@@ -116,6 +126,8 @@ class GreedySchedulerWorkflow:
 
     @workflow.signal
     async def resume(self) -> None:
+        if self._input is None:
+            self._before_run.append(("resume", None))
         reason = self._state.pause_reason if self._state.paused else None
         self._state.paused = False
         self._state.pause_reason = ""
@@ -163,6 +175,10 @@ class GreedySchedulerWorkflow:
         self._input = inp
         if inp.state is not None:
             self._state = inp.state
+            # Before this patch a message delivered with a continued run's first task was lost
+            # (a `batch_finished` then held its slot for good); histories recorded before it replay that.
+            if self._before_run and workflow.patched("messages-before-run"):
+                await self._handle_again(self._before_run)
         else:
             # A fresh start (first ever, or after a termination): adopt batches left mid-way.
             adopted = await workflow.execute_activity_method(
@@ -210,6 +226,29 @@ class GreedySchedulerWorkflow:
         self._reap()
         await workflow.wait_condition(workflow.all_handlers_finished)
         workflow.continue_as_new(dataclasses.replace(inp, state=self._state))
+
+    async def _handle_again(self, messages: list[tuple[str, object]]) -> None:
+        """Apply the messages handled before `run` began to the state it carried in. Their events
+        (`lane.paused`) were recorded then; a resume of a carried pause records `lane.resumed` here."""
+        assert self._input is not None
+        self._early.clear()  # each batch met an empty state: heard again below
+        carried_pause = self._state.pause_reason if self._state.paused else None
+        for kind, arg in messages:
+            if kind == "batch_finished":
+                self.batch_finished(arg)
+            elif kind == "work_available":
+                self.work_available()
+            elif kind == "pause":
+                self._state.paused, self._state.pause_reason = True, arg.reason
+            else:  # resume
+                self._state.paused, self._state.pause_reason, self._state.work_hint = False, "", True
+        if carried_pause is not None and not self._state.paused:
+            await workflow.execute_activity_method(
+                EventActivities.record_lane_resumed,
+                LaneEvent(self._input.lane, carried_pause),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=DB_RETRY,
+            )
 
     def _credit_paused(self) -> bool:
         return self._state.paused and self._state.pause_reason == CREDITS_PAUSE

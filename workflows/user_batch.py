@@ -190,6 +190,11 @@ class UserBatchWorkflow:
         workflow.logger.info("user batch %s: %s rows ingested", self._id, ingested.rows)
 
     async def _set_paused(self, paused: bool) -> Progress:
+        # Before the list is prepared (its first task, or while a URI is ingested) the database
+        # would ignore a pause, and prepare would then queue the whole list: wait for prepare.
+        # Histories recorded before this patch replay the old (ignored) pause.
+        if self._progress is None and workflow.patched("pause-waits-for-prepare"):
+            await workflow.wait_condition(lambda: self._progress is not None)
         async with self._control:
             self._progress = await _database(UserBatchActivities.set_paused, PauseRequest(self._id, paused), minutes=10)
         await self._nudge()
