@@ -34,20 +34,23 @@ _SQL = {
 _CSV_SQL = _SQL | {"verified_at": "to_json(verified_at) #>> '{}'", "toxicity": "record->>'toxicity'",
                    "catchall_verified_at": "to_json(catchall_verified_at) #>> '{}'"}
 # Parameters: `ub` (the user batch's id), `f` (a list of FILTERS, or None for every row).
-_ROWS = ("from item_outcomes where user_batch_id = %(ub)s and (%(f)s::text[] is null or status = any(%(f)s::text[])"
-         " or state = any(%(f)s::text[]) or catchall_status = any(%(f)s::text[]))")
+_WHERE = ("o.user_batch_id = %(ub)s and (%(f)s::text[] is null or o.status = any(%(f)s::text[])"
+          " or o.state = any(%(f)s::text[]) or o.catchall_status = any(%(f)s::text[]))")
 
 
 def csv_copy(columns: tuple[str, ...]) -> str:
     """COPY of the rows as CSV lines (no header), for `cursor.copy(csv_copy(cols), params)`."""
-    return f"copy (select {', '.join(_CSV_SQL[c] for c in columns)} {_ROWS} order by row_no) to stdout (format csv)"
+    return (f"copy (select {', '.join(_CSV_SQL[c] for c in columns)} from item_outcomes o where {_WHERE}"
+            " order by o.row_no) to stdout (format csv)")
 
 
 def json_query(columns: tuple[str, ...]) -> str:
     """One JSON object (text) per row, its keys in `columns` order (row_to_json: compact, and
-    cheaper than json_build_object)."""
+    cheaper than json_build_object). The object is built by a lateral subquery of each row, so
+    the order is the row's number whether or not `row` is among the columns."""
     fields = ", ".join(f'{_SQL[c]} as "{c}"' for c in columns)
-    return f'select row_to_json(t)::text from (select {fields} {_ROWS}) t order by t."row"'
+    return (f"select row_to_json(t)::text from item_outcomes o cross join lateral (select {fields}) t"
+            f" where {_WHERE} order by o.row_no")
 
 
 def csv_header(columns: tuple[str, ...]) -> bytes:

@@ -162,6 +162,11 @@ async def test_upload_runs_to_completion_and_results_carry_the_sandboxs_verdicts
         picked = (await http.get(f"/v1/batches/{sub['id']}/results?status=undeliverable,invalid&columns=email,row,status",
                                  headers=auth)).text.splitlines()
         assert picked[0] == "email,row,status"
+        rowless = await http.get(f"/v1/batches/{sub['id']}/results?format=jsonl&columns=email,state", headers=auth)
+        assert rowless.status_code == 200
+        assert [json.loads(line) for line in rowless.text.splitlines()] == [
+            {"email": e, "state": "verified"} for e in emails] + [
+            {"email": None, "state": "invalid"}] * 2
         assert picked[1:] == [f"{e},{i + 2},undeliverable" for i, e in enumerate(emails)
                               if verdict(e)["status"] == "undeliverable"] + [",1202,", ",1203,"]
     # Pay once: the JSON list's addresses were already verified by the CSV upload.

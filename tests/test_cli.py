@@ -349,6 +349,13 @@ def test_results_take_several_statuses_and_chosen_columns_and_refuse_unknown_one
     assert several.code == 0 and as_json.code == 0, (several, as_json)
     assert several.out.splitlines() == ["row,status,email", "2,deliverable,Ann@x.com", "4,,", "5,deliverable,Ann@x.com"]
     assert json.loads(as_json.out) == [{"email": "cid@z.com", "row": 3}, {"email": "bob@y.com", "row": 6}]
+    # Without `row`: still in input order (the JSON formats sorted by the `row` column).
+    for fmt, parse in (("json", json.loads), ("jsonl", lambda out: [json.loads(line) for line in out.splitlines()])):
+        rowless = cli(db_url, "results", str(batch), "--columns", "state,email", "--format", fmt)
+        assert rowless.code == 0, rowless
+        in_order = json.loads(cli(db_url, "results", str(batch), "--columns", "row,state,email", "--format", "json").out)
+        assert [d["row"] for d in in_order] == [2, 3, 4, 5, 6]
+        assert parse(rowless.out) == [{"state": d["state"], "email": d["email"]} for d in in_order], fmt
     for args, message in ((("--status", "risky,great"), "--status 'great' is not one of deliverable, risky,"),
                           (("--columns", "email,catchall_status"),
                            "--columns: column 'catchall_status' is not one of row, input, email,"),
