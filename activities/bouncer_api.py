@@ -167,6 +167,20 @@ async def case_folded(cur: psycopg.AsyncCursor, p: dict) -> int:
     return max(cur.rowcount, 0)
 
 
+# A stored batch's outcome as its store committed it (`_stored_outcome`).
+_STORED_OUTCOME = "touched, results_stored, requeued, dead_lettered, handed_off"
+
+
+def _stored_outcome(lane: str, row: tuple) -> StoreOutcome:
+    """The `StoreOutcome` of a store from its `_STORED_OUTCOME` columns: the same for the attempt
+    that committed it and for any retry that finds the batch stored. (Batches stored before the
+    outcome was kept read as all zeros.)"""
+    stored, requeued, dead, handed_off = (v or 0 for v in row[1:])
+    return StoreOutcome(stored=int(stored), requeued=int(requeued), dead_lettered=int(dead),
+                        touched_workflow_ids=list(row[0] or []), handed_off=int(handed_off),
+                        handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")
+
+
 def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
     msg = f"{what}: {exc}"
     if isinstance(exc, RateLimited):
@@ -532,20 +546,21 @@ class BouncerApiActivities:
         bb, lane = request.bouncer_batch_id, request.lane
         async with self.pool.connection() as conn:
             row = await (
-                await conn.execute("select state, touched, provider_batch_id, express from bouncer_batches where id = %s",
-                                   (bb,))
+                await conn.execute(f"select state, provider_batch_id, express, {_STORED_OUTCOME} from bouncer_batches"
+                                   " where id = %s", (bb,))
             ).fetchone()
         if row is None:
             raise ApplicationError(f"Bouncer batch {bb} does not exist", non_retryable=True)
-        if row[0] in ("stored", "failed"):
-            await self._notify(request, list(row[1] or []))
-            return StoreOutcome(0, 0, 0, list(row[1] or []))
+        if row[0] in ("stored", "failed"):  # a retry of a store that committed (then its signals failed, ...)
+            outcome = _stored_outcome(lane, row[3:])
+            await self._notify(request, outcome.touched_workflow_ids)
+            return outcome
         # An express batch (one small list, a few hundred rows) is stored at once: its user is waiting.
-        async with contextlib.nullcontext() if row[3] else self._store_turn():
+        async with contextlib.nullcontext() if row[2] else self._store_turn():
             body = b""
-            if request.download and row[2] is not None:
+            if request.download and row[1] is not None:
                 try:
-                    body = await self.bouncer.download_raw(row[2])
+                    body = await self.bouncer.download_raw(row[1])
                 except BadRequest as exc:
                     # "Not completed": the completion signal was early (e.g. a stale callback). Retry by
                     # policy until it is; a non-retryable failure here would strand the batch's addresses.
@@ -560,10 +575,11 @@ class BouncerApiActivities:
             p = {"bb": bb, "lane": lane, **self.settings.freshness(), "max": self.settings.max_address_attempts,
                  "reason": request.failure_reason or "no result after the maximum number of attempts"}
             async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                await cur.execute("select state, touched from bouncer_batches where id = %s for update", (bb,))
+                await cur.execute(f"select state, {_STORED_OUTCOME} from bouncer_batches where id = %s for update",
+                                  (bb,))
                 again = await cur.fetchone()
                 if again[0] in ("stored", "failed"):  # stored meanwhile (a retry overtook this attempt)
-                    outcome, by_status, settled = StoreOutcome(0, 0, 0, list(again[1] or [])), {}, []
+                    outcome, by_status, settled = _stored_outcome(lane, again[1:]), {}, []
                 else:
                     outcome, by_status, settled = await self._store_locked(cur, request, body, p)
         for status, n in by_status.items():  # counted once committed: a retry that finds it stored adds nothing
@@ -738,9 +754,10 @@ class BouncerApiActivities:
         requeued, dead = await cur.fetchone()
         await cur.execute(
             "update bouncer_batches set state = %s, touched = %s, stored_at = now(),"
-            " last_error = coalesce(nullif(%s, ''), last_error) where id = %s",
-            ("failed" if request.failure_reason else "stored", touched, request.failure_reason, bb),
+            " last_error = coalesce(nullif(%s, ''), last_error),"
+            " results_stored = %s, requeued = %s, dead_lettered = %s, handed_off = %s where id = %s",
+            ("failed" if request.failure_reason else "stored", touched, request.failure_reason,
+             stored, requeued, dead, handed_off, bb),
         )
-        outcome = StoreOutcome(stored=stored, requeued=int(requeued), dead_lettered=int(dead), touched_workflow_ids=touched,
-                               handed_off=handed_off, handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")
+        outcome = _stored_outcome(lane, (touched, stored, requeued, dead, handed_off))
         return outcome, by_status, settled

@@ -13,15 +13,18 @@ import json
 import os
 
 import httpx
+from temporalio.service import RPCError, RPCStatusCode
 from typer.testing import CliRunner
 
 import starter
+from activities.bouncer_api import BouncerApiActivities
 from db import outcomes
 from helpers import make_settings, running_pipeline, settings_env, write_list
 from helpers import starter as run_starter
 from sandbox.app import CATCHALL_PREFIX
 from sandbox.verdicts import catchall_verdict, verdict
-from workflows.models import SchedulerStatus
+from settings import CATCHALL, DELIVERABILITY
+from workflows.models import SchedulerStatus, StoreOutcome, bouncer_batch_workflow_id
 
 
 def accept_all(email: str) -> bool:
@@ -171,3 +174,36 @@ async def test_the_sandbox_serves_an_independent_catchall_account_under_its_pref
     assert catchall_stats["batches_created"] == 1 and catchall_stats["credits_charged"] == 20
     assert main_stats["batches_created"] == 0 and main_stats["credits_charged"] == 0
     assert after_reset["batches_created"] == 0
+
+
+async def test_a_store_retried_after_its_commit_still_wakes_the_catchall_lane(dev_env, db_url, sandbox, tmp_path,
+                                                                             monkeypatch):
+    """The deliverability store commits (handing its accept-all addresses to the catchall lane),
+    then its signal to the user batch fails: the activity fails on purpose and its retry finds the
+    batch stored. That retry must still report the hand-off, or nobody wakes the idle catchall
+    scheduler and the list stays `processing` with its addresses queued on that lane."""
+    failed: list[int] = []
+    notify = BouncerApiActivities._notify
+
+    async def notify_failing_once(self, request, workflow_ids):
+        if request.lane == DELIVERABILITY and not failed:
+            failed.append(request.bouncer_batch_id)  # after the commit: the signal RPC fails
+            raise RPCError("injected: the server is unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        await notify(self, request, workflow_ids)
+
+    monkeypatch.setattr(BouncerApiActivities, "_notify", notify_failing_once)
+    settings = make_settings(db_url, sandbox)
+    addresses = risky(range(30))
+    async with running_pipeline(dev_env.client, settings, callbacks_on=True, catchall_lane=True) as p:
+        handle = await p.submit_file(write_list(tmp_path / "ana.csv", addresses), "ana",
+                                     lanes=("deliverability", "catchall"))
+        summary = await asyncio.wait_for(handle.result(), timeout=60)
+        assert summary.state == "completed" and summary.by_state == {"verified": 30}
+        assert len(failed) == 1
+        # The store's outcome, as the retry returned it: what the committed attempt did.
+        outcome = await dev_env.client.get_workflow_handle(
+            bouncer_batch_workflow_id(DELIVERABILITY, failed[0]), result_type=StoreOutcome).result()
+        assert (outcome.stored, outcome.handed_off, outcome.handoff_lane) == (30, 30, CATCHALL)
+        assert p.sql("select count(*) from queue") == [(0,)]
+        catchall_stats = httpx.get(f"{sandbox.url}{CATCHALL_PREFIX}/_sandbox/stats").json()
+        assert catchall_stats["addresses_received"] == 30
