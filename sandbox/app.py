@@ -12,6 +12,8 @@ Behaviour the public docs leave open, chosen here:
 - `/finish` keeps the credits charged; unverified addresses come back `unknown`/`unknown`.
 - Timestamps are real wall-clock times (not scaled), ISO 8601 UTC.
 - A dropped connection is a TCP abort before any byte of the answer (see DroppedConnection).
+- An injected 5xx (`/_sandbox/faults`, status `error_5xx_status`) comes before the request is
+  handled, or with `error_5xx_when: "after"` in place of the answer of a handled request.
 """
 
 from __future__ import annotations
@@ -201,23 +203,26 @@ def api_endpoint(name: str, *, creation: bool = False) -> Callable[[Handler], Ca
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             sandbox: Sandbox = request.app.state.sandbox
-            fault = sandbox.faults.draw()
-            drop_after = fault.kind == "drop" and sandbox.faults.config.drop_when == "after"
+            fault, config = sandbox.faults.draw(), sandbox.faults.config
+            drop_after = fault.kind == "drop" and config.drop_when == "after"
+            error_after = fault.kind == "5xx" and config.error_5xx_when == "after"
             if fault.kind == "drop" and not drop_after:
                 sandbox.count(name, "dropped")
                 return DroppedConnection()
             if fault.delay:
                 await asyncio.sleep(fault.delay)
-            if fault.kind == "5xx":
-                response = _error(503, "injected fault: service unavailable")
+            if fault.kind == "5xx" and not error_after:
+                response = _error(config.error_5xx_status, "injected fault: server error")
             elif fault.kind == "429":
-                retry = _retry_after(sandbox.faults.config.retry_after)
+                retry = _retry_after(config.retry_after)
                 response = _error(429, "injected fault: rate limited", {"Retry-After": retry})
             else:
                 response = await _authorized(request, sandbox, handler, creation)
             if drop_after:
                 sandbox.count(name, "dropped")
                 return DroppedConnection()
+            if error_after:  # handled (a batch made and charged), but the answer is an error
+                response = _error(config.error_5xx_status, "injected fault: server error after handling")
             sandbox.count(name, response.status_code)
             return response
 

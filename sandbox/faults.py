@@ -2,6 +2,9 @@
 
 Each /v1.1 request draws, in this order: drop, 5xx, 429, slow. The first three are
 exclusive; `slow` can add its delay to any answer that is not dropped before handling.
+A drop or a 5xx happens before handling (nothing happened: a clear answer, or none) or, with
+`drop_when` / `error_5xx_when` "after", once the request was handled (a create made and charged
+its batch), the ambiguous cases.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from typing import Any
 
 @dataclass
 class FaultConfig:
-    error_5xx: float = 0.0  # share answered 503
+    error_5xx: float = 0.0  # share answered error_5xx_status
+    error_5xx_status: int = 503  # 500-599: 503 as an overloaded API answers; 502/504 as a gateway does
+    # "before": answered instead of handling (nothing happened). "after": handled, then the
+    # answer replaced by the error (e.g. a gateway timing out on a create that went through).
+    error_5xx_when: str = "before"
     rate_429: float = 0.0  # share answered 429 with Retry-After: retry_after
     slow: float = 0.0  # share delayed by slow_seconds before they are handled
     slow_seconds: float = 0.0
@@ -37,8 +44,11 @@ class FaultConfig:
             value = getattr(config, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1]")
-        if config.drop_when not in ("before", "after"):
-            raise ValueError("drop_when must be 'before' or 'after'")
+        if config.drop_when not in ("before", "after") or config.error_5xx_when not in ("before", "after"):
+            raise ValueError("drop_when and error_5xx_when must be 'before' or 'after'")
+        status = config.error_5xx_status
+        if isinstance(status, bool) or not isinstance(status, int) or not 500 <= status <= 599:
+            raise ValueError("error_5xx_status must be an integer in [500, 599]")
         if float(config.slow_seconds) < 0 or float(config.retry_after) < 0:
             raise ValueError("slow_seconds and retry_after must be >= 0")
         return config

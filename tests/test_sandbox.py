@@ -391,6 +391,26 @@ def test_faults_inject_503_and_dropped_connections_reproducibly(api: httpx.Clien
     assert api.get("/v1.1/credits").status_code == 200
 
 
+def test_a_5xx_fault_before_handling_makes_nothing_and_after_handling_answers_for_a_batch_it_made(
+    api: httpx.Client,
+) -> None:
+    entries = [{"email": "deliverable@sandbox.usebouncer.com", "name": "1"}]
+    try:
+        api.post("/_sandbox/faults", json={"error_5xx": 1.0, "error_5xx_status": 502}).raise_for_status()
+        before = create(api, entries)
+        assert before.status_code == 502 and api.get("/_sandbox/stats").json()["batches_created"] == 0
+        api.post("/_sandbox/faults", json={"error_5xx": 1.0, "error_5xx_status": 504, "error_5xx_when": "after"})
+        after = create(api, entries)
+        assert after.status_code == 504 and "batchId" not in after.json()
+        stats = api.get("/_sandbox/stats").json()
+        assert stats["batches_created"] == 1 and stats["credits_charged"] == 1  # made and charged
+        assert stats["requests"]["create"] == {"502": 1, "504": 1}
+        for bad in ({"error_5xx_status": 429}, {"error_5xx_status": "502"}, {"error_5xx_when": "later"}):
+            assert api.post("/_sandbox/faults", json=bad).status_code == 400
+    finally:
+        api.post("/_sandbox/faults", json={})
+
+
 def test_state_file_keeps_batches_across_a_graceful_restart(tmp_path: Any) -> None:
     state = str(tmp_path / "sandbox.state")
     sb = start_sandbox(KEY, "--state-file", state, "--speed", "0", "--no-limits")
