@@ -407,15 +407,17 @@ class BouncerApiActivities:
         return _Prepared(lane, token, count, body, heard, size)
 
     def _send_again_or_stop(self, bouncer_batch_id: int, state: str, unanswered: int) -> None:
-        """Still `submitting`: the last request got no answer, and the API may hold (and have
-        charged) a batch for it. Past MAX_UNANSWERED_CREATES such requests the batch is not sent
-        again (each copy costs its size in credits): the workflow dead-letters it and pauses the lane."""
+        """Still `submitting`: the last request got no answer (or a 5xx other than 503, which may
+        come after the work), and the API may hold (and have charged) a batch for it. Past
+        MAX_UNANSWERED_CREATES such requests the batch is not sent again (each copy costs its size
+        in credits): the workflow dead-letters it and pauses the lane."""
         sends = unanswered + (state == "submitting")
         if state == "submitting" and sends >= self.settings.max_unanswered_creates:
             raise ApplicationError(
-                f"Bouncer batch {bouncer_batch_id} was sent {sends} times without an answer (dropped connections "
-                "or timeouts); each may have made and charged a batch at the API, so it is not sent again. Check "
-                "the Bouncer dashboard for those batches, then `starter.py resume --lane` and `starter.py dlq retry`",
+                f"Bouncer batch {bouncer_batch_id} was sent {sends} times without an answer (dropped connections, "
+                "timeouts or 5xx errors other than 503); each may have made and charged a batch at the API, so it "
+                "is not sent again. Check the Bouncer dashboard for those batches, then `starter.py resume --lane` "
+                "and `starter.py dlq retry`",
                 type=CREATE_UNANSWERED, non_retryable=True,
             )
 

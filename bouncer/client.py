@@ -89,7 +89,9 @@ def error_from_response(response: httpx.Response) -> BouncerError:
         return NotFound(message, status=status)
     if status == 408 or status >= 500:
         retry_after = parse_retry_after(response.headers.get("retry-after"))
-        return Transient(message, status=status, retry_after=retry_after)
+        # 503 (the API shedding load) and 408 refuse a request unhandled. Any other 5xx may come
+        # after the work was done (a gateway timing out on the API, an error past its commit).
+        return Transient(message, status=status, retry_after=retry_after, ambiguous=status not in (408, 503))
     return BadRequest(message, status=status)
 
 

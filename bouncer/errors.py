@@ -9,6 +9,7 @@
     ├── NotFound      404
     └── Transient     5xx, connect/read/write/pool errors and timeouts, dropped connections,
                       a 2xx whose body is not the JSON promised            (retry with backoff)
+                      `ambiguous` when it may have been acted on (not a 503, a 408 or an unsent request)
 
 Messages never contain the API key.
 """
@@ -77,7 +78,8 @@ class Transient(BouncerError):
     """Worth retrying with backoff: 5xx, network failures, timeouts, garbled 2xx bodies.
 
     `ambiguous` is True when the request may have reached the server and been acted on
-    (the answer was lost: read timeout, dropped connection, garbled 2xx). For a create that
+    (the answer was lost: read timeout, dropped connection, garbled 2xx; or a 5xx other than
+    503, which a gateway or the API may answer after the work was done). For a create that
     means a batch may exist and be charged. `retry_after` is the server's hint, if any.
     """
 

@@ -200,6 +200,19 @@ async def test_dropped_connection_is_transient_and_ambiguous(sandbox: RunningSan
 
 
 @pytest.mark.asyncio
+async def test_a_502_after_the_api_made_the_batch_is_transient_and_ambiguous(
+    sandbox: RunningSandbox, admin: httpx.Client
+) -> None:
+    # A gateway's 502/504, or a 500 raised after the work was done: the batch may exist.
+    admin.post("/_sandbox/faults", json={"error_5xx": 1.0, "error_5xx_status": 502, "error_5xx_when": "after"})
+    async with client_for(sandbox) as client:
+        with pytest.raises(Transient) as caught:
+            await client.create_batch([("a@example.com", "1")])
+    assert caught.value.status == 502 and caught.value.ambiguous is True
+    assert admin.get("/_sandbox/stats").json()["batches_created"] == 1
+
+
+@pytest.mark.asyncio
 async def test_garbled_2xx_body_is_transient() -> None:
     # The sandbox never garbles a body; this edge is only reachable with a stub transport.
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=b'{"credits": 1'))
@@ -237,6 +250,19 @@ def test_every_status_maps_to_one_error_class(status: int, error_class: type[Bou
     assert issubclass(Forbidden, Unauthorized)
     clone = pickle.loads(pickle.dumps(error))
     assert type(clone) is error_class and vars(clone) == vars(error)
+
+
+@pytest.mark.parametrize(
+    ("status", "ambiguous"),
+    [(408, False), (429, False), (500, True), (502, True), (503, False), (504, True), (520, True)],
+)
+def test_only_503_among_5xx_says_the_request_was_not_acted_on(status: int, ambiguous: bool) -> None:
+    """503 (the API shedding load, as documented) and 429 refuse a request unhandled: a create
+    answered so made nothing. Any other 5xx may come after the work was done (a gateway timing out
+    on the API, an error raised past the commit): a create answered so may have made its batch."""
+    for headers in ({}, {"retry-after": "2"}):
+        error = error_from_response(httpx.Response(status, json={"message": "x"}, headers=headers))
+        assert getattr(error, "ambiguous", False) is ambiguous, headers
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:

@@ -126,19 +126,22 @@ def _no_batch_id(request: Request, resp: httpx.Response) -> Response | None:
     return None
 
 
-@pytest.mark.parametrize("lost", ["dropped", "no batchId"])
+@pytest.mark.parametrize("lost", ["dropped", "no batchId", "502"])
 async def test_a_batch_sent_without_an_answer_is_sent_at_most_max_unanswered_creates_times(
     skipping_env, db_url, sandbox, tmp_path, lost
 ):
-    """Every answer is lost after the API made (and charged) the batch: the connection drops, or
-    a 2xx comes back without `batchId`. Before, the create was retried without end and each copy
-    paid for (50 addresses cost 5,100 credits in the audit); now the batch is sent 3 times
+    """Every answer is lost after the API made (and charged) the batch: the connection drops, a
+    2xx comes back without `batchId`, or a gateway answers 502. Before, the create was retried
+    without end and each copy paid for (50 addresses cost 5,100 credits in the audit; a 502 was
+    later still taken for "nothing made", uncounted and uncapped); now the batch is sent 3 times
     (MAX_UNANSWERED_CREATES), then dead-lettered, and the lane pauses."""
     env = skipping_env
     if lost == "dropped":
         faults(sandbox, drop=1.0, drop_when="after")
+    elif lost == "502":
+        faults(sandbox, error_5xx=1.0, error_5xx_status=502, error_5xx_when="after")
     async with contextlib.AsyncExitStack() as stack:
-        url = sandbox.url if lost == "dropped" else await stack.enter_async_context(
+        url = sandbox.url if lost != "no batchId" else await stack.enter_async_context(
             proxy(sandbox.url, after=_no_batch_id))
         settings = make_settings(db_url, sandbox, batch_size=100, bouncer_base_url=url)
         p = await stack.enter_async_context(running_pipeline(env.client, settings))
