@@ -36,7 +36,7 @@ from bouncer.errors import (
     Transient,
     Unauthorized,
 )
-from db import SLOTS_CHANNEL, fresh_result
+from db import SLOTS_CHANNEL, fresh_result, lock_lanes
 from ops.metrics import ADDRESSES_VERIFIED
 from settings import Settings
 from workflows.models import LanePause, StoreOutcome, StoreRequest, SubmitOutcome, scheduler_id
@@ -666,6 +666,7 @@ class BouncerApiActivities:
             """,
             {**p, "inc": int(request.count_attempt)},
         )
+        leftovers = cur.rowcount  # 0 in the common case (all answered): the steps below that need rows are skipped
         # Withdrawn rows (their user batch was cancelled, nobody else waits) just leave the queue.
         await cur.execute("delete from leftover where withdrawn")
         await cur.execute(
@@ -679,6 +680,8 @@ class BouncerApiActivities:
             """,
             p,
         )
+        if leftovers:
+            await cur.execute(lock_lanes("select distinct user_batch_id, %(lane)s::text from leftover where not dead"), p)
         await cur.execute(
             """
             insert into queue (user_batch_id, lane, seq, address_id, attempts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import psycopg
 
-from db import fresh_result
+from db import fresh_result, lock_lanes
 from settings import CATCHALL, DELIVERABILITY
 
 # Which lane's results feed which lane.
@@ -54,6 +54,8 @@ async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl: dict) -> int:
         """,
         p,
     )
+    if not cur.rowcount:
+        return 0
     await cur.execute("update handoff set queued_before = true where owner is not null")
     # Not yet queued on the target lane: the lowest user batch owns it, the others wait.
     await cur.execute(
@@ -64,6 +66,9 @@ async def hand_off(cur: psycopg.AsyncCursor, lane: str, ttl: dict) -> int:
         where h.address_id = o.address_id and not h.fresh and h.owner is null
         """
     )
+    # Another lane's store (or this lane's own) may be numbering rows of the same lists meanwhile.
+    await cur.execute(lock_lanes("select distinct user_batch_id, %(target)s::text from handoff"
+                                 " where not fresh and not queued_before and owner = user_batch_id"), p)
     await cur.execute(
         """
         insert into queue (user_batch_id, lane, seq, address_id)

@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from db import lock_lanes
 from settings import Settings
 from workflows.models import UserBatchInput, scheduler_id
 
@@ -128,6 +129,7 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
             order by h.lane, h.address_id, h.user_batch_id
             """
         )
+        cur.execute(lock_lanes("select distinct user_batch_id, lane from dl_owner"))  # stores number there too
         cur.execute(
             """
             insert into queue (user_batch_id, lane, seq, address_id, attempts)

@@ -25,7 +25,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.dispatch_gate import DISPATCH
 from activities.heartbeat import heartbeats
-from db import SLOTS_CHANNEL
+from db import SLOTS_CHANNEL, lock_lanes
 from workflows.models import (
     EXPRESS_PRIORITY,
     LaneHold,
@@ -260,6 +260,7 @@ async def _requeue(cur, user_batch_id: int, lane: str, ranges: list[tuple[int, i
             p,
         )
         return
+    await cur.execute(lock_lanes("values (%(ub)s::bigint, %(lane)s::text)"), p)  # a store may number rows there too
     await cur.execute(
         """
         with moved as (

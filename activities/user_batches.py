@@ -22,7 +22,7 @@ from activities.catchall import CANDIDATES
 from activities.events import record_event
 from activities.heartbeat import heartbeats
 from activities.inputs import source_problems
-from db import fresh_result
+from db import fresh_result, lock_lanes
 from settings import CATCHALL, DELIVERABILITY, LANES, Settings
 from workflows.models import (
     FINISHED_STATES,
@@ -41,6 +41,7 @@ ANALYZE_ABOVE_ROWS = 10_000
 STARTING = ("scheduled", "receiving", "preparing")  # user batch states prepare acts on
 PREPARE_ATTEMPTS = 5  # in-process re-runs after losing a race with a concurrent prepare
 _FRESH = fresh_result("r")
+_LOCK_OWN_LANE = lock_lanes("values (%(ub)s::bigint, %(lane)s::text)")
 
 
 @contextlib.asynccontextmanager
@@ -115,6 +116,7 @@ async def enqueue_listed(
         """,
         p,
     )
+    await cur.execute(_LOCK_OWN_LANE, p)  # a store may be numbering re-queued rows of this lane
     async with index_probes(cur):
         await cur.execute(
             f"""
@@ -144,7 +146,10 @@ async def enqueue_listed(
         update user_batch_lanes l set
             unique_addresses = %(unique)s,
             cached = %(cached)s,
-            next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s), l.next_seq),
+            -- Never below what was numbered before: rows of it may be in flight (seq < cursor), and
+            -- the store re-queues their leftovers at next_seq, which must be >= cursor to be packed.
+            next_seq = greatest(l.next_seq, coalesce(
+                (select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s), 0)),
             enqueued = (select count(*) from queue where user_batch_id = %(ub)s and lane = %(lane)s),
             shared = (select count(*) from waits where user_batch_id = %(ub)s and lane = %(lane)s),
             failed = %(failed)s,
@@ -221,6 +226,7 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
         """,
         p,
     )
+    await cur.execute(lock_lanes("select distinct user_batch_id, %(lane)s::text from heirs"), p)
     await cur.execute(
         """
         insert into queue (user_batch_id, lane, seq, address_id, attempts)
@@ -317,6 +323,7 @@ async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, la
         """,
         p,
     )
+    await cur.execute(_LOCK_OWN_LANE, p)
     await cur.execute(
         """
         with q as (
@@ -347,8 +354,8 @@ async def settle_stranded_waits(cur: psycopg.AsyncCursor, user_batch_id: int, la
             shared = l.shared - c.settled - c.requeued,
             enqueued = l.enqueued + c.requeued,
             holes = l.holes or c.requeued > 0,  -- its insert skips conflicts
-            next_seq = coalesce((select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s),
-                                l.next_seq)
+            next_seq = greatest(l.next_seq, coalesce(
+                (select max(seq) + 1 from queue where user_batch_id = %(ub)s and lane = %(lane)s), 0))
         from (select count(*) filter (where fresh or dead) as settled, count(*) filter (where dead and not fresh) as dead,
                      count(*) filter (where fresh is null) as requeued from stranded) c
         where l.user_batch_id = %(ub)s and l.lane = %(lane)s

@@ -25,6 +25,16 @@ def fresh_result(alias: str, cap: str | None = None) -> str:
     return f"{alias}.verified_at > now() - make_interval(secs => {age})"
 
 
+def lock_lanes(rows: str) -> str:
+    """SQL: lock the `user_batch_lanes` rows named by `rows` (a query of (user_batch_id, lane)), in
+    key order, before queue rows are numbered from their `next_seq`. Two transactions that read the
+    same `next_seq` number their rows alike: the second insert hits the primary key (or, ON
+    CONFLICT, silently drops addresses). Under READ COMMITTED the next statement's snapshot sees
+    the number the previous holder left. One indexed row per list, not per address."""
+    return (f"select 1 from user_batch_lanes where (user_batch_id, lane) in ({rows})"
+            " order by user_batch_id, lane for update")
+
+
 _LOCK_KEY = 74_211_001  # advisory lock: one migrator at a time across processes
 
 

@@ -512,6 +512,43 @@ async def test_a_row_cancelled_while_its_batch_was_at_the_api_shows_the_verdict_
     assert summary.by_state == {"cancelled": 40} and summary.by_status == {"deliverable": 40}
 
 
+async def store_answering(world, bouncer_batch_id: int, leave_out: set[int] = frozenset()):
+    """Store a batch marked submitted, its download answering every address sent but `leave_out`."""
+    world.sql("update bouncer_batches set state = 'submitted', provider_batch_id = %s where id = %s returning id",
+              (f"p{bouncer_batch_id}", bouncer_batch_id))
+    answers = Answers(world, bouncer_batch_id)
+    answers.ids = [i for i in answers.ids if i not in leave_out]
+    settings = make_settings(world.db_url, SimpleNamespace(url="http://127.0.0.1:9", api_key="unused"))
+    api = BouncerApiActivities(settings, world.packer.pool, answers)  # type: ignore[arg-type]
+    return await ActivityEnvironment().run(api.store_results, StoreRequest(bouncer_batch_id, LANE, download=True))
+
+
+async def test_a_list_resumed_while_a_batch_of_it_is_at_the_api_sends_its_unanswered_addresses_again(world):
+    """Packed as B1 (seq 0-19) and B2 (20-29); B2 stored; paused and resumed while B1 is at the API;
+    B1 comes back without 5 answers. Resume used to set the queue's end to max(seq) + 1 = 20,
+    below the cursor (30): the 5 were re-queued at seq 20-24, where the packer never looks, and
+    the list stayed `queued` with 5 remaining for good."""
+    ub = await world.add("rae", emails("rae", 30))
+    b1, b2 = (await world.pack("k1", slots=2, batch_size=20)).batches
+    assert (b1.size, b2.size) == (20, 10)
+    await store_answering(world, b2.bouncer_batch_id)
+
+    await world.user_batches.set_paused(PauseRequest(ub, True))
+    await world.user_batches.set_paused(PauseRequest(ub, False))
+    lane = "select cursor, next_seq from user_batch_lanes where user_batch_id = %s"
+    assert world.sql(lane, (ub,)) == [(30, 30)]  # never lowered below the cursor
+
+    unanswered = set(Answers(world, b1.bouncer_batch_id).ids[:5])
+    stored = await store_answering(world, b1.bouncer_batch_id, leave_out=unanswered)
+    assert (stored.stored, stored.requeued) == (15, 5)
+    again = (await world.pack("k2", slots=1, batch_size=20)).batches
+    assert [b.size for b in again] == [5]
+    await store_answering(world, again[0].bouncer_batch_id)
+    advanced = await world.user_batches.advance_user_batch(ub)
+    assert advanced.state == "completed" and advanced.summary.by_state == {"verified": 30}
+    assert world.packed_addresses(ub) == 35  # 30, and the 5 unanswered once more
+
+
 # ---- cross-batch dedupe and the result cache --------------------------------------------------
 
 
