@@ -25,7 +25,7 @@ from activities.catchall import NEXT_LANE, hand_off
 from activities.dispatch_gate import DISPATCH
 from activities.events import record_progress
 from activities.heartbeat import heartbeats
-from activities.user_batches import UserBatchActivities, index_probes
+from activities.user_batches import UserBatchActivities, hand_to_heirs, index_probes
 from bouncer.client import BouncerClient
 from bouncer.errors import (
     BadRequest,
@@ -590,6 +590,36 @@ class BouncerApiActivities:
         await self._notify(request, outcome.touched_workflow_ids)
         return outcome
 
+    @staticmethod
+    async def _hand_stopped_leftovers(cur: psycopg.AsyncCursor, lane: str) -> int:
+        """Leftovers (not dead) of a list cancelled or paused while they were in flight go to a queued
+        list waiting on them, as at pause and cancel (`release_unclaimed`): on their own list's queue
+        nothing packs them while it is stopped, and the waiting list hung on them. Returns how many;
+        they leave `leftover`. A paused owner counts them as withdrawn (it waits on them on resume)."""
+        await cur.execute("drop table if exists released")
+        await cur.execute(
+            """
+            create temp table released on commit drop as
+            select t.user_batch_id, t.address_id, t.attempts
+            from leftover t join user_batches b on b.id = t.user_batch_id and b.state <> 'queued'
+            where not t.dead
+            """
+        )
+        if not cur.rowcount or not (handed := await hand_to_heirs(cur, lane)):
+            return 0
+        await cur.execute(
+            """
+            with d as (delete from leftover t using heirs h where t.address_id = h.address_id and not t.dead
+                       returning t.user_batch_id)
+            update user_batch_lanes l set remaining = l.remaining - c.n, withdrawn = l.withdrawn + c.n
+            from (select user_batch_id, count(*) as n from d group by 1) c
+            join user_batches b on b.id = c.user_batch_id and b.state = 'paused'
+            where l.user_batch_id = c.user_batch_id and l.lane = %(lane)s
+            """,
+            {"lane": lane},
+        )
+        return handed
+
     async def _finalize_small(self, user_batch_ids: list[int]) -> None:
         """Finalize the small lists this store settled, before their workflows hear of it: the list
         reads `completed` a workflow task and an activity sooner (`bench fairness`: 100 addresses
@@ -680,6 +710,7 @@ class BouncerApiActivities:
             """,
             p,
         )
+        handed = await self._hand_stopped_leftovers(cur, lane) if leftovers else 0
         if leftovers:
             await cur.execute(lock_lanes("select distinct user_batch_id, %(lane)s::text from leftover where not dead"), p)
         await cur.execute(
@@ -757,6 +788,7 @@ class BouncerApiActivities:
             "select count(*) filter (where not dead), count(*) filter (where dead) from leftover"
         )
         requeued, dead = await cur.fetchone()
+        requeued += handed
         await cur.execute(
             "update bouncer_batches set state = %s, touched = %s, stored_at = now(),"
             " last_error = coalesce(nullif(%s, ''), last_error),"

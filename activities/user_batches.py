@@ -204,28 +204,43 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
             delete from queue q using user_batch_lanes l
             where q.user_batch_id = %(ub)s and q.lane = %(lane)s
               and l.user_batch_id = q.user_batch_id and l.lane = q.lane and q.seq >= l.cursor
-            returning q.address_id, q.attempts),
+            returning q.user_batch_id, q.address_id, q.attempts),
         w as (
             delete from queue q using withdrawn w
             where q.user_batch_id = %(ub)s and q.lane = %(lane)s and q.seq >= w.seq_from and q.seq < w.seq_to
-            returning q.address_id, q.attempts)
+            returning q.user_batch_id, q.address_id, q.attempts)
         select * from d union all select * from w
         """,
         p,
     )
     await cur.execute("update user_batch_lanes set holes = true where user_batch_id = %(ub)s and lane = %(lane)s", p)
+    moved = await hand_to_heirs(cur, lane)
+    await cur.execute("delete from waits where user_batch_id = %(ub)s and lane = %(lane)s", p)
+    return moved
+
+
+async def hand_to_heirs(cur: psycopg.AsyncCursor, lane: str) -> int:
+    """Queue each address of the `released` temp table (user_batch_id: the list letting it go,
+    address_id, attempts) on a queued list waiting on it (its heir), attempts kept; the heir's
+    wait becomes its own queue row. Fills the `heirs` temp table (address_id, attempts,
+    user_batch_id: the heir) and returns how many addresses found one. Used by pause and cancel
+    (`release_unclaimed`) and by the store, for the leftovers of a list stopped while they were in
+    flight."""
+    p = {"lane": lane}
     await cur.execute("drop table if exists heirs")
     await cur.execute(
         """
         create temp table heirs on commit drop as
         select distinct on (r.address_id) r.address_id, r.attempts, w.user_batch_id
         from released r
-        join waits w on w.lane = %(lane)s and w.address_id = r.address_id and w.user_batch_id <> %(ub)s
+        join waits w on w.lane = %(lane)s and w.address_id = r.address_id and w.user_batch_id <> r.user_batch_id
         join user_batches b on b.id = w.user_batch_id and b.state = 'queued'
         order by r.address_id, w.user_batch_id
         """,
         p,
     )
+    if not cur.rowcount:
+        return 0
     await cur.execute(lock_lanes("select distinct user_batch_id, %(lane)s::text from heirs"), p)
     await cur.execute(
         """
@@ -237,6 +252,7 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
         """,
         p,
     )
+    moved = cur.rowcount
     await cur.execute(
         """
         update user_batch_lanes l set next_seq = l.next_seq + c.n, enqueued = l.enqueued + c.n, shared = l.shared - c.n
@@ -250,10 +266,7 @@ async def release_unclaimed(cur: psycopg.AsyncCursor, user_batch_id: int, lane: 
         " and w.user_batch_id = h.user_batch_id",
         p,
     )
-    await cur.execute("delete from waits where user_batch_id = %(ub)s and lane = %(lane)s", p)
-    await cur.execute("select count(*) from heirs")
-    (moved,) = await cur.fetchone()
-    return int(moved)
+    return moved
 
 
 async def announce(cur: psycopg.AsyncCursor, topic: str, summary: Summary) -> None:

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 from test_workflows import (
     LANE,
@@ -29,8 +30,11 @@ from test_workflows import (
     events,
     eventually,
     item_states,
+    lane_row,
+    prepared,
     sandbox_stats,
     scheduler_status,
+    ub_id,
 )
 
 from activities.bouncer_api import _as_temporal_error
@@ -408,6 +412,42 @@ async def test_a_batch_stuck_past_its_deadline_is_finished_early_requeued_and_de
             (reason,) = p.sql("select distinct reason from dead_letters")
             assert "maximum number of attempts" in reason[0]
             assert p.sql("select count(*) from queue") == [(0,)]
+
+
+async def test_a_list_waiting_on_an_address_of_a_list_cancelled_while_it_was_at_the_api_still_completes(
+    skipping_env, db_url, tmp_path
+):
+    """Ann's batch, holding the address ben waits on, is at the API (a sandbox that never verifies
+    in time) when ann cancels. Finished early past its deadline, it brings no answer for it. The
+    address used to be re-queued on ann's queue, never packed again (she is cancelled), and ben
+    hung until cleanup deleted ann. Now ben inherits it with its attempt counted: sent once more,
+    then dead-lettered at max_address_attempts=2, and ben completes."""
+    env = skipping_env
+    shared = "shared.lead@company1.example"
+    with running_sandbox("stuck-key", "--speed", "0.001") as stuck:
+        settings = make_settings(db_url, stuck, batch_size=100, poll_interval_s=5, batch_deadline_s=60,
+                                 max_address_attempts=2, standby_batches=0)
+        async with running_pipeline(env.client, settings) as p:
+            ann = await p.submit_file(write_list(tmp_path / "a.csv", [shared, *emails("ann", 9)]), "ann")
+            await eventually(lambda: sandbox_stats(stuck)["batches_created"] == 1, "ann's Bouncer batch")
+            ben = await p.submit_file(write_list(tmp_path / "b.csv", [shared]), "ben")
+            await prepared(ben)
+            assert lane_row(p, ub_id(ben))["shared"] == 1
+
+            await ann.cancel()
+            with env.auto_time_skipping_disabled():  # ann's batch stays at the API meanwhile
+                with pytest.raises(WorkflowFailureError):
+                    await asyncio.wait_for(ann.result(), timeout=15)
+            assert p.sql("select state from user_batches where id = %s", (ub_id(ann),)) == [("cancelled",)]
+
+            summary: Summary = await asyncio.wait_for(ben.result(), timeout=90)
+            assert summary.state == "completed" and summary.by_state == {"failed": 1}
+            # Two attempts in all: ann's batch, then ben's (the attempt ann's batch spent was kept).
+            assert [b["status"] for b in httpx.get(f"{stuck.url}/_sandbox/batches").json()] == ["completed"] * 2
+            assert sandbox_stats(stuck)["addresses_received"] == 10 + 1
+            assert p.sql("select count(*), max(attempts) from dead_letters") == [(1, 2)]
+            assert p.sql("select count(*) from queue") == [(0,)] and p.sql("select count(*) from waits") == [(0,)]
+            assert item_states(p, ub_id(ann)) == {"cancelled": 10}
 
 
 async def test_a_batch_finished_early_keeps_what_it_verified_and_sends_only_the_rest_again(dev_env, db_url, tmp_path):

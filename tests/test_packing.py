@@ -549,6 +549,46 @@ async def test_a_list_resumed_while_a_batch_of_it_is_at_the_api_sends_its_unansw
     assert world.packed_addresses(ub) == 35  # 30, and the 5 unanswered once more
 
 
+@pytest.mark.parametrize("stop", ["cancel", "pause"])
+async def test_an_unanswered_address_of_a_stopped_list_goes_to_the_list_waiting_on_it(world, stop):
+    """Ann owns the shared address and her batch is at the API when she cancels (or pauses) the
+    list; ben waits on the address. The batch comes back without its answer. It used to be
+    re-queued on ann's queue, which is never packed while she is stopped: ben hung (until cleanup
+    deleted ann, 90 days later, or for as long as she stayed paused). Now ben inherits it, with
+    its attempt counted."""
+    shared = "shared.lead@company1.example"
+    ann = await world.add("ann", [shared, *emails("ann", 9)])
+    (batch,) = (await world.pack("k1", slots=1, batch_size=100)).batches
+    ben = await world.add("ben", [shared, *emails("ben", 4)])
+    sid = world.address_id(shared)
+    assert world.sql("select user_batch_id from waits where address_id = %s", (sid,)) == [(ben,)]
+    if stop == "cancel":
+        await world.user_batches.cancel_user_batch(ann)
+    else:
+        await world.user_batches.set_paused(PauseRequest(ann, True))
+
+    stored = await store_answering(world, batch.bouncer_batch_id, leave_out={sid})
+    assert (stored.stored, stored.requeued, stored.dead_lettered) == (9, 1, 0)
+    assert world.sql("select user_batch_id, attempts from queue where address_id = %s", (sid,)) == [(ben, 1)]
+    assert world.sql("select count(*) from waits") == [(0,)]
+    lanes = "select enqueued, shared, remaining from user_batch_lanes where user_batch_id = %s"
+    assert world.sql(lanes, (ben,)) == [(5, 0, 5)]
+    if stop == "pause":  # ann: nothing in flight any more; the shared address is hers again on resume
+        assert world.sql("select remaining, withdrawn from user_batch_lanes where user_batch_id = %s", (ann,)) == [
+            (0, 1)]
+
+    (again,) = (await world.pack("k2", slots=1, batch_size=100)).batches
+    assert world.composition(again.bouncer_batch_id) == {"ben": 5}
+    await store_answering(world, again.bouncer_batch_id)
+    advanced = await world.user_batches.advance_user_batch(ben)
+    assert advanced.state == "completed" and advanced.summary.by_state == {"verified": 5}
+    if stop == "pause":
+        await world.user_batches.set_paused(PauseRequest(ann, False))
+        assert (await world.pack("k3", slots=1, batch_size=100)).batches == []  # all of ann's have results
+        advanced = await world.user_batches.advance_user_batch(ann)
+        assert advanced.state == "completed" and advanced.summary.by_state == {"verified": 10}
+
+
 # ---- cross-batch dedupe and the result cache --------------------------------------------------
 
 
