@@ -91,8 +91,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(10_000, ge=1, le=100_000, description="Addresses per Bouncer batch (the API takes "
                             "at most 100,000; 1,000-10,000 recommended)")
     max_unanswered_creates: int = Field(
-        3, ge=1, description="Times one Bouncer batch is sent without an answer (a dropped connection or a timeout: "
-        "the API may have made, and charged, a batch each time) before it is sent no more: its addresses go to dead "
+        3, ge=1, description="Times one Bouncer batch is sent without an answer (a dropped connection, a timeout, "
+        "or a 5xx other than 503: the API may have made, and charged, a batch each time) before it is sent no more: its addresses go to dead "
         "letters and the lane pauses (check the Bouncer dashboard, then `resume --lane` and `dlq retry`)"
     )
     max_concurrent_batches: int = Field(15, description="Bouncer batches in flight per lane")

@@ -681,6 +681,9 @@ def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[s
         if due := await temporal_client.not_started_before(handle):
             raise fail(f"user batch {user_batch_id} starts at {due:%Y-%m-%d %H:%M:%S %Z}; nothing to "
                        f"{'pause' if pause else 'resume'} before then (`starter.py cancel {user_batch_id}` drops it)")
+        if row[5] in ("receiving", "preparing"):  # the workflow applies it once the list is queued
+            err.print(f"user batch {user_batch_id} is {row[5]}: the {'pause' if pause else 'resume'} waits until "
+                      "its rows are queued")
         try:
             p = await handle.execute_update("pause" if pause else "resume", result_type=BatchProgress)
         except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
