@@ -257,6 +257,7 @@ def submit(
         "rows": stats.rows,
         "invalid": stats.invalid,
         "invalid_rows": stats.invalid_rows,
+        "header": stats.header,
         "ingest_s": round(ingest_s, 3),
     }
     if summary is not None:
@@ -280,6 +281,7 @@ def submit(
         out.print(f"user batch [bold]{ub_id}[/bold]: {stats.rows:,} rows ({stats.invalid:,} invalid) "
                   f"read in {ingest_s:.1f}s; workflow {result['workflow_id']}"
                   + (f", starts at {start_at:%Y-%m-%d %H:%M:%S %Z}" if start_at else ""))
+        print_header(stats)
         print_invalid_rows(ub_id, stats)
         if period is not None:
             out.print(f"re-verified every {period} by schedule {result['schedule_id']} (`starter.py schedules list`)")
@@ -288,6 +290,14 @@ def submit(
 
 
 INVALID_ROWS_PRINTED = 10
+
+
+def print_header(stats: IngestStats) -> None:
+    """The line taken as the header (on stderr): a first row that was data would show here."""
+    if (h := stats.header) is not None:
+        names = ", ".join(h["names"])
+        err.print(f"  header on line {h['line']}: {names[:200]}; addresses from column {h['column']}",
+                  highlight=False, markup=False)
 
 
 def print_invalid_rows(ub_id: int, stats: IngestStats) -> None:

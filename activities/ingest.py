@@ -103,6 +103,20 @@ class IngestStats:
     invalid: int = 0
     bytes_read: int = 0
     invalid_rows: list[dict] = field(default_factory=list)  # the first: {"row": line, "reason": why}
+    header: dict | None = None  # the line taken as the header, if any (`HeaderRow.report`)
+
+
+@dataclass
+class HeaderRow:
+    """The line read as the header: not a row, but the submitter is told which line it was."""
+
+    line: int
+    names: list[str]
+    column: int  # the address column, from 0
+
+    def report(self) -> dict:
+        """{"line", "names" (the first 50, each cut at 100 characters), "column" (from 1)}."""
+        return {"line": self.line, "names": [n[:100] for n in self.names[:50]], "column": self.column + 1}
 
 
 @dataclass
@@ -112,45 +126,80 @@ class CsvShape:
     column: int
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+# A header cell that names an email column: "Email", "E-Mail", "Work Email", "email_address",
+# "EmailAddress", "E-mail Address". Words only: "not-an-email" or "ann.mail.com" is data.
+_EMAIL_NAME = re.compile(r"(?:[a-z]+[ _-]?)?e-?mails?(?:[ _-]?(?:address(?:es)?|addr|adresse|id))?")
+# Other names a header gives the column that holds the addresses (compared whole, lower-cased).
+_ADDRESS_NAMES = frozenset(EMAIL_HEADERS) | {"contact", "contacts", "recipient", "recipients", "to", "login",
+                                             "user", "username", "courriel", "correo"}
+_LABEL = re.compile(r"[^\W\d_][\w ]{0,39}")  # a column name: a word or a few, no punctuation
+
+
+def _guess_delimiter(lines: list[str]) -> str:
+    """The delimiter that splits the first record most often, counted outside quotes (a quoted
+    `"Doe, John"` holds no delimiter); ties go to the one that splits the sample more often."""
+    def splits(d: str) -> tuple[int, int]:
+        records = [r for r in csv.reader(io.StringIO("\n".join(lines)), delimiter=d) if r]
+        return (len(records[0]) - 1, sum(len(r) - 1 for r in records)) if records else (0, 0)
+
+    scores = {d: splits(d) for d in _DELIMITERS}
+    best = max(_DELIMITERS, key=lambda d: scores[d])  # max keeps the first of equals: "," before the others
+    return best if scores[best] > (0, 0) else ","
+
+
+def _is_header(first: list[str], column: int, later_at: list[int]) -> bool:
+    """Whether the first row (lower-cased cells, none with `@`) names columns rather than holds data.
+
+    Only names make a header: a cell naming an email column, the address column (`column`)
+    under a name such a column has, or two or more address columns all under plain words
+    (`work,home`). Anything else is data, so a bad first address is reported on line 1
+    instead of being skipped as a header.
+    """
+    if any(_EMAIL_NAME.fullmatch(c) or c in EMAIL_HEADERS for c in first):
+        return True
+    if column < len(first) and first[column] in _ADDRESS_NAMES:
+        return True
+    return len(later_at) >= 2 and all(i < len(first) and _LABEL.fullmatch(first[i]) for i in later_at)
+
+
 def detect_shape(sample: str, column: str | None) -> CsvShape:
     """Guess delimiter, header and the email column from the first lines of the file."""
     lines = [ln for ln in sample.splitlines() if ln.strip()][:20]
     if not lines:
         return CsvShape(",", False, 0)
-    first = lines[0]
-    counts = {d: first.count(d) for d in (",", ";", "\t", "|")}
-    delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    delimiter = _guess_delimiter(lines)
     rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter))
-    header = [c.strip().lower().lstrip("\ufeff") for c in rows[0]]
+    header = [c.strip().lower().lstrip("\ufeff").strip() for c in rows[0]]
+    first_has_at = any("@" in c for c in rows[0])
+    width = max(map(len, rows))
+    # Columns holding addresses in the rows after the first.
+    later_at = [i for i in range(width) if any(i < len(r) and "@" in r[i] for r in rows[1:])]
     if column is not None:
-        if column.isdigit():
-            number, width = int(column), max(map(len, rows))
+        if column.isascii() and column.isdecimal():  # "²" and "٣" are digits to str.isdigit, not to int()
+            number = int(column)
             if not 1 <= number <= width:
                 raise UnreadableInput(f"column {number} not found: columns are numbered from 1, and the first"
                                       f" lines have {width}")
-            return CsvShape(delimiter, "@" not in first, number - 1)
+            return CsvShape(delimiter, not first_has_at and _is_header(header, number - 1, later_at), number - 1)
         if column.lower() not in header:
-            if any("@" in c for c in rows[0]):  # data, not a header: never echo it (addresses stay out of Temporal)
+            if first_has_at:  # data, not a header: never echo it (addresses stay out of Temporal)
                 raise UnreadableInput(f"column {column!r} not found: the first line is not a header (it holds an"
                                       " address); give the column by its number, from 1")
             raise UnreadableInput(f"column {column!r} not found in the header: {', '.join(rows[0])[:500]}")
         return CsvShape(delimiter, True, header.index(column.lower()))
+    if first_has_at:
+        with_at = [i for i in range(width) if any(i < len(r) and "@" in r[i] for r in rows)]
+        return CsvShape(delimiter, False, with_at[0] if with_at else 0)
     mailish = [i for i, name in enumerate(header) if name in EMAIL_HEADERS or "mail" in name]
-    # A first row without `@` is a header only if it looks like one; a lone bad address on the
-    # first line of a plain list stays a row (reported invalid, never silently skipped).
-    has_header = not any("@" in c for c in rows[0]) and (bool(mailish) or len(rows[0]) > 1)
-    data = rows[1:] if has_header else rows
-    with_at = [i for i in range(max(map(len, data), default=0)) if any(i < len(r) and "@" in r[i] for r in data)]
-    if has_header:
-        for name in EMAIL_HEADERS:  # an exact email header wins
-            if name in header:
-                return CsvShape(delimiter, True, header.index(name))
-        for i in mailish:  # "Work Email" over "Mailing Street": the one whose data has addresses
-            if i in with_at:
-                return CsvShape(delimiter, True, i)
-    if with_at:
-        return CsvShape(delimiter, has_header, with_at[0])
-    return CsvShape(delimiter, has_header, mailish[0] if mailish else 0)
+    exact = next((header.index(name) for name in EMAIL_HEADERS if name in header), None)  # an exact email header wins
+    if exact is not None:
+        guess = exact
+    else:  # "Work Email" over "Mailing Street": the one whose data has addresses
+        guess = next((i for i in mailish if i in later_at), later_at[0] if later_at else mailish[0] if mailish else 0)
+    if _is_header(header, guess, later_at):
+        return CsvShape(delimiter, True, guess)
+    return CsvShape(delimiter, False, later_at[0] if later_at else 0)
 
 
 class _Prefixed(io.RawIOBase):
@@ -312,13 +361,13 @@ class _RowReader:
             else:
                 yield list(self._quoted(block, blocks))
 
-    def row(self, start: int, record: list[str]) -> tuple | None:
+    def row(self, start: int, record: list[str]) -> tuple | HeaderRow | None:
         """One record as (line, raw cell, address or None, reason or None); None if not a row."""
         if not record or (len(record) == 1 and not record[0].strip()):
             return None  # blank line: not a row
         if self.header_pending:
             self.header_pending = False
-            return None
+            return HeaderRow(start, [c.replace("\x00", "\ufffd") for c in record], self.shape.column)
         if start <= self.skip_through:
             return None
         column = self.shape.column
@@ -432,19 +481,20 @@ def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through:
         yield from _RowReader(shape, skip_through).pieces(_text_blocks(raw))
 
 
-def iter_rows(uri: str | Path | Iterable[bytes], column: str | None = None, skip_through: int = 0
-              ) -> Iterator[tuple[int, str, str | None, str | None]]:
+def iter_rows(uri: str | Path | Iterable[bytes], column: str | None = None, skip_through: int = 0,
+              with_header: bool = False) -> Iterator[tuple[int, str, str | None, str | None]]:
     """Yield (line number, raw cell, normalized address or None, reason or None) for every row.
 
     `skip_through`: rows starting at or before this line are parsed but not checked or yielded
-    (a resumed ingest skips what the database already holds).
+    (a resumed ingest skips what the database already holds). `with_header`: the line taken as
+    the header is yielded too, as a `HeaderRow` (`copy_rows` reports it).
     """
     for pieces in _pieces(uri, column, skip_through):
         for piece in pieces:
             if isinstance(piece, _Run):
                 for line, cell in zip(piece.lines, piece.cells):
                     yield line, cell, cell, None
-            else:
+            elif not isinstance(piece, HeaderRow) or with_header:
                 yield piece
 
 
@@ -483,9 +533,11 @@ class _ItemWriter:
         self.stats.rows += len(run.cells)
         self.stats.pending += len(run.cells)
 
-    def add_piece(self, piece: _Run | tuple) -> None:
+    def add_piece(self, piece: _Run | HeaderRow | tuple) -> None:
         if isinstance(piece, _Run):
             self.add_run(piece)
+        elif isinstance(piece, HeaderRow):
+            self.stats.header = piece.report()
         else:
             self.add(piece)
 
@@ -610,6 +662,9 @@ def copy_items_resumable(
                         piece, carry = carry if carry is not None else next(pieces, None), None
                         if piece is None:
                             break
+                        if isinstance(piece, HeaderRow):
+                            writer.add_piece(piece)
+                            continue
                         if isinstance(piece, _Run):
                             if len(piece.cells) > room:  # a chunk ends inside the run
                                 piece, carry = piece.split(room)

@@ -418,7 +418,7 @@ async def submit_batch(request: Request) -> JSONResponse:
             await conn.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub,))
         raise ApiError(503, f"user batch {ub} stored but its workflow did not start: {exc.message}") from None
     doc = {"id": ub, "workflow_id": user_batch_workflow_id(ub), "state": "receiving", "rows": stats.rows,
-           "invalid": stats.invalid, "invalid_rows": stats.invalid_rows}
+           "invalid": stats.invalid, "invalid_rows": stats.invalid_rows, "header": stats.header}
     return JSONResponse(doc, status_code=201, headers={"Location": f"/v1/batches/{ub}"})
 
 

@@ -89,6 +89,14 @@ _SUBMITTED = {
             "items": {"type": "object", "required": ["row", "reason"],
                       "properties": {"row": {"type": "integer"}, "reason": {"type": "string"}}},
         },
+        "header": {
+            "type": "object", "nullable": True,
+            "description": "the line read as the header (null: none, every line is a row), its column names"
+                           " and the column the addresses were read from (from 1)",
+            "required": ["line", "names", "column"],
+            "properties": {"line": {"type": "integer"}, "names": {"type": "array", "items": {"type": "string"}},
+                           "column": {"type": "integer"}},
+        },
     },
 }
 _DEAD_LETTER = {

@@ -120,8 +120,9 @@ def pull(agen: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterato
 
 
 def csv_rows(chunks: Iterator[bytes], column: str | None) -> Iterator[tuple[int, str, str | None, str | None]]:
-    """Rows of a CSV (or one-address-per-line) body: the CLI's parser, line numbers included."""
-    return iter_rows(chunks, column)
+    """Rows of a CSV (or one-address-per-line) body: the CLI's parser, line numbers included, and
+    the line taken as the header (a `HeaderRow`, reported in the answer)."""
+    return iter_rows(chunks, column, with_header=True)
 
 
 def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, str | None]]:

@@ -417,6 +417,20 @@ async def test_a_declared_charset_and_byte_order_marks_are_read_as_the_text_they
             assert [(r[0], r[1]) for r in stored(resp.json()["id"])] == expected, ctype
 
 
+async def test_a_bad_first_row_is_a_reported_row_and_a_header_is_named_in_the_answer(api_settings, api_url):
+    auth = {**new_key(api_settings, "rhea"), "Content-Type": "text/csv"}
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        for body in (b"Ann,not-an-address\nBob,bob@example.com\nCid,cid@example.com\n",
+                     b'"Doe, Ann";not-an-address\nBob;bob@example.com\nCid;cid@example.com\n'):
+            doc = (await http.post("/v1/batches", headers=auth, content=body)).json()
+            assert (doc["rows"], doc["invalid"], doc["invalid_rows"], doc["header"]) == (
+                3, 1, [{"row": 1, "reason": "missing @"}], None), doc
+        doc = (await http.post("/v1/batches?column=1", headers=auth, content=b"not-an-address\na@example.com\n")).json()
+        assert (doc["rows"], doc["invalid"]) == (2, 1), doc
+        doc = (await http.post("/v1/batches", headers=auth, content=b"Name,E-Mail\nBob,bob@example.com\n")).json()
+        assert (doc["rows"], doc["header"]) == (1, {"line": 1, "names": ["Name", "E-Mail"], "column": 2}), doc
+
+
 async def test_a_batchs_dead_letters_are_listed_and_retried_through_the_api(dev_env, api_settings, api_url):
     auth = new_key(api_settings, "dina")
     emails = [f"dead{i}@firm{i % 5}.example" for i in range(30)]

@@ -309,6 +309,24 @@ def test_no_header_email_in_second_column(tmp_path):
     assert [r[:2] for r in rows(p)] == [(1, "ann@x.com"), (2, "bob@y.com")]
 
 
+@pytest.mark.parametrize(("first", "reason"), [(b"Ann,not-an-address", "missing @"), (b"Ann,", "empty address"),
+                                               (b"Ann,anngmail.com", "missing @"), (b"Ann,not-an-email", "missing @")])
+def test_a_first_data_row_without_an_address_is_a_row_not_a_header(tmp_path, first, reason):
+    """A bad first row of a multi-column list is reported with its line, never taken for a header."""
+    p = write(tmp_path, "a.csv", first + b"\nBob,bob@example.com\nCid,cid@example.com\n")
+    assert [(r[0], r[2], r[3]) for r in rows(p)] == [
+        (1, None, reason), (2, "bob@example.com", None), (3, "cid@example.com", None)]
+
+
+@pytest.mark.parametrize("header", [b"name,email", b"Name,E-Mail", b"first_name,Work Email,company",
+                                    b"name,EmailAddress", b"Name,E-mail Address", b"id,contact,city",
+                                    b"name,mailing_street,contact", b"work,home", b"Email", b"contact"])
+def test_a_header_is_told_by_its_names(tmp_path, header):
+    width = header.count(b",") + 1
+    data = header + b"\n" + b",".join([b"ann@x.com"] * width) + b"\n"
+    assert [r[:3] for r in rows(write(tmp_path, "a.csv", data))] == [(2, "ann@x.com", "ann@x.com")]
+
+
 def test_column_by_name_case_insensitive(tmp_path):
     p = write(tmp_path, "a.csv", b"work,home\nann@work.com,ann@home.com\n")
     assert [r[1] for r in rows(p, "HOME")] == ["ann@home.com"]
@@ -321,6 +339,20 @@ def test_column_by_number_with_and_without_header(tmp_path):
     without = write(tmp_path, "n.csv", b"ann@work.com,ann@home.com\nbob@work.com,bob@home.com\n")
     assert [r[:2] for r in rows(without, "2")] == [(1, "ann@home.com"), (2, "bob@home.com")]
     assert [r[:2] for r in rows(without, "1")] == [(1, "ann@work.com"), (2, "bob@work.com")]
+
+
+def test_a_column_number_on_a_headerless_list_keeps_a_bad_first_row(tmp_path):
+    p = write(tmp_path, "a.csv", b"not-an-address\na@example.com\n")
+    expected = [(1, "not-an-address", None, "missing @"), (2, "a@example.com", "a@example.com", None)]
+    assert rows(p) == expected
+    assert rows(p, "1") == expected
+
+
+@pytest.mark.parametrize("column", ["\u00b2", "\u0663", "1\u00b2", "\uff11"])
+def test_a_column_of_non_ascii_digits_is_a_name_not_found(tmp_path, column):
+    p = write(tmp_path, "a.csv", b"name,email\nAnn,ann@x.com\n")
+    with pytest.raises(UnreadableInput, match="not found in the header"):
+        rows(p, column)
 
 
 def test_column_by_name_not_in_header_is_unreadable(tmp_path):
@@ -360,6 +392,18 @@ def test_other_delimiters(tmp_path, delimiter):
 def test_semicolon_without_header(tmp_path):
     p = write(tmp_path, "a.csv", b"Ann;ann@x.com\nBob;bob@y.com\n")
     assert [r[1] for r in rows(p)] == ["ann@x.com", "bob@y.com"]
+
+
+@pytest.mark.parametrize(("data", "delimiter"), [
+    (b'"Doe, John";john@example.com\nSmith;smith@example.com\nLee;lee@example.com\n', ";"),
+    (b'"a|b, c\tx";john@example.com\n"d, e, f";smith@example.com\n', ";"),
+    (b'name\temail\n"Doe, John; Jr"\tjohn@example.com\n', "\t"),
+    (b'"x;y;z",john@example.com\n', ","),
+])
+def test_delimiters_inside_quotes_do_not_count(tmp_path, data, delimiter):
+    p = write(tmp_path, "a.csv", data)
+    assert detect_shape(data.decode(), None).delimiter == delimiter
+    assert all(r[2] is not None for r in rows(p)), rows(p)
 
 
 def test_utf8_bom_before_header(tmp_path):
@@ -519,6 +563,14 @@ def test_copy_items_rows_in_equal_rows_out(db_url, tmp_path):
     for row_no, raw, email, state, reason in items:
         assert lines[row_no - 1].startswith(raw) or raw in lines[row_no - 1]
         assert (email is None) == (state == "invalid") == (reason is not None)
+
+
+def test_copy_items_reports_the_line_it_took_for_the_header(db_url, tmp_path):
+    stats, _, _ = _copy(db_url, write(tmp_path, "h.csv", b"\n\nName;Work Email\nAnn;ann@x.com\n"))
+    assert stats.header == {"line": 3, "names": ["Name", "Work Email"], "column": 2} and stats.rows == 1
+    stats, _, items = _copy(db_url, write(tmp_path, "n.csv", b"Ann,not-an-address\nBob,bob@x.com\n"), 2)
+    assert stats.header is None and (stats.rows, stats.invalid) == (2, 1)
+    assert items[0] == (1, "not-an-address", None, "invalid", "missing @")
 
 
 def test_copy_items_counts_duplicates_as_rows_and_keeps_line_numbers(db_url, tmp_path):
