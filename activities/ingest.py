@@ -296,25 +296,60 @@ class _Run:
         return _Run(self.lines[:k], self.cells[:k]), _Run(self.lines[k:], self.cells[k:])
 
 
-def _text_blocks(raw: io.RawIOBase) -> Iterator[str]:
-    """The decoded stream in blocks of about `_BLOCK_BYTES` that end at a `\n` (the last may not).
+@dataclass
+class _Overlong:
+    """A physical line longer than `_MAX_FIELD` characters (csv's field limit): one invalid row,
+    its first characters kept, the rest never held in memory."""
+
+    head: str
+    length: int
+
+
+def _text_blocks(raw: io.RawIOBase) -> Iterator[str | _Overlong]:
+    """The decoded stream in blocks of about `_BLOCK_BYTES` that end at a `\n` (the last may not),
+    and an `_Overlong` in place of each line longer than `_MAX_FIELD` characters.
 
     utf-8-sig drops a BOM; undecodable bytes become U+FFFD and the row is reported invalid. A
     `\n` never occurs inside a UTF-8 sequence, so cutting there decodes exactly like one stream.
+    Text with bare CRs (old Mac line ends) is kept whole up to its next `\n`, as csv reads it.
     """
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+
+    def texts() -> Iterator[str]:
+        while data := raw.read(_BLOCK_BYTES):
+            yield decoder.decode(data)
+        yield decoder.decode(b"", final=True)
+
     parts: list[str] = []  # a line longer than a block accumulates here
-    while data := raw.read(_BLOCK_BYTES):
-        text = decoder.decode(data)
+    size, has_cr = 0, False  # of the text in `parts`
+    skipping: _Overlong | None = None  # a line too long to read, dropped up to its end
+    for text in texts():
+        if skipping is not None:
+            nl = text.find("\n")
+            if nl < 0:
+                skipping.length += len(text)
+                continue
+            skipping.length += nl
+            yield skipping
+            skipping, text = None, text[nl + 1:]
         cut = text.rfind("\n") + 1
+        if cut and not has_cr and size + (nl := text.find("\n")) > _MAX_FIELD and "\r" not in text[:nl]:
+            yield _Overlong(("".join(parts) + text[:1000])[:1000], size + nl)  # the line in progress ends here
+            parts, size, text, cut = [], 0, text[nl + 1:], cut - nl - 1
         if cut == 0:
             parts.append(text)
+            size, has_cr = size + len(text), has_cr or "\r" in text
+            if size > _MAX_FIELD and not has_cr:
+                skipping = _Overlong("".join(parts)[:1000], size)
+                parts, size = [], 0
             continue
         parts.append(text[:cut])
         yield "".join(parts)
         parts = [text[cut:]]
-    parts.append(decoder.decode(b"", final=True))
-    if last := "".join(parts):
+        size, has_cr = len(parts[0]), "\r" in parts[0]
+    if skipping is not None:
+        yield skipping
+    elif last := "".join(parts):
         yield last
 
 
@@ -351,8 +386,11 @@ class _RowReader:
         self.header_pending = shape.has_header
         self.line = 1  # the physical line the next block starts at
 
-    def pieces(self, blocks: Iterator[str]) -> Iterator[list[_Run | tuple]]:
+    def pieces(self, blocks: Iterator[str | _Overlong]) -> Iterator[list[_Run | tuple]]:
         for block in blocks:
+            if isinstance(block, _Overlong):
+                yield [r] if (r := self.overlong(block)) is not None else []
+                continue
             lines = _plain_lines(block)
             if lines is not None:
                 numbers = range(self.line, self.line + len(lines))
@@ -379,6 +417,16 @@ class _RowReader:
             return start, cell.replace("\x00", "\ufffd"), None, "contains a NUL byte"
         email, reason = normalize_address(cell)
         return start, cell, email, reason
+
+    def overlong(self, block: _Overlong) -> tuple | None:
+        """A line too long to read: one invalid row (the header, if it was due, is not looked for)."""
+        start = self.line
+        self.line += 1
+        self.header_pending = False
+        if start <= self.skip_through:
+            return None
+        return (start, block.head.replace("\x00", "\ufffd"), None,
+                f"line longer than {_MAX_FIELD // 2**20} MiB ({block.length:,} characters): not read")
 
     def _plain(self, numbers: range, lines: list[str], delimited: bool) -> Iterator[_Run | tuple]:
         delimiter, column = self.shape.delimiter, self.shape.column
@@ -411,18 +459,26 @@ class _RowReader:
                 following = next(blocks, None)  # a quoted field goes on in the next block
                 if following is None:
                     return
+                if isinstance(following, _Overlong):
+                    raise UnreadableInput(f"cannot read the row that starts on line {line}: its quoted field runs"
+                                          f" into a line longer than {_MAX_FIELD // 2**20} MiB (is a quote"
+                                          " left open?)")
                 source = io.StringIO(following, newline="")
 
         reader = csv.reader(lines(), delimiter=self.shape.delimiter)
         base = line = self.line
-        for record in reader:
-            start, line = line, base + reader.line_num
-            in_record = False
-            starts.append(start)
-            records.append(record)
-            # A record over several lines has a CR or LF in a cell: never a normalized address.
-            plain = line == start + 1 and column < len(record)
-            cells.append(record[column] if plain else "")
+        try:
+            for record in reader:
+                start, line = line, base + reader.line_num
+                in_record = False
+                starts.append(start)
+                records.append(record)
+                # A record over several lines has a CR or LF in a cell: never a normalized address.
+                plain = line == start + 1 and column < len(record)
+                cells.append(record[column] if plain else "")
+        except csv.Error as exc:  # a quoted field over csv's limit, spread over many lines
+            raise UnreadableInput(f"cannot read the row that starts on line {line}: {exc} (a quoted field longer"
+                                  f" than {_MAX_FIELD // 2**20} MiB; is a quote left open?)") from None
         self.line = base + reader.line_num
         yield from self._checked(starts, cells, records.__getitem__)
 

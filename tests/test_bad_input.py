@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
-from activities.ingest import iter_rows
+from activities.ingest import UnreadableInput, iter_rows
 from helpers import make_settings, running_pipeline
 from test_ingest import _long_address
 from workflows.models import Summary
@@ -22,6 +23,33 @@ def test_a_10_mb_line_is_one_invalid_row_and_the_rows_around_it_are_intact(tmp_p
     got = list(iter_rows(path, None))
     assert [(r[0], r[2]) for r in got] == [(2, "ann@x.com"), (3, None), (4, "cid@y.com")]
     assert got[1][3] and "long" in got[1][3]  # a reason a person understands
+
+
+SEVENTEEN_MB = 17 * 1024 * 1024  # over csv's field limit (16 MiB)
+
+
+@pytest.mark.parametrize("long_line", [b"b" * SEVENTEEN_MB + b"@x.com,huge", b'"' + b"q" * SEVENTEEN_MB + b'",huge',
+                                       b"Dan," + b"c" * SEVENTEEN_MB])
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
+def test_a_line_over_16_mib_is_one_invalid_row_with_its_line_number(tmp_path, long_line, ending):
+    path = tmp_path / "huge.csv"
+    path.write_bytes(ending.join([b"email,note", b"ann@x.com,a", long_line, b"cid@y.com,c", b""]))
+    got = list(iter_rows(path, None))
+    assert [(r[0], r[2]) for r in got] == [(2, "ann@x.com"), (3, None), (4, "cid@y.com")]
+    assert got[1][3].startswith("line longer than 16 MiB") and len(got[1][1]) == 1000
+
+
+def test_a_long_last_line_without_a_newline_is_one_invalid_row(tmp_path):
+    path = tmp_path / "huge.csv"
+    path.write_bytes(b"ann@x.com\n" + b"b" * SEVENTEEN_MB)
+    assert [(r[0], r[2]) for r in iter_rows(path, None)] == [(1, "ann@x.com"), (2, None)]
+
+
+def test_a_quote_left_open_over_16_mib_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "open.csv"
+    path.write_bytes(b'email,note\nann@x.com,a\ncid@y.com,"' + b"x\n" * (9 * 1024 * 1024) + b'"\n')
+    with pytest.raises(UnreadableInput, match="line 3: field larger than field limit"):
+        list(iter_rows(path, None))
 
 
 # Each entry: one physical line (or a quoted multi-line row) and what it must become.

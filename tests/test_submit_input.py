@@ -3,6 +3,7 @@ the dev server, with `--at` so that no worker is needed) and what `status` shows
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -13,8 +14,14 @@ from helpers import make_settings, settings_env, starter
 
 
 @pytest.fixture
-def env(dev_env, db_url, sandbox) -> dict[str, str]:
-    return settings_env(make_settings(db_url, sandbox), dev_env.client.service_client.config.target_host)
+async def env(dev_env, db_url, sandbox):
+    yield settings_env(make_settings(db_url, sandbox), dev_env.client.service_client.config.target_host)
+    # Ids restart at 1 in each test's database: end the delayed workflows, or the next test's would collide.
+    with psycopg.connect(db_url) as conn:
+        started = conn.execute("select workflow_id from user_batches where workflow_id is not null").fetchall()
+    for (wid,) in started:
+        with contextlib.suppress(Exception):
+            await dev_env.client.get_workflow_handle(wid).terminate("test finished")
 
 
 def _later() -> str:
@@ -35,3 +42,27 @@ async def test_a_bad_first_row_of_a_multi_column_list_is_reported_not_taken_for_
     code, out, err = await starter(env, "submit", str(headed), "--user", "rv", "--at", _later())
     assert code == 0, err
     assert "header on line 1: Name, Work Email; addresses from column 2" in err
+
+
+async def test_a_line_over_16_mib_is_an_invalid_row_and_an_open_quote_over_it_a_clean_refusal(env, tmp_path):
+    huge = tmp_path / "huge.csv"
+    huge.write_bytes(b"ann@x.example\n" + b"b" * (17 * 1024 * 1024) + b"\ncid@y.example\n")
+    code, out, err = await starter(env, "submit", str(huge), "--user", "rv", "--at", _later(), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["rows"], doc["invalid"], [r["row"] for r in doc["invalid_rows"]]) == (3, 1, [2])
+    assert doc["invalid_rows"][0]["reason"].startswith("line longer than 16 MiB")
+
+    open_quote = tmp_path / "open.csv"
+    open_quote.write_bytes(b'email,note\nann@x.example,"' + b"x\n" * (9 * 1024 * 1024))
+    code, out, err = await starter(env, "submit", str(open_quote), "--user", "rv", "--at", _later())
+    assert (code, out) == (2, ""), err
+    assert "error: cannot read the row that starts on line 2" in err and "Traceback" not in err
+
+
+async def test_a_column_number_in_non_ascii_digits_is_a_clean_refusal(env, tmp_path):
+    listed = tmp_path / "l.csv"
+    listed.write_text("name,email\nAnn,ann@x.example\n")
+    code, out, err = await starter(env, "submit", str(listed), "--user", "rv", "--column", "\u00b2")
+    assert (code, out) == (2, ""), err
+    assert "column '\u00b2' not found in the header" in err and "Traceback" not in err
