@@ -517,9 +517,12 @@ def as_utf8(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
     """`chunks` of text in `encoding` (a name Python's codecs know) as UTF-8; bytes the encoding
     cannot decode become U+FFFD, so their row is reported invalid, never dropped."""
     decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
-    for data in chunks:
-        yield decoder.decode(data).encode()
-    yield decoder.decode(b"", final=True).encode()
+    try:
+        for data in chunks:
+            yield decoder.decode(data).encode()
+        yield decoder.decode(b"", final=True).encode()
+    except UnicodeError as exc:  # a few codecs refuse some input even so (utf-16 without a BOM, punycode)
+        raise UnreadableInput(f"cannot read the list as {encoding}: {exc}") from None
 
 
 def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through: int

@@ -97,10 +97,21 @@ def charset_codec(content_type: str) -> str | None:
     charset = params.get(b"charset")
     if charset is None:
         return None
+    label = charset.decode("latin-1")
     try:
-        name = codecs.lookup(charset.decode("latin-1")).name
+        info = codecs.lookup(label)
+        name = info.name
     except LookupError:
-        raise BadBody(f"charset {charset.decode('latin-1')!r} is unknown: send UTF-8, or name the list's"
+        raise BadBody(f"charset {label!r} is unknown: send UTF-8, or name the list's"
+                      " encoding (for example charset=windows-1252)", 415) from None
+    # Python also knows bytes-to-bytes codecs (base64, zlib), rot13, `undefined`, and idna, which
+    # refuses errors="replace": only a codec that decodes to text as `as_utf8` uses it will do.
+    try:
+        text = info._is_text_encoding and codecs.getincrementaldecoder(name)(errors="replace").decode(b"", final=True)
+    except Exception:  # noqa: BLE001 - a codec may refuse the probe in its own way (UnicodeError, AssertionError)
+        text = None
+    if not isinstance(text, str):
+        raise BadBody(f"charset {label!r} is not a text encoding: send UTF-8, or name the list's"
                       " encoding (for example charset=windows-1252)", 415) from None
     return None if name == "utf-8" else name
 
