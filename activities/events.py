@@ -356,7 +356,9 @@ class EventActivities:
 
     @activity.defn
     async def fail_user_batch(self, request: UserBatchFailure) -> None:
-        """A user batch workflow failed: the row ends `failed` and `user_batch.failed` is sent (once)."""
+        """A user batch workflow failed: the row ends `failed`, so do its rows still `pending` (with the
+        reason: every row ends terminal, e.g. the committed part of a list whose source failed midway),
+        and `user_batch.failed` is sent (once). Idempotent: a retry fails the rows a timed-out attempt left."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(
                 "update user_batches set state = 'failed', finished_at = now() where id = %s"
@@ -367,3 +369,8 @@ class EventActivities:
             if row is not None:
                 await record_event(cur, "user_batch.failed", request.user_batch_id, row[0],
                                    {"user_batch_id": request.user_batch_id, "reason": request.reason[:500]})
+            await cur.execute(
+                "update items set state = 'failed', reason = %s where user_batch_id = %s and state = 'pending'"
+                " and exists (select 1 from user_batches where id = %s and state = 'failed')",
+                (f"the list failed: {request.reason}"[:500], request.user_batch_id, request.user_batch_id),
+            )

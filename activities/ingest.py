@@ -17,6 +17,7 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -45,6 +46,20 @@ _SPECIAL_USE = frozenset(SPECIAL_USE_DOMAIN_NAMES)  # .test, .local, ...: email-
 
 class UnreadableInput(Exception):
     """The file cannot be read at all; nothing was queued."""
+
+
+class SourceUnavailable(Exception):
+    """The source could not be read just now (the connection failed or dropped, HTTP 5xx or 429);
+    a later attempt may succeed, and resumes after the rows already committed."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# A source that stays unavailable fails the list after this many attempts of the ingest activity
+# (its retry policy backs off to 30 s: about 15 minutes in all).
+SOURCE_ATTEMPTS = 35
 
 
 def normalize_address(value: str) -> tuple[str | None, str | None]:
@@ -224,6 +239,28 @@ class _Prefixed(io.RawIOBase):
         return n
 
 
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (only the delta-seconds form; a date is left to the retry policy)."""
+    try:
+        return min(max(float(value), 0.0), 600.0) if value else None
+    except ValueError:
+        return None
+
+
+def _local_path(text: str) -> Path:
+    """A plain path, or a `file:` URI (percent-decoded; host empty or `localhost`)."""
+    if not text.lower().startswith("file:"):
+        return Path(text)
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    parts = urlsplit(text)
+    if parts.netloc not in ("", "localhost"):
+        raise UnreadableInput(f"cannot read {text}: a file URI names a file on this machine (file:///path or"
+                              f" file://localhost/path), not on host {parts.netloc!r}")
+    return Path(url2pathname(parts.path))
+
+
 def _head_and_stream(chunks: Iterator[bytes]) -> tuple[bytes, io.RawIOBase]:
     head = b""
     for chunk in chunks:
@@ -246,13 +283,20 @@ def open_source(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.R
 
         try:
             with httpx.stream("GET", text, timeout=60.0, follow_redirects=True) as resp:
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    raise SourceUnavailable(f"cannot read {text} now: HTTP {resp.status_code}",
+                                            _retry_after(resp.headers.get("retry-after")))
                 if resp.status_code != 200:
-                    raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code}")
+                    raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code} (check the URL and that"
+                                          " the workers may read it)")
                 yield _head_and_stream(resp.iter_bytes(256 * 1024))
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            # Also raised mid-download (a dropped connection): transient, unlike a bad URL.
+            raise SourceUnavailable(f"cannot read {text} now: {exc or type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
             raise UnreadableInput(f"cannot read {text}: {exc}") from exc
         return
-    path = Path(text.removeprefix("file://"))
+    path = _local_path(text)
     try:
         raw = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -773,6 +817,17 @@ class IngestActivities:
             raise ApplicationError(str(exc), type="UnreadableInput", non_retryable=True) from None
         except BatchEnded as exc:
             raise ApplicationError(str(exc), type="BatchEnded", non_retryable=True) from None
+        except SourceUnavailable as exc:
+            # Retried (the next attempt resumes after the last committed chunk) until SOURCE_ATTEMPTS.
+            attempt = activity.info().attempt
+            if attempt >= SOURCE_ATTEMPTS:
+                raise ApplicationError(f"{exc} (gave up after {attempt} attempts)", type="SourceUnavailable",
+                                       non_retryable=True) from None
+            delay = timedelta(seconds=exc.retry_after_s) if exc.retry_after_s is not None else None
+            raise ApplicationError(str(exc), type="SourceUnavailable", next_retry_delay=delay) from None
+        if stats.rows == 0:  # as `submit` and the HTTP API refuse such a list
+            raise ApplicationError(f"{request.uri} has no rows (empty, or a header only): nothing to verify",
+                                   type="UnreadableInput", non_retryable=True)
         with psycopg.connect(self.database_url) as conn:
             conn.execute("update user_batches set rows_total = %s where id = %s", (stats.rows, request.user_batch_id))
         return IngestOutcome(rows=stats.rows, invalid=stats.invalid, resumed_after_line=resumed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import http.server
 import os
@@ -13,16 +14,20 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import httpx
 import psycopg
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.ingest import SOURCE_ATTEMPTS, IngestActivities
 from devstack import ROOT, free_port
 from helpers import eventually, make_settings, running_pipeline, write_list
-from workflows.models import SourceSpec, UserBatchInput
+from workflows.models import IngestRequest, SourceSpec, UserBatchInput
 from workflows.user_batch import UserBatchWorkflow
 
 
@@ -201,3 +206,140 @@ async def test_sigterm_mid_ingest_drains_while_readyz_says_draining_and_healthz_
         if handle is not None:
             with contextlib.suppress(Exception):
                 await handle.terminate("test finished")
+
+
+# ---- the ingest activity on its own: what is retried, what fails at once ------------------------
+
+
+class _FileServer:
+    """Serves `body` over HTTP; `answers` scripts each request in turn (then the last repeats):
+    an int is that status, "drop" sends the headers and half the body then closes the connection."""
+
+    def __init__(self, body: bytes, answers: list, headers: dict[str, str] | None = None) -> None:
+        server = self
+        self.body, self.answers, self.headers, self.requests = body, answers, headers or {}, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                answer = server.answers[min(server.requests, len(server.answers) - 1)]
+                server.requests += 1
+                if isinstance(answer, int) and answer != 200:
+                    self.send_response(answer)
+                    for k, v in server.headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.end_headers()
+                if answer == "drop":
+                    self.wfile.write(server.body[: len(server.body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(server.body)
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/list.csv"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def _ingest(db_url: str, uri: str, attempt: int = 1, chunk_rows: int = 1000):
+    """One attempt of `ingest_source` on user batch 1 (made if missing): its outcome, or the
+    ApplicationError it raised."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into user_batches (id, user_id, lanes, source) values (1, 'u', '{deliverability}', %s)"
+                     " on conflict do nothing", (uri,))
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=attempt)
+    try:
+        return env.run(IngestActivities(db_url, chunk_rows).ingest_source, IngestRequest(1, uri))
+    except ApplicationError as exc:
+        return exc
+
+
+def _items(db_url: str) -> list[tuple]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute("select count(*), count(distinct row_no), min(row_no), max(row_no),"
+                            " count(*) filter (where state = 'pending') from items").fetchone()
+
+
+def test_a_download_that_drops_midway_is_retried_and_resumes_after_the_committed_rows(db_url):
+    body = ("email\n" + "".join(f"drop.{i}@x{i % 7}.example\n" for i in range(60_000))).encode()
+    server = _FileServer(body, ["drop", 200])
+    try:
+        first = _ingest(db_url, server.url)
+        assert isinstance(first, ApplicationError) and not first.non_retryable, first
+        assert first.type == "SourceUnavailable" and server.url in str(first)
+        committed = _items(db_url)[0]
+        assert 0 < committed < 60_000  # the chunks before the drop stay
+        second = _ingest(db_url, server.url, attempt=2)
+        assert (second.rows, second.invalid) == (60_000, 0)
+        assert _items(db_url) == (60_000, 60_000, 2, 60_001, 60_000)  # rows in = rows out, none twice
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("answer", "retryable", "words"), [
+    (503, True, "HTTP 503"), (429, True, "HTTP 429"), (404, False, "HTTP 404"), (403, False, "HTTP 403")])
+def test_http_5xx_and_429_are_retried_and_4xx_fail_at_once(db_url, answer, retryable, words):
+    server = _FileServer(b"email\na@x.example\n", [answer], {"Retry-After": "7"})
+    try:
+        failure = _ingest(db_url, server.url)
+        assert isinstance(failure, ApplicationError) and words in str(failure), failure
+        assert failure.non_retryable is not retryable
+        if answer == 429:
+            assert failure.next_retry_delay == timedelta(seconds=7)
+        last = _ingest(db_url, server.url, attempt=SOURCE_ATTEMPTS)  # a source down for good fails the list
+        assert last.non_retryable and (not retryable or "gave up after" in str(last))
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("text", ["", "email\n", "\n\n"])
+def test_an_empty_or_header_only_source_fails_at_once_naming_it(db_url, tmp_path, text):
+    path = tmp_path / "empty.csv"
+    path.write_text(text)
+    failure = _ingest(db_url, str(path))
+    assert isinstance(failure, ApplicationError) and failure.non_retryable, failure
+    assert failure.message == f"{path} has no rows (empty, or a header only): nothing to verify"
+
+
+def test_file_uris_are_percent_decoded_and_may_name_localhost(db_url, tmp_path):
+    path = tmp_path / "my list é.csv"
+    path.write_text("email\na@x.example\nb@x.example\n")
+    assert _ingest(db_url, path.as_uri()).rows == 2
+    with psycopg.connect(db_url) as conn:
+        conn.execute("delete from items")
+    assert _ingest(db_url, "file://localhost" + path.as_uri().removeprefix("file://")).rows == 2
+    failure = _ingest(db_url, "file://fileserver" + path.as_uri().removeprefix("file://"))
+    assert failure.non_retryable and "not on host 'fileserver'" in str(failure)
+
+
+async def test_a_list_whose_source_fails_for_good_midway_ends_failed_with_no_row_left_pending(
+    dev_env, db_url, sandbox
+):
+    body = ("email\n" + "".join(f"gone.{i}@x{i % 7}.example\n" for i in range(60_000))).encode()
+    server = _FileServer(body, ["drop", 404])
+    settings = make_settings(db_url, sandbox, ingest_chunk_rows=1000)
+    try:
+        async with running_pipeline(dev_env.client, settings) as p:
+            handle = await _start(dev_env.client, settings, SourceSpec(uri=server.url, user_id="gone"))
+            with pytest.raises(WorkflowFailureError) as failure:
+                await asyncio.wait_for(handle.result(), timeout=60)
+            assert "HTTP 404" in str(failure.value.cause.cause)
+            assert p.sql("select state from user_batches") == [("failed",)]
+            states = p.sql("select state, count(*) from items group by 1")
+            assert len(states) == 1 and states[0][0] == "failed" and states[0][1] > 0, states
+            (reason,), = p.sql("select distinct reason from items")
+            assert reason.startswith("the list failed: ") and "HTTP 404" in reason
+    finally:
+        server.close()
