@@ -215,8 +215,10 @@ def submit(
                     if stats.rows == 0:  # rolled back with the row: nothing is stored
                         raise UnreadableInput(f"{file} has no rows (empty, or a header only): nothing to verify")
                     conn.execute(  # `scheduled` until its workflow starts (`--at`)
-                        "update user_batches set rows_total = %s, workflow_id = %s, state = %s where id = %s",
-                        (stats.rows, user_batch_workflow_id(ub_id), "scheduled" if start_at else "receiving", ub_id),
+                        "update user_batches set rows_total = %s, invalid = %s, workflow_id = %s, state = %s"
+                        " where id = %s",
+                        (stats.rows, stats.invalid, user_batch_workflow_id(ub_id),
+                         "scheduled" if start_at else "receiving", ub_id),
                     )
             except UnreadableInput as exc:
                 raise fail(str(exc))

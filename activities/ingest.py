@@ -829,5 +829,6 @@ class IngestActivities:
             raise ApplicationError(f"{request.uri} has no rows (empty, or a header only): nothing to verify",
                                    type="UnreadableInput", non_retryable=True)
         with psycopg.connect(self.database_url) as conn:
-            conn.execute("update user_batches set rows_total = %s where id = %s", (stats.rows, request.user_batch_id))
+            conn.execute("update user_batches set rows_total = %s, invalid = %s where id = %s",
+                         (stats.rows, stats.invalid, request.user_batch_id))
         return IngestOutcome(rows=stats.rows, invalid=stats.invalid, resumed_after_line=resumed)

@@ -342,8 +342,8 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
         if stats.rows == 0:
             raise BadBody("the list has no rows")
         conn.execute(
-            "update user_batches set rows_total = %s, workflow_id = %s where id = %s",
-            (stats.rows, user_batch_workflow_id(ub), ub),
+            "update user_batches set rows_total = %s, invalid = %s, workflow_id = %s where id = %s",
+            (stats.rows, stats.invalid, user_batch_workflow_id(ub), ub),
         )
     return ub, stats
 

@@ -432,6 +432,9 @@ async def test_a_bad_first_row_is_a_reported_row_and_a_header_is_named_in_the_an
             doc = (await http.post("/v1/batches", headers=auth, content=body)).json()
             assert (doc["rows"], doc["invalid"], doc["invalid_rows"], doc["header"]) == (
                 3, 1, [{"row": 1, "reason": "missing @"}], None), doc
+            with psycopg.connect(api_settings.database_url) as conn:  # counted at once, not only by prepare
+                assert conn.execute("select rows_total, invalid from user_batches where id = %s",
+                                    (doc["id"],)).fetchone() == (3, 1)
         doc = (await http.post("/v1/batches?column=1", headers=auth, content=b"not-an-address\na@example.com\n")).json()
         assert (doc["rows"], doc["invalid"]) == (2, 1), doc
         doc = (await http.post("/v1/batches", headers=auth, content=b"Name,E-Mail\nBob,bob@example.com\n")).json()

@@ -36,6 +36,10 @@ async def test_a_bad_first_row_of_a_multi_column_list_is_reported_not_taken_for_
     doc = json.loads(out)
     assert (doc["rows"], doc["invalid"], doc["invalid_rows"]) == (3, 1, [{"row": 1, "reason": "missing @"}])
     assert doc["header"] is None
+    # Before prepare runs (here: days later) `status` already counts what submit reported.
+    code, out, err = await starter(env, "status", str(doc["user_batch_id"]), "--json")
+    assert code == 0, err
+    assert (json.loads(out)["rows"], json.loads(out)["invalid"]) == (3, 1)
 
     headed = tmp_path / "h.csv"
     headed.write_text("Name,Work Email\nBob,bob@example.com\n")

@@ -283,6 +283,8 @@ def test_a_download_that_drops_midway_is_retried_and_resumes_after_the_committed
         assert 0 < committed < 60_000  # the chunks before the drop stay
         second = _ingest(db_url, server.url, attempt=2)
         assert (second.rows, second.invalid) == (60_000, 0)
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("select rows_total, invalid from user_batches").fetchone() == (60_000, 0)
         assert _items(db_url) == (60_000, 60_000, 2, 60_001, 60_000)  # rows in = rows out, none twice
     finally:
         server.close()
@@ -315,11 +317,13 @@ def test_an_empty_or_header_only_source_fails_at_once_naming_it(db_url, tmp_path
 
 def test_file_uris_are_percent_decoded_and_may_name_localhost(db_url, tmp_path):
     path = tmp_path / "my list é.csv"
-    path.write_text("email\na@x.example\nb@x.example\n")
-    assert _ingest(db_url, path.as_uri()).rows == 2
+    path.write_text("email\na@x.example\nb@x.example\nnot-an-address\n")
+    assert _ingest(db_url, path.as_uri()).rows == 3
+    with psycopg.connect(db_url) as conn:  # counted as the list is read, not only by prepare
+        assert conn.execute("select rows_total, invalid from user_batches").fetchone() == (3, 1)
     with psycopg.connect(db_url) as conn:
         conn.execute("delete from items")
-    assert _ingest(db_url, "file://localhost" + path.as_uri().removeprefix("file://")).rows == 2
+    assert _ingest(db_url, "file://localhost" + path.as_uri().removeprefix("file://")).rows == 3
     failure = _ingest(db_url, "file://fileserver" + path.as_uri().removeprefix("file://"))
     assert failure.non_retryable and "not on host 'fileserver'" in str(failure)
 
