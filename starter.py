@@ -40,7 +40,7 @@ from temporalio.service import RPCError
 
 import schedules
 import temporal_client
-from activities.events import CHANNEL as EVENTS_CHANNEL, TOPICS, record_event
+from activities.events import TOPICS, record_event, requeue_failed
 from activities.ingest import IngestStats, UnreadableInput, copy_items
 from activities.user_batches import in_lane_order, lane_problem
 from db import outcomes
@@ -888,14 +888,7 @@ def events_retry(
                 raise fail(f"only failed deliveries are sent again: {', '.join(not_failed)}")
             if orphans := [str(i) for i in delivery_ids if not found[i][1]]:
                 raise fail(f"delivery {', '.join(orphans)}: its subscription was removed")
-        # A delivery whose subscription was removed has nowhere to go.
-        n = conn.execute(
-            "update deliveries d set state = 'pending', ready_seq = nextval('delivery_ready_seq')"
-            " where d.state = 'failed' and (%(all)s or d.id = any(%(ids)s))"
-            " and exists (select 1 from subscriptions s where s.id = d.subscription_id)",
-            {"all": all_failed, "ids": delivery_ids or []},
-        ).rowcount
-        conn.execute(f"select pg_notify('{EVENTS_CHANNEL}', '')")  # wakes the dispatcher's fetch
+        n = requeue_failed(conn, delivery_ids or [], all_failed)
     out.print(f"{n} deliveries queued again")
 
 

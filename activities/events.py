@@ -48,6 +48,9 @@ TOPICS = (
 )
 DISPATCHER_ID = "events-dispatcher"
 CHANNEL = "events"  # NOTIFY channel: wakes the dispatcher's fetch at once
+# Held by the fetch's transaction while it numbers deliveries (`ready_seq`) and reads them: numbers
+# are then taken in commit order, and a cursor never passes a number that commits later.
+READY_SEQ_LOCK = 74_211_002
 PROGRESS_STEP_PCT = 10
 PROGRESS_EVERY_S = 30
 
@@ -73,6 +76,23 @@ def record_event(conn: Any, topic: str, user_batch_id: int | None, user_id: str 
     params = (topic, subject, Jsonb(payload), user_batch_id, user_id)
     result = conn.execute(_INSERT, params)
     return result if inspect.isawaitable(result) else None
+
+
+def requeue_failed(conn: psycopg.Connection, delivery_ids: list[int], all_failed: bool) -> int:
+    """Make these failed deliveries (or every failed one) pending again, in the caller's
+    transaction; returns how many. A delivery whose subscription was removed stays failed.
+
+    The row is left without a `ready_seq`: the dispatcher's fetch numbers it (under
+    `READY_SEQ_LOCK`), so the number is past every cursor when the row becomes visible.
+    """
+    n = conn.execute(
+        "update deliveries d set state = 'pending', ready_seq = null"
+        " where d.state = 'failed' and (%(all)s or d.id = any(%(ids)s))"
+        " and exists (select 1 from subscriptions s where s.id = d.subscription_id)",
+        {"all": all_failed, "ids": delivery_ids},
+    ).rowcount
+    conn.execute(f"select pg_notify('{CHANNEL}', '')")  # wakes the dispatcher's fetch at the commit
+    return n
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
@@ -190,7 +210,8 @@ class EventActivities:
 
         When there are none, waits up to `wait_s` for a NOTIFY (events recorded with plain SQL
         and no NOTIFY are found at the next fetch). Idempotent: fan-out marks events done in
-        the same transaction, and a re-fetch returns the same pending rows.
+        the same transaction, and a re-fetch returns the same pending rows. Only this numbers
+        deliveries, under `READY_SEQ_LOCK`: every pending delivery is read once past the cursor.
         """
         async with self.pool.connection() as conn:
             refs = await self._fan_out_and_read(conn, request.cursor)
@@ -207,6 +228,8 @@ class EventActivities:
 
     async def _fan_out_and_read(self, conn: psycopg.AsyncConnection, cursor: int) -> list[tuple[int, str, int]]:
         async with conn.transaction(), conn.cursor() as cur:
+            # Its own statement: the next ones' snapshots see what the previous holder committed.
+            await cur.execute("select pg_advisory_xact_lock(%s)", (READY_SEQ_LOCK,))
             await cur.execute(
                 """
                 with fresh as (
@@ -219,7 +242,13 @@ class EventActivities:
                           or (s.topic like '%.*' and f.kind like left(s.topic, -1) || '%'))
                      and (s.user_id is null or s.user_id = f.user_id)
                     order by f.id, s.id
-                    on conflict do nothing)
+                    on conflict do nothing),
+                requeued as (  -- `events retry` leaves them unnumbered: numbered here, in id order
+                    update deliveries d set ready_seq = q.seq
+                    from (select id, nextval('delivery_ready_seq') as seq from (
+                            select id from deliveries where state = 'pending' and ready_seq is null order by id) o
+                         ) q
+                    where d.id = q.id and d.ready_seq is null)
                 update events e set fanned_out = true from fresh f where e.id = f.id
                 """
             )

@@ -27,14 +27,14 @@ from typer.testing import CliRunner
 import db
 import starter
 from activities.events import (
-    DISPATCHER_ID, EventActivities, ensure_dispatcher, record_event, topic_matches, verify_signature,
+    DISPATCHER_ID, EventActivities, ensure_dispatcher, record_event, requeue_failed, topic_matches, verify_signature,
 )
 from activities.user_batches import scheduler_input
 from devstack import free_port
 from helpers import eventually, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
 from workflows.events import EventDispatcherWorkflow
-from workflows.models import DispatcherInput, FetchRequest, LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
+from workflows.models import DeliveryFailure, DispatcherInput, FetchRequest, LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -320,3 +320,39 @@ async def test_a_delivery_under_way_is_not_posted_again_by_another_attempt(db_ur
                 ("delivered", 1, None)]
     finally:
         await acts.pool.close()
+
+
+async def test_a_retried_delivery_that_commits_after_a_newer_one_was_fetched_is_still_fetched(db_url, sandbox):
+    """`events retry` in an open transaction while the dispatcher fans out and fetches a new event:
+    once the retry commits, the next fetch returns the retried delivery. Before, the retry took its
+    `ready_seq` in its UPDATE; the fetch read the newer delivery's higher number, the cursor moved
+    past the retried one's, and after the commit no fetch read it (pending forever)."""
+    acts = EventActivities(make_settings(db_url, sandbox), db.open_pool(db_url, 2))
+    await acts.pool.open()
+
+    async def fetch(cursor: int):
+        return await ActivityEnvironment().run(acts.fetch_deliveries, FetchRequest(cursor, 0))
+
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("insert into subscriptions (topic, url, secret) values ('alert.*', 'http://127.0.0.1:9/x', %s)",
+                         (SECRET,))
+            record_event(conn, "alert.test", None, None, {"n": 1})
+        first = await fetch(0)
+        [retried] = [ref.delivery_id for ref in first.deliveries]
+        await ActivityEnvironment().run(acts.fail_delivery, DeliveryFailure(retried, "gave up"))
+
+        with psycopg.connect(db_url) as retry:  # the CLI's transaction, not yet committed
+            assert requeue_failed(retry, [retried], False) == 1
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                record_event(conn, "alert.test", None, None, {"n": 2})
+            during = await fetch(first.cursor)
+            retry.commit()
+        after = await fetch(during.cursor)
+
+        assert [ref.delivery_id for ref in during.deliveries] == [retried + 1]
+        assert [ref.delivery_id for ref in after.deliveries] == [retried]
+        assert after.deliveries[0].ready_seq > during.cursor
+    finally:
+        await acts.pool.close()
+
