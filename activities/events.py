@@ -21,6 +21,7 @@ import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
@@ -93,6 +94,19 @@ def requeue_failed(conn: psycopg.Connection, delivery_ids: list[int], all_failed
     ).rowcount
     conn.execute(f"select pg_notify('{CHANNEL}', '')")  # wakes the dispatcher's fetch at the commit
     return n
+
+
+def url_origin(url: str) -> str:
+    """`scheme://host[:port]` of a subscriber URL: all of it that may be named in Temporal or a log
+    (userinfo, path and query often carry the subscriber's credentials)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "(unparsable url)"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
@@ -190,6 +204,7 @@ class _Delivery:
     user_batch_id: int | None
     user_id: str | None
     data: dict
+    subscription_id: int
     url: str
     secret: str
 
@@ -267,7 +282,7 @@ class EventActivities:
             row = await (
                 await conn.execute(
                     """
-                    select d.id, e.kind, e.id, e.created_at, e.user_batch_id, e.user_id, e.data, s.url, s.secret
+                    select d.id, e.kind, e.id, e.created_at, e.user_batch_id, e.user_id, e.data, s.id, s.url, s.secret
                     from deliveries d join events e on e.id = d.event_id join subscriptions s on s.id = d.subscription_id
                     where d.id = %s
                     """,
@@ -284,9 +299,11 @@ class EventActivities:
         """POST one event to its subscriber, signed; every attempt is recorded on the row.
 
         A 2xx marks it delivered; anything else raises a retryable error (the RetryPolicy
-        backs off). Returns the HTTP status. Already delivered or failed: returns 0. The row is
-        leased while the POST runs: an attempt of an earlier dispatcher run that is still under
-        way is waited for (then this one posts only if that one failed).
+        backs off) naming the delivery, its subscription, the URL's scheme and host, and the HTTP
+        status or error type; the whole error (the receiver's answer) is kept in `last_error`.
+        Returns the HTTP status. Already delivered or failed: returns 0. The row is leased while
+        the POST runs: an attempt of an earlier dispatcher run that is still under way is waited
+        for (then this one posts only if that one failed).
         """
         if not await self._lease(delivery_id):
             return 0
@@ -305,17 +322,19 @@ class EventActivities:
         }
         import httpx  # here: every CLI process imports this module (`record_event`), few deliver
 
-        status, error, limit = 0, "", self.settings.event_timeout_s
+        # `error` (the receiver's body, httpx's message) stays in Postgres; `told` goes to Temporal and
+        # its logs, which must not hold the URL's credentials nor whatever the receiver echoes.
+        status, error, told, limit = 0, "", "", self.settings.event_timeout_s
         try:
             async with asyncio.timeout(limit), httpx.AsyncClient(timeout=limit) as http:
                 response = await http.post(d.url, content=body, headers=headers)
             status = response.status_code
             if not 200 <= status < 300:
-                error = f"HTTP {status}: {response.text[:200]}"
+                error, told = f"HTTP {status}: {response.text[:200]}", f"HTTP {status}"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:300]
+            error, told = f"{type(exc).__name__}: {exc}"[:300], type(exc).__name__
         except TimeoutError:
-            error = f"no answer within {limit:g} s"
+            error = told = f"no answer within {limit:g} s"
         async with self.pool.connection() as conn:
             await conn.execute(
                 "update deliveries set attempts = attempts + 1, last_status = %s, last_error = %s,"
@@ -324,7 +343,8 @@ class EventActivities:
                 (status or None, error or None, not error, not error, delivery_id),
             )
         if error:
-            raise ApplicationError(f"delivery {delivery_id} of {d.topic} to {d.url}: {error}", type="DeliveryFailed")
+            raise ApplicationError(f"delivery {delivery_id} (subscription {d.subscription_id}) of {d.topic}"
+                                   f" to {url_origin(d.url)}: {told}", type="DeliveryFailed")
         return status
 
     async def _lease(self, delivery_id: int) -> bool:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,12 +40,13 @@ from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
 SECRET = "s3cret-for-the-test-receiver"
+LEAKED_TRACE = "receiver-internal-trace-7731"
 
 
 @dataclass
 class Receiver:
     """Records every POST per path; `/flaky` fails each delivery twice, `/down` while `down` is set,
-    `/slow` answers after `slow_s`."""
+    `/slow` answers after `slow_s`, `/leaky-*` always answers 500 with a body that names its path."""
 
     url: str = ""
     got: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
@@ -61,6 +63,8 @@ class Receiver:
             return JSONResponse({"error": "try again"}, status_code=500)
         if path == "down" and self.down:
             return JSONResponse({"error": "down"}, status_code=503)
+        if path.startswith("leaky"):
+            return JSONResponse({"error": f"token {path} refused", "trace": LEAKED_TRACE}, status_code=500)
         if path == "slow":
             await asyncio.sleep(self.slow_s)
         self.got[path].append({"headers": headers, "body": body, "doc": json.loads(body)})
@@ -356,3 +360,33 @@ async def test_a_retried_delivery_that_commits_after_a_newer_one_was_fetched_is_
     finally:
         await acts.pool.close()
 
+
+async def test_a_failing_subscriber_url_and_its_answer_stay_out_of_temporal_and_logs(dev_env, db_url, sandbox, caplog):
+    """A subscriber URL with credentials (userinfo, a token in the path and query) answers 500 with
+    a body: Temporal's history and the worker's log name the delivery, its subscription, the URL's
+    scheme and host, and the status only; Postgres keeps the receiver's answer. Before, the
+    activity's failure message held the whole URL and the first 200 characters of the body."""
+    caplog.set_level(logging.WARNING, logger="temporalio")
+    settings = make_settings(db_url, sandbox)  # 4 attempts, 0.1 s apart
+    async with receiving() as rx, running_pipeline(dev_env.client, settings) as p:
+        origin = rx.url  # http://127.0.0.1:<port>
+        url = f"http://hook-user:hook-pass-5150@{origin.removeprefix('http://')}/leaky-tok-9f8e7d?key=q-secret-42"
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            (sub_id,) = conn.execute("insert into subscriptions (topic, url, secret) values ('alert.*', %s, %s)"
+                                     " returning id", (url, SECRET)).fetchone()
+            record_event(conn, "alert.test", None, None, {"n": 1})
+        await ensure_dispatcher(dev_env.client, settings)
+        await eventually(lambda: p.sql("select state from deliveries") == [("failed",)], what="a dead letter")
+        [(delivery_id, attempts, status, last_error)] = p.sql(
+            "select id, attempts, last_status, last_error from deliveries")
+        assert (attempts, status) == (4, 500)
+        assert "HTTP 500" in last_error and LEAKED_TRACE in last_error  # the operator's `events list` explains it
+
+        history = (await dev_env.client.get_workflow_handle(DISPATCHER_ID).fetch_history()).to_json()
+        logged = caplog.text
+    assert rx.tries  # it was posted to, with its credentials
+    for leak in ("hook-user", "hook-pass-5150", "leaky-tok-9f8e7d", "q-secret-42", LEAKED_TRACE, "refused"):
+        assert leak not in history, leak
+        assert leak not in logged, leak
+    told = f"delivery {delivery_id} (subscription {sub_id}) of alert.test to {origin}: HTTP 500"
+    assert told in history and told in logged
