@@ -8,7 +8,8 @@ that named it ended those rows `failed` (or will, at finalize).
 Retry puts the address back on a queue with a fresh attempt budget, exactly as prepare would:
 one queue row per (lane, address), owned by one affected user batch, the others `waits`. Its
 rows go back to `pending` and the user batch's `remaining` grows again, so the batch waits for
-them. A user batch that had already *completed* is reopened (state `queued`, summary cleared):
+them. A user batch that has the address in play again (it queued it itself, or waits on it)
+already counts it and is left alone; a paused one counts it `withdrawn` and queues it on resume. A user batch that had already *completed* is reopened (state `queued`, summary cleared):
 the caller starts its workflow again under the same id, which finds the rows prepared, waits
 for the retried addresses and finalizes a second time with a fresh summary. Cancelled user
 batches are never reopened. The retried dead letters are deleted (the event `dead_letters.retried`
@@ -97,18 +98,23 @@ def purge_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
 def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int, list[ReopenedBatch], list[str]]:
     """Re-queue the selected dead letters for the user batches that need them (one transaction).
 
-    Returns how many dead letters were retried, the user batches touched and the lanes they
-    went back to; the caller then runs `wake_after_retry`. Dead letters that no open or
-    completed user batch needs are left alone.
+    Returns how many dead letters were retried, the user batches touched and the lanes that
+    got work; the caller then runs `wake_after_retry`.
+    Dead letters that no open or completed user batch needs are left alone, and so is a user
+    batch that has the address in play again (queued or waited on: counted in its `remaining`).
+    Every count comes from rows read after the locks and rows this transaction inserted, so a
+    concurrent retry of the same dead letters finds them gone and counts nothing.
     """
-    p = sel.params
+    p = {**sel.params, "reopenable": list(_REOPENABLE)}
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(f"create temp table dl_sel on commit drop as {_SELECT}", p)
-        # Which user batches need each address again: rows still failed (or pending) on it.
+        # Lock, then keep only what is still there: a retry that held the locks has deleted them.
+        cur.execute("select 1 from dead_letters where id in (select id from dl_sel) order by id for update")
+        cur.execute("delete from dl_sel s where not exists (select 1 from dead_letters d where d.id = s.id)")
         cur.execute(
             """
             create temp table dl_hits on commit drop as
-            select distinct s.id, s.lane, s.address_id, s.email, i.user_batch_id
+            select distinct s.lane, s.address_id, s.email, i.user_batch_id
             from dl_sel s
             join items i on i.email = s.email and i.state in ('pending', 'failed')
             join user_batches b on b.id = i.user_batch_id
@@ -116,74 +122,129 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
               and (%(ub)s::bigint is null or i.user_batch_id = %(ub)s)
               and (%(user)s::text is null or b.user_id = %(user)s)
             """,
-            {**p, "reopenable": list(_REOPENABLE)},
+            p,
         )
-        cur.execute("select id from dead_letters where id in (select id from dl_hits) for update")
-        # One owner per (lane, address) unless someone already queued it again.
+        # The lock finalize, pause and cancel take: their rows and counts are read after it.
+        cur.execute("select 1 from user_batches where id in (select user_batch_id from dl_hits) order by id for update")
+        # What each user batch counts the address as: failed only if no queue or waits row of its
+        # own holds it (else it is in its `remaining`), and it ended failed (a completed batch's
+        # rows say so for its first lane) or was dead-lettered since the batch began (older dead
+        # letters it queued itself, as `enqueue_lane` does). An address verified meanwhile is
+        # queued too: the submit skips it (fresh result) and the store settles it.
+        cur.execute(
+            """
+            create temp table dl_need on commit drop as
+            select h.lane, h.address_id, h.email, h.user_batch_id, b.state
+            from dl_hits h join user_batches b on b.id = h.user_batch_id
+            where b.state = any(%(reopenable)s)
+              and not exists (select 1 from queue q where q.lane = h.lane and q.address_id = h.address_id
+                              and q.user_batch_id = h.user_batch_id)
+              and not exists (select 1 from waits w where w.lane = h.lane and w.address_id = h.address_id
+                              and w.user_batch_id = h.user_batch_id)
+              and case when b.state = 'completed' and h.lane = b.lanes[1]
+                       then exists (select 1 from items i where i.user_batch_id = h.user_batch_id
+                                    and i.email = h.email and i.state = 'failed')
+                       else exists (select 1 from dead_letters d where d.lane = h.lane and d.address_id = h.address_id
+                                    and d.created_at >= b.created_at) end
+            """,
+            p,
+        )
+        # Back in play: one owner per (lane, address) unless someone already queued it; a paused
+        # batch owns nothing (its queue is not packed) and queues it on resume, like its other
+        # withdrawn addresses.
         cur.execute(
             """
             create temp table dl_owner on commit drop as
-            select distinct on (h.lane, h.address_id) h.lane, h.address_id, h.user_batch_id
-            from dl_hits h
-            where not exists (select 1 from queue q where q.lane = h.lane and q.address_id = h.address_id)
-            order by h.lane, h.address_id, h.user_batch_id
+            select distinct on (n.lane, n.address_id) n.lane, n.address_id, n.user_batch_id
+            from dl_need n
+            where n.state <> 'paused'
+              and not exists (select 1 from queue q where q.lane = n.lane and q.address_id = n.address_id)
+            order by n.lane, n.address_id, n.user_batch_id
             """
         )
+        cur.execute("create temp table dl_put (lane text, address_id bigint, user_batch_id bigint) on commit drop")
         cur.execute(lock_lanes("select distinct user_batch_id, lane from dl_owner"))  # stores number there too
         cur.execute(
             """
-            insert into queue (user_batch_id, lane, seq, address_id, attempts)
-            select o.user_batch_id, o.lane,
-                   l.next_seq + row_number() over (partition by o.user_batch_id, o.lane order by o.address_id) - 1,
-                   o.address_id, 0
-            from dl_owner o join user_batch_lanes l on l.user_batch_id = o.user_batch_id and l.lane = o.lane
+            with q as (
+                insert into queue (user_batch_id, lane, seq, address_id, attempts)
+                select o.user_batch_id, o.lane,
+                       l.next_seq + row_number() over (partition by o.user_batch_id, o.lane order by o.address_id) - 1,
+                       o.address_id, 0
+                from dl_owner o join user_batch_lanes l on l.user_batch_id = o.user_batch_id and l.lane = o.lane
+                on conflict (lane, address_id) do nothing  -- queued meanwhile: waited on below
+                returning lane, address_id, user_batch_id)
+            insert into dl_put select * from q
             """
         )
         cur.execute(
             """
-            update user_batch_lanes l set next_seq = l.next_seq + c.n
-            from (select user_batch_id, lane, count(*) as n from dl_owner group by 1, 2) c
+            update user_batch_lanes l set next_seq = l.next_seq + c.n, holes = l.holes or c.n > c.put
+            from (select o.user_batch_id, o.lane, count(*) as n,
+                         count(*) filter (where exists (select 1 from dl_put t where t.lane = o.lane
+                                          and t.address_id = o.address_id and t.user_batch_id = o.user_batch_id)) as put
+                  from dl_owner o group by 1, 2) c
             where l.user_batch_id = c.user_batch_id and l.lane = c.lane
             """
         )
         cur.execute(
             """
-            insert into waits (lane, address_id, user_batch_id)
-            select h.lane, h.address_id, h.user_batch_id from dl_hits h
-            where not exists (select 1 from queue q where q.lane = h.lane and q.address_id = h.address_id
-                              and q.user_batch_id = h.user_batch_id)
-            on conflict do nothing
+            with w as (
+                insert into waits (lane, address_id, user_batch_id)
+                select n.lane, n.address_id, n.user_batch_id from dl_need n
+                where n.state <> 'paused'
+                  and not exists (select 1 from queue q where q.lane = n.lane and q.address_id = n.address_id
+                                  and q.user_batch_id = n.user_batch_id)
+                on conflict do nothing
+                returning lane, address_id, user_batch_id)
+            insert into dl_put select * from w
+            """
+        )
+        # No longer failed: back in play, or (paused) withdrawn until resume queues it.
+        cur.execute(
+            """
+            create temp table dl_done on commit drop as
+            select n.lane, n.address_id, n.email, n.user_batch_id, p.user_batch_id is not null as put
+            from dl_need n
+            left join dl_put p on p.lane = n.lane and p.address_id = n.address_id and p.user_batch_id = n.user_batch_id
+            where p.user_batch_id is not null or n.state = 'paused'
             """
         )
         cur.execute(
             """
             update items i set state = 'pending', reason = null
-            from dl_hits h where i.user_batch_id = h.user_batch_id and i.email = h.email and i.state = 'failed'
+            from dl_done d where i.user_batch_id = d.user_batch_id and i.email = d.email and i.state = 'failed'
             """
         )
         cur.execute(
             """
-            update user_batch_lanes l set remaining = l.remaining + c.n, failed = greatest(l.failed - c.n, 0)
-            from (select user_batch_id, lane, count(distinct address_id) as n from dl_hits group by 1, 2) c
+            update user_batch_lanes l set remaining = l.remaining + c.put, withdrawn = l.withdrawn + c.withdrawn,
+                                          failed = greatest(l.failed - c.n, 0)
+            from (select user_batch_id, lane, count(*) as n, count(*) filter (where put) as put,
+                         count(*) filter (where not put) as withdrawn
+                  from dl_done group by 1, 2) c
             where l.user_batch_id = c.user_batch_id and l.lane = c.lane
             """
         )
         cur.execute(
             """
             select b.id, b.workflow_id, b.state = 'completed', c.n
-            from user_batches b join (select user_batch_id, count(distinct (lane, address_id)) as n
-                                      from dl_hits group by 1) c on c.user_batch_id = b.id
+            from user_batches b join (select user_batch_id, count(*) as n from dl_done group by 1) c
+                 on c.user_batch_id = b.id
             order by b.id
             """
         )
         touched = [ReopenedBatch(int(i), w, bool(done), int(n)) for i, w, done, n in cur.fetchall()]
         cur.execute(
             "update user_batches set state = 'queued', finished_at = null, summary = null"
-            " where id in (select user_batch_id from dl_hits) and state = 'completed'"
+            " where id in (select user_batch_id from dl_done) and state = 'completed'"
         )
-        cur.execute("select coalesce(array_agg(distinct lane order by lane), '{}') from dl_hits")
+        cur.execute("select coalesce(array_agg(distinct lane order by lane), '{}') from dl_put")
         lanes = list(cur.fetchone()[0])
-        cur.execute("delete from dead_letters where id in (select id from dl_hits)")
+        cur.execute(
+            "delete from dead_letters d using dl_sel s where d.id = s.id"
+            " and exists (select 1 from dl_done t where t.lane = s.lane and t.address_id = s.address_id)"
+        )
         retried = cur.rowcount
         cur.execute(
             "insert into events (kind, subject, data) values ('dead_letters.retried', %s, %s)",
