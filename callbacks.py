@@ -3,7 +3,10 @@
 
 The callback URL carries an unguessable token stored on the batch row; anything else is
 refused (403) and counted, so a forged or replayed call cannot complete a batch early; a callback
-naming another `batchId` (a copy left by an ambiguous create) is refused as stale.
+naming another `batchId` (a copy left by an ambiguous create) is refused as stale. Only a callback
+naming the batch's own id at the API completes it: one that names none, or that cannot be compared
+(the create's answer not stored in time), is recorded and answered 202, and the batch's polls
+decide; one whose `status` is not "completed" is ignored (202).
 """
 
 from __future__ import annotations
@@ -28,15 +31,37 @@ from workflows.models import DONE_AT_API, BatchFinished, bouncer_batch_workflow_
 
 log = logging.getLogger(__name__)
 
+# A callback can overtake the create's answer being stored (a small batch, ~ms at the sandbox):
+# its batchId is compared once the answer lands, if within this long (under a sender's timeout).
+CREATE_ANSWER_WAIT_S = 2.0
+_CREATE_ANSWER_LOOK_S = 0.05
 
-def _posted_batch_id(body: bytes) -> str | None:
-    """The `batchId` the callback names, if its body is a JSON object that names one."""
+
+def _posted(body: bytes) -> tuple[str | None, bool]:
+    """The `batchId` the callback names (None if its body is not a JSON object naming one), and
+    whether it may say the batch completed (False only for a `status` other than "completed")."""
     try:
         doc = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
-        return None
-    value = doc.get("batchId") if isinstance(doc, dict) else None
-    return str(value) if value is not None else None
+        return None, True
+    if not isinstance(doc, dict):
+        return None, True
+    value = doc.get("batchId")
+    batch_id = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    status = doc.get("status")
+    return batch_id or None, status is None or (isinstance(status, str) and status.lower() == "completed")
+
+
+def _same_token(stored: str, given: str) -> bool:
+    # As bytes: compare_digest refuses str with characters outside ASCII (TypeError, a 500).
+    return hmac.compare_digest(stored.encode(), given.encode("utf-8", "replace"))
+
+
+async def _signal_completed(client: Client, lane: str, bouncer_batch_id: int) -> None:
+    try:
+        await client.get_workflow_handle(bouncer_batch_workflow_id(lane, bouncer_batch_id)).signal("completed", True)
+    except RPCError as exc:  # its workflow has ended (terminated, or failed): the row is recorded still
+        log.warning("workflow of batch %s not signalled: %s", bouncer_batch_id, exc)
 
 
 async def _free_slot(client: Client, lane: str, bouncer_batch_id: int) -> None:
@@ -63,7 +88,15 @@ async def _record(pool: AsyncConnectionPool, bouncer_batch_id: int, verified: bo
 
 
 def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
-    counts = {"accepted": 0, "refused": 0, "stale": 0}
+    counts = {"accepted": 0, "refused": 0, "stale": 0, "unverified": 0, "ignored": 0}
+
+    async def batch_row(bb: int) -> tuple | None:
+        async with pool.connection() as conn:
+            return await (
+                await conn.execute(
+                    "select lane, callback_token, state, provider_batch_id from bouncer_batches where id = %s", (bb,)
+                )
+            ).fetchone()
 
     async def receive(request: Request) -> JSONResponse:
         try:
@@ -71,26 +104,36 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         except ValueError:
             counts["refused"] += 1
             return JSONResponse({"error": "unknown batch"}, status_code=404)
-        token = request.query_params.get("token", "")
-        async with pool.connection() as conn:
-            row = await (
-                await conn.execute(
-                    "select lane, callback_token, state, provider_batch_id from bouncer_batches where id = %s", (bb,)
-                )
-            ).fetchone()
-        if row is None or not hmac.compare_digest(row[1], token):
+        row = await batch_row(bb)
+        if row is None or not _same_token(row[1], request.query_params.get("token", "")):
             counts["refused"] += 1
             return JSONResponse({"error": "forbidden"}, status_code=403)
         lane, _token, state, provider_id = row
+        posted, says_completed = _posted(await request.body())
+        if not says_completed:
+            counts["ignored"] += 1
+            return JSONResponse({"status": "ignored: not completed"}, status_code=202)
+        # Sent before the create's answer was stored: it may be this batch's (a small one) or the
+        # copy an earlier, unanswered create made (chaos run finding). Compared once it lands.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CREATE_ANSWER_WAIT_S
+        while (posted is not None and provider_id is None and state not in ("stored", "failed")
+               and loop.time() < deadline):
+            await asyncio.sleep(_CREATE_ANSWER_LOOK_S)
+            _lane, _token, state, provider_id = await batch_row(bb) or row
         if state in ("stored", "failed"):
             counts["refused"] += 1  # a replay after the batch is done
             return JSONResponse({"status": "already done"}, status_code=409)
-        posted = _posted_batch_id(await request.body())
-        if provider_id is not None and posted not in (None, provider_id):
+        if posted is None or provider_id is None:
+            # Nothing to tell which batch at the API it is about: a completion signal could start
+            # the download of a batch still processing and free its slot early. Noted (callbacks
+            # reach us: the lane's next batches poll sparsely); the batch's polls decide.
+            counts["unverified"] += 1
+            await _record(pool, bb, verified=False)
+            return JSONResponse({"status": "unverified: left to polling"}, status_code=202)
+        if posted != provider_id:
             # A copy created by an ambiguous create (request sent, answer lost, then retried) carries
             # the same URL; its completion says nothing about the batch we track (chaos run finding).
-            # Before the create's answer is stored there is nothing to compare: accepted, and an
-            # early download is retried until the batch is complete.
             counts["stale"] += 1
             return JSONResponse({"status": "not the tracked batch"}, status_code=409)
         # Verified done at the API: the lane's scheduler hears it now, not one workflow task later
@@ -98,15 +141,11 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         # task less per batch). Both at once: sent one after the other, the completion reached
         # the batch workflow 172–215 ms after the API finished in `bench fairness`, against ~100
         # ms. Should the scheduler's signal fail, the batch's end signal (after its store) frees
-        # the slot instead. Unverified: the batch workflow frees it.
-        verified = provider_id is not None and posted == provider_id
+        # the slot instead. Recorded with the signals: the standby batch following it refills the
+        # slot. A signal that fails (the workflow ended) leaves the bookkeeping done and a 2xx:
+        # the sender would retry it forever.
         DISPATCH.heard()  # this process's stores wait for the refill (activities/dispatch_gate.py)
-        signals = [client.get_workflow_handle(bouncer_batch_workflow_id(lane, bb)).signal("completed", verified)]
-        if verified:  # recorded with the signals: the standby batch following it refills the slot
-            signals += [_free_slot(client, lane, bb), _record(pool, bb, verified)]
-        await asyncio.gather(*signals)
-        if not verified:  # after the signals: only the lane's poll spacing depends on it
-            await _record(pool, bb, verified)
+        await asyncio.gather(_signal_completed(client, lane, bb), _free_slot(client, lane, bb), _record(pool, bb, True))
         counts["accepted"] += 1
         return JSONResponse({"status": "ok"})
 
