@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -26,7 +27,7 @@ from activities.dispatch_gate import DISPATCH
 from activities.events import record_progress
 from activities.heartbeat import heartbeats
 from activities.user_batches import UserBatchActivities, hand_to_heirs, index_probes
-from bouncer.client import BouncerClient
+from bouncer.client import MAX_RETRY_AFTER_S, BouncerClient
 from bouncer.errors import (
     BadRequest,
     BouncerError,
@@ -181,13 +182,23 @@ def _stored_outcome(lane: str, row: tuple) -> StoreOutcome:
                         handoff_lane=NEXT_LANE.get(lane, "") if handed_off else "")
 
 
+def _retry_after_s(exc: RateLimited | Transient) -> float | None:
+    """The error's Retry-After if a positive finite number (the client parses it so), at most
+    MAX_RETRY_AFTER_S: timedelta() cannot hold 1e300 seconds (an OverflowError in this mapper)."""
+    seconds = exc.retry_after
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(float(seconds), MAX_RETRY_AFTER_S)
+
+
 def _as_temporal_error(exc: BouncerError, what: str) -> ApplicationError:
     msg = f"{what}: {exc}"
     if isinstance(exc, RateLimited):
-        delay = timedelta(seconds=max(exc.retry_after or 1.0, 0.05))
+        delay = timedelta(seconds=max(_retry_after_s(exc) or 1.0, 0.05))
         return ApplicationError(msg, type="RateLimited", next_retry_delay=delay, category=ApplicationErrorCategory.BENIGN)
     if isinstance(exc, Transient):  # a 503's Retry-After is honoured as a 429's
-        delay = timedelta(seconds=exc.retry_after) if exc.retry_after else None
+        seconds = _retry_after_s(exc)
+        delay = timedelta(seconds=seconds) if seconds else None
         return ApplicationError(msg, type="Transient", next_retry_delay=delay)
     if isinstance(exc, OutOfCredits):
         return ApplicationError(msg, type=OUT_OF_CREDITS, non_retryable=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,18 +30,23 @@ from bouncer.errors import (
 from bouncer.limits import RateGate, TokenBucket
 from bouncer.models import BatchStatus, CreatedBatch
 
-__all__ = ["BatchStatus", "BouncerClient", "CreatedBatch", "error_from_response", "parse_retry_after"]
+__all__ = [
+    "MAX_RETRY_AFTER_S", "BatchStatus", "BouncerClient", "CreatedBatch", "error_from_response", "parse_retry_after",
+]
 
 DOWNLOAD_KINDS = frozenset({"all", "deliverable", "risky", "undeliverable", "unknown"})
 _BATCH = "/v1.1/email/verify/batch"
 _CREDITS_LEFT = re.compile(r"(-?\d+)\s+credits?\s+left", re.IGNORECASE)
 _MESSAGE_LIMIT = 300
+MAX_RETRY_AFTER_S = 3600.0  # a longer Retry-After is read as this (a wait, not a failure)
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` value: decimal seconds or an HTTP date.
+    """Seconds to wait from a `Retry-After` value: decimal seconds or an HTTP date (in GMT, also
+    when it names no zone: the asctime form, `-0000`).
 
-    Returns None when absent or unreadable; never negative.
+    Returns None when absent, unreadable, negative or not finite; a date already past is 0.
+    Never more than MAX_RETRY_AFTER_S (a wait past it would only stall the retry).
     """
     if value is None or not value.strip():
         return None
@@ -49,14 +56,16 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when is None:
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds or seconds == float("inf"):  # NaN, inf
+        if when.tzinfo is None:  # read as the host's local time, it was off by the host's UTC offset
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    if not math.isfinite(seconds) or seconds < 0:
         return None
-    return max(0.0, seconds)
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 def _message_of(response: httpx.Response) -> str:

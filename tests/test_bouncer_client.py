@@ -28,7 +28,7 @@ from bouncer import (
     Transient,
     Unauthorized,
 )
-from bouncer.client import error_from_response, parse_retry_after
+from bouncer.client import MAX_RETRY_AFTER_S, error_from_response, parse_retry_after
 from sandbox.process import RunningSandbox, running_sandbox
 from sandbox.verdicts import verdict
 
@@ -275,6 +275,35 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert parse_retry_after(format_datetime(now, usegmt=True), now=now.timestamp() + 5) == 0.0
     limited = error_from_response(httpx.Response(429, headers={"Retry-After": later}))
     assert isinstance(limited, RateLimited) and limited.retry_after is not None
+
+
+@pytest.fixture
+def host_in_new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is UTC-5 (or -4) for the test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize("value", ["Sun Nov  6 08:49:37 1994", "Sun, 06 Nov 1994 08:49:37 -0000",
+                                   "Sunday, 06-Nov-94 08:49:37 GMT"], ids=["asctime", "minus-zero", "rfc850"])
+def test_a_retry_after_date_without_a_zone_is_read_as_gmt_not_the_hosts_local_time(value, host_in_new_york) -> None:
+    now = datetime(1994, 11, 6, 8, 49, 7, tzinfo=timezone.utc).timestamp()
+    assert parse_retry_after(value, now=now) == pytest.approx(30.0)
+
+
+def test_a_retry_after_is_capped_and_a_negative_or_non_finite_one_ignored() -> None:
+    assert MAX_RETRY_AFTER_S == 3600.0
+    for value in ("1e300", "86400", "Fri, 31 Dec 9999 23:59:59 GMT"):
+        assert parse_retry_after(value) == MAX_RETRY_AFTER_S, value
+    for value in ("-5", "-0.5", "nan", "inf", "-inf", "Infinity"):
+        assert parse_retry_after(value) is None, value
+    assert parse_retry_after("0") == 0.0
+    for status in (429, 503):
+        error = error_from_response(httpx.Response(status, headers={"Retry-After": "1e300"}))
+        assert error.retry_after == MAX_RETRY_AFTER_S, status  # type: ignore[attr-defined]
 
 
 @pytest.mark.asyncio

@@ -38,7 +38,8 @@ from test_workflows import (
 )
 
 from activities.bouncer_api import _as_temporal_error
-from bouncer.errors import RateLimited
+from bouncer.client import error_from_response
+from bouncer.errors import RateLimited, Transient
 from devstack import free_port
 from sandbox.process import running_sandbox
 from sandbox.verdicts import verdict
@@ -76,6 +77,18 @@ def test_429_becomes_a_retry_after_the_apis_retry_after():
     err = _as_temporal_error(RateLimited("slow down", retry_after=2.5), "creating Bouncer batch 1")
     assert err.next_retry_delay == timedelta(seconds=2.5)
     assert not err.non_retryable and err.type == "RateLimited"
+
+
+def test_a_huge_or_non_finite_retry_after_is_capped_not_an_overflow_in_the_error_mapper():
+    """timedelta(seconds=1e300) raised OverflowError inside the mapper: the activity failed with
+    that, not with the API's answer."""
+    for error in (RateLimited("slow down", retry_after=1e300), Transient("busy", status=503, retry_after=1e300)):
+        assert _as_temporal_error(error, "creating Bouncer batch 1").next_retry_delay == timedelta(hours=1)
+    for error in (RateLimited("slow down", retry_after=float("nan")), RateLimited("slow down", retry_after=-3)):
+        assert _as_temporal_error(error, "creating Bouncer batch 1").next_retry_delay == timedelta(seconds=1)
+    assert _as_temporal_error(Transient("busy", retry_after=float("inf")), "polling").next_retry_delay is None
+    limited = error_from_response(httpx.Response(429, headers={"Retry-After": "1e300"}))
+    assert _as_temporal_error(limited, "polling").next_retry_delay == timedelta(hours=1)
 
 
 async def test_429s_are_retried_until_the_batch_goes_through(skipping_env, db_url, sandbox, tmp_path):
