@@ -198,17 +198,22 @@ class BouncerClient:
         )
         try:
             return CreatedBatch.from_json(self._mapping(data))
-        except (KeyError, TypeError, ValueError):  # a 2xx without a batchId: made or not, we cannot tell
-            raise Transient("a successful create answer without a batchId", status=200, ambiguous=True) from None
+        except (KeyError, TypeError, ValueError) as exc:  # a 2xx without a batchId: made or not, we cannot tell
+            raise Transient(f"a successful create answer without a batchId ({exc})", status=200,
+                            ambiguous=True) from None
 
     async def get_status(self, batch_id: str, *, with_stats: bool = True) -> BatchStatus:
         """The batch's `BatchStatus` (not-ready is a status, not an error).
 
-        Raises NotFound, RateLimited, Unauthorized/Forbidden, BadRequest, Transient.
+        Raises NotFound, RateLimited, Unauthorized/Forbidden, BadRequest, Transient (also for a
+        2xx answer without a `batchId` or a `status`).
         """
         params = {"with-stats": "true"} if with_stats else None
         data = await self._json("GET", self._batch_path(batch_id), params=params)
-        return BatchStatus.from_json(self._mapping(data))
+        try:
+            return BatchStatus.from_json(self._mapping(data))
+        except (KeyError, TypeError, ValueError) as exc:  # as garbled as invalid JSON: asked again
+            raise Transient(f"a status answer the client cannot read ({exc})", status=200) from None
 
     async def download(self, batch_id: str, *, which: str = "all") -> list[dict[str, Any]]:
         """The result records (dicts of the documented shape), filtered by `which`.

@@ -224,6 +224,61 @@ async def test_garbled_2xx_body_is_transient() -> None:
     assert caught.value.ambiguous is True
 
 
+def answering(body: object) -> BouncerClient:
+    """A client whose every request is answered 200 with `body` as JSON."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    return BouncerClient("http://bouncer.invalid", KEY, transport=transport, **UNLIMITED)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("batch_id", [None, "", True, 1.5, ["b1"], {"id": "b1"}, "<missing>"])
+async def test_a_create_answered_2xx_without_a_usable_batch_id_is_ambiguous_transient(batch_id: object) -> None:
+    """{"batchId": null} came back as the batch id 'None', "" as '': a batch tracked under an id
+    it does not have, instead of the create counted as unanswered."""
+    body = {"status": "queued", "quantity": 1} | ({} if batch_id == "<missing>" else {"batchId": batch_id})
+    async with answering(body) as client:
+        with pytest.raises(Transient) as caught:
+            await client.create_batch([("a@example.com", "1")])
+    assert caught.value.ambiguous is True and caught.value.status == 200
+    assert "batchId" in caught.value.message
+
+
+@pytest.mark.asyncio
+async def test_a_create_answered_with_an_integer_batch_id_is_that_id() -> None:
+    async with answering({"batchId": 42, "status": "queued"}) as client:
+        assert (await client.create_batch([("a@example.com", "1")])).batch_id == "42"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"batchId": "b1"}, "status"),
+        ({"batchId": "b1", "status": None}, "status"),
+        ({"batchId": "b1", "status": 3}, "status"),
+        ({"status": "completed"}, "batchId"),
+        ({"batchId": None, "status": "completed"}, "batchId"),
+    ],
+)
+async def test_a_status_answer_without_a_status_or_batch_id_is_transient_naming_it(body: dict, named: str) -> None:
+    """A missing `status` escaped get_status as a raw KeyError: not a BouncerError, so the
+    activity failed on it instead of polling again."""
+    async with answering(body) as client:
+        with pytest.raises(Transient) as caught:
+            await client.get_status("b1")
+    assert named in caught.value.message
+
+
+@pytest.mark.asyncio
+async def test_a_status_answer_with_null_stats_counts_leaves_them_out() -> None:
+    """A null count raised TypeError out of get_status."""
+    body = {"batchId": "b1", "status": "processing", "processed": 3,
+            "stats": {"deliverable": 2, "risky": None, "undeliverable": 1.0, "unknown": "x"}}
+    async with answering(body) as client:
+        status = await client.get_status("b1")
+    assert status.stats == {"deliverable": 2, "undeliverable": 1} and status.processed == 3
+
+
 @pytest.mark.parametrize(
     ("status", "error_class"),
     [
