@@ -4,9 +4,10 @@
 The callback URL carries an unguessable token stored on the batch row; anything else is
 refused (403) and counted, so a forged or replayed call cannot complete a batch early; a callback
 naming another `batchId` (a copy left by an ambiguous create) is refused as stale. Only a callback
-naming the batch's own id at the API completes it: one that names none, or that cannot be compared
-(the create's answer not stored in time), is recorded and answered 202, and the batch's polls
-decide; one whose `status` is not "completed" is ignored (202).
+naming the batch's own id at the API completes it, or one naming none for a batch created by a
+single, answered create (the API holds one batch with that URL). One that cannot be told from a
+copy (no id after an unanswered create, or the create's answer not stored in time) is recorded and
+answered 202, and the batch's polls decide; one whose `status` is not "completed" is ignored (202).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         async with pool.connection() as conn:
             return await (
                 await conn.execute(
-                    "select lane, callback_token, state, provider_batch_id from bouncer_batches where id = %s", (bb,)
+                    "select lane, callback_token, state, provider_batch_id, ambiguous_creates from bouncer_batches"
+                    " where id = %s", (bb,)
                 )
             ).fetchone()
 
@@ -108,7 +110,7 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         if row is None or not _same_token(row[1], request.query_params.get("token", "")):
             counts["refused"] += 1
             return JSONResponse({"error": "forbidden"}, status_code=403)
-        lane, _token, state, provider_id = row
+        lane, _token, state, provider_id, ambiguous = row
         posted, says_completed = _posted(await request.body())
         if not says_completed:
             counts["ignored"] += 1
@@ -117,17 +119,19 @@ def create_app(pool: AsyncConnectionPool, client: Client) -> Starlette:
         # copy an earlier, unanswered create made (chaos run finding). Compared once it lands.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CREATE_ANSWER_WAIT_S
-        while (posted is not None and provider_id is None and state not in ("stored", "failed")
-               and loop.time() < deadline):
+        while provider_id is None and state not in ("stored", "failed") and loop.time() < deadline:
             await asyncio.sleep(_CREATE_ANSWER_LOOK_S)
-            _lane, _token, state, provider_id = await batch_row(bb) or row
+            _lane, _token, state, provider_id, ambiguous = await batch_row(bb) or row
         if state in ("stored", "failed"):
             counts["refused"] += 1  # a replay after the batch is done
             return JSONResponse({"status": "already done"}, status_code=409)
+        if posted is None and provider_id is not None and not ambiguous:
+            posted = provider_id  # one create, answered: the URL's batch has one copy at the API, this one
         if posted is None or provider_id is None:
-            # Nothing to tell which batch at the API it is about: a completion signal could start
-            # the download of a batch still processing and free its slot early. Noted (callbacks
-            # reach us: the lane's next batches poll sparsely); the batch's polls decide.
+            # Nothing to tell which batch at the API it is about (a create left unanswered may have
+            # made a copy with this URL): a completion signal could start the download of a batch
+            # still processing and free its slot early. Noted (callbacks reach us: the lane's next
+            # batches poll sparsely); the batch's polls decide.
             counts["unverified"] += 1
             await _record(pool, bb, verified=False)
             return JSONResponse({"status": "unverified: left to polling"}, status_code=202)

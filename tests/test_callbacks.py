@@ -36,12 +36,13 @@ class Receiver:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
-    async def batch(self, state: str = "submitted", provider_id: str | None = "tracked-id") -> int:
-        """A batch row (token "tok") and a stand-in of its workflow."""
+    async def batch(self, state: str = "submitted", provider_id: str | None = "tracked-id", ambiguous: int = 0) -> int:
+        """A batch row (token "tok") and a stand-in of its workflow; `ambiguous`: creates sent
+        again after one that got no answer."""
         ((bb,),) = self.sql(
-            "insert into bouncer_batches (lane, pack_key, state, size, provider_batch_id, callback_token)"
-            " values (%s, %s, %s, 1, %s, 'tok') returning id",
-            (self.lane, f"test:{uuid.uuid4().hex}", state, provider_id),
+            "insert into bouncer_batches (lane, pack_key, state, size, provider_batch_id, callback_token,"
+            " ambiguous_creates) values (%s, %s, %s, 1, %s, 'tok', %s) returning id",
+            (self.lane, f"test:{uuid.uuid4().hex}", state, provider_id, ambiguous),
         )
         await self.client.start_workflow("BouncerBatchStandIn", id=bouncer_batch_workflow_id(self.lane, bb),
                                          task_queue=self.queue)
@@ -116,10 +117,10 @@ async def test_a_callback_naming_the_tracked_batch_completes_it_and_frees_its_sl
 
 @pytest.mark.parametrize("body", [None, {"status": "completed"}, {"batchId": None}, {"batchId": ""}, [1, 2]],
                          ids=["no-body", "no-batchId", "null-batchId", "empty-batchId", "not-an-object"])
-async def test_a_callback_without_a_batch_id_is_recorded_but_leaves_the_batch_to_its_polls(receiver, body):
-    """It cannot be told from the copy an ambiguous create left: the old receiver signalled
+async def test_a_callback_without_a_batch_id_after_an_unanswered_create_is_left_to_the_polls(receiver, body):
+    """It cannot be told from the copy the unanswered create may have made: the old receiver signalled
     `completed(False)`, and the batch workflow freed its slot and downloaded a batch still processing."""
-    bb = await receiver.batch()
+    bb = await receiver.batch(ambiguous=1)
     answer = await receiver.post(bb, body)
     assert answer.status_code == 202, answer.text
     assert await receiver.completed_signals(bb) == []
@@ -127,6 +128,28 @@ async def test_a_callback_without_a_batch_id_is_recorded_but_leaves_the_batch_to
     assert receiver.times(bb) == (True, False)  # heard (the lane's callbacks work), not completed
     stats = await receiver.stats()
     assert (stats["accepted"], stats["unverified"]) == (0, 1)
+
+
+@pytest.mark.parametrize("body", [None, {"status": "completed"}, {"batchId": None}, [1, 2]],
+                         ids=["no-body", "no-batchId", "null-batchId", "not-an-object"])
+async def test_a_callback_without_a_batch_id_for_a_batch_created_once_completes_it(receiver, body):
+    """The API's callback body is not documented: the per-batch URL and token identify the batch
+    when a single create made it (one batch at the API with that URL)."""
+    bb = await receiver.batch()
+    answer = await receiver.post(bb, body)
+    assert answer.status_code == 200, answer.text
+    assert await receiver.completed_signals(bb) == [[True]]
+    assert await receiver.slots_freed() == 1
+    assert receiver.times(bb) == (True, True)
+    # Before its create's answer is stored: completed once it lands.
+    early = await receiver.batch("submitting", None)
+
+    async def create_answer_lands() -> None:
+        await asyncio.sleep(0.3)
+        receiver.sql("update bouncer_batches set state = 'submitted', provider_batch_id = 'X' where id = %s", (early,))
+
+    answer, _ = await asyncio.gather(receiver.post(early, body), create_answer_lands())
+    assert answer.status_code == 200 and await receiver.completed_signals(early) == [[True]]
 
 
 @pytest.mark.parametrize("status", ["processing", "queued", "failed", 3])
