@@ -202,7 +202,8 @@ class Settings(BaseSettings):
     # HTTP API (`python -m api`)
     api_listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
     api_db_pool_size: int = Field(8, description="Postgres connections of the HTTP API process")
-    api_max_upload_mb: int = Field(1024, description="Largest accepted upload body, MiB (larger: 413)")
+    api_max_upload_mb: int = Field(
+        1024, description="Largest accepted upload body, MiB (larger: 413); for a gzip body, also its list decompressed")
     api_submissions_per_hour: int = Field(
         0, ge=0, description="Lists one user may submit through the HTTP API in any hour (more: 429 with Retry-After); "
         "0: no limit"

@@ -18,6 +18,7 @@ Exit codes: 0 ok, 1 failed, 2 bad input or unknown id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -159,7 +160,7 @@ def dev_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(help="CSV file, or one address per line")],
+    file: Annotated[Path, typer.Argument(help="CSV file, or one address per line (gzip too; - reads stdin)")],
     user: Annotated[str, typer.Option(help="Owner of the user batch")],
     name: Annotated[Optional[str], typer.Option(help="A label (defaults to the file name)")] = None,
     priority: Annotated[Priority, typer.Option(help="Packing priority")] = Priority.normal,
@@ -185,10 +186,14 @@ def submit(
     lane_list = in_lane_order(lane_list)
     if not user.strip():
         raise fail("--user is empty: name the list's owner")
-    if file.is_dir():
+    # `-` is stdin; a pipe such as `<(zcat x.gz)` (/dev/fd/63) is read like a file, though not a regular one.
+    from_stdin = str(file) == "-"
+    label = "stdin" if from_stdin else str(file)
+    if not from_stdin and file.is_dir():
         raise fail(f"cannot read {file}: it is a directory, not a file")
-    if not file.is_file():
+    if not from_stdin and not file.exists():
         raise fail(f"cannot read {file}: no such file")
+    source = iter(functools.partial(sys.stdin.buffer.read, 1024 * 1024), b"") if from_stdin else file
 
     async def run() -> tuple[int, object, float, Summary | None, WorkflowFailureError | None]:
         # Temporal first: an unreachable server must not leave stored rows behind.
@@ -202,18 +207,20 @@ def submit(
                     (ub_id,) = conn.execute(
                         "insert into user_batches (user_id, name, priority, lanes, source, workflow_id,"
                         " max_result_age_s) values (%s, %s, %s, %s, %s, %s, %s) returning id",
-                        (user, name or file.name, PRIORITIES.index(priority.value), lane_list, str(file), None,
+                        (user, name or Path(label).name, PRIORITIES.index(priority.value), lane_list, label, None,
                          max_age_s),
                     ).fetchone()
                     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                   console=err, disable=as_json, transient=True) as bar:
-                        task = bar.add_task(f"reading {file.name}")
+                        # A count, not a bar: a pipe's (or a gzip's decompressed) size is not known ahead.
+                        task = bar.add_task(f"reading {Path(label).name}")
                         stats = copy_items(
-                            conn, ub_id, file, column,
-                            on_progress=lambda st: bar.update(task, description=f"reading {file.name}: {st.rows:,} rows"),
+                            conn, ub_id, source, column, name=label,
+                            on_progress=lambda st: bar.update(
+                                task, description=f"reading {Path(label).name}: {st.rows:,} rows"),
                         )
                     if stats.rows == 0:  # rolled back with the row: nothing is stored
-                        raise UnreadableInput(f"{file} has no rows (empty, or a header only): nothing to verify")
+                        raise UnreadableInput(f"{label} has no rows (empty, or a header only): nothing to verify")
                     conn.execute(  # `scheduled` until its workflow starts (`--at`)
                         "update user_batches set rows_total = %s, invalid = %s, workflow_id = %s, state = %s"
                         " where id = %s",

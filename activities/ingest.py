@@ -15,6 +15,7 @@ import io
 import itertools
 import re
 import socket
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -270,10 +271,80 @@ def _head_and_stream(chunks: Iterator[bytes]) -> tuple[bytes, io.RawIOBase]:
     return head[: 64 * 1024], _Prefixed(head, chunks)
 
 
+GZIP_MAGIC = b"\x1f\x8b"  # a control character, then no UTF-8 lead byte: no list of text starts so
+_GZIP_READ = 256 * 1024  # compressed bytes read at a time
+
+
+def _gunzip(chunks: Iterable[bytes], source: str) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip stream, at most `_BLOCK_BYTES` at a time.
+
+    `max_length` bounds each piece, so a chunk that inflates a thousandfold (a zip bomb) is
+    handed out a block at a time, never held whole. Members that follow one another are read on
+    (`cat a.gz b.gz` is gzip), zero padding after a member is ignored (as `gzip -d` does); corrupt
+    or truncated data, or anything else after a member, raises UnreadableInput naming `source`.
+    """
+    d = zlib.decompressobj(wbits=31)
+    between = False  # after a member's end: padding, or the next member
+    try:
+        for data in chunks:
+            while data:
+                if between:
+                    if not (data := data.lstrip(b"\0")):
+                        break
+                    if not GZIP_MAGIC.startswith(data[:2]):
+                        raise UnreadableInput(f"cannot read {source}: bytes that are not gzip follow its gzip data"
+                                              " (two files joined?)")
+                    d, between = zlib.decompressobj(wbits=31), False
+                if out := d.decompress(data, _BLOCK_BYTES):
+                    yield out
+                data, between = (d.unused_data, True) if d.eof else (d.unconsumed_tail, False)
+        if not between:
+            if out := d.flush():  # the last bytes of a block cut short by max_length
+                yield out
+            if not d.eof:
+                raise UnreadableInput(f"cannot read {source}: its gzip data ends early (truncated: an"
+                                      " interrupted download or copy?)")
+    except zlib.error as exc:
+        raise UnreadableInput(f"cannot read {source}: it is gzip (starts with bytes 1f 8b) but its data is"
+                              f" corrupt ({exc})") from None
+
+
+def decompressed(chunks: Iterable[bytes], source: str) -> Iterator[bytes]:
+    """`chunks` as they are, or decompressed (`_gunzip`) when they start with gzip's magic bytes:
+    the content tells, not the name. Lazy: nothing is read before the first item is asked for."""
+    rest, head = iter(chunks), b""
+    while len(head) < len(GZIP_MAGIC) and (chunk := next(rest, None)) is not None:
+        head += chunk
+    if head.startswith(GZIP_MAGIC):
+        yield from _gunzip(itertools.chain([head], rest), source)
+        return
+    if head:
+        yield head
+    yield from rest
+
+
 @contextlib.contextmanager
-def open_source(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIOBase]]:
-    """(first 64 KiB, a byte stream from the start) for a file path, an http(s) URL, or the
-    byte chunks of an upload (the HTTP API streams request bodies through here)."""
+def open_source(uri: str | Path | Iterable[bytes], name: str = "the upload", gunzip: bool = True
+                ) -> Iterator[tuple[bytes, io.RawIOBase]]:
+    """(first 64 KiB, a byte stream from the start) for a file path (a regular file, or a pipe
+    such as `<(zcat x.gz)`), an http(s) URL, or byte chunks (an upload, or stdin; `name` says
+    which in messages).
+
+    gzip data (told by its magic bytes, not the name) is decompressed as it is read, unless
+    `gunzip` is False (the HTTP API decompresses bodies itself, before their charset applies):
+    the head, the stream and so the line numbers are those of the decompressed text.
+    """
+    with _opened(uri) as (head, raw):
+        if not (gunzip and head.startswith(GZIP_MAGIC)):
+            yield head, raw
+            return
+        source = name if not isinstance(uri, (str, Path)) else str(uri)
+        yield _head_and_stream(_gunzip(iter(functools.partial(raw.read, _GZIP_READ), b""), source))
+
+
+@contextlib.contextmanager
+def _opened(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIOBase]]:
+    """`open_source` before any decompression."""
     if not isinstance(uri, (str, Path)):
         yield _head_and_stream(iter(uri))
         return
@@ -302,6 +373,9 @@ def open_source(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.R
     except OSError as exc:
         raise UnreadableInput(f"cannot read {path}: {exc.strerror or exc}") from exc
     with raw:
+        if not raw.seekable():  # a pipe: what was read for the head cannot be read again
+            yield _head_and_stream(iter(functools.partial(raw.read, _BLOCK_BYTES), b""))
+            return
         head = raw.read(64 * 1024)
         raw.seek(0)
         yield head, raw
@@ -569,9 +643,9 @@ def as_utf8(chunks: Iterable[bytes], encoding: str) -> Iterator[bytes]:
         raise UnreadableInput(f"cannot read the list as {encoding}: {exc}") from None
 
 
-def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through: int
-            ) -> Iterator[list[_Run | tuple]]:
-    with open_source(uri) as (head, raw):
+def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through: int, name: str = "the upload",
+            gunzip: bool = True) -> Iterator[list[_Run | tuple]]:
+    with open_source(uri, name, gunzip) as (head, raw):
         # A file with a UTF-16 or UTF-32 byte-order mark (Excel's "Unicode Text" export is UTF-16)
         # is read as the UTF-8 it stands for; anything else as UTF-8, whose BOM is dropped.
         encoding = next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None)
@@ -585,14 +659,14 @@ def _pieces(uri: str | Path | Iterable[bytes], column: str | None, skip_through:
 
 
 def iter_rows(uri: str | Path | Iterable[bytes], column: str | None = None, skip_through: int = 0,
-              with_header: bool = False) -> Iterator[tuple[int, str, str | None, str | None]]:
+              with_header: bool = False, gunzip: bool = True) -> Iterator[tuple[int, str, str | None, str | None]]:
     """Yield (line number, raw cell, normalized address or None, reason or None) for every row.
 
     `skip_through`: rows starting at or before this line are parsed but not checked or yielded
     (a resumed ingest skips what the database already holds). `with_header`: the line taken as
-    the header is yielded too, as a `HeaderRow` (`copy_rows` reports it).
+    the header is yielded too, as a `HeaderRow` (`copy_rows` reports it). `gunzip`: see `open_source`.
     """
-    for pieces in _pieces(uri, column, skip_through):
+    for pieces in _pieces(uri, column, skip_through, gunzip=gunzip):
         for piece in pieces:
             if isinstance(piece, _Run):
                 for line, cell in zip(piece.lines, piece.cells):
@@ -677,14 +751,16 @@ def copy_items(
     path: str | Path | Iterable[bytes],
     column: str | None = None,
     on_progress: Callable[[IngestStats], None] | None = None,
+    name: str = "the upload",
 ) -> IngestStats:
-    """Stream the file (or upload chunks) into `items` with COPY inside the caller's transaction.
+    """Stream the file (or byte chunks, named `name` in messages) into `items` with COPY inside
+    the caller's transaction; gzip data is decompressed on the way (`open_source`).
 
     Works a block at a time (see `_RowReader`): runs of already-normalized cells are formatted
     in one comprehension, other rows one by one. Postgres parses the COPY in its own process
     while the next block is read here.
     """
-    return _copy_blocks(conn, user_batch_id, _pieces(path, column, 0), on_progress)
+    return _copy_blocks(conn, user_batch_id, _pieces(path, column, 0, name), on_progress)
 
 
 def copy_rows(

@@ -38,7 +38,7 @@ import temporal_client
 from activities.ingest import IngestStats, UnreadableInput, copy_rows
 from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
-from api.uploads import BadBody, charset_codec, csv_rows, decoded, json_rows, limited, multipart_file, pull
+from api.uploads import BadBody, charset_codec, csv_rows, decoded, gunzipped, json_rows, limited, multipart_file, pull
 from settings import LANES, Settings
 from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
@@ -378,7 +378,8 @@ async def submit_batch(request: Request) -> JSONResponse:
     client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()
-    body = limited(request.stream(), settings.api_max_upload_mb * 1024 * 1024)
+    max_bytes = settings.api_max_upload_mb * 1024 * 1024
+    body = limited(request.stream(), max_bytes)
     loop = asyncio.get_running_loop()
     if ctype not in ("multipart/form-data", "text/csv", "text/plain", "application/json"):
         raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'}: send multipart/form-data with a "
@@ -389,13 +390,16 @@ async def submit_batch(request: Request) -> JSONResponse:
         codec = None if ctype == "multipart/form-data" else charset_codec(content_type)
     except BadBody as exc:
         raise ApiError(exc.status, str(exc)) from None
+    # A gzip body (or `file` part) is decompressed first, then its charset applies.
     if ctype == "multipart/form-data":
-        chunks = pull(multipart_file(body, content_type), loop)
+        chunks = gunzipped(pull(multipart_file(body, content_type), loop), "the `file` part", max_bytes)
         rows, source = csv_rows(chunks, opts["column"]), "api: multipart upload"
     elif ctype == "application/json":
-        rows, source = json_rows(decoded(pull(body, loop), codec)), "api: json list"
+        chunks = gunzipped(pull(body, loop), "the request body", max_bytes)
+        rows, source = json_rows(decoded(chunks, codec)), "api: json list"
     else:
-        rows, source = csv_rows(decoded(pull(body, loop), codec), opts["column"]), "api: csv body"
+        chunks = gunzipped(pull(body, loop), "the request body", max_bytes)
+        rows, source = csv_rows(decoded(chunks, codec), opts["column"]), "api: csv body"
     try:
         ub, stats = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key)
     except KeyUsed:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import ijson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from activities.ingest import _WIDE_BOMS, _Prefixed, as_utf8, iter_rows, normalize_address
+from activities.ingest import _WIDE_BOMS, _Prefixed, as_utf8, decompressed, iter_rows, normalize_address
 
 
 class BadBody(Exception):
@@ -116,6 +116,18 @@ def charset_codec(content_type: str) -> str | None:
     return None if name == "utf-8" else name
 
 
+def gunzipped(chunks: Iterator[bytes], source: str, max_bytes: int) -> Iterator[bytes]:
+    """The body decompressed if it is gzip (told by its magic bytes), refused (413) once it passes
+    `max_bytes` decompressed: API_MAX_UPLOAD_MB bounds the list as read, not only as sent, so a
+    zip bomb is stopped at the same size as a plain body."""
+    seen = 0
+    for chunk in decompressed(chunks, source):
+        seen += len(chunk)
+        if seen > max_bytes:
+            raise BadBody(f"list larger than {max_bytes:,} bytes once decompressed (API_MAX_UPLOAD_MB)", 413)
+        yield chunk
+
+
 def decoded(chunks: Iterator[bytes], codec: str | None) -> Iterator[bytes]:
     """The body as UTF-8, transcoded from its declared charset when that is another."""
     return chunks if codec is None else as_utf8(chunks, codec)
@@ -132,8 +144,9 @@ def pull(agen: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterato
 
 def csv_rows(chunks: Iterator[bytes], column: str | None) -> Iterator[tuple[int, str, str | None, str | None]]:
     """Rows of a CSV (or one-address-per-line) body: the CLI's parser, line numbers included, and
-    the line taken as the header (a `HeaderRow`, reported in the answer)."""
-    return iter_rows(chunks, column, with_header=True)
+    the line taken as the header (a `HeaderRow`, reported in the answer). `chunks` come
+    through `gunzipped` already: a gzip inside the gzip is not opened too."""
+    return iter_rows(chunks, column, with_header=True, gunzip=False)
 
 
 def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, str | None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gzip
 import io
 import json
 import os
@@ -422,6 +423,55 @@ async def test_a_declared_charset_and_byte_order_marks_are_read_as_the_text_they
             resp = await http.post("/v1/batches", headers={**auth, "Content-Type": ctype}, content=body)
             assert resp.status_code == 201, (ctype, resp.text)
             assert [(r[0], r[1]) for r in stored(resp.json()["id"])] == expected, ctype
+
+
+async def test_a_gzip_body_or_file_part_is_read_decompressed_and_a_broken_or_bomb_one_is_refused(
+    api_settings, api_url
+):
+    auth = new_key(api_settings, "gzip-user")
+    plain = "email\nann@bücher.example\nnot-an-address\nbob@example.com\n"
+    packed = gzip.compress(plain.encode())
+
+    def stored(ub: int) -> list[tuple]:
+        with psycopg.connect(api_settings.database_url) as conn:
+            return conn.execute("select row_no, email, reason from items where user_batch_id = %s order by row_no",
+                                (ub,)).fetchall()
+
+    def batches() -> int:
+        with psycopg.connect(api_settings.database_url) as conn:
+            return conn.execute("select count(*) from user_batches where user_id = 'gzip-user'").fetchone()[0]
+
+    expected = [(2, "ann@xn--bcher-kva.example", None), (3, None, "missing @"), (4, "bob@example.com", None)]
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        for kw in ({"headers": {**auth, "Content-Type": "text/csv"}, "content": packed},
+                   {"headers": {**auth, "Content-Type": "text/csv", "Content-Encoding": "gzip"}, "content": packed},
+                   {"headers": {**auth, "Content-Type": "text/csv; charset=iso-8859-1"},  # decompressed, then decoded
+                    "content": gzip.compress(plain.encode("latin-1"))},
+                   {"headers": auth, "files": {"file": ("list.csv.gz", packed, "application/gzip")}}):
+            resp = await http.post("/v1/batches", **kw)
+            assert resp.status_code == 201, resp.text
+            doc = resp.json()
+            assert (doc["rows"], doc["invalid"], doc["invalid_rows"]) == (3, 1, [{"row": 3, "reason": "missing @"}])
+            assert stored(doc["id"]) == expected
+        resp = await http.post("/v1/batches", headers={**auth, "Content-Type": "application/json"},
+                               content=gzip.compress(json.dumps(["ann@example.com", 5]).encode()))
+        assert (resp.status_code, resp.json()["rows"], resp.json()["invalid"]) == (201, 2, 1), resp.text
+        before = batches()
+        bomb = gzip.compress(b"a@b.example\n" * 300_000)  # 3.6 MB once decompressed, API_MAX_UPLOAD_MB is 2
+        assert len(bomb) < 100_000
+        for kw, status, words in [
+            ({"headers": {**auth, "Content-Type": "text/csv"}, "content": packed[:-10]}, 400,
+             "cannot read the request body: its gzip data ends early"),
+            ({"headers": auth, "files": {"file": ("x.gz", packed[:30] + b"\xff" * 20 + packed[50:])}}, 400,
+             "cannot read the `file` part: it is gzip (starts with bytes 1f 8b) but its data is corrupt"),
+            ({"headers": {**auth, "Content-Type": "text/csv"}, "content": bomb}, 413,
+             "once decompressed (API_MAX_UPLOAD_MB)"),
+            ({"headers": auth, "files": {"file": ("bomb.gz", bomb)}}, 413, "once decompressed (API_MAX_UPLOAD_MB)"),
+        ]:
+            resp = await http.post("/v1/batches", **kw)
+            assert resp.status_code == status, resp.text
+            assert words in resp.json()["error"], resp.text
+        assert batches() == before  # refused bodies left nothing behind
 
 
 async def test_a_bad_first_row_is_a_reported_row_and_a_header_is_named_in_the_answer(api_settings, api_url):

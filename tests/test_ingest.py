@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
+import os
 import random
 import re
 import string
+import threading
 from pathlib import Path
 
 import psycopg
@@ -774,3 +777,97 @@ def test_resumable_copy_commits_chunks_that_split_runs_and_resumes_without_loss(
         got = conn.execute("select row_no, raw, email, state from items where user_batch_id = 91 order by row_no"
                            ).fetchall()
     assert [(r[0], r[1], r[2]) for r in got] == [(n, c, e) for n, c, e, _ in _reference_rows(p)]
+
+
+# ---- gzip and pipes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_bytes", [4096, 1024 * 1024])
+def test_a_gzip_list_gives_the_rows_of_its_plain_twin_whatever_its_name(tmp_path, monkeypatch, block_bytes):
+    monkeypatch.setattr(ingest, "_BLOCK_BYTES", block_bytes)  # small blocks: many max_length pieces
+    plain = write(tmp_path, "tricky.csv", _tricky_file(4, 3000))
+    expected = _reference_rows(plain)
+    data = plain.read_bytes()
+    half = len(data) // 2
+    for name, packed in [
+        ("tricky.csv.gz", gzip.compress(data)),
+        ("no-suffix.csv", gzip.compress(data)),  # told by its magic bytes, not its name
+        ("joined.gz", gzip.compress(data[:half]) + gzip.compress(data[half:]) + b"\0" * 512),  # members, padding
+    ]:
+        assert rows(write(tmp_path, name, packed)) == expected, name
+    # The BOM and encoding checks apply to the decompressed text; the header is found in it too.
+    utf16 = write(tmp_path, "u16.gz", gzip.compress("Name,Email\nAnn,ann@bücher.de\n".encode("utf-16")))
+    assert rows(utf16) == [(2, "ann@bücher.de", "ann@xn--bcher-kva.de", None)]
+    named = write(tmp_path, "c.gz", gzip.compress(b"Name,Work,Home\nAnn,ann@x.com,ann@y.com\n"))
+    assert rows(named, "home") == [(2, "ann@y.com", "ann@y.com", None)]
+
+
+@pytest.mark.parametrize(("mangle", "words"), [
+    (lambda z: z[: len(z) // 2], "gzip data ends early"),
+    (lambda z: z[:-4], "gzip data ends early"),  # the size trailer cut off
+    (lambda z: z[:20] + bytes(b ^ 0x5A for b in z[20:60]) + z[60:], "corrupt"),
+    (lambda z: z[:-8] + b"\0\0\0\0" + z[-4:], "corrupt"),  # a wrong CRC: the data is not what was packed
+    (lambda z: z + b"PK\x03\x04 trailing", "bytes that are not gzip follow"),
+    (lambda z: b"\x1f\x8b", "gzip data ends early"),
+])
+def test_a_corrupt_or_truncated_gzip_is_refused_naming_the_file_and_stores_nothing(db_url, tmp_path, mangle, words):
+    packed = gzip.compress(b"email\n" + b"".join(f"u{i}@x.com\n".encode() for i in range(50_000)))
+    p = write(tmp_path, "list.csv.gz", mangle(packed))
+    with pytest.raises(UnreadableInput, match=re.escape(str(p))) as refused:
+        rows(p)
+    assert words in str(refused.value)
+    with psycopg.connect(db_url) as conn:
+        with pytest.raises(UnreadableInput, match=words), conn.transaction():
+            conn.execute("insert into user_batches (id, user_id) values (93, 'gz')")
+            copy_items(conn, 93, p)
+        assert conn.execute("select count(*) from user_batches where id = 93").fetchone() == (0,)
+
+
+def test_a_gzip_bomb_is_handed_out_a_block_at_a_time():
+    """64 KiB that inflate to 64 MiB: never more than a read block of it at once."""
+    bomb = gzip.compress(b"\n" * (64 * 1024 * 1024), compresslevel=9)
+    assert len(bomb) < 100 * 1024
+    sizes = [len(piece) for piece in ingest.decompressed([bomb], "bomb.gz")]
+    assert sum(sizes) == 64 * 1024 * 1024 and max(sizes) <= ingest._BLOCK_BYTES
+
+
+def test_resumable_copy_of_a_gzip_list_resumes_after_the_committed_rows_without_loss(db_url, tmp_path):
+    """Offsets into a gzip stream cannot be sought: a resume reads it again from the start and
+    skips the lines the database already holds (the same rule as for a plain file)."""
+    p = write(tmp_path, "list.csv.gz", gzip.compress(b"email\n" + b"".join(
+        (f"u{i}@x.com\n" if i % 50 else f"Bad {i}\n").encode() for i in range(1, 1001))))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(last_line: int, stats) -> None:
+        if last_line > 600:
+            raise Crash
+
+    with psycopg.connect(db_url) as conn:
+        conn.execute("insert into user_batches (id, user_id) values (94, 'resume-gz')")
+    with pytest.raises(Crash):
+        copy_items_resumable(db_url, 94, str(p), None, 333, crash_after_two)
+    stats = copy_items_resumable(db_url, 94, str(p), None, 333, lambda *_: None)
+    assert (stats.rows, stats.invalid) == (1000, 20)
+    with psycopg.connect(db_url) as conn:
+        got = conn.execute("select row_no, raw from items where user_batch_id = 94 order by row_no").fetchall()
+    assert got == [(n, f"u{n - 1}@x.com" if (n - 1) % 50 else f"Bad {n - 1}") for n in range(2, 1002)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_pipe_and_byte_chunks_are_read_without_seeking(tmp_path, packed):
+    """A FIFO (what `<(zcat x.gz)` passes) cannot seek back to the start after the head is read."""
+    data = _tricky_file(6, 2000)
+    expected = _reference_rows(write(tmp_path, "plain.csv", data))
+    body = gzip.compress(data) if packed else data
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(body,))
+    writer.start()
+    try:
+        assert rows(fifo) == expected
+    finally:
+        writer.join(timeout=10)
+    chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)]  # stdin, as `submit -` reads it
+    assert list(iter_rows(chunks)) == expected

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gzip
 import http.server
 import os
 import signal
@@ -107,9 +108,13 @@ def _worker(dev_env, settings, **extra_env: str) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_url, sandbox, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["csv", "gzip"])
+async def test_ingest_resumes_after_the_worker_is_killed_mid_file(dev_env, db_url, sandbox, tmp_path, packed):
     total = 200_000
     path = write_list(tmp_path / "big.csv", _emails("big", total))
+    if packed:  # a gzip cannot be sought: the second worker reads it again from the start, skipping what is stored
+        path = tmp_path / "big.csv.gz"
+        path.write_bytes(gzip.compress((tmp_path / "big.csv").read_bytes()))
     settings = make_settings(db_url, sandbox)
     chunks = {"INGEST_CHUNK_ROWS": "10000"}  # 20 chunks: the kill lands mid-file even on a loaded machine
     first = _worker(dev_env, settings, **chunks)
@@ -288,6 +293,45 @@ def test_a_download_that_drops_midway_is_retried_and_resumes_after_the_committed
         assert _items(db_url) == (60_000, 60_000, 2, 60_001, 60_000)  # rows in = rows out, none twice
     finally:
         server.close()
+
+
+def test_a_gzip_download_that_drops_midway_resumes_after_the_committed_rows(db_url):
+    body = gzip.compress(("email\n" + "".join(f"drop.{i}@x{i % 7}.example\n" for i in range(200_000))).encode())
+    server = _FileServer(body, ["drop", 200])
+    try:
+        first = _ingest(db_url, server.url)
+        assert isinstance(first, ApplicationError) and not first.non_retryable, first
+        assert first.type == "SourceUnavailable" and server.url in str(first)
+        committed = _items(db_url)[0]
+        assert 0 < committed < 200_000  # the chunks decompressed before the drop stay
+        second = _ingest(db_url, server.url, attempt=2)
+        assert (second.rows, second.invalid) == (200_000, 0)
+        assert _items(db_url) == (200_000, 200_000, 2, 200_001, 200_000)  # rows in = rows out, none twice
+    finally:
+        server.close()
+
+
+def test_a_gzip_path_or_url_is_read_decompressed_and_a_broken_one_fails_at_once_naming_it(db_url, tmp_path):
+    packed = gzip.compress(b"email\na@x.example\nnot-an-address\n")
+    (tmp_path / "list.csv.gz").write_bytes(packed)
+    first = _ingest(db_url, str(tmp_path / "list.csv.gz"))
+    assert (first.rows, first.invalid) == (2, 1), first
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("select row_no, reason from items where state = 'invalid'").fetchall() == [
+            (3, "missing @")]
+        conn.execute("delete from items")
+    server = _FileServer(packed, [200])
+    try:
+        assert _ingest(db_url, server.url).rows == 2
+    finally:
+        server.close()
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(packed[:-6])
+    with psycopg.connect(db_url) as conn:
+        conn.execute("delete from items")
+    failure = _ingest(db_url, cut.as_uri())
+    assert isinstance(failure, ApplicationError) and failure.non_retryable, failure
+    assert failure.type == "UnreadableInput" and str(cut) in str(failure) and "ends early" in str(failure)
 
 
 @pytest.mark.parametrize(("answer", "retryable", "words"), [
