@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import itertools
+import math
 import re
 import socket
 import zlib
@@ -243,9 +244,10 @@ class _Prefixed(io.RawIOBase):
 def _retry_after(value: str | None) -> float | None:
     """Retry-After in seconds (only the delta-seconds form; a date is left to the retry policy)."""
     try:
-        return min(max(float(value), 0.0), 600.0) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None
+    return min(max(seconds, 0.0), 600.0) if seconds is not None and math.isfinite(seconds) else None
 
 
 def _local_path(text: str) -> Path:

@@ -871,3 +871,10 @@ def test_a_pipe_and_byte_chunks_are_read_without_seeking(tmp_path, packed):
         writer.join(timeout=10)
     chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)]  # stdin, as `submit -` reads it
     assert list(iter_rows(chunks)) == expected
+
+
+@pytest.mark.parametrize("header, seconds", [("30", 30.0), ("-5", 0.0), ("1e300", 600.0), ("nan", None), ("inf", None),
+                                             ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("", None), (None, None)])
+def test_a_file_servers_retry_after_is_a_bounded_finite_wait_or_none(header, seconds):
+    """`nan` passed through min/max and made the activity's timedelta() raise ValueError."""
+    assert ingest._retry_after(header) == seconds
