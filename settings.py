@@ -92,8 +92,9 @@ class Settings(BaseSettings):
                             "at most 100,000; 1,000-10,000 recommended)")
     max_unanswered_creates: int = Field(
         3, ge=1, description="Times one Bouncer batch is sent without an answer (a dropped connection, a timeout, "
-        "or a 5xx other than 503: the API may have made, and charged, a batch each time) before it is sent no more: its addresses go to dead "
-        "letters and the lane pauses (check the Bouncer dashboard, then `resume --lane` and `dlq retry`)"
+        "or a 5xx other than 503: the API may have made, and charged, a batch each time) before it is sent no "
+        "more: its addresses go to dead letters and the lane pauses (check the Bouncer dashboard, then "
+        "`resume --lane` and `dlq retry`)"
     )
     max_concurrent_batches: int = Field(15, description="Bouncer batches in flight per lane")
     creations_per_minute: float = Field(
@@ -203,7 +204,8 @@ class Settings(BaseSettings):
     api_listen: str = Field("127.0.0.1:8080", description="host:port the HTTP API binds to")
     api_db_pool_size: int = Field(8, description="Postgres connections of the HTTP API process")
     api_max_upload_mb: int = Field(
-        1024, description="Largest accepted upload body, MiB (larger: 413); for a gzip body, also its list decompressed")
+        1024, description="Largest accepted upload body, MiB (larger: 413); for a gzip body, also its list "
+        "decompressed")
     api_submissions_per_hour: int = Field(
         0, ge=0, description="Lists one user may submit through the HTTP API in any hour (more: 429 with Retry-After); "
         "0: no limit"

@@ -723,7 +723,8 @@ class BouncerApiActivities:
         )
         handed = await self._hand_stopped_leftovers(cur, lane) if leftovers else 0
         if leftovers:
-            await cur.execute(lock_lanes("select distinct user_batch_id, %(lane)s::text from leftover where not dead"), p)
+            await cur.execute(
+                lock_lanes("select distinct user_batch_id, %(lane)s::text from leftover where not dead"), p)
         await cur.execute(
             """
             insert into queue (user_batch_id, lane, seq, address_id, attempts)

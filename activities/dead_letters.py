@@ -9,8 +9,9 @@ Retry puts the address back on a queue with a fresh attempt budget, exactly as p
 one queue row per (lane, address), owned by one affected user batch, the others `waits`. Its
 rows go back to `pending` and the user batch's `remaining` grows again, so the batch waits for
 them. A user batch that has the address in play again (it queued it itself, or waits on it)
-already counts it and is left alone; a paused one counts it `withdrawn` and queues it on resume. A user batch that had already *completed* is reopened (state `queued`, summary cleared):
-the caller starts its workflow again under the same id, which finds the rows prepared, waits
+already counts it and is left alone; a paused one counts it `withdrawn` and queues it on resume.
+A user batch that had already *completed* is reopened (state `queued`, summary cleared): the
+caller starts its workflow again under the same id, which finds the rows prepared, waits
 for the retried addresses and finalizes a second time with a fresh summary. Cancelled user
 batches are never reopened. The retried dead letters are deleted (the event `dead_letters.retried`
 keeps the count); a second failure writes a new one.
