@@ -20,11 +20,13 @@ keeps the count); a second failure writes a new one.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from db import lock_lanes
@@ -254,9 +256,14 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
     return retried, touched, lanes
 
 
+# How long a reopened list's last run may take to close before a new run replaces it, seconds.
+REOPEN_WAIT_S = 10.0
+
+
 async def wake_after_retry(client: Client, settings: Settings, touched: list[ReopenedBatch], lanes: list[str]) -> None:
     """After `requeue_dead_letters`: start each reopened user batch's workflow again under its id
-    (its last run may still be returning), tell the open ones, and wake the lanes' schedulers."""
+    (its last run may still be returning: after REOPEN_WAIT_S the new run replaces it), tell the
+    open ones, and wake the lanes' schedulers."""
     from activities.user_batches import scheduler_input
     from workflows.scheduler import GreedySchedulerWorkflow
     from workflows.user_batch import UserBatchWorkflow
@@ -267,16 +274,21 @@ async def wake_after_retry(client: Client, settings: Settings, touched: list[Reo
         if not t.was_completed:
             await client.get_workflow_handle(t.workflow_id).signal("progressed")
             continue
-        for _ in range(50):
+        start = functools.partial(client.start_workflow, UserBatchWorkflow.run, UserBatchInput(t.user_batch_id),
+                                  id=t.workflow_id, task_queue=settings.task_queue)
+        deadline = asyncio.get_running_loop().time() + REOPEN_WAIT_S
+        while True:
             try:
-                await client.start_workflow(UserBatchWorkflow.run, UserBatchInput(t.user_batch_id), id=t.workflow_id,
-                                            task_queue=settings.task_queue)
+                await start()
                 break
             except WorkflowAlreadyStartedError:
+                if asyncio.get_running_loop().time() >= deadline:
+                    # Its last run is still open (no worker finished it): it holds the old summary,
+                    # and the list, now queued again, would wait for a workflow forever. The new run
+                    # replaces it (prepare finds the rows prepared).
+                    await start(id_conflict_policy=WorkflowIDConflictPolicy.TERMINATE_EXISTING)
+                    break
                 await asyncio.sleep(0.2)
-        else:
-            raise RuntimeError(f"user batch {t.user_batch_id} was reopened but its workflow {t.workflow_id} "
-                               "is still running; retry in a moment")
     for lane in lanes:
         await client.start_workflow(
             GreedySchedulerWorkflow.run, scheduler_input(settings, lane), id=scheduler_id(lane),

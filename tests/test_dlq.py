@@ -11,7 +11,9 @@ import json
 import httpx
 import psycopg
 from helpers import eventually, make_settings, running_pipeline, settings_env, starter, write_list
+from temporalio.client import WorkflowExecutionStatus
 
+from activities import dead_letters
 from activities.dead_letters import Selection, requeue_dead_letters, wake_after_retry
 from activities.user_batches import scheduler_input
 from workflows.models import LanePause, Summary, scheduler_id, user_batch_workflow_id
@@ -197,3 +199,27 @@ async def test_a_retry_settles_addresses_verified_meanwhile_without_sending_them
         assert p.sql("select summary->'by_state' from user_batches where id = %s", (ann,)) == [({"verified": 20},)]
         stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
         assert stats["addresses_received"] == 20 and stats["addresses_sent_twice"] == 0
+
+
+async def test_a_reopened_list_whose_last_run_never_closes_gets_a_new_run_and_completes(
+    dev_env, db_url, sandbox, tmp_path, monkeypatch
+):
+    """The retry reopens a completed list and starts its workflow again under its id. Its last run
+    may still be open (no worker to close it): that used to end in "retry in a moment" after 10 s,
+    with the dead letters already deleted and the list `queued` with no workflow, for good."""
+    monkeypatch.setattr(dead_letters, "REOPEN_WAIT_S", 0.5)
+    client = dev_env.client
+    ann, fixed = await _dead_lettered_list(client, db_url, sandbox, tmp_path, emails(10))
+    # A run of the list's workflow id that nothing will ever close (a task queue no worker polls).
+    stuck = await client.start_workflow("StuckStandIn", id=user_batch_workflow_id(ann), task_queue="nobody-polls")
+    async with running_pipeline(client, fixed) as p:
+        with psycopg.connect(db_url) as conn:
+            retried, touched, lanes = requeue_dead_letters(conn, Selection(user_batch_id=ann))
+        assert retried == 10 and [t.was_completed for t in touched] == [True]
+        await wake_after_retry(client, fixed, touched, lanes)
+        old_run = client.get_workflow_handle(stuck.id, run_id=stuck.first_execution_run_id)
+        assert (await old_run.describe()).status == WorkflowExecutionStatus.TERMINATED
+        summary: Summary = await asyncio.wait_for(
+            client.get_workflow_handle(user_batch_workflow_id(ann), result_type=Summary).result(), timeout=60)
+        assert summary.state == "completed" and summary.by_state == {"verified": 10}
+        assert _lanes(p) == [(ann, 0, 0)]
