@@ -15,6 +15,12 @@ caller starts its workflow again under the same id, which finds the rows prepare
 for the retried addresses and finalizes a second time with a fresh summary. Cancelled user
 batches are never reopened. The retried dead letters are deleted (the event `dead_letters.retried`
 keeps the count); a second failure writes a new one.
+
+Scoped to a user batch or a user (`--user-batch`, `--user`, the HTTP API), only the dead letters
+that concern its rows are listed, retried or purged: written since the batch began (and before it
+finished) for an address whose row they left failed. The same address dead-lettered for another
+tenant is not theirs. A dead letter is one row for every batch it failed: a scoped retry or purge
+keeps it while a user batch outside the scope still needs it (its owner can still see and retry it).
 """
 
 from __future__ import annotations
@@ -55,26 +61,64 @@ class ReopenedBatch:
     addresses: int
 
 
-_SELECT = """
+def _failed_row(dl: str) -> str:
+    """SQL: the dead letter `dl` (lane, address_id, created_at) concerns user batch `b`'s row `i`.
+
+    It was written while the batch was open for that lane (at or after its `created_at`, as
+    `enqueue_lane` counts "dead-lettered since the batch began", and not after it finished) and
+    the row is what it left: `failed` (the first lane), `verified` without a verdict of the lane
+    (the catchall lane), or pending (or cancelled) with the address neither in play again for the
+    batch nor verified since. Another user's dead letter of the same address is none of these.
+    """
+    return f"""{dl}.lane = any(b.lanes) and {dl}.created_at >= b.created_at
+        and {dl}.created_at <= coalesce(b.finished_at, 'infinity')
+        and case when i.state = 'failed' then {dl}.lane = b.lanes[1]
+                 when i.state = 'verified' then {dl}.lane <> b.lanes[1] and not exists (
+                      select 1 from results r where r.address_id = {dl}.address_id and r.lane = {dl}.lane)
+                 when i.state in ('pending', 'cancelled') then not exists (
+                      select 1 from results r where r.address_id = {dl}.address_id and r.lane = {dl}.lane
+                      and r.verified_at >= {dl}.created_at)
+                  and not exists (select 1 from queue q where q.lane = {dl}.lane and q.address_id = {dl}.address_id
+                                  and q.user_batch_id = b.id)
+                  and not exists (select 1 from waits w where w.lane = {dl}.lane and w.address_id = {dl}.address_id
+                                  and w.user_batch_id = b.id)
+                 else false end"""
+
+
+# The selection's user batches (all when neither `ub` nor `user` is given), on `b`.
+_IN_SCOPE = "(%(ub)s::bigint is null or b.id = %(ub)s) and (%(user)s::text is null or b.user_id = %(user)s)"
+_SCOPED = "(%(ub)s::bigint is not null or %(user)s::text is not null)"
+
+
+def _failed_in(dl: str, email: str, batches: str) -> str:
+    """SQL: some user batch matching `batches` (on `b`) has a row the dead letter `dl` concerns."""
+    return f"""exists (select 1 from user_batches b join items i on i.user_batch_id = b.id and i.email = {email}
+                       where {batches} and {_failed_row(dl)})"""
+
+
+# A user batch's (or a user's) dead letters are those that concern its rows: the same address
+# dead-lettered for someone else is theirs (its batch id, time and reason are not this tenant's).
+_SELECT = f"""
     select d.id, d.lane, d.address_id, a.email, d.bouncer_batch_id, d.reason, d.attempts, d.created_at
     from dead_letters d join addresses a on a.id = d.address_id
     where (%(lane)s::text is null or d.lane = %(lane)s)
-      and (%(ub)s::bigint is null or exists (
-           select 1 from items i where i.user_batch_id = %(ub)s and i.email = a.email))
-      and (%(user)s::text is null or exists (
-           select 1 from items i join user_batches b on b.id = i.user_batch_id
-           where b.user_id = %(user)s and i.email = a.email))
+      and (not {_SCOPED} or {_failed_in("d", "a.email", _IN_SCOPE)})
 """
+
+# A scoped purge or retry leaves a dead letter a user batch outside the scope still needs.
+# (a cancelled or failed one is never retried: it needs none).
+_NEEDED_ELSEWHERE = _failed_in(
+    "s", "s.email", f"{_SCOPED} and not ({_IN_SCOPE}) and b.state not in ('cancelled', 'failed')")
 
 
 def list_dead_letters(conn: psycopg.Connection, sel: Selection, limit: int = 1000) -> list[dict]:
     """The selected dead letters, oldest first, each with the user batches whose rows it failed."""
     rows = conn.execute(
         f"""
-        select s.*, coalesce((select array_agg(distinct i.user_batch_id order by i.user_batch_id)
-                              from items i join user_batches b on b.id = i.user_batch_id
-                              where i.email = s.email and i.state in ('pending', 'failed')
-                                and (%(user)s::text is null or b.user_id = %(user)s)), '{{}}') as user_batches
+        select s.*, coalesce((select array_agg(distinct b.id order by b.id)
+                              from user_batches b join items i on i.user_batch_id = b.id and i.email = s.email
+                              where (%(user)s::text is null or b.user_id = %(user)s) and {_failed_row("s")}),
+                             '{{}}') as user_batches
         from ({_SELECT} order by d.id limit %(limit)s) s
         """,
         {**sel.params, "limit": limit},
@@ -88,9 +132,15 @@ def count_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
 
 
 def purge_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
-    """Delete the selected dead letters (their rows stay `failed`); returns how many."""
+    """Delete the selected dead letters (their rows stay `failed`); returns how many.
+
+    Scoped to a user batch or a user, one that a user batch outside the scope still needs stays
+    for it (it is one row for everyone whose rows it failed)."""
     with conn.transaction():
-        n = conn.execute(f"delete from dead_letters where id in (select id from ({_SELECT}) s)", sel.params).rowcount
+        n = conn.execute(
+            f"delete from dead_letters where id in (select id from ({_SELECT}) s where not {_NEEDED_ELSEWHERE})",
+            sel.params,
+        ).rowcount
         conn.execute(
             "insert into events (kind, subject, data) values ('dead_letters.purged', %s, %s)",
             (sel.lane or "", Jsonb({"count": n, "user_batch_id": sel.user_batch_id or 0})),
@@ -114,6 +164,9 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
         # Lock, then keep only what is still there: a retry that held the locks has deleted them.
         cur.execute("select 1 from dead_letters where id in (select id from dl_sel) order by id for update")
         cur.execute("delete from dl_sel s where not exists (select 1 from dead_letters d where d.id = s.id)")
+        # Retried for the scope, but kept for a user batch outside it whose rows it failed.
+        cur.execute(f"create temp table dl_kept on commit drop as select s.id, s.lane, s.address_id from dl_sel s"
+                    f" where {_NEEDED_ELSEWHERE}", p)
         cur.execute(
             """
             create temp table dl_hits on commit drop as
@@ -149,6 +202,9 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
                                     and i.email = h.email and i.state = 'failed')
                        else exists (select 1 from dead_letters d where d.lane = h.lane and d.address_id = h.address_id
                                     and d.created_at >= b.created_at) end
+              -- A kept dead letter would make a paused batch's resume count the address failed again.
+              and not (b.state = 'paused' and exists (select 1 from dl_kept k where k.lane = h.lane
+                                                      and k.address_id = h.address_id))
             """,
             p,
         )
@@ -245,10 +301,15 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
         cur.execute("select coalesce(array_agg(distinct lane order by lane), '{}') from dl_put")
         lanes = list(cur.fetchone()[0])
         cur.execute(
+            "select count(*) from dl_sel s"
+            " where exists (select 1 from dl_done t where t.lane = s.lane and t.address_id = s.address_id)"
+        )
+        retried = int(cur.fetchone()[0])
+        cur.execute(
             "delete from dead_letters d using dl_sel s where d.id = s.id"
             " and exists (select 1 from dl_done t where t.lane = s.lane and t.address_id = s.address_id)"
+            " and not exists (select 1 from dl_kept k where k.id = s.id)"
         )
-        retried = cur.rowcount
         cur.execute(
             "insert into events (kind, subject, data) values ('dead_letters.retried', %s, %s)",
             (sel.lane or "", Jsonb({"count": retried, "user_batches": [t.user_batch_id for t in touched]})),

@@ -527,6 +527,49 @@ async def test_a_batchs_dead_letters_are_listed_and_retried_through_the_api(dev_
         assert nothing["retried"] == 0 and nothing["batch"]["state"] == "completed"
 
 
+async def test_a_batchs_dead_letters_are_its_own_not_another_users_of_the_same_address(
+        dev_env, api_settings, api_url):
+    """bob's address dead-letters; alice's list names it too and fails on its own. alice's
+    dead-letter routes used to pick every dead letter of an address in her list: she read bob's
+    (his bouncer batch, time and reason), and her retry deleted it, so bob's retry found nothing
+    and his row stayed failed."""
+    bob, alice = new_key(api_settings, "bob"), new_key(api_settings, "alice")
+    secret = "ceo.private@victim-corp.example"
+    broken = api_settings.model_copy(update={"callback_public_url": "ftp://callbacks.invalid"})
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        async with running_pipeline(dev_env.client, broken):
+            bob_ub = (await http.post("/v1/batches", headers=bob, json=[secret])).json()["id"]
+            assert (await wait_finished(http, f"/v1/batches/{bob_ub}", bob))["summary"]["by_state"] == {"failed": 1}
+            alices_list = [secret, "ann.other@firm.example"]
+            alice_ub = (await http.post("/v1/batches", headers=alice, json=alices_list)).json()["id"]
+            done = await wait_finished(http, f"/v1/batches/{alice_ub}", alice)
+            assert done["summary"]["by_state"] == {"failed": 2}
+            await dev_env.client.get_workflow_handle(done["workflow_id"]).result()
+        bob_url, alice_url = f"/v1/batches/{bob_ub}/dead-letters", f"/v1/batches/{alice_ub}/dead-letters"
+        (bobs,) = (await http.get(bob_url, headers=bob)).json()["dead_letters"]
+        assert bobs["email"] == secret
+
+        # alice sees her own two dead letters, not bob's row of the same address.
+        alices = (await http.get(alice_url, headers=alice)).json()
+        assert alices["total"] == 2, alices
+        assert bobs["id"] not in {d["id"] for d in alices["dead_letters"]}
+        assert bobs["bouncer_batch_id"] not in {d["bouncer_batch_id"] for d in alices["dead_letters"]}
+
+        async with running_pipeline(dev_env.client, api_settings):  # the callback URL fixed
+            retried = (await http.post(alice_url + "/retry", headers=alice)).json()
+            assert retried["retried"] == 2, retried
+            again = await wait_finished(http, f"/v1/batches/{alice_ub}", alice)
+            assert again["summary"]["by_state"] == {"verified": 2}
+            # bob's dead letter is still his: listed, and his retry sends his row again.
+            assert (await http.get(bob_url, headers=bob)).json()["dead_letters"] == [bobs]
+            assert (await http.get(alice_url, headers=alice)).json() == {"total": 0, "dead_letters": []}
+            retried = (await http.post(bob_url + "/retry", headers=bob)).json()
+            assert retried["retried"] == 1 and retried["batch"]["state"] == "queued", retried
+            again = await wait_finished(http, f"/v1/batches/{bob_ub}", bob)
+            assert again["state"] == "completed" and again["summary"]["by_state"] == {"verified": 1}
+        assert (await http.get(bob_url, headers=bob)).json() == {"total": 0, "dead_letters": []}
+
+
 async def test_admin_key_pauses_and_resumes_a_lane(dev_env, api_settings, api_url):
     admin = new_key(api_settings, "ops", admin=True)
     async with running_pipeline(dev_env.client, api_settings), httpx.AsyncClient(base_url=api_url, timeout=30) as http:

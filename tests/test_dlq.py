@@ -223,3 +223,62 @@ async def test_a_reopened_list_whose_last_run_never_closes_gets_a_new_run_and_co
             client.get_workflow_handle(user_batch_workflow_id(ann), result_type=Summary).result(), timeout=60)
         assert summary.state == "completed" and summary.by_state == {"verified": 10}
         assert _lanes(p) == [(ann, 0, 0)]
+
+
+async def test_a_users_retry_keeps_a_shared_dead_letter_for_the_other_user_whose_row_it_failed(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """bob's and alice's lists wait on one send of the same address, refused: one dead letter fails
+    both rows. alice's scoped retry re-queues it for her list but used to delete it for everyone,
+    so bob's row stayed failed and his retry found nothing; now it stays until bob retries it."""
+    client = dev_env.client
+    address = client.service_client.config.target_host
+    shared = ["shared.lead@victim-corp.example"]
+    broken = make_settings(db_url, sandbox, batch_size=100, callback_public_url="ftp://callbacks.invalid")
+    async with running_pipeline(client, broken) as p:
+        lane = await client.start_workflow(
+            GreedySchedulerWorkflow.run, scheduler_input(broken, LANE), id=scheduler_id(LANE),
+            task_queue=broken.task_queue, start_signal="pause", start_signal_args=[LanePause("held by the test")],
+        )
+        bob_handle = await p.submit_file(write_list(tmp_path / "bob.csv", shared), "bob")
+        alice_handle = await p.submit_file(write_list(tmp_path / "alice.csv", shared), "alice")
+        await eventually(lambda: p.sql("select count(*) from queue") == [(1,)]
+                         and p.sql("select count(*) from waits") == [(1,)], "alice waits on bob's queue row")
+        await lane.signal(GreedySchedulerWorkflow.resume)
+        bob_ub = (await asyncio.wait_for(bob_handle.result(), timeout=60)).user_batch_id
+        alice_ub = (await asyncio.wait_for(alice_handle.result(), timeout=60)).user_batch_id
+        assert p.sql("select count(*) from dead_letters") == [(1,)]
+
+    fixed = broken.model_copy(update={"callback_public_url": ""})
+    env = settings_env(fixed, address)
+
+    async def listed(user: str) -> dict:
+        code, out, err = await starter(env, "dlq", "list", "--user", user, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    async with running_pipeline(client, fixed) as p:
+        alices = await listed("alice")
+        assert alices["total"] == 1 and alices["dead_letters"][0]["user_batches"] == [alice_ub]
+        # Purging alice's list forgets nothing bob's list still needs.
+        code, out, err = await starter(env, "dlq", "purge", "--user-batch", str(alice_ub), "--user", "alice", "--json")
+        assert code == 0 and json.loads(out) == {"purged": 0}, err
+        code, out, err = await starter(env, "dlq", "retry", "--user-batch", str(alice_ub), "--user", "alice", "--json")
+        assert code == 0, err
+        assert json.loads(out)["retried"] == 1
+        summary: Summary = await asyncio.wait_for(
+            client.get_workflow_handle(user_batch_workflow_id(alice_ub), result_type=Summary).result(), timeout=60)
+        assert summary.by_state == {"verified": 1}
+        assert (await listed("alice"))["total"] == 0
+        bobs = await listed("bob")
+        assert bobs["total"] == 1 and bobs["dead_letters"][0]["user_batches"] == [bob_ub]
+
+        code, out, err = await starter(env, "dlq", "retry", "--user-batch", str(bob_ub), "--user", "bob", "--json")
+        assert code == 0, err
+        assert json.loads(out)["retried"] == 1
+        summary = await asyncio.wait_for(
+            client.get_workflow_handle(user_batch_workflow_id(bob_ub), result_type=Summary).result(), timeout=60)
+        assert summary.by_state == {"verified": 1}
+        assert p.sql("select count(*) from dead_letters") == [(0,)]
+        stats = httpx.get(f"{sandbox.url}/_sandbox/stats").json()
+        assert stats["addresses_received"] == 1 and stats["addresses_sent_twice"] == 0  # bob took alice's result
