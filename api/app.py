@@ -45,6 +45,7 @@ from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerSt
 from workflows.models import scheduler_id, user_batch_workflow_id
 
 MAX_BIGINT = 2**63 - 1
+SUBMISSIONS_LOCK = 74_211_003  # advisory lock, with hashtext(user): one user's hourly-limit claims at a time
 log = logging.getLogger("api")
 UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run the update
 
@@ -323,8 +324,9 @@ async def _replay(request: Request, key: str) -> JSONResponse | None:
 
 
 def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
-            key: str | None = None) -> tuple[int, IngestStats]:
-    """In a worker thread: one transaction creates the user batch and COPYs its rows.
+            key: str | None = None, claim: int | None = None) -> tuple[int, IngestStats]:
+    """In a worker thread: one transaction creates the user batch, COPYs its rows and deletes the
+    upload's `claim` (`_claim_submission`): the batch takes the claim's place in the user's hour.
 
     Any failure (bad body, client gone) rolls the whole submission back: nothing half-stored.
     """
@@ -345,25 +347,60 @@ def _ingest(settings: Settings, user: str, opts: dict, source: str, rows,
             "update user_batches set rows_total = %s, invalid = %s, workflow_id = %s where id = %s",
             (stats.rows, stats.invalid, user_batch_workflow_id(ub), ub),
         )
+        if claim is not None:
+            conn.execute("delete from api_upload_claims where id = %s", (claim,))
     return ub, stats
 
 
-async def _within_hourly_limit(request: Request, limit: int) -> None:
-    """API_SUBMISSIONS_PER_HOUR: refuse a user's submission while `limit` of theirs are younger than
-    an hour, with the seconds until the oldest of them is not (checked as the request starts, so
-    requests that arrive together may all pass)."""
+# The user's newest `limit` submissions younger than an hour: batches (the (user_id, id) index) and
+# uploads in progress, those sent with one Idempotency-Key counted once (they store one batch at
+# most), and none with the request's own key (the request is the one it may store).
+_RECENT_SUBMISSIONS = """
+    select extract(epoch from min(t) + interval '1 hour' - now()), count(*) from (
+        select t from (
+            (select created_at as t from user_batches where user_id = %(user)s order by id desc limit %(limit)s)
+            union all
+            (select min(claimed_at) from api_upload_claims
+             where user_id = %(user)s and coalesce(idempotency_key <> %(key)s, true)
+             group by idempotency_key, case when idempotency_key is null then id end)
+        ) submitted where t > now() - interval '1 hour' order by t desc limit %(limit)s) recent
+"""
+
+
+async def _claim_submission(request: Request, limit: int, key: str | None) -> int | None:
+    """API_SUBMISSIONS_PER_HOUR: take a place in the user's hour before the body is read, or refuse
+    (429) with the seconds until the oldest submission counted is an hour old.
+
+    Stored batches and uploads in progress count alike, and the count and the claim are one step
+    under a per-user lock: uploads that arrive together cannot all pass. Returns the claim's id
+    (None: no limit), which `_ingest` deletes with the batch it stores and `_release` otherwise;
+    one left by a crashed API counts until its hour is over.
+    """
     if not limit:
-        return
-    async with _services(request).pool.connection() as conn:
-        row = await (await conn.execute(  # the user's newest `limit` batches (the (user_id, id) index)
-            "select extract(epoch from min(created_at) + interval '1 hour' - now()), count(*)"
-            " from (select created_at from user_batches where user_id = %s order by id desc limit %s) t",
-            (_user(request), limit),
+        return None
+    user = _user(request)
+    async with _services(request).pool.connection() as conn, conn.transaction():
+        await conn.execute("select pg_advisory_xact_lock(%s::int, hashtext(%s))", (SUBMISSIONS_LOCK, user))
+        await conn.execute(  # left by a crash; no longer counted
+            "delete from api_upload_claims where user_id = %s and claimed_at < now() - interval '1 hour'", (user,))
+        wait_s, recent = await (await conn.execute(
+            _RECENT_SUBMISSIONS, {"user": user, "limit": limit, "key": key})).fetchone()
+        if recent >= limit and wait_s is not None and wait_s > 0:
+            raise ApiError(429, f"{limit} lists submitted in the last hour (API_SUBMISSIONS_PER_HOUR); "
+                                f"the next is accepted in {math.ceil(wait_s)} s", retry_after=math.ceil(wait_s))
+        (claim,) = await (await conn.execute(
+            "insert into api_upload_claims (user_id, idempotency_key) values (%s, %s) returning id", (user, key),
         )).fetchone()
-    wait_s, recent = row
-    if recent >= limit and wait_s is not None and wait_s > 0:
-        raise ApiError(429, f"{limit} lists submitted in the last hour (API_SUBMISSIONS_PER_HOUR); "
-                            f"the next is accepted in {math.ceil(wait_s)} s", retry_after=math.ceil(wait_s))
+    return claim
+
+
+async def _release(request: Request, claim: int) -> None:
+    """Give back the place of an upload that stored nothing (refused, broken, or a replay)."""
+    try:
+        async with _services(request).pool.connection(timeout=10) as conn:
+            await conn.execute("delete from api_upload_claims where id = %s", (claim,))
+    except (psycopg.OperationalError, PoolTimeout) as exc:  # it counts until its hour is over
+        log.warning("upload claim %s not released: %s", claim, type(exc).__name__)
 
 
 async def submit_batch(request: Request) -> JSONResponse:
@@ -374,7 +411,6 @@ async def submit_batch(request: Request) -> JSONResponse:
     key = _idempotency_key(request)
     if key is not None and (replayed := await _replay(request, key)):
         return replayed  # a retried submission: nothing stored twice
-    await _within_hourly_limit(request, settings.api_submissions_per_hour)
     client = await services.temporal()  # first: an unreachable Temporal must not leave rows behind
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()
@@ -400,14 +436,20 @@ async def submit_batch(request: Request) -> JSONResponse:
     else:
         chunks = gunzipped(pull(body, loop), "the request body", max_bytes)
         rows, source = csv_rows(decoded(chunks, codec), opts["column"]), "api: csv body"
+    claim = await _claim_submission(request, settings.api_submissions_per_hour, key)
+    stored = False
     try:
-        ub, stats = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key)
+        ub, stats = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key, claim)
+        stored = True
     except KeyUsed:
         return await _replay(request, key)
     except BadBody as exc:
         raise ApiError(exc.status, str(exc)) from None
     except UnreadableInput as exc:
         raise ApiError(400, str(exc)) from None
+    finally:
+        if claim is not None and not stored:
+            await _release(request, claim)
     from workflows.user_batch import UserBatchWorkflow
 
     try:

@@ -329,6 +329,44 @@ async def test_a_user_over_api_submissions_per_hour_gets_a_429_with_retry_after(
             assert (await http.post("/v1/batches", headers=fay, json=["f2@x.example"])).status_code == 201
 
 
+async def test_uploads_that_arrive_together_cannot_pass_api_submissions_per_hour(dev_env, api_settings):
+    """API_SUBMISSIONS_PER_HOUR=2 and five uploads whose bodies take a second: exactly two are stored,
+    three get 429 before their body is read. (The count used to see only committed batches, so all
+    five passed it.) An upload refused for its body gives its place back; uploads sent with one
+    Idempotency-Key take one place between them."""
+    ida, jon, kim = new_key(api_settings, "ida"), new_key(api_settings, "jon"), new_key(api_settings, "kim")
+
+    async def slow(body: bytes):
+        yield body[:2]
+        await asyncio.sleep(1)
+        yield body[2:]
+
+    def post(http: httpx.AsyncClient, auth: dict, body: bytes, key: str | None = None):
+        headers = {**auth, "Content-Type": "application/json", **({"Idempotency-Key": key} if key else {})}
+        return http.post("/v1/batches", headers=headers, content=slow(body))
+
+    with api_process(api_settings, dev_env.client.service_client.config.target_host,
+                     API_SUBMISSIONS_PER_HOUR="2") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            racing = await asyncio.gather(*(post(http, ida, b'["i%d@x.example"]' % i) for i in range(5)))
+            assert sorted(r.status_code for r in racing) == [201, 201, 429, 429, 429], [r.text for r in racing]
+            assert all(3500 <= int(r.headers["retry-after"]) <= 3600 for r in racing if r.status_code == 429)
+
+            assert (await post(http, jon, b'["j0@x.example",')).status_code == 400  # stores nothing, counts not
+            assert (await post(http, jon, b"[]")).status_code == 400
+            assert [(await post(http, jon, b'["j%d@x.example"]' % i)).status_code for i in (1, 2, 3)] == [201, 201, 429]
+
+            keyed = await asyncio.gather(post(http, kim, b'["k1@x.example"]', "k1"),
+                                         post(http, kim, b'["k1@x.example"]', "k1"),
+                                         post(http, kim, b'["k2@x.example"]'))
+            assert sorted(r.status_code for r in keyed) == [200, 201, 201], [r.text for r in keyed]
+            assert (await post(http, kim, b'["k3@x.example"]')).status_code == 429
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select user_id, count(*) from user_batches where user_id in ('ida', 'jon', 'kim')"
+                            " group by 1 order by 1").fetchall() == [("ida", 2), ("jon", 2), ("kim", 2)]
+        assert conn.execute("select count(*) from api_upload_claims").fetchone() == (0,)  # none left behind
+
+
 async def test_bad_input_gets_a_4xx_with_a_json_error_and_stores_nothing(api_settings, api_url):
     auth = new_key(api_settings, "carol")
     admin = new_key(api_settings, "ops", admin=True)
