@@ -12,12 +12,13 @@ import asyncio
 import codecs
 import io
 import itertools
+import re
 from collections.abc import AsyncIterator, Iterator
 
 import ijson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from activities.ingest import _WIDE_BOMS, _Prefixed, as_utf8, decompressed, iter_rows, normalize_address
+from activities.ingest import _MAX_FIELD, _WIDE_BOMS, _Prefixed, as_utf8, decompressed, iter_rows, normalize_address
 
 
 class BadBody(Exception):
@@ -152,8 +153,9 @@ def csv_rows(chunks: Iterator[bytes], column: str | None) -> Iterator[tuple[int,
 def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, str | None]]:
     """Rows of a JSON array of address strings; row n is the array's n-th element (1-based).
 
-    A non-string element is an invalid row (reported, never sent); a body that is not a JSON
-    array is refused as a whole.
+    A non-string element is an invalid row (reported, never sent), and so is a string longer than
+    16 MiB (as CSV's over-long line: its first 1,000 characters kept, the rest never held); a body
+    that is not a JSON array is refused as a whole.
     """
     # A byte-order mark: UTF-8's is dropped (RFC 8259 lets a parser ignore it); UTF-16/32 are read as text.
     rest, head = iter(chunks), b""
@@ -163,16 +165,23 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
         head = head[3:]
     elif encoding := next((enc for bom, enc in _WIDE_BOMS if head.startswith(bom)), None):
         head, rest = b"", as_utf8(itertools.chain([head], rest), encoding)
-    stream = io.BufferedReader(_Prefixed(head, rest), 256 * 1024)
-    n = 0
+    overlong: dict[int, int] = {}  # ordinal of a string in the body -> its length in bytes
+    stream = io.BufferedReader(_Prefixed(b"", _capped_strings(itertools.chain([head], rest), overlong)), 256 * 1024)
+    n = strings = 0
     try:
         for prefix, event, value in ijson.parse(stream):
+            if event in ("string", "map_key"):
+                strings += 1
             if prefix == "":
                 if event not in ("start_array", "end_array"):
                     raise BadBody("body must be a JSON array of address strings")
             elif prefix == "item" and event not in ("end_map", "end_array", "map_key"):
                 n += 1
                 if event == "string":
+                    if (length := overlong.get(strings)) is not None:
+                        yield (n, value[:1000].replace("\x00", "\ufffd"), None,
+                               f"element longer than {_MAX_FIELD // 2**20} MiB ({length:,} bytes): not read")
+                        continue
                     if "\x00" in value:
                         yield n, value.replace("\x00", "\ufffd"), None, "contains a NUL byte"
                         continue
@@ -185,3 +194,120 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
         why = exc.args[0] if exc.args else exc
         why = (why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)).strip().splitlines()[0]
         raise BadBody(f"body is not valid JSON (after element {n}): {why}") from None
+
+
+def _string_end(data: bytes, i: int, escaped: bool) -> tuple[int, bool]:
+    """Where the JSON string that `data[i:]` is inside of closes (-1: not in `data`), and whether
+    `data` ends on a backslash that escapes the next chunk's first byte."""
+    if escaped:
+        if i >= len(data):
+            return -1, True
+        i += 1
+    while True:
+        quote = data.find(b'"', i)
+        backslash = data.find(b"\\", i, len(data) if quote < 0 else quote)
+        if backslash < 0:
+            return quote, False
+        if backslash + 1 == len(data):
+            return -1, True
+        i = backslash + 2  # `\uXXXX`'s hex digits hold no quote or backslash
+
+
+_HEAD_BYTES = 8 * 1024  # of an over-long string, passed on (at least the 1,000 characters kept)
+_ESCAPE_OR_TEXT = re.compile(rb"\\u[0-9A-Fa-f]{0,4}|\\.?|[^\\]+", re.S)
+
+
+def _safe_head(held: list[bytes], length: int) -> bytes:
+    """The first bytes of a string's content (`held` from its opening quote, `length` bytes long),
+    cut neither inside a UTF-8 sequence nor inside an escape."""
+    first = bytearray()
+    for piece in held:
+        first += piece[:_HEAD_BYTES + 2]
+        if len(first) > _HEAD_BYTES + 1:
+            break
+    content = bytes(first[1:length + 1])
+    cut = min(_HEAD_BYTES, len(content))
+    while 0 < cut < len(content) and 0x80 <= content[cut] < 0xC0:  # a continuation byte: the sequence goes on
+        cut -= 1
+    head = content[:cut]
+    last = None
+    for last in _ESCAPE_OR_TEXT.finditer(head):
+        pass
+    if last is not None and last[0][:1] == b"\\" and len(last[0]) < (6 if last[0][1:2] == b"u" else 2):
+        head = head[:last.start()]  # an escape the cut left incomplete
+    return head
+
+
+def _capped_strings(chunks: Iterator[bytes], overlong: dict[int, int]) -> Iterator[bytes]:
+    """The JSON text of `chunks`, each string longer than `_MAX_FIELD` bytes cut to its first few
+    KiB; `overlong` maps such a string's ordinal (1-based, keys included) to its whole length.
+
+    yajl buffers a string until it ends and re-scans it on every read (quadratic), then ijson
+    copies it: a 150 MB element took 72 s and 880 MB. Here a string still open at a chunk's end
+    is held (at most `_MAX_FIELD` bytes) until it ends or is known too long; the rest of one too
+    long is only counted. The string's closing quote passes on only once its length is known.
+    """
+    in_string = escaped = skipping = False
+    ordinal = 0
+    held: list[bytes] = []  # the open string, from its opening quote
+    held_len = 0
+    for data in chunks:
+        out: list[bytes] = []
+        mark = i = 0  # data[mark:] is not passed on yet
+        # Most chunks: no string in them can be too long, and each ends at its next quote.
+        if not skipping and not escaped and held_len + len(data) <= _MAX_FIELD and b"\\" not in data:
+            quotes = data.count(b'"')
+            if in_string and quotes:  # the held string ends at the first
+                i = data.index(b'"') + 1
+                out.extend(held)
+                out.append(data[:i])
+                held, held_len, in_string, quotes, mark = [], 0, False, quotes - 1, i
+            if not in_string:
+                ordinal += quotes // 2
+                if quotes % 2 == 0:
+                    yield b"".join(out) + data[mark:] if out else data
+                    continue
+                i = data.rindex(b'"')  # the last string is still open: the loop below holds it
+                out.append(data[mark:i])
+                mark = i
+                i += 1
+                in_string, ordinal, held, held_len = True, ordinal + 1, [], 0
+        while True:
+            if not in_string:
+                quote = data.find(b'"', i)
+                if quote < 0:
+                    out.append(data[mark:])
+                    break
+                out.append(data[mark:quote])
+                mark, i = quote, quote + 1
+                in_string, escaped, ordinal, held, held_len = True, False, ordinal + 1, [], 0
+                continue
+            end, escaped = _string_end(data, i, escaped)
+            if skipping:
+                overlong[ordinal] += (len(data) if end < 0 else end) - i
+                if end < 0:
+                    break
+                out.append(b'"')
+                skipping = in_string = False
+                mark = i = end + 1
+                continue
+            held.append(data[mark:] if end < 0 else data[mark:end + 1])
+            held_len += (len(data) if end < 0 else end + 1) - mark
+            if held_len - (1 if end < 0 else 2) > _MAX_FIELD:  # the quotes are not content
+                overlong[ordinal] = held_len - (1 if end < 0 else 2)
+                out.append(b'"' + _safe_head(held, overlong[ordinal]))
+                held, held_len, skipping = [], 0, True
+                if end < 0:
+                    break
+                out.append(b'"')
+                skipping = in_string = False
+            elif end >= 0:
+                out.extend(held)
+                held, held_len, in_string = [], 0, False
+            else:
+                break
+            mark = i = end + 1
+        if out := b"".join(out):
+            yield out
+    if held:
+        yield b"".join(held)  # a string the body ends inside: yajl says so
