@@ -210,6 +210,17 @@ class Settings(BaseSettings):
         0, ge=0, description="Lists one user may submit through the HTTP API in any hour (more: 429 with Retry-After); "
         "0: no limit"
     )
+    api_uploads: int = Field(
+        8, ge=1, description="Uploads one API process reads at once, each on a thread of its own and a Postgres "
+        "connection of its own (more: 503 with Retry-After)"
+    )
+    api_uploads_per_user: int = Field(
+        2, ge=1, description="Uploads of one user one API process reads at once (more: 429 with Retry-After)"
+    )
+    api_client_idle_timeout_s: float = Field(
+        30.0, gt=0, description="An upload whose client sends nothing for this long is refused (408, nothing "
+        "stored), seconds"
+    )
 
     # Cleanup (a Temporal Schedule runs CleanupWorkflow; installed at worker start)
     cleanup_schedule: bool = Field(True, description="Worker start installs/updates the daily cleanup schedule")

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from urllib.parse import parse_qsl
 
@@ -38,7 +41,8 @@ import temporal_client
 from activities.ingest import IngestStats, UnreadableInput, copy_rows
 from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
-from api.uploads import BadBody, charset_codec, csv_rows, decoded, gunzipped, json_rows, limited, multipart_file, pull
+from api.uploads import BadBody, arriving, charset_codec, csv_rows, decoded, gunzipped, json_rows, limited
+from api.uploads import multipart_file, pull
 from settings import LANES, Settings
 from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
@@ -48,6 +52,7 @@ MAX_BIGINT = 2**63 - 1
 SUBMISSIONS_LOCK = 74_211_003  # advisory lock, with hashtext(user): one user's hourly-limit claims at a time
 log = logging.getLogger("api")
 UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run the update
+BUSY_RETRY_AFTER_S = 5  # Retry-After of a request refused because its slots are taken
 
 
 class ApiError(Exception):
@@ -61,13 +66,49 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class Slots:
+    """Admission of requests that hold a thread or a Postgres connection for as long as their client
+    takes: at most `total` at once in this process, `per_user` of them one user's, so one tenant's
+    slow clients cannot take what every tenant needs. Over either the request is refused at once
+    (429 for the user's own cap, 503 for the process's), with Retry-After: a queue would only move
+    the wait. Used from the event loop only, so plain counters do."""
+
+    def __init__(self, what: str, total: int, per_user: int, total_setting: str, per_user_setting: str) -> None:
+        self.what, self.total, self.per_user = what, total, per_user
+        self.total_setting, self.per_user_setting = total_setting, per_user_setting
+        self.by_user: Counter[str] = Counter()
+
+    def take(self, user: str) -> Callable[[], None]:
+        """A slot for `user` (ApiError 429 or 503 if none is free); call what is returned, once, to give it back."""
+        if self.by_user[user] >= self.per_user:
+            raise ApiError(429, f"{self.per_user} {self.what} of this user already in progress "
+                                f"({self.per_user_setting}); retry once one ends", retry_after=BUSY_RETRY_AFTER_S)
+        if self.by_user.total() >= self.total:
+            raise ApiError(503, f"{self.total} {self.what} already in progress on this server ({self.total_setting});"
+                                " retry later", retry_after=BUSY_RETRY_AFTER_S)
+        self.by_user[user] += 1
+
+        def give_back() -> None:
+            self.by_user[user] -= 1
+            if not self.by_user[user]:
+                del self.by_user[user]
+
+        return give_back
+
+
 class Services:
     """What the routes share: settings, the Postgres pool, and a Temporal client made on first use
-    (the API starts, and /healthz answers, even while Temporal is unreachable)."""
+    (the API starts, and /healthz answers, even while Temporal is unreachable).
+
+    Uploads run on threads of their own (each COPYs on a connection of its own for as long as its
+    client sends), never the default executor that the dead-letter routes and DNS lookups use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool: AsyncConnectionPool = db.open_pool(settings.database_url, settings.api_db_pool_size)
+        self.upload_threads = ThreadPoolExecutor(settings.api_uploads, thread_name_prefix="upload")
+        self.uploads = Slots("uploads", settings.api_uploads, settings.api_uploads_per_user,
+                             "API_UPLOADS", "API_UPLOADS_PER_USER")
         self._client: Client | None = None
         self._lock = asyncio.Lock()
 
@@ -122,6 +163,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
+            services.upload_threads.shutdown(wait=False)  # the server has let running uploads end
             await services.pool.close()
 
     routes = [
@@ -415,7 +457,7 @@ async def submit_batch(request: Request) -> JSONResponse:
     content_type = request.headers.get("content-type", "")
     ctype = content_type.split(";")[0].strip().lower()
     max_bytes = settings.api_max_upload_mb * 1024 * 1024
-    body = limited(request.stream(), max_bytes)
+    body = limited(arriving(request.stream(), settings.api_client_idle_timeout_s), max_bytes)
     loop = asyncio.get_running_loop()
     if ctype not in ("multipart/form-data", "text/csv", "text/plain", "application/json"):
         raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'}: send multipart/form-data with a "
@@ -438,8 +480,12 @@ async def submit_batch(request: Request) -> JSONResponse:
         rows, source = csv_rows(decoded(chunks, codec), opts["column"]), "api: csv body"
     claim = await _claim_submission(request, settings.api_submissions_per_hour, key)
     stored = False
+    give_back = None
     try:
-        ub, stats = await asyncio.to_thread(_ingest, settings, _user(request), opts, source, rows, key, claim)
+        give_back = services.uploads.take(_user(request))
+        ub, stats = await loop.run_in_executor(
+            services.upload_threads,
+            functools.partial(_ingest, settings, _user(request), opts, source, rows, key, claim))
         stored = True
     except KeyUsed:
         return await _replay(request, key)
@@ -448,6 +494,8 @@ async def submit_batch(request: Request) -> JSONResponse:
     except UnreadableInput as exc:
         raise ApiError(400, str(exc)) from None
     finally:
+        if give_back is not None:
+            give_back()
         if claim is not None and not stored:
             await _release(request, claim)
     from workflows.user_batch import UserBatchWorkflow
@@ -580,8 +628,9 @@ async def cancel_batch(request: Request) -> JSONResponse:
 
 
 # ---- dead letters -------------------------------------------------------------------------
-# The module's functions are synchronous (shared with the CLI): they run in a thread, each on a
-# connection of its own. Both routes act only on the caller's batch (`Selection.user`).
+# The module's functions are synchronous (shared with the CLI): they run in a thread of the default
+# executor (uploads have threads of their own), each on a connection of its own. Both routes act
+# only on the caller's batch (`Selection.user`).
 
 
 def _dead_letter_selection(request: Request, doc: dict):

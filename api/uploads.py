@@ -40,6 +40,24 @@ async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator
             yield chunk
 
 
+async def arriving(stream: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    """Pass chunks through, refusing (408) a body of which nothing arrives for `idle_s` seconds.
+
+    The clock runs only while the COPY waits for the client (a chunk is asked for when the COPY
+    needs it), so a slow database never counts against the client.
+    """
+    chunks = aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BadBody(f"nothing of the body arrived for {idle_s:g} s (API_CLIENT_IDLE_TIMEOUT_S): "
+                          "the upload is dropped, nothing stored", 408) from None
+        yield chunk
+
+
 async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> AsyncIterator[bytes]:
     """The bytes of the part named `file` of a multipart/form-data body, as they arrive."""
     _, params = parse_options_header(content_type)

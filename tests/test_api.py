@@ -233,6 +233,102 @@ async def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_no_traceb
     assert "Traceback" not in log.read_text() and "ERROR" not in log.read_text(), log.read_text()
 
 
+class RawUpload:
+    """A `POST /v1/batches` over a socket of its own: headers now, the body as the test sends it,
+    the status line of the answer whenever it comes."""
+
+    def __init__(self, url: str, auth: dict[str, str]) -> None:
+        self.url, self.auth = url, auth
+        self.status: int | None = None
+        self.head = ""
+
+    async def start(self) -> None:
+        host, port = self.url.removeprefix("http://").split(":")
+        self.reader, self.writer = await asyncio.open_connection(host, int(port))
+        self.writer.write(f"POST /v1/batches HTTP/1.1\r\nHost: api\r\nAuthorization: {self.auth['Authorization']}\r\n"
+                          "Content-Type: text/csv\r\nContent-Length: 100000000\r\n\r\nemail\n".encode())
+        await self.writer.drain()
+        self.answer = asyncio.create_task(self._read_answer())
+
+    async def _read_answer(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            self.head = (await self.reader.readuntil(b"\r\n\r\n")).decode()
+            self.status = int(self.head.split()[1])
+
+    async def send(self, data: bytes) -> bool:
+        """False once the server has stopped listening."""
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except ConnectionError:
+            return False
+        return not self.writer.is_closing()
+
+    async def trickle(self) -> None:
+        """One byte every 0.5 s, for as long as the server takes them."""
+        while self.status is None and await self.send(b"x"):
+            await asyncio.sleep(0.5)
+
+    def close(self) -> None:
+        self.answer.cancel()
+        self.writer.close()
+
+
+async def test_uploads_trickled_by_one_user_delay_no_other_users_upload_or_dead_letters(dev_env, api_settings):
+    """Eight uploads of one user, sent a byte every half second (each would hold a thread and a
+    Postgres transaction as long as it lasts): two are read, the rest refused at once (429), and
+    another user's upload and dead-letter listing answer as usual. (Uploads used to share the
+    default executor, 6 threads here, with the dead-letter routes: both waited until timeout.)"""
+    mallory, alice = new_key(api_settings, "mallory"), new_key(api_settings, "alys")
+    with api_process(api_settings, dev_env.client.service_client.config.target_host, API_UPLOADS="4") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            first = await http.post("/v1/batches", headers=alice, json=["first@alys.example"])
+            assert first.status_code == 201, first.text
+            slow = [RawUpload(url, mallory) for _ in range(8)]
+            for upload in slow:
+                await upload.start()
+            trickling = [asyncio.create_task(upload.trickle()) for upload in slow]
+            try:
+                await asyncio.sleep(3)
+                started = time.monotonic()
+                listed = await http.get(f"/v1/batches/{first.json()['id']}/dead-letters", headers=alice, timeout=10)
+                assert listed.status_code == 200, listed.text
+                resp = await http.post("/v1/batches", headers=alice, json=["second@alys.example"], timeout=10)
+                assert resp.status_code == 201, resp.text
+                assert time.monotonic() - started < 5
+                refused = [u for u in slow if u.status is not None]
+                assert [u.status for u in refused] == [429] * 6, [u.head for u in slow]
+                assert all("retry-after: 5" in u.head.lower() for u in refused)
+                assert all(not t.done() for u, t in zip(slow, trickling) if u.status is None)  # still being read
+            finally:
+                for upload, task in zip(slow, trickling):
+                    task.cancel()
+                    upload.close()
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from user_batches where user_id = 'mallory'").fetchone() == (0,)
+
+
+async def test_an_upload_whose_client_goes_quiet_gets_a_408_and_stores_nothing(dev_env, api_settings):
+    """API_CLIENT_IDLE_TIMEOUT_S=2: a client that sends part of a list and then nothing is answered
+    408 and its transaction rolled back (it used to hold a thread and a transaction for as long as
+    the client kept the connection open)."""
+    auth = new_key(api_settings, "quentin")
+    with api_process(api_settings, dev_env.client.service_client.config.target_host,
+                     API_CLIENT_IDLE_TIMEOUT_S="2") as url:
+        upload = RawUpload(url, auth)
+        await upload.start()
+        try:
+            assert await upload.send(b"".join(b"q%d@quiet.example\n" % i for i in range(1000)))
+            await asyncio.wait_for(asyncio.shield(upload.answer), 10)
+            assert upload.status == 408, upload.head
+            body = await asyncio.wait_for(upload.reader.read(1000), 5)
+            assert b"API_CLIENT_IDLE_TIMEOUT_S" in body
+        finally:
+            upload.close()
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from user_batches where user_id = 'quentin'").fetchone() == (0,)
+
+
 def _copying(settings) -> int:
     """COPYs running in this test's database (the view lists every database's)."""
     with psycopg.connect(settings.database_url) as conn:
@@ -294,10 +390,10 @@ async def test_a_repeated_idempotency_key_returns_the_first_batch_and_stores_not
         erik_s = await http.post("/v1/batches", headers={**erik, "Idempotency-Key": "order-1"}, json=body)
         assert (other.status_code, erik_s.status_code) == (201, 201)
         assert len({ub, other.json()["id"], erik_s.json()["id"]}) == 3
-        # Sent together (no answer yet to any): still one batch.
+        # Sent together (no answer yet to either): still one batch. (Two: API_UPLOADS_PER_USER.)
         racing = await asyncio.gather(*(
-            http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-3"}, json=body) for _ in range(3)))
-        assert sorted(r.status_code for r in racing) == [200, 200, 201], [r.text for r in racing]
+            http.post("/v1/batches", headers={**dora, "Idempotency-Key": "order-3"}, json=body) for _ in range(2)))
+        assert sorted(r.status_code for r in racing) == [200, 201], [r.text for r in racing]
         assert len({r.json()["id"] for r in racing}) == 1
         bad = await http.post("/v1/batches", headers={**dora, "Idempotency-Key": "x" * 201}, json=body)
         assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]
