@@ -217,9 +217,18 @@ class Settings(BaseSettings):
     api_uploads_per_user: int = Field(
         2, ge=1, description="Uploads of one user one API process reads at once (more: 429 with Retry-After)"
     )
+    api_exports: int = Field(
+        4, ge=1, description="Result downloads one API process streams at once, on a Postgres pool of their own of "
+        "this many connections (more: 503 with Retry-After)"
+    )
+    api_exports_per_user: int = Field(
+        2, ge=1, description="Result downloads of one user one API process streams at once (more: 429 with "
+        "Retry-After)"
+    )
     api_client_idle_timeout_s: float = Field(
         30.0, gt=0, description="An upload whose client sends nothing for this long is refused (408, nothing "
-        "stored), seconds"
+        "stored); a result download whose client reads nothing for this long is cut off and its Postgres "
+        "connection returned, seconds"
     )
 
     # Cleanup (a Temporal Schedule runs CleanupWorkflow; installed at worker start)

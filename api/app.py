@@ -53,6 +53,8 @@ SUBMISSIONS_LOCK = 74_211_003  # advisory lock, with hashtext(user): one user's 
 log = logging.getLogger("api")
 UPDATE_TIMEOUT = timedelta(seconds=20)  # pause/resume wait for a worker to run the update
 BUSY_RETRY_AFTER_S = 5  # Retry-After of a request refused because its slots are taken
+HEALTH_TIMEOUT_S = 0.8  # /healthz's Postgres check: inside the 1 s of a Kubernetes probe (deploy/k8s/api.yaml)
+SEND_PIECE = 64 * 1024  # a result download is sent in pieces this big: a stalled client pins at most ~2 of them
 
 
 class ApiError(Exception):
@@ -100,8 +102,10 @@ class Services:
     """What the routes share: settings, the Postgres pool, and a Temporal client made on first use
     (the API starts, and /healthz answers, even while Temporal is unreachable).
 
-    Uploads run on threads of their own (each COPYs on a connection of its own for as long as its
-    client sends), never the default executor that the dead-letter routes and DNS lookups use."""
+    Work that lasts as long as its client takes never holds what every request needs: uploads run on
+    threads of their own (each COPYs on a connection of its own), never the default executor that the
+    dead-letter routes and DNS lookups use; result downloads stream from a pool of their own, never
+    `pool`, which authenticates every request; /healthz has a connection of its own."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -109,6 +113,10 @@ class Services:
         self.upload_threads = ThreadPoolExecutor(settings.api_uploads, thread_name_prefix="upload")
         self.uploads = Slots("uploads", settings.api_uploads, settings.api_uploads_per_user,
                              "API_UPLOADS", "API_UPLOADS_PER_USER")
+        self.export_pool = db.open_pool(settings.database_url, settings.api_exports)
+        self.exports = Slots("result downloads", settings.api_exports, settings.api_exports_per_user,
+                             "API_EXPORTS", "API_EXPORTS_PER_USER")
+        self.health_pool = db.open_pool(settings.database_url, 1)
         self._client: Client | None = None
         self._lock = asyncio.Lock()
 
@@ -119,6 +127,7 @@ class Services:
                 try:  # with the workers' payload codec: queries and updates answer in ciphertext
                     self._client = await temporal_client.connect(s)
                 except (RuntimeError, ValueError) as exc:
+                    log.warning("cannot reach Temporal at %s: %s", s.temporal_address, exc)
                     raise ApiError(503, f"cannot reach Temporal at {s.temporal_address}: {exc}") from None
             return self._client
 
@@ -159,12 +168,15 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await services.pool.open()
+        pools = (services.pool, services.export_pool, services.health_pool)
+        for pool in pools:
+            await pool.open()
         try:
             yield
         finally:
             services.upload_threads.shutdown(wait=False)  # the server has let running uploads end
-            await services.pool.close()
+            for pool in pools:
+                await pool.close()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
@@ -274,22 +286,29 @@ def batch_doc(row: tuple, lanes: list | None) -> dict:
 # ---- health and schema ------------------------------------------------------------------
 
 
+async def _select_1(pool: AsyncConnectionPool) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("select 1")
+
+
 async def healthz(request: Request) -> JSONResponse:
-    """Postgres and Temporal reachable: 200; otherwise 503 naming what is down."""
+    """Postgres and Temporal reachable: 200; otherwise 503 naming what is down (unauthenticated: no
+    address or error text, those go to the log)."""
     services = _services(request)
     checks: dict[str, str] = {}
-    try:
-        async with services.pool.connection(timeout=5) as conn:
-            await conn.execute("select 1")
+    try:  # on a connection of its own: busy requests must not make a replica look down
+        await asyncio.wait_for(_select_1(services.health_pool), HEALTH_TIMEOUT_S)
         checks["postgres"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure is "down", reported by name
         checks["postgres"] = f"down: {type(exc).__name__}"
     try:
-        client = await services.temporal()
+        client = await services.temporal()  # logs why it cannot connect
         await asyncio.wait_for(client.service_client.check_health(), timeout=5)
         checks["temporal"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        checks["temporal"] = f"down: {exc}" if isinstance(exc, ApiError) else f"down: {type(exc).__name__}"
+        if not isinstance(exc, ApiError):
+            log.warning("/healthz: Temporal health check failed: %r", exc)
+        checks["temporal"] = "down: Temporal unreachable"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "degraded", **checks}, status_code=200 if ok else 503)
 
@@ -549,12 +568,58 @@ async def get_results(request: Request) -> Response:
         columns = outcomes.chosen_columns(request.query_params.get("columns"), outcomes.columns(doc["lanes"]))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
-    pool = _services(request).pool
-    return StreamingResponse(
-        _result_stream(pool, doc["id"], status_filter, fmt, columns),
+    services = _services(request)
+    give_back = services.exports.take(_user(request))
+    return ResultDownload(
+        _result_stream(services.export_pool, doc["id"], status_filter, fmt, columns),
+        services.settings.api_client_idle_timeout_s, give_back,
         media_type={"csv": "text/csv; charset=utf-8", "json": "application/json", "jsonl": "application/jsonl"}[fmt],
         headers={"Content-Disposition": f'attachment; filename="user-batch-{doc["id"]}.{fmt}"'},
     )
+
+
+class ClientStalled(Exception):
+    """The client of a result download read nothing for API_CLIENT_IDLE_TIMEOUT_S."""
+
+
+class ResultDownload(StreamingResponse):
+    """A result download: its Postgres connection and transaction are held while the client reads,
+    so a client that reads nothing for `idle_s` is cut off (the connection closed, the download
+    incomplete), and the connection and the export slot go back as the response ends, however it
+    ends. The first chunk is read before the status line: Postgres down is still a 503."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], idle_s: float, give_back: Callable[[], None],
+                 **kwargs) -> None:
+        super().__init__(chunks, **kwargs)
+        self.chunks, self.idle_s, self.give_back = chunks, idle_s, give_back
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientStalled:
+            # The server logs the response as incomplete and closes the connection: the client sees
+            # a truncated body, never one that looks whole.
+            log.warning("GET %s: the client read nothing for %g s (API_CLIENT_IDLE_TIMEOUT_S): download cut off",
+                        scope["path"], self.idle_s)
+        finally:
+            try:
+                await self.chunks.aclose()  # the transaction ends, the connection goes back to the export pool
+            finally:
+                self.give_back()
+
+    async def stream_response(self, send: Send) -> None:
+        chunk = await anext(self.chunks, b"")
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        while True:
+            for at in range(0, len(chunk), SEND_PIECE):
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": chunk[at:at + SEND_PIECE],
+                                                 "more_body": True}), self.idle_s)
+                except TimeoutError:
+                    raise ClientStalled() from None
+            if (chunk := await anext(self.chunks, None)) is None:
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _result_stream(pool: AsyncConnectionPool, ub: int, status_filter: list[str] | None, fmt: str,

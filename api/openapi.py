@@ -232,7 +232,11 @@ DOCUMENT: dict = {
                     "text/csv": {"schema": {"type": "string"}},
                     "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}},
                     "application/jsonl": {"schema": {"type": "string"}}}}},  # JSON Lines: a row object a line
-                {"400": _err("bad format, status filter or column")},
+                {"400": _err("bad format, status filter or column"),
+                 "429": {**_err("API_EXPORTS_PER_USER downloads of this user in progress"),
+                         "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+                 "503": {**_err("Postgres unreachable, or API_EXPORTS downloads in progress"),
+                         "headers": {"Retry-After": {"schema": {"type": "integer"}}}}},
             ),
             "parameters": [
                 _BATCH_ID,

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -327,6 +328,78 @@ async def test_an_upload_whose_client_goes_quiet_gets_a_408_and_stores_nothing(d
             upload.close()
     with psycopg.connect(api_settings.database_url) as conn:
         assert conn.execute("select count(*) from user_batches where user_id = 'quentin'").fetchone() == (0,)
+
+
+def _stalled_download(url: str, auth: dict[str, str], ub: int) -> tuple[socket.socket, str]:
+    """`GET /v1/batches/{ub}/results?format=json` on a socket with a tiny receive buffer, of which
+    only the start of the answer is read: the server's sends block once the buffers are full."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect((host, int(port)))
+    sock.sendall(f"GET /v1/batches/{ub}/results?format=json HTTP/1.1\r\nHost: api\r\n"
+                 f"Authorization: {auth['Authorization']}\r\n\r\n".encode())
+    return sock, sock.recv(1024).decode("latin-1")
+
+
+async def test_stalled_result_downloads_leave_requests_and_healthz_their_connections(dev_env, api_settings, tmp_path):
+    """Downloads whose clients read nothing used to hold a connection of the one pool (and a
+    transaction) for as long as the client liked: with API_DB_POOL_SIZE of them, every request
+    waited 10 s to authenticate and answered 503, and /healthz waited past a probe's 1 s. Now
+    downloads stream from a pool of their own, capped per user and per process (429/503 with
+    Retry-After), and are cut off after API_CLIENT_IDLE_TIMEOUT_S without a read."""
+    readers = [new_key(api_settings, "reader0"), new_key(api_settings, "reader1")]
+    bystander = new_key(api_settings, "bystander")
+    log = tmp_path / "api.log"
+    with api_process(api_settings, dev_env.client.service_client.config.target_host, log=log, API_DB_POOL_SIZE="3",
+                     API_EXPORTS="2", API_CLIENT_IDLE_TIMEOUT_S="5", API_MAX_UPLOAD_MB="8") as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            batches = []
+            for i, auth in enumerate(readers):
+                resp = await http.post("/v1/batches", headers=auth,
+                                       json=[f"r{i}.{n}@export.example" for n in range(60_000)])
+                assert resp.status_code == 201, resp.text
+                batches.append(resp.json()["id"])
+            opened = [_stalled_download(url, readers[i], batches[i]) for i in (0, 0, 0, 1)]
+            try:
+                started = time.monotonic()
+                listed = await http.get("/v1/batches", headers=bystander)
+                assert listed.status_code == 200 and time.monotonic() - started < 2, listed.text
+                started = time.monotonic()
+                health = await http.get("/healthz", timeout=1)
+                assert health.status_code == 200 and time.monotonic() - started < 1, health.text
+                heads = [head.lower() for _sock, head in opened]
+                assert [int(head.split()[1]) for head in heads] == [200, 200, 429, 503], heads
+                assert all("retry-after: 5" in head for head in heads[2:])
+
+                def stalled_transactions() -> int:
+                    with psycopg.connect(api_settings.database_url) as conn:
+                        return conn.execute("select count(*) from pg_stat_activity where datname = current_database()"
+                                            " and state = 'idle in transaction'").fetchone()[0]
+
+                await eventually(lambda: stalled_transactions() == 2, "both downloads waiting for their clients")
+                await eventually(lambda: stalled_transactions() == 0, "the stalled downloads cut off", timeout=15)
+            finally:
+                for sock, _head in opened:
+                    sock.close()
+            # Their slots came back: a whole download again.
+            again = await http.get(f"/v1/batches/{batches[0]}/results?format=json", headers=readers[0])
+            assert again.status_code == 200 and len(again.json()) == 60_000
+    assert "read nothing for 5 s (API_CLIENT_IDLE_TIMEOUT_S)" in log.read_text()
+
+
+async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_settings, caplog):
+    """/healthz is unauthenticated: it says what is down, the log says why."""
+    from api.app import create_app
+
+    app = create_app(api_settings.model_copy(update={"temporal_address": "127.0.0.1:1"}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
+        resp = await http.get("/healthz")
+    assert resp.status_code == 503
+    assert resp.json() == {"status": "degraded", "postgres": "ok", "temporal": "down: Temporal unreachable"}
+    assert "127.0.0.1:1" in caplog.text
 
 
 def _copying(settings) -> int:
