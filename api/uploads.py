@@ -187,7 +187,9 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
     stream = io.BufferedReader(_Prefixed(b"", _capped_strings(itertools.chain([head], rest), overlong)), 256 * 1024)
     n = strings = 0
     try:
-        for prefix, event, value in ijson.parse(stream):
+        # use_float: an integer past 64 bits is a parse error ("integer overflow"); without it yajl's
+        # C backend hands Python an integer of any length, and past 4,300 digits the process crashed.
+        for prefix, event, value in ijson.parse(stream, use_float=True):
             if event in ("string", "map_key"):
                 strings += 1
             if prefix == "":
@@ -211,6 +213,8 @@ def json_rows(chunks: Iterator[bytes]) -> Iterator[tuple[int, str, str | None, s
         # yajl's message is bytes or text, with the offending snippet on the lines after the first.
         why = exc.args[0] if exc.args else exc
         why = (why.decode("utf-8", "replace") if isinstance(why, bytes) else str(why)).strip().splitlines()[0]
+        if "integer overflow" in why:
+            raise BadBody(f"element {n + 1} is a number too large to read; send addresses as JSON strings") from None
         raise BadBody(f"body is not valid JSON (after element {n}): {why}") from None
 
 

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 import starter
 from api import keys, uploads
-from api.uploads import json_rows
+from api.uploads import BadBody, json_rows
 from devstack import free_port
 from helpers import eventually, make_settings, running_pipeline
 from sandbox.verdicts import verdict
@@ -892,3 +892,13 @@ async def test_every_answer_matches_the_openapi_document(dev_env, api_url, api_s
 
     async with running_pipeline(dev_env.client, api_settings):
         await asyncio.to_thread(fuzz)
+
+
+def test_a_json_number_too_large_for_64_bits_refuses_the_body_instead_of_crashing_the_process():
+    """yajl's C backend handed Python a 5,000-digit integer and the API process died (SIGSEGV)."""
+    for digits in (20, 5_000):
+        with pytest.raises(BadBody, match="element 2 is a number too large to read"):
+            list(json_rows(iter([b'["a@x.example", ' + b"1" * digits + b"]"])))
+    rows = list(json_rows(iter([b'["a@x.example", 7, 1.5]'])))
+    assert [(r[0], r[1], r[3]) for r in rows[1:]] == [(2, "7", "not a string (JSON number)"),
+                                                      (3, "1.5", "not a string (JSON number)")]
