@@ -52,6 +52,11 @@ class Selection:
     def params(self) -> dict:
         return {"ub": self.user_batch_id, "lane": self.lane, "user": self.user}
 
+    @property
+    def sql(self) -> str:
+        """The selected dead letters (a query over `dead_letters` d, with the address's email)."""
+        return _IN_SCOPE_ONLY if self.user_batch_id is not None or self.user is not None else _ALL
+
 
 @dataclass
 class ReopenedBatch:
@@ -92,18 +97,21 @@ _SCOPED = "(%(ub)s::bigint is not null or %(user)s::text is not null)"
 
 def _failed_in(dl: str, email: str, batches: str) -> str:
     """SQL: some user batch matching `batches` (on `b`) has a row the dead letter `dl` concerns."""
-    return f"""exists (select 1 from user_batches b join items i on i.user_batch_id = b.id and i.email = {email}
-                       where {batches} and {_failed_row(dl)})"""
+    # The outer reference in WHERE, not in the join's ON: only then is EXISTS planned as a join.
+    return f"""exists (select 1 from user_batches b join items i on i.user_batch_id = b.id
+                       where i.email = {email} and {batches} and {_failed_row(dl)})"""
 
 
 # A user batch's (or a user's) dead letters are those that concern its rows: the same address
 # dead-lettered for someone else is theirs (its batch id, time and reason are not this tenant's).
-_SELECT = f"""
+# The scope's test is a plain AND (not `unscoped OR exists`), so the planner joins the items once
+# instead of scanning them per dead letter (1M items, 500 dead letters: 0.18 s against 95 s).
+_ALL = """
     select d.id, d.lane, d.address_id, a.email, d.bouncer_batch_id, d.reason, d.attempts, d.created_at
     from dead_letters d join addresses a on a.id = d.address_id
     where (%(lane)s::text is null or d.lane = %(lane)s)
-      and (not {_SCOPED} or {_failed_in("d", "a.email", _IN_SCOPE)})
 """
+_IN_SCOPE_ONLY = f"{_ALL}  and {_failed_in('d', 'a.email', _IN_SCOPE)}\n"
 
 # A scoped purge or retry leaves a dead letter a user batch outside the scope still needs.
 # (a cancelled or failed one is never retried: it needs none).
@@ -115,11 +123,12 @@ def list_dead_letters(conn: psycopg.Connection, sel: Selection, limit: int = 100
     """The selected dead letters, oldest first, each with the user batches whose rows it failed."""
     rows = conn.execute(
         f"""
-        select s.*, coalesce((select array_agg(distinct b.id order by b.id)
-                              from user_batches b join items i on i.user_batch_id = b.id and i.email = s.email
-                              where (%(user)s::text is null or b.user_id = %(user)s) and {_failed_row("s")}),
-                             '{{}}') as user_batches
-        from ({_SELECT} order by d.id limit %(limit)s) s
+        with s as materialized ({sel.sql} order by d.id limit %(limit)s),
+             u as (select s.id, array_agg(distinct b.id order by b.id) as ids
+                   from s join items i on i.email = s.email join user_batches b on b.id = i.user_batch_id
+                   where (%(user)s::text is null or b.user_id = %(user)s) and {_failed_row("s")}
+                   group by s.id)
+        select s.*, coalesce(u.ids, '{{}}') as user_batches from s left join u on u.id = s.id order by s.id
         """,
         {**sel.params, "limit": limit},
     ).fetchall()
@@ -128,7 +137,7 @@ def list_dead_letters(conn: psycopg.Connection, sel: Selection, limit: int = 100
 
 
 def count_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
-    return int(conn.execute(f"select count(*) from ({_SELECT}) s", sel.params).fetchone()[0])
+    return int(conn.execute(f"select count(*) from ({sel.sql}) s", sel.params).fetchone()[0])
 
 
 def purge_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
@@ -138,7 +147,7 @@ def purge_dead_letters(conn: psycopg.Connection, sel: Selection) -> int:
     for it (it is one row for everyone whose rows it failed)."""
     with conn.transaction():
         n = conn.execute(
-            f"delete from dead_letters where id in (select id from ({_SELECT}) s where not {_NEEDED_ELSEWHERE})",
+            f"delete from dead_letters where id in (select id from ({sel.sql}) s where not {_NEEDED_ELSEWHERE})",
             sel.params,
         ).rowcount
         conn.execute(
@@ -160,7 +169,7 @@ def requeue_dead_letters(conn: psycopg.Connection, sel: Selection) -> tuple[int,
     """
     p = {**sel.params, "reopenable": list(_REOPENABLE)}
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(f"create temp table dl_sel on commit drop as {_SELECT}", p)
+        cur.execute(f"create temp table dl_sel on commit drop as {sel.sql}", p)
         # Lock, then keep only what is still there: a retry that held the locks has deleted them.
         cur.execute("select 1 from dead_letters where id in (select id from dl_sel) order by id for update")
         cur.execute("delete from dl_sel s where not exists (select 1 from dead_letters d where d.id = s.id)")
