@@ -519,7 +519,7 @@ async def test_uploads_that_arrive_together_cannot_pass_api_submissions_per_hour
         return http.post("/v1/batches", headers=headers, content=slow(body))
 
     with api_process(api_settings, dev_env.client.service_client.config.target_host,
-                     API_SUBMISSIONS_PER_HOUR="2") as url:
+                     API_SUBMISSIONS_PER_HOUR="2", API_UPLOADS_PER_USER="10") as url:  # the hourly limit alone
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             racing = await asyncio.gather(*(post(http, ida, b'["i%d@x.example"]' % i) for i in range(5)))
             assert sorted(r.status_code for r in racing) == [201, 201, 429, 429, 429], [r.text for r in racing]

@@ -16,8 +16,9 @@ from temporalio.client import WorkflowExecutionStatus
 from activities import dead_letters
 from activities.dead_letters import Selection, requeue_dead_letters, wake_after_retry
 from activities.user_batches import scheduler_input
-from workflows.models import LanePause, Summary, scheduler_id, user_batch_workflow_id
+from workflows.models import LanePause, Summary, UserBatchInput, scheduler_id, user_batch_workflow_id
 from workflows.scheduler import GreedySchedulerWorkflow
+from workflows.user_batch import UserBatchWorkflow
 
 LANE = "deliverability"
 
@@ -210,8 +211,9 @@ async def test_a_reopened_list_whose_last_run_never_closes_gets_a_new_run_and_co
     monkeypatch.setattr(dead_letters, "REOPEN_WAIT_S", 0.5)
     client = dev_env.client
     ann, fixed = await _dead_lettered_list(client, db_url, sandbox, tmp_path, emails(10))
-    # A run of the list's workflow id that nothing will ever close (a task queue no worker polls).
-    stuck = await client.start_workflow("StuckStandIn", id=user_batch_workflow_id(ann), task_queue="nobody-polls")
+    # A run of the list's workflow that nothing will ever close (a task queue no worker polls).
+    stuck = await client.start_workflow(UserBatchWorkflow.run, UserBatchInput(ann), id=user_batch_workflow_id(ann),
+                                        task_queue="nobody-polls")
     async with running_pipeline(client, fixed) as p:
         with psycopg.connect(db_url) as conn:
             retried, touched, lanes = requeue_dead_letters(conn, Selection(user_batch_id=ann))
