@@ -92,7 +92,6 @@ def _failed_row(dl: str) -> str:
 
 # The selection's user batches (all when neither `ub` nor `user` is given), on `b`.
 _IN_SCOPE = "(%(ub)s::bigint is null or b.id = %(ub)s) and (%(user)s::text is null or b.user_id = %(user)s)"
-_SCOPED = "(%(ub)s::bigint is not null or %(user)s::text is not null)"
 
 
 def _failed_in(dl: str, email: str, batches: str) -> str:
@@ -116,7 +115,7 @@ _IN_SCOPE_ONLY = f"{_ALL}  and {_failed_in('d', 'a.email', _IN_SCOPE)}\n"
 # A scoped purge or retry leaves a dead letter a user batch outside the scope still needs.
 # (a cancelled or failed one is never retried: it needs none).
 _NEEDED_ELSEWHERE = _failed_in(
-    "s", "s.email", f"{_SCOPED} and not ({_IN_SCOPE}) and b.state not in ('cancelled', 'failed')")
+    "s", "s.email", f"not ({_IN_SCOPE}) and b.state not in ('cancelled', 'failed')")  # unscoped: none
 
 
 def list_dead_letters(conn: psycopg.Connection, sel: Selection, limit: int = 1000) -> list[dict]:

@@ -103,9 +103,7 @@ class GreedySchedulerWorkflow:
         """In-flight batches finish; nothing new is dispatched until `resume`."""
         if self._input is None:
             self._before_run.append(("pause", request))
-        newly = not self._state.paused
-        self._state.paused = True
-        self._state.pause_reason = request.reason
+        newly = self._mark_paused(request.reason)
         self._describe()
         if newly and workflow.patched("lane-paused-event"):
             # Subscribers hear it once per pause (not once per batch that hit the 402).
@@ -128,19 +126,31 @@ class GreedySchedulerWorkflow:
     async def resume(self) -> None:
         if self._input is None:
             self._before_run.append(("resume", None))
-        reason = self._state.pause_reason if self._state.paused else None
-        self._state.paused = False
-        self._state.pause_reason = ""
-        self._state.work_hint = True
+        reason = self._mark_resumed()
         self._describe()
         if reason is not None and workflow.patched("lane-resumed-event"):
             # Subscribers who heard `lane.paused` hear that it ended (once per pause).
-            await workflow.execute_activity_method(
-                EventActivities.record_lane_resumed,
-                LaneEvent(workflow.info().workflow_id.removeprefix("scheduler-"), reason),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=DB_RETRY,
-            )
+            await self._record_resumed(reason)
+
+    def _mark_paused(self, reason: str) -> bool:
+        """The state paused for `reason`; whether it was not paused before."""
+        newly = not self._state.paused
+        self._state.paused, self._state.pause_reason = True, reason
+        return newly
+
+    def _mark_resumed(self) -> str | None:
+        """The state resumed; the reason it had been paused for (None: it was not paused)."""
+        reason = self._state.pause_reason if self._state.paused else None
+        self._state.paused, self._state.pause_reason, self._state.work_hint = False, "", True
+        return reason
+
+    async def _record_resumed(self, reason: str) -> None:
+        await workflow.execute_activity_method(
+            EventActivities.record_lane_resumed,
+            LaneEvent(workflow.info().workflow_id.removeprefix("scheduler-"), reason),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=DB_RETRY,
+        )
 
     @workflow.query
     def status(self) -> SchedulerStatus:
@@ -230,7 +240,6 @@ class GreedySchedulerWorkflow:
     async def _handle_again(self, messages: list[tuple[str, object]]) -> None:
         """Apply the messages handled before `run` began to the state it carried in. Their events
         (`lane.paused`) were recorded then; a resume of a carried pause records `lane.resumed` here."""
-        assert self._input is not None
         self._early.clear()  # each batch met an empty state: heard again below
         carried_pause = self._state.pause_reason if self._state.paused else None
         for kind, arg in messages:
@@ -239,16 +248,11 @@ class GreedySchedulerWorkflow:
             elif kind == "work_available":
                 self.work_available()
             elif kind == "pause":
-                self._state.paused, self._state.pause_reason = True, arg.reason
+                self._mark_paused(arg.reason)
             else:  # resume
-                self._state.paused, self._state.pause_reason, self._state.work_hint = False, "", True
+                self._mark_resumed()
         if carried_pause is not None and not self._state.paused:
-            await workflow.execute_activity_method(
-                EventActivities.record_lane_resumed,
-                LaneEvent(self._input.lane, carried_pause),
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=DB_RETRY,
-            )
+            await self._record_resumed(carried_pause)
 
     def _credit_paused(self) -> bool:
         return self._state.paused and self._state.pause_reason == CREDITS_PAUSE
