@@ -625,6 +625,7 @@ def results(
             raise fail(f"cannot write {output}: {exc.strerror or exc}") from None
         params = {"ub": user_batch_id, "f": status_filter}
         n = 0
+        closed = False
         # A bar while a file is written (stdout carries the rows); its total is known without a filter.
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, disable=output is None, transient=True) as bar:
@@ -649,11 +650,19 @@ def results(
                             n += len(docs)
                             bar.update(task, completed=n)
                         sink.write(closing)
+                if not output:
+                    sink.flush()
+            except BrokenPipeError:
+                if output:
+                    raise
+                closed = True  # `results ... | head`: the reader has what it wanted
             finally:
                 if output:
                     sink.close()
-                else:
-                    sink.flush()
+    if closed:
+        # Later flushes of stdout would fail again: point it at /dev/null, and end as a success.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
     if output:
         err.print(f"{n:,} rows written to {output}")
 

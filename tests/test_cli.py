@@ -425,3 +425,27 @@ def test_results_of_a_batch_without_rows(db_url):
     doc = json.loads(status_run.out)
     assert doc["user_batch_id"] == ub and doc["user"] == "ann" and doc["state"] == "receiving"
     assert doc["lane_progress"] == []
+
+
+def test_results_into_a_pipe_closed_early_ends_quietly_and_successfully(db_url):
+    """`results N | head`: the reader leaves after a few lines; the command ends at once, exit 0, no error."""
+    with psycopg.connect(db_url) as conn, conn.transaction():
+        (ub,) = conn.execute(
+            "insert into user_batches (user_id, name, state, rows_total, workflow_id)"
+            " values ('ann', 'big.csv', 'queued', 200000, 'user-batch-big') returning id"
+        ).fetchone()
+        conn.execute(
+            "insert into items (user_batch_id, row_no, raw, email, state)"
+            " select %s, g, 'a' || g || '@x.com', 'a' || g || '@x.com', 'pending' from generate_series(2, 200001) g",
+            (ub,),
+        )
+    env = _env(db_url)
+    for fmt in ("csv", "jsonl"):
+        proc = subprocess.Popen([sys.executable, "starter.py", "results", str(ub), "--format", fmt], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = [proc.stdout.readline() for _ in range(3)]
+        proc.stdout.close()  # as `head -3` does
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+        assert b"a2@x.com" in b"".join(first)
+        assert (fmt, code, err) == (fmt, 0, "")
