@@ -162,7 +162,7 @@ def dev_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 def submit(
     file: Annotated[Path, typer.Argument(help="CSV file, or one address per line (gzip too; - reads stdin)")],
     user: Annotated[str, typer.Option(help="Owner of the user batch")],
-    name: Annotated[Optional[str], typer.Option(help="A label (defaults to the file name)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="A label (defaults to the file name; `stdin` or `pipe` for those)")] = None,
     priority: Annotated[Priority, typer.Option(help="Packing priority")] = Priority.normal,
     column: Annotated[Optional[str], typer.Option(help="Email column name or 1-based number")] = None,
     lanes: Annotated[str, typer.Option(help="Comma-separated lanes")] = "deliverability",
@@ -194,6 +194,8 @@ def submit(
     if not from_stdin and not file.exists():
         raise fail(f"cannot read {file}: no such file")
     source = iter(functools.partial(sys.stdin.buffer.read, 1024 * 1024), b"") if from_stdin else file
+    # A pipe's path (/dev/fd/63) names nothing the user wrote: such a list is called `pipe` unless --name.
+    name = name or ("stdin" if from_stdin else Path(label).name if file.is_file() else "pipe")
 
     async def run() -> tuple[int, object, float, Summary | None, WorkflowFailureError | None]:
         # Temporal first: an unreachable server must not leave stored rows behind.
@@ -207,17 +209,17 @@ def submit(
                     (ub_id,) = conn.execute(
                         "insert into user_batches (user_id, name, priority, lanes, source, workflow_id,"
                         " max_result_age_s) values (%s, %s, %s, %s, %s, %s, %s) returning id",
-                        (user, name or Path(label).name, PRIORITIES.index(priority.value), lane_list, label, None,
+                        (user, name, PRIORITIES.index(priority.value), lane_list, label, None,
                          max_age_s),
                     ).fetchone()
                     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                   console=err, disable=as_json, transient=True) as bar:
                         # A count, not a bar: a pipe's (or a gzip's decompressed) size is not known ahead.
-                        task = bar.add_task(f"reading {Path(label).name}")
+                        task = bar.add_task(f"reading {name}")
                         stats = copy_items(
                             conn, ub_id, source, column, name=label,
                             on_progress=lambda st: bar.update(
-                                task, description=f"reading {Path(label).name}: {st.rows:,} rows"),
+                                task, description=f"reading {name}: {st.rows:,} rows"),
                         )
                     if stats.rows == 0:  # rolled back with the row: nothing is stored
                         raise UnreadableInput(f"{label} has no rows (empty, or a header only): nothing to verify")

@@ -113,7 +113,7 @@ async def test_a_gzip_list_is_read_from_a_file_stdin_or_a_pipe_with_the_line_num
     with psycopg.connect(db_url) as conn:
         sources = conn.execute("select source, name from user_batches").fetchall()
         piped = [s for s in sources if s[0].startswith("/dev/fd/")]  # bash's `<(...)`
-        assert len(piped) == 2 and all(name == src.rpartition("/")[2] for src, name in piped), sources
+        assert len(piped) == 2 and all(name == "pipe" for src, name in piped), sources
         assert sorted(set(sources) - set(piped)) == sorted([(str(packed), "list.csv.gz"), ("stdin", "stdin")])
         assert conn.execute("select count(*) from items").fetchone() == (15,)
 
