@@ -355,14 +355,24 @@ def _opened(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIO
         import httpx  # here: `starter.py submit` reads files, and httpx costs ~0.08 CPU-s to import
 
         try:
-            with httpx.stream("GET", text, timeout=60.0, follow_redirects=True) as resp:
+            # gzip in transit is decoded by `_gunzip`, as a gzip file is: a block at a time. httpx's own
+            # decoder inflates each network read whole (a 64 KiB read of a zip bomb is 64 MiB at once).
+            with httpx.stream("GET", text, timeout=60.0, follow_redirects=True,
+                              headers={"Accept-Encoding": "gzip"}) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise SourceUnavailable(f"cannot read {text} now: HTTP {resp.status_code}",
                                             _retry_after(resp.headers.get("retry-after")))
                 if resp.status_code != 200:
                     raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code} (check the URL and that"
                                           " the workers may read it)")
-                yield _head_and_stream(resp.iter_bytes(256 * 1024))
+                coding = resp.headers.get("content-encoding", "").strip().lower()
+                if coding in ("", "identity"):
+                    yield _head_and_stream(resp.iter_raw(256 * 1024))
+                elif coding in ("gzip", "x-gzip"):
+                    yield _head_and_stream(_gunzip(resp.iter_raw(_GZIP_READ), f"{text} (Content-Encoding gzip)"))
+                else:
+                    raise UnreadableInput(f"cannot read {text}: it is sent with Content-Encoding {coding!r};"
+                                          " serve it plain or gzip")
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             # Also raised mid-download (a dropped connection): transient, unlike a bad URL.
             raise SourceUnavailable(f"cannot read {text} now: {exc or type(exc).__name__}") from exc

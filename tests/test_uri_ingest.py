@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tracemalloc
 import time
 import uuid
 from datetime import timedelta
@@ -236,6 +237,8 @@ class _FileServer:
                     self.end_headers()
                     return
                 self.send_response(200)
+                for k, v in server.headers.items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(server.body)))
                 self.end_headers()
                 if answer == "drop":
@@ -318,6 +321,43 @@ def test_a_gzip_path_or_url_is_read_decompressed_and_a_broken_one_fails_at_once_
     failure = _ingest(db_url, cut.as_uri())
     assert isinstance(failure, ApplicationError) and failure.non_retryable, failure
     assert failure.type == "UnreadableInput" and str(cut) in str(failure) and "ends early" in str(failure)
+
+
+def test_gzip_in_transit_is_inflated_a_block_at_a_time_and_an_unknown_coding_is_refused(db_url):
+    from activities.ingest import open_source
+
+    # 64 MiB of one character: ~64 KiB on the wire, a zip bomb's shape.
+    bomb = gzip.compress(b"email\na@x.example\n" + b"b" * (64 * 1024 * 1024) + b"\nc@x.example\n")
+    server = _FileServer(bomb, [200], {"Content-Encoding": "gzip"})
+    try:
+        tracemalloc.start()
+        try:
+            with open_source(server.url) as (head, raw):
+                assert head.startswith(b"email\na@x.example\n")
+                total = sum(len(block) for block in iter(lambda: raw.read(1024 * 1024), b""))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert total == len(gzip.decompress(bomb))
+        assert peak < 16 * 1024 * 1024, f"{peak:,} bytes held at once"
+        result = _ingest(db_url, server.url)
+        assert (result.rows, result.invalid) == (3, 1), result  # the 64 MiB line: one invalid row
+    finally:
+        server.close()
+    with psycopg.connect(db_url) as conn:
+        conn.execute("delete from items")
+    # A .csv.gz sent gzip-encoded as well: both layers are read.
+    twice = _FileServer(gzip.compress(gzip.compress(b"email\nd@x.example\ne@x.example\n")), [200],
+                        {"Content-Encoding": "gzip"})
+    brotli = _FileServer(b"\x0b\x02\x80email\n\x03", [200], {"Content-Encoding": "br"})
+    try:
+        assert _ingest(db_url, twice.url).rows == 2
+        refused = _ingest(db_url, brotli.url)
+        assert isinstance(refused, ApplicationError) and refused.non_retryable, refused
+        assert "Content-Encoding 'br'" in str(refused) and brotli.url in str(refused)
+    finally:
+        twice.close()
+        brotli.close()
 
 
 @pytest.mark.parametrize(("answer", "retryable", "words"), [
