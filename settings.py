@@ -226,7 +226,7 @@ class Settings(BaseSettings):
         "Retry-After)"
     )
     api_client_idle_timeout_s: float = Field(
-        30.0, gt=0, description="An upload whose client sends nothing for this long is refused (408, nothing "
+        30.0, gt=0, description="An upload whose client sends less than 1 KiB a second over this long (nothing, or a trickle) is refused (408, nothing "
         "stored); a result download whose client reads nothing for this long is cut off and its Postgres "
         "connection returned, seconds"
     )

@@ -193,7 +193,8 @@ DOCUMENT: dict = {
                     "201": _json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
                     "400": _err("unreadable body (corrupt or truncated gzip too), bad option, or no rows"),
                     **_AUTH,
-                    "408": _err("nothing of the body arrived for API_CLIENT_IDLE_TIMEOUT_S (nothing stored)"),
+                    "408": _err("the body stalled: less than 1 KiB a second arrived over API_CLIENT_IDLE_TIMEOUT_S"
+                                " (nothing stored)"),
                     "413": _err("body (or a gzip body's list, decompressed) over API_MAX_UPLOAD_MB"),
                     "415": _err("unsupported Content-Type, or an unknown charset"),
                     "429": {**_err("API_SUBMISSIONS_PER_HOUR lists of this user in the last hour, or "

@@ -40,21 +40,32 @@ async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator
             yield chunk
 
 
+MIN_UPLOAD_RATE = 1024  # bytes a second, averaged over API_CLIENT_IDLE_TIMEOUT_S of waiting
+
+
 async def arriving(stream: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
-    """Pass chunks through, refusing (408) a body of which nothing arrives for `idle_s` seconds.
+    """Pass chunks through, refusing (408) a body that stalls: less than `MIN_UPLOAD_RATE` bytes a
+    second arrive over `idle_s` seconds (nothing at all, or a trickle that would hold its upload
+    slot for hours).
 
     The clock runs only while the COPY waits for the client (a chunk is asked for when the COPY
     needs it), so a slow database never counts against the client.
     """
-    chunks = aiter(stream)
+    chunks, clock = aiter(stream), asyncio.get_running_loop().time
+    waited, got = 0.0, 0  # since the client last sent its due: `idle_s` at the least rate
     while True:
+        asked = clock()
         try:
-            chunk = await asyncio.wait_for(anext(chunks), idle_s)
+            chunk = await asyncio.wait_for(anext(chunks), idle_s - waited)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise BadBody(f"nothing of the body arrived for {idle_s:g} s (API_CLIENT_IDLE_TIMEOUT_S): "
-                          "the upload is dropped, nothing stored", 408) from None
+            what = (f"only {got:,} bytes of the body arrived in {idle_s:g} s (at least {MIN_UPLOAD_RATE:,} a second"
+                    " are needed)") if got else f"nothing of the body arrived for {idle_s:g} s"
+            raise BadBody(f"{what} (API_CLIENT_IDLE_TIMEOUT_S): the upload is dropped, nothing stored", 408) from None
+        waited, got = waited + clock() - asked, got + len(chunk)
+        if got >= MIN_UPLOAD_RATE * idle_s:
+            waited, got = 0.0, 0
         yield chunk
 
 

@@ -330,6 +330,31 @@ async def test_an_upload_whose_client_goes_quiet_gets_a_408_and_stores_nothing(d
         assert conn.execute("select count(*) from user_batches where user_id = 'quentin'").fetchone() == (0,)
 
 
+async def test_an_upload_trickled_slower_than_the_least_rate_gets_a_408_and_stores_nothing(dev_env, api_settings):
+    """API_CLIENT_IDLE_TIMEOUT_S=2: a byte every 0.2 s never goes quiet for 2 s, but it is far below
+    1 KiB a second; it is refused after 2 s of waiting (it used to hold its upload slot, and a
+    Postgres transaction, for as long as the client kept trickling)."""
+    auth = new_key(api_settings, "tricia")
+    with api_process(api_settings, dev_env.client.service_client.config.target_host,
+                     API_CLIENT_IDLE_TIMEOUT_S="2") as url:
+        upload = RawUpload(url, auth)
+        await upload.start()
+        started = time.monotonic()
+        try:
+            assert await upload.send(b"t0@trickle.example\n")
+            while upload.status is None and time.monotonic() - started < 10 and await upload.send(b"x"):
+                await asyncio.sleep(0.2)
+            await asyncio.wait_for(asyncio.shield(upload.answer), 5)
+            assert upload.status == 408, upload.head
+            assert time.monotonic() - started < 4
+            body = await asyncio.wait_for(upload.reader.read(1000), 5)
+            assert b"at least 1,024 a second" in body and b"API_CLIENT_IDLE_TIMEOUT_S" in body
+        finally:
+            upload.close()
+    with psycopg.connect(api_settings.database_url) as conn:
+        assert conn.execute("select count(*) from user_batches where user_id = 'tricia'").fetchone() == (0,)
+
+
 def _stalled_download(url: str, auth: dict[str, str], ub: int) -> tuple[socket.socket, str]:
     """`GET /v1/batches/{ub}/results?format=json` on a socket with a tiny receive buffer, of which
     only the start of the answer is read: the server's sends block once the buffers are full."""
