@@ -80,6 +80,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, from /proc): with the pid, it names one
+    process, while a pid alone may name another one after a reboot or wrap-around. None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the name before it may hold spaces
+
+
 def _binary(name: str) -> str:
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
@@ -150,15 +160,21 @@ class DevStack:
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
             start_new_session=True,  # survives the starter; `dev down` stops it
         )
-        self._pidfile(name).write_text(str(proc.pid))
+        self._pidfile(name).write_text(f"{proc.pid} {_started(proc.pid) or ''}".strip())
         return proc
 
     def _running(self, name: str) -> int | None:
+        """The pid of part `name` if that very process still runs. A pid file left by a stack that
+        did not stop (a reboot, a crash) may name someone else's process by now: not ours, never
+        signalled (`dev down` would otherwise stop that process's whole group)."""
         try:
-            pid = int(self._pidfile(name).read_text())
+            pid_text, _, started = self._pidfile(name).read_text().partition(" ")
+            pid = int(pid_text)
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        if not _alive(pid) or (started and _started(pid) not in (None, started.strip())):
+            return None
+        return pid
 
     # ---- parts ----------------------------------------------------------------------------
 
