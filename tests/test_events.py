@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from temporalio import activity
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
-from temporalio.worker import Replayer
+from temporalio.worker import Replayer, Worker
 from typer.testing import CliRunner
 
 import db
@@ -35,7 +38,7 @@ from devstack import free_port
 from helpers import eventually, make_settings, running_pipeline, write_list
 from worker import WORKFLOWS
 from workflows.events import EventDispatcherWorkflow
-from workflows.models import DeliveryFailure, DispatcherInput, FetchRequest, LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
+from workflows.models import DeliveryBatch, DeliveryFailure, DeliveryRef, DispatcherInput, FetchRequest, LaneEvent, LanePause, SourceSpec, UserBatchInput, scheduler_id
 from workflows.scheduler import GreedySchedulerWorkflow
 from workflows.user_batch import UserBatchWorkflow
 
@@ -390,3 +393,56 @@ async def test_a_failing_subscriber_url_and_its_answer_stay_out_of_temporal_and_
         assert leak not in logged, leak
     told = f"delivery {delivery_id} (subscription {sub_id}) of alert.test to {origin}: HTTP 500"
     assert told in history and told in logged
+
+
+class _RetriedWhileFailing:
+    """Stand-ins for the dispatcher's activities, scripted: delivery 7 fails for good; while its
+    `fail_delivery` runs, `events retry` makes it pending again and a fetch hands it out anew
+    (ready_seq 2). Its second turn is still under way when the run continues-as-new."""
+
+    def __init__(self) -> None:
+        self.fetches: list[tuple[str, int]] = []  # (run id, cursor asked for)
+        self.refetched = asyncio.Event()
+
+    @activity.defn(name="fetch_deliveries")
+    async def fetch_deliveries(self, request: FetchRequest) -> DeliveryBatch:
+        self.fetches.append((activity.info().workflow_run_id, request.cursor))
+        if len(self.fetches) == 1:
+            return DeliveryBatch([DeliveryRef(7, "1:-", 1)], 1)
+        if len(self.fetches) == 2:
+            await asyncio.sleep(0.5)  # after the first attempt failed
+            self.refetched.set()
+            return DeliveryBatch([DeliveryRef(7, "1:-", 2)], 2)
+        await asyncio.sleep(0.05)
+        return DeliveryBatch([], request.cursor)
+
+    @activity.defn(name="deliver")
+    async def deliver(self, delivery_id: int) -> int:
+        if not self.refetched.is_set():
+            raise ApplicationError("subscriber answered 500", non_retryable=True)
+        await asyncio.sleep(60)  # the second turn: under way across continue-as-new
+        return 200
+
+    @activity.defn(name="fail_delivery")
+    async def fail_delivery(self, request: DeliveryFailure) -> None:
+        await self.refetched.wait()  # the retry and the fetch land while this one commits
+
+
+async def test_a_delivery_retried_while_its_failure_is_recorded_is_still_handed_over_at_continue_as_new(dev_env):
+    """The first turn's end must not count the second turn (same delivery id) as settled: the next
+    run's cursor starts before it, so it is fetched again if the old run's attempt does not finish.
+    Before, the next run started at cursor 2, past it: the delivery stayed pending for good."""
+    fakes, queue = _RetriedWhileFailing(), f"events-race-{uuid.uuid4().hex[:8]}"
+    async with Worker(dev_env.client, task_queue=queue, workflows=[EventDispatcherWorkflow],
+                      activities=[fakes.fetch_deliveries, fakes.deliver, fakes.fail_delivery]):
+        handle = await dev_env.client.start_workflow(
+            EventDispatcherWorkflow.run, DispatcherInput(fetch_wait_s=0.1, max_attempts=1, max_history_events=40),
+            id=f"dispatcher-{queue}", task_queue=queue)
+        try:
+            await eventually(lambda: len({run for run, _ in fakes.fetches}) >= 2, what="a continue-as-new",
+                             timeout=30)
+            first_run = fakes.fetches[0][0]
+            next_cursor = next(cursor for run, cursor in fakes.fetches if run != first_run)
+            assert next_cursor == 1
+        finally:
+            await handle.terminate("test done")

@@ -32,7 +32,7 @@ DB_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=t
 @workflow.defn
 class EventDispatcherWorkflow:
     def __init__(self) -> None:
-        self._chains: dict[str, list[int]] = {}  # key -> delivery ids waiting their turn
+        self._chains: dict[str, list[tuple[int, int]]] = {}  # key -> (delivery id, ready_seq) waiting their turn
         self._unsettled: dict[int, int] = {}  # delivery id -> ready_seq: handed out, not yet settled
         self._running: set[str] = set()
         self._delivered = 0
@@ -58,7 +58,7 @@ class EventDispatcherWorkflow:
             cursor = batch.cursor
             for ref in batch.deliveries:
                 self._unsettled[ref.delivery_id] = ref.ready_seq
-                self._chains.setdefault(ref.key, []).append(ref.delivery_id)
+                self._chains.setdefault(ref.key, []).append((ref.delivery_id, ref.ready_seq))
                 if ref.key not in self._running:
                     self._running.add(ref.key)
                     asyncio.create_task(self._drain(ref.key, inp))
@@ -75,7 +75,7 @@ class EventDispatcherWorkflow:
     async def _drain(self, key: str, inp: DispatcherInput) -> None:
         chain = self._chains[key]
         while chain:
-            delivery_id = chain.pop(0)
+            delivery_id, ready_seq = chain.pop(0)
             try:
                 await workflow.execute_activity_method(
                     EventActivities.deliver,
@@ -99,7 +99,10 @@ class EventDispatcherWorkflow:
                     start_to_close_timeout=timedelta(seconds=30),
                     retry_policy=DB_RETRY,
                 )
-            self._unsettled.pop(delivery_id, None)
+            # Settled unless `events retry` made it pending again meanwhile and a fetch handed it out
+            # anew (a later ready_seq, further down a chain): that turn is still to come.
+            if self._unsettled.get(delivery_id) == ready_seq:
+                del self._unsettled[delivery_id]
         del self._chains[key]
         self._running.discard(key)
 
