@@ -8,7 +8,12 @@ What is safe to delete (the rule, also in the README):
 - A result: only when verified before the cutoff, before the cache TTL (a fresh result is
   reused instead of paying again), and before every retained user batch's creation minus the TTL.
   A retained batch only shows results verified during its run or reused fresh at its start,
-  so none of its rows loses its verdict.
+  so none of its rows loses its verdict. Except a paused batch created before the cutoff: it does
+  not hold results back past the retention, or one list paused and never resumed would stop
+  results cleanup for everyone. Its rows verified before the cutoff lose their verdict while it
+  stays paused; a resume queues them again (no longer fresh, they would be anyway). A running or
+  finished batch holds them however old (a finished one may be reopened by `dlq retry`, whose
+  finalize fails the rows left without a result).
 - Events (with their deliveries): by age, once fanned out to subscribers and none of their
   deliveries is still pending. Finished Bouncer batches (with their parts) and pack timings: by age.
 Completed workflow histories are not ours to delete: the namespace's retention period does it.
@@ -62,12 +67,16 @@ class CleanupActivities:
     @activity.defn
     async def results_cutoff(self, request: ResultsCutoffRequest) -> str:
         """The instant before which results may go: the earliest of the cutoff, now minus the
-        cache TTL, and the oldest retained user batch's creation minus the TTL (see the module doc)."""
+        cache TTL, and the oldest retained user batch's creation minus the TTL (see the module doc),
+        where a paused batch created before the cutoff does not count: one paused and never resumed
+        would otherwise hold every result back, for everyone, for as long as it is kept."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 """
                 select least(%(cutoff)s::timestamptz, now() - make_interval(secs => %(ttl)s),
-                             coalesce((select min(created_at) from user_batches), 'infinity')
+                             coalesce((select min(created_at) from user_batches
+                                       where created_at >= %(cutoff)s or state <> 'paused'),
+                                      'infinity')
                              - make_interval(secs => %(ttl)s))
                 """,
                 {"cutoff": datetime.fromisoformat(request.cutoff), "ttl": request.result_ttl_days * 86400.0},

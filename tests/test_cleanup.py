@@ -156,3 +156,56 @@ async def test_the_daily_schedule_is_installed_idempotently_and_runs_the_cleanup
             assert abs(age - timedelta(days=45)) < timedelta(minutes=1)  # the updated retention
         finally:
             await dev_env.client.get_schedule_handle(CLEANUP_SCHEDULE_ID).delete()
+
+
+async def test_a_list_held_past_retention_does_not_pin_the_results_cutoff(db_url):
+    """A paused list never resumed is kept, but once it is older than the retention it no longer
+    holds every result back: before, the results cutoff was its creation minus the TTL, for
+    everyone, for as long as it stayed. A running or finished list still does (it shows what it
+    reused), and so does a paused one within the retention."""
+    from temporalio.testing import ActivityEnvironment
+
+    import db
+    from activities.cleanup import CleanupActivities
+    from workflows.models import CleanupChunk, ResultsCutoffRequest
+
+    def batch(state: str, created_days: int) -> None:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("insert into user_batches (user_id, state, created_at) values"
+                         " ('u', %s, now() - make_interval(days => %s))", (state, created_days))
+
+    with psycopg.connect(db_url) as conn:
+        for days in (200, 125, 100):
+            (aid,) = conn.execute("insert into addresses (email) values (%s) returning id",
+                                  (f"r{days}@old.example",)).fetchone()
+            conn.execute("insert into results (address_id, lane, status, record, verified_at) values"
+                         " (%s, 'deliverability', 'deliverable', '{}', now() - make_interval(days => %s))", (aid, days))
+        (now,) = conn.execute("select now()").fetchone()
+    batch("paused", 400)  # paused 400 days ago and forgotten
+    pool = db.open_pool(db_url, 2)
+    await pool.open()
+    try:
+        acts, env = CleanupActivities(pool), ActivityEnvironment()
+        cutoff = (now - timedelta(days=90)).isoformat()
+
+        async def results_cutoff() -> datetime:
+            return datetime.fromisoformat(await env.run(acts.results_cutoff, ResultsCutoffRequest(cutoff, 30.0)))
+
+        # Nothing running: the bound is the retention and the TTL, not the lists left behind.
+        at = await results_cutoff()
+        assert abs(at - (now - timedelta(days=90))) < timedelta(minutes=1), at
+        while (await env.run(acts.delete_chunk, CleanupChunk("results", at.isoformat(), 2))).more:
+            pass
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("select count(*) from results").fetchone() == (0,)  # all verified > 90 days ago
+
+        # A list running or finished (however old) and a paused one within the retention still hold results back.
+        for state in ("queued", "completed"):
+            batch(state, 100)
+            assert abs(await results_cutoff() - (now - timedelta(days=130))) < timedelta(minutes=1)
+            with psycopg.connect(db_url) as conn:
+                conn.execute("update user_batches set state = 'paused' where state = %s", (state,))
+        batch("paused", 70)
+        assert abs(await results_cutoff() - (now - timedelta(days=100))) < timedelta(minutes=1)
+    finally:
+        await pool.close()
