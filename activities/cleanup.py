@@ -111,8 +111,17 @@ class CleanupActivities:
             if row is None:
                 return ChunkOutcome(deleted=0, more=False)
             ub = row[0]
-            # Lock the row: a recurring run copying from it (it would be `latest`) waits or is seen.
-            await conn.execute("select 1 from user_batches where id = %s for update", (ub,))
+            # Lock the row, and look again once it is ours: a `dlq retry` that reopened the batch
+            # (back to queued) while this transaction waited for the lock has made it a running
+            # batch. (It cannot become a recurring list's latest again, nor gain an open Bouncer batch
+            # while finished.) The next chunk chooses again.
+            locked = await (await conn.execute(
+                f"select 1 from user_batches where id = %(ub)s and state in {FINISHED} and finished_at < %(cutoff)s"
+                " for update",
+                {**p, "ub": ub},
+            )).fetchone()
+            if locked is None:
+                return ChunkOutcome(deleted=0, more=True)
             deleted = (await conn.execute(
                 "delete from items where user_batch_id = %(ub)s and row_no in"
                 " (select row_no from items where user_batch_id = %(ub)s order by row_no limit %(n)s)",

@@ -209,3 +209,44 @@ async def test_a_list_held_past_retention_does_not_pin_the_results_cutoff(db_url
         assert abs(await results_cutoff() - (now - timedelta(days=100))) < timedelta(minutes=1)
     finally:
         await pool.close()
+
+
+async def test_a_user_batch_reopened_while_cleanup_picks_it_keeps_its_items(db_url):
+    """`dlq retry` reopens a finished list (state back to queued) in a transaction; a cleanup chunk
+    that chose the list as finished just before then waits on its row lock. Once the reopen commits,
+    the chunk must see a running list and leave it: before, it deleted the reopened list's items."""
+    from temporalio.testing import ActivityEnvironment
+
+    import db
+    from activities.cleanup import CleanupActivities
+    from workflows.models import CleanupChunk
+
+    with psycopg.connect(db_url) as conn:
+        (ub,) = conn.execute(
+            "insert into user_batches (user_id, state, created_at, finished_at) values"
+            " ('u', 'completed', now() - interval '50 days', now() - interval '45 days') returning id").fetchone()
+        for n in (1, 2):
+            conn.execute("insert into items (user_batch_id, row_no, raw, email, state) values (%s, %s, 'x', 'x',"
+                         " 'pending')", (ub, n))
+        (now,) = conn.execute("select now()").fetchone()
+    pool = db.open_pool(db_url, 2)
+    await pool.open()
+    try:
+        acts = CleanupActivities(pool)
+        async with await psycopg.AsyncConnection.connect(db_url) as reopen:
+            # The reopen's transaction (as activities/dead_letters.py's retry does it) holds the row.
+            await reopen.execute("update user_batches set state = 'queued', finished_at = null where id = %s",
+                                 (ub,))
+            chunk = asyncio.create_task(ActivityEnvironment().run(
+                acts.delete_chunk, CleanupChunk("items", (now - timedelta(days=30)).isoformat(), 10)))
+            await asyncio.sleep(1.0)  # the chunk has chosen the list (seen finished) and waits for its lock
+            await reopen.commit()
+            await chunk
+        while (await ActivityEnvironment().run(
+                acts.delete_chunk, CleanupChunk("items", (now - timedelta(days=30)).isoformat(), 10))).more:
+            pass
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("select state from user_batches where id = %s", (ub,)).fetchall() == [("queued",)]
+            assert conn.execute("select count(*) from items where user_batch_id = %s", (ub,)).fetchone() == (2,)
+    finally:
+        await pool.close()
