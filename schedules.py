@@ -193,7 +193,11 @@ async def install_cleanup_schedule(client: Client, settings: Settings) -> str:
         pass
 
     def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
-        wanted.state = current.description.schedule.state
+        state = current.description.schedule.state
+        if state.paused:  # an operator's pause stays, with the reason they gave
+            wanted.state = state
+        else:  # the note says what it deletes: these settings'
+            wanted.state.limited_actions, wanted.state.remaining_actions = state.limited_actions, state.remaining_actions
         return ScheduleUpdate(schedule=wanted)
 
     await client.get_schedule_handle(CLEANUP_SCHEDULE_ID).update(update)

@@ -134,6 +134,10 @@ async def test_the_daily_schedule_is_installed_idempotently_and_runs_the_cleanup
         try:
             assert await schedules.install_cleanup_schedule(dev_env.client, settings) == "created"
             handle = dev_env.client.get_schedule_handle(CLEANUP_SCHEDULE_ID)
+            # Running, it is brought to the new settings, its note (what it deletes) too.
+            shorter = settings.model_copy(update={"cleanup_retention_days": 60.0})
+            assert await schedules.install_cleanup_schedule(dev_env.client, shorter) == "updated"
+            assert (await handle.describe()).schedule.state.note == "deletes what is older than 60 days"
             await handle.pause(note="an operator paused it")
             changed = settings.model_copy(update={"cleanup_cron": "5 4 * * *", "cleanup_retention_days": 45.0})
             assert await schedules.install_cleanup_schedule(dev_env.client, changed) == "updated"
@@ -141,6 +145,7 @@ async def test_the_daily_schedule_is_installed_idempotently_and_runs_the_cleanup
             (calendar,) = desc.schedule.spec.calendars  # the server keeps cron as a calendar
             assert (calendar.hour[0].start, calendar.minute[0].start) == (4, 5)
             assert desc.schedule.state.paused  # a worker restart does not undo an operator's pause
+            assert desc.schedule.state.note == "an operator paused it"  # nor drop the reason given
             assert desc.schedule.action.workflow == "CleanupWorkflow"
 
             await handle.trigger()
