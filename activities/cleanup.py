@@ -6,7 +6,8 @@ What is safe to delete (the rule, also in the README):
   no Bouncer batch holding its addresses is still open (a cancelled batch's in-flight addresses
   are stored when they come back). A running or paused batch is never touched.
 - A result: only when verified before the cutoff, before the cache TTL (a fresh result is
-  reused instead of paying again), and before every retained user batch's creation minus the TTL.
+  reused instead of paying again), not while its address is queued (its store may be rewriting
+  it), and before every retained user batch's creation minus the TTL.
   A retained batch only shows results verified during its run or reused fresh at its start,
   so none of its rows loses its verdict. Except a paused batch created before the cutoff: it does
   not hold results back past the retention, or one list paused and never resumed would stop
@@ -55,8 +56,13 @@ _BY_AGE = {
     """,
     "pack_runs": "delete from pack_runs where id in (select id from pack_runs where created_at < %(cutoff)s"
                  " order by id limit %(n)s)",
-    "results": "delete from results where (address_id, lane) in (select address_id, lane from results"
-               " where verified_at < %(cutoff)s order by verified_at limit %(n)s)",
+    # Never the result of an address in flight (a queue row): its store may be rewriting it (an INSERT
+    # that skipped the old row, then an UPDATE) in the transaction that resolves that queue row, and
+    # deleting it would lose the result just paid for. The outer `verified_at` is checked again on
+    # the row version a waiting delete finally gets (a rewrite committed meanwhile is fresh).
+    "results": "delete from results where (address_id, lane) in (select r.address_id, r.lane from results r"
+               " where r.verified_at < %(cutoff)s and not exists (select 1 from queue q where q.lane = r.lane"
+               " and q.address_id = r.address_id) order by r.verified_at limit %(n)s) and verified_at < %(cutoff)s",
 }
 
 

@@ -255,3 +255,70 @@ async def test_a_user_batch_reopened_while_cleanup_picks_it_keeps_its_items(db_u
             assert conn.execute("select count(*) from items where user_batch_id = %s", (ub,)).fetchone() == (2,)
     finally:
         await pool.close()
+
+
+async def test_cleanup_never_deletes_a_result_a_store_is_writing(db_url):
+    """A stale result whose address is being verified again: the store rewrites it (an INSERT ...
+    WHERE NOT EXISTS that skips it, then an UPDATE, as `activities/bouncer_api.py` does) in the
+    transaction that also resolves the address's queue row. A cleanup chunk running meanwhile must
+    leave it. Before, (1) a chunk that waited on the store's row lock deleted the fresh version once
+    the store committed, and (2) a chunk that committed between the store's INSERT and UPDATE left
+    the UPDATE nothing to update: either way the address lost the result just paid for."""
+    from temporalio.testing import ActivityEnvironment
+
+    import db
+    from activities.cleanup import CleanupActivities
+    from workflows.models import CleanupChunk
+
+    def stale_and_in_flight(name: str) -> int:
+        with psycopg.connect(db_url) as conn:
+            (aid,) = conn.execute("insert into addresses (email) values (%s) returning id",
+                                  (f"{name}@old.example",)).fetchone()
+            conn.execute("insert into results (address_id, lane, status, record, verified_at) values"
+                         " (%s, 'deliverability', 'deliverable', '{}', now() - interval '200 days')", (aid,))
+            # Sent again: its queue row is resolved by the store that writes its new result.
+            conn.execute("insert into queue (user_batch_id, lane, seq, address_id) values (1, 'deliverability', %s, %s)",
+                         (aid, aid))
+        return aid
+
+    def result_of(aid: int) -> list[tuple]:
+        with psycopg.connect(db_url) as conn:
+            return conn.execute("select status from results where address_id = %s", (aid,)).fetchall()
+
+    with psycopg.connect(db_url) as conn:
+        (now,) = conn.execute("select now()").fetchone()
+    chunk = CleanupChunk("results", (now - timedelta(days=120)).isoformat(), 10)
+    store_insert = ("insert into results (address_id, lane, status, record) select %(a)s, 'deliverability', 'risky', '{}'"
+                    " where not exists (select 1 from results where address_id = %(a)s and lane = 'deliverability')")
+    store_update = "update results set status = 'risky', verified_at = now() where address_id = %(a)s"
+    store_resolve = "delete from queue where address_id = %(a)s"
+    pool = db.open_pool(db_url, 2)
+    await pool.open()
+    found = {}
+    try:
+        acts = CleanupActivities(pool)
+        # (1) The chunk waits on the row the store is rewriting.
+        waited = stale_and_in_flight("waited")
+        async with await psycopg.AsyncConnection.connect(db_url) as store:
+            for sql in (store_insert, store_update):
+                await store.execute(sql, {"a": waited})
+            cleaning = asyncio.create_task(ActivityEnvironment().run(acts.delete_chunk, chunk))
+            await asyncio.sleep(1.0)
+            await store.execute(store_resolve, {"a": waited})
+            await store.commit()
+            await cleaning
+        found["waited"] = result_of(waited)
+        # (2) The chunk commits between the store's INSERT and its UPDATE.
+        between = stale_and_in_flight("between")
+        async with await psycopg.AsyncConnection.connect(db_url) as store:
+            await store.execute(store_insert, {"a": between})
+            await ActivityEnvironment().run(acts.delete_chunk, chunk)
+            for sql in (store_update, store_resolve):
+                await store.execute(sql, {"a": between})
+            await store.commit()
+        found["between"] = result_of(between)
+        assert found == {"waited": [("risky",)], "between": [("risky",)]}
+        # Once stored (and resolved), the new results are fresh: nothing to delete.
+        assert (await ActivityEnvironment().run(acts.delete_chunk, chunk)).deleted == 0
+    finally:
+        await pool.close()
