@@ -3,7 +3,7 @@
 /metrics is ours (prometheus_client) followed by the SDK's (fetched from its loopback
 exporter): one port to scrape and to probe. /healthz (liveness) fails when a worker task has
 died (not during a drain: the process is stopping on purpose); /readyz (readiness) also fails
-while draining or when Postgres does not answer.
+while draining or when Postgres does not answer (on a connection of its own, not the pool's).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 import httpx
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
@@ -41,8 +42,11 @@ def create_app(
     async def readyz(_request: Request) -> JSONResponse:
         if not alive() or draining():
             return JSONResponse({"ready": False, "reason": "draining" if draining() else "a worker stopped"}, 503)
+        # A connection of its own: a busy worker's pool may have none free for seconds (every one in
+        # a store), and a probe that waited for one would take a healthy worker out of service.
         try:
-            async with asyncio.timeout(2.0), pool.connection() as conn:
+            async with asyncio.timeout(2.0), await psycopg.AsyncConnection.connect(
+                    pool.conninfo, **(pool.kwargs or {})) as conn:
                 await conn.execute("select 1")
         except Exception as exc:  # noqa: BLE001 - the reason is the answer
             return JSONResponse({"ready": False, "reason": f"postgres: {type(exc).__name__}"}, 503)

@@ -354,3 +354,24 @@ async def test_status_watch_redraws_lanes_api_use_credits_and_dead_letters(dev_e
     doc = json.loads((await asyncio.to_thread(CliRunner(env=env).invoke, starter.app, ["status", "--json"])).stdout)
     assert doc["api"]["create"] == {"requests_per_minute": 25, "budget_per_minute": 50.0, "utilization": 0.5}
     assert doc["credits"]["credits"] == 123456
+
+
+async def test_readyz_holds_while_every_pooled_connection_is_busy(db_url):
+    """A worker whose pool is all in use (stores at full load) is busy, not unready: /readyz answers
+    200 at once. It used to wait 2 s for a pooled connection and answer 503, and after two probes
+    Kubernetes took the worker (and its callback receiver) out of service."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from ops.server import create_app
+
+    async with AsyncConnectionPool(db_url, min_size=1, max_size=1, open=False) as pool:
+        await pool.open(wait=True)
+        app = create_app(pool, None, alive=lambda: True, draining=lambda: False)
+        async with pool.connection(), httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                                        base_url="http://worker") as http:
+            answer = await http.get("/readyz")
+        assert (answer.status_code, answer.json()) == (200, {"ready": True})
+        broken = AsyncConnectionPool("postgresql://nobody@127.0.0.1:1/none", min_size=0, max_size=1, open=False)
+        answer = await httpx.AsyncClient(transport=httpx.ASGITransport(
+            app=create_app(broken, None, alive=lambda: True, draining=lambda: False)), base_url="http://w").get("/readyz")
+        assert answer.status_code == 503 and answer.json()["reason"].startswith("postgres:")
