@@ -924,7 +924,7 @@ def health(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON 
     from worker import bouncer_client
 
     s = settings()
-    report = asyncio.run(check(s, lambda: bouncer_client(s)))
+    report = asyncio.run(check(s, lambda lane: bouncer_client(s, lane)))
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 import db
 import temporal_client
 from ops import alerts, readings
-from settings import LANES
+from settings import DELIVERABILITY, LANES
 from workflows.models import SchedulerStatus, scheduler_id
 from workflows.search import KEYS
 
@@ -69,7 +69,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def check(settings, bouncer_factory) -> Report:
-    """Run every check; `bouncer_factory()` returns an async-context BouncerClient."""
+    """Run every check; `bouncer_factory(lane)` returns an async-context BouncerClient for that lane."""
     report = Report()
     client = await _temporal(settings, report)
     conn = await _postgres(settings, report)
@@ -195,14 +195,21 @@ async def _temporal_parts(settings, client: Client, report: Report, r: readings.
 
 
 async def _bouncer(settings, bouncer_factory, report: Report) -> int | None:
-    try:
-        async with bouncer_factory() as bouncer:
-            credits = await asyncio.wait_for(bouncer.credits(), TIMEOUT_S * 2)
-    except Exception as exc:  # noqa: BLE001
-        report.add("bouncer", DEGRADED, f"Bouncer API at {settings.bouncer_base_url} not reachable: "
-                                        f"{_first_line(exc)}")
-        return None
-    report.add("bouncer", OK, f"{settings.bouncer_base_url}: {credits:,} credits")
+    """Each enabled lane's endpoint answers a credits call; the deliverability lane's credits
+    are returned (the credits alert watches them)."""
+    credits = None
+    for lane in settings.lanes_enabled():
+        name, url = ("bouncer", settings.bouncer_base_url) if lane == DELIVERABILITY else (
+            f"bouncer_{lane}", settings.lane_api(lane).base_url)
+        try:
+            async with bouncer_factory(lane) as bouncer:
+                left = await asyncio.wait_for(bouncer.credits(), TIMEOUT_S * 2)
+        except Exception as exc:  # noqa: BLE001
+            report.add(name, DEGRADED, f"Bouncer API ({lane} lane) at {url} not reachable: {_first_line(exc)}")
+            continue
+        report.add(name, OK, f"{url}: {left:,} credits")
+        if lane == DELIVERABILITY:
+            credits = left
     return credits
 
 

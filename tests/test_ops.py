@@ -253,7 +253,7 @@ async def test_health_raises_each_alert_once_per_crossing_and_clears_it_when_bac
                              temporal_address=client.service_client.config.target_host)
 
     async def check() -> health.Report:
-        return await health.check(settings, lambda: bouncer_client(settings))
+        return await health.check(settings, lambda lane: bouncer_client(settings, lane))
 
     async with running_pipeline(client, settings) as p:
         await client.start_workflow(
@@ -306,7 +306,7 @@ def health_cli(**env: str) -> tuple[int, dict]:
 
     import starter
 
-    overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_"))}
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith(("TEMPORAL_", "BOUNCER_", "CATCHALL_"))}
     overrides.update(env)
     result = CliRunner(env=overrides).invoke(starter.app, ["health", "--json"], catch_exceptions=False)
     return result.exit_code, json.loads(result.stdout)
@@ -314,17 +314,24 @@ def health_cli(**env: str) -> tuple[int, dict]:
 
 def test_health_is_down_when_temporal_or_postgres_cannot_be_reached(db_url, sandbox, tmp_path):
     code, report = health_cli(DATABASE_URL=db_url, TEMPORAL_ADDRESS="127.0.0.1:1", BOUNCER_BASE_URL=sandbox.url,
-                              BOUNCER_API_KEY=sandbox.api_key)
+                              BOUNCER_API_KEY=sandbox.api_key, CATCHALL_BASE_URL=f"{sandbox.url}/catchall",
+                              CATCHALL_API_KEY=sandbox.api_key)
     assert (code, report["status"]) == (2, "down")
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["temporal"]["status"] == "down" and "127.0.0.1:1" in checks["temporal"]["detail"]
     assert checks["postgres"]["status"] == "ok" and checks["bouncer"]["status"] == "ok"
+    assert checks["bouncer_catchall"]["status"] == "ok"
+    assert checks["bouncer_catchall"]["detail"].startswith(f"{sandbox.url}/catchall: ")
 
+    # The catchall lane's endpoint is checked too: down while the deliverability one answers.
     code, report = health_cli(DATABASE_URL=f"postgresql://postgres@/nodb?host={tmp_path}",
-                              TEMPORAL_ADDRESS="127.0.0.1:1", BOUNCER_BASE_URL="http://127.0.0.1:1")
+                              TEMPORAL_ADDRESS="127.0.0.1:1", BOUNCER_BASE_URL="http://127.0.0.1:1",
+                              CATCHALL_BASE_URL="http://127.0.0.1:2", CATCHALL_API_KEY="k")
     assert (code, report["status"]) == (2, "down")
     checks = {c["name"]: c["status"] for c in report["checks"]}
-    assert checks == {"temporal": "down", "postgres": "down", "bouncer": "degraded"}
+    assert checks == {"temporal": "down", "postgres": "down", "bouncer": "degraded", "bouncer_catchall": "degraded"}
+    detail = next(c["detail"] for c in report["checks"] if c["name"] == "bouncer_catchall")
+    assert "catchall lane" in detail and "127.0.0.1:2" in detail
 
 
 async def test_status_watch_redraws_lanes_api_use_credits_and_dead_letters(dev_env, db_url):
