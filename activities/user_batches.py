@@ -42,6 +42,20 @@ STARTING = ("scheduled", "receiving", "preparing")  # user batch states prepare 
 PREPARE_ATTEMPTS = 5  # in-process re-runs after losing a race with a concurrent prepare
 _FRESH = fresh_result("r")
 _LOCK_OWN_LANE = lock_lanes("values (%(ub)s::bigint, %(lane)s::text)")
+# A resume re-queues its list's addresses ON CONFLICT: an insert that meets an in-flight row a
+# store is deleting waits for that store, while holding the list's lane row, which the same store
+# locks later (its leftovers, the paused owner's counts): a deadlock, one side aborted and retried
+# (tests/test_lock_order.py). So a resume first takes the rows that store takes first, those of
+# its list's open Bouncer batches (id order): it waits for a store under way, or holds it off,
+# before it touches a lane row. The store path is unchanged. The stores it may still wait on
+# (other lists' batches holding the same addresses) need nothing of a paused list: it has no
+# waits (pause dropped them), inherits nothing and gets no hand-offs (both need `queued`).
+_WAIT_FOR_STORES = """
+    select 1 from bouncer_batches b
+    where b.state in ('packed', 'submitting', 'submitted')
+      and exists (select 1 from bouncer_batch_parts p where p.bouncer_batch_id = b.id and p.user_batch_id = %(ub)s)
+    order by b.id for update of b
+"""
 
 
 @contextlib.asynccontextmanager
@@ -649,6 +663,7 @@ class UserBatchActivities:
                     )
             elif not request.paused and state == "paused":
                 await cur.execute("update user_batches set state = 'queued' where id = %s", (ub,))
+                await cur.execute(_WAIT_FOR_STORES, {"ub": ub})
                 for lane in lanes:
                     await enqueue_lane(cur, ub, lane, ttl)
         return await self.read_progress(ub)
