@@ -71,16 +71,25 @@ def _failed_row(dl: str) -> str:
 
     It was written while the batch was open for that lane (at or after its `created_at`, as
     `enqueue_lane` counts "dead-lettered since the batch began", and not after it finished) and
-    the row is what it left: `failed` (the first lane), `verified` without a verdict of the lane
-    (the catchall lane), or pending (or cancelled) with the address neither in play again for the
-    batch nor verified since. Another user's dead letter of the same address is none of these.
+    the row is what it left: `failed` (the first lane), or pending (or cancelled) with the address
+    neither in play again for the batch (queued or waited on) nor verified since. (A verified row
+    is `pending` in `items`: `verified` is derived.) For the catchall lane, the row's deliverability verdict is also one that lane re-verifies (risky,
+    accept-all) and settled for the batch (not queued or waited on again): a row still asking the
+    first lane, or whose verdict is not accept-all, never had the address on the catchall lane,
+    and another user's catchall dead letter of it was listed as its own. Another user's dead
+    letter of the same address is none of these.
     """
+    first_lane_led_here = f"""({dl}.lane = b.lanes[1] or (
+                      exists (select 1 from results f where f.address_id = {dl}.address_id and f.lane = b.lanes[1]
+                              and f.status = 'risky' and f.accept_all = 'yes')
+                      and not exists (select 1 from queue q where q.lane = b.lanes[1]
+                                      and q.address_id = {dl}.address_id and q.user_batch_id = b.id)
+                      and not exists (select 1 from waits w where w.lane = b.lanes[1]
+                                      and w.address_id = {dl}.address_id and w.user_batch_id = b.id)))"""
     return f"""{dl}.lane = any(b.lanes) and {dl}.created_at >= b.created_at
         and {dl}.created_at <= coalesce(b.finished_at, 'infinity')
         and case when i.state = 'failed' then {dl}.lane = b.lanes[1]
-                 when i.state = 'verified' then {dl}.lane <> b.lanes[1] and not exists (
-                      select 1 from results r where r.address_id = {dl}.address_id and r.lane = {dl}.lane)
-                 when i.state in ('pending', 'cancelled') then not exists (
+                 when i.state in ('pending', 'cancelled') then {first_lane_led_here} and not exists (
                       select 1 from results r where r.address_id = {dl}.address_id and r.lane = {dl}.lane
                       and r.verified_at >= {dl}.created_at)
                   and not exists (select 1 from queue q where q.lane = {dl}.lane and q.address_id = {dl}.address_id
