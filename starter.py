@@ -674,7 +674,9 @@ def results(
 
 def _control(user_batch_id: Optional[int], lane: Optional[str], user: Optional[str], pause: bool) -> None:
     s = settings()
-    if (user_batch_id is None) == (lane is None):
+    if user_batch_id is None and lane is None:
+        raise fail(f"give a USER_BATCH_ID, or --lane L for a whole lane (lanes: {', '.join(LANES)})")
+    if user_batch_id is not None and lane is not None:
         raise fail("give a USER_BATCH_ID or --lane, not both")
     if lane is not None and lane not in LANES:
         raise fail(f"unknown lane {lane}; lanes are: {', '.join(LANES)}")

@@ -238,6 +238,14 @@ def test_more_bad_input_exits_2(read_only_db, tmp_path, args, needles):
 
 
 
+@pytest.mark.parametrize("command", ["pause", "resume"])
+def test_pause_or_resume_without_a_target_says_what_to_give_not_that_both_were_given(read_only_db, command):
+    run = cli(read_only_db, command)
+    assert_clean_error(run, 2, "give a USER_BATCH_ID, or --lane L", "deliverability")
+    assert "not both" not in run.err, run.err
+    assert_one_line(run)
+
+
 def test_error_for_a_missing_file_with_a_long_path_is_one_line_naming_the_file(read_only_db, tmp_path):
     missing = tmp_path / "a-rather-long-folder-name-as-uploads-get" / "leads-2026-11-22-export-final.csv"
     run = cli(read_only_db, "submit", str(missing), "--user", "u")
