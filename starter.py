@@ -396,6 +396,15 @@ def status(
     """A user batch's counts, or the overview of lanes, queues, API use, credits and dead letters.
 
     The overview also lists in-flight Bouncer batches and recent user batches."""
+    if watch and user_batch_id is not None:
+        raise fail(f"--watch redraws the overview, not one user batch: leave out {user_batch_id} "
+                   "(`starter.py submit --wait` follows a list as it runs)")
+    if watch and as_json:
+        raise fail("--watch draws a live table; --json prints one object: give one of them")
+    if watch and interval <= 0:
+        raise fail(f"--interval {interval:g}: give a number of seconds above 0")
+    if count < 0:
+        raise fail(f"--count {count}: give a number of refreshes >= 0 (0: until Ctrl-C)")
     s = settings()
     with db_connect(s) as conn:
         if user_batch_id is not None:
