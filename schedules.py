@@ -70,11 +70,11 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_instant(text: str) -> datetime:
-    """ISO 8601 (`2026-12-01T02:00Z`); a time without a zone is UTC."""
+    """ISO 8601 (`2027-06-01T02:00Z`); a time without a zone is UTC."""
     try:
         at = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"cannot read time {text!r}: use ISO 8601, e.g. 2026-12-01T02:00Z") from None
+        raise ValueError(f"cannot read time {text!r}: use ISO 8601, e.g. 2027-06-01T02:00Z") from None
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 

@@ -6,7 +6,7 @@
     python starter.py results USER_BATCH_ID -o out.csv [--status deliverable]
     python starter.py pause|resume USER_BATCH_ID   (or --lane deliverability)
     python starter.py cancel USER_BATCH_ID
-    python starter.py submit leads.csv --user alice --at 2026-12-01T02:00Z --every 30d
+    python starter.py submit leads.csv --user alice --at 2027-06-01T02:00Z --every 30d
     python starter.py schedules list|pause|unpause|trigger|delete [SCHEDULE_ID]
     python starter.py clean --older-than 30d      # run the cleanup now, print what it deleted
     python starter.py apikeys create --user alice # keys of the HTTP API (`python -m api`)
@@ -168,7 +168,7 @@ def submit(
     lanes: Annotated[str, typer.Option(help="Comma-separated lanes")] = "deliverability",
     wait: Annotated[bool, typer.Option("--wait", help="Show progress until done")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-    at: Annotated[Optional[str], typer.Option("--at", help="Start later, e.g. 2026-12-01T02:00Z")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", help="Start later, e.g. 2027-06-01T02:00Z")] = None,
     every: Annotated[Optional[str], typer.Option("--every", help="Re-verify the list this often, e.g. 30d")] = None,
     max_age: Annotated[Optional[str], typer.Option(
         "--max-age", help="Reuse only results younger than this, e.g. 7d (default RESULT_TTL_DAYS)")] = None,
