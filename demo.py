@@ -85,7 +85,7 @@ async def follow(st: DevStack, ids: dict[str, int]) -> None:
         r.result()
 
 
-def report(st: DevStack, ids: dict[str, int]) -> None:
+def report(st: DevStack, ids: dict[str, int], shared: bool = False) -> None:
     with psycopg.connect(st.database_url) as conn:
         t = Table(title="results per user")
         for col in ("user", "user batch", "rows", "deliverable", "risky", "undeliverable", "unknown", "invalid"):
@@ -116,30 +116,38 @@ def report(st: DevStack, ids: dict[str, int]) -> None:
     console.print(t)
     stats = httpx.get(f"{st.sandbox_url}/_sandbox/stats").json()
     console.print(f"sandbox: {stats['batches_created']} batches created, {stats['addresses_received']:,} addresses "
-                  f"received, {stats['addresses_sent_twice']} sent twice, requests {orjson.dumps(stats['requests']).decode()}")
+                  f"received, {stats['addresses_sent_twice']} sent twice, requests {orjson.dumps(stats['requests']).decode()}"
+                  + (" (totals of a sandbox already running: earlier runs included)" if shared else ""))
 
 
 def main() -> None:
     began = time.perf_counter()
     st = DevStack(Path(".dev"), sandbox_args=["--time-scale", "120", "--speed", "50"])
+    # A stack already running (`starter.py dev up`) is the user's: the demo runs on it and leaves it up.
+    already_up = [part for part in ("temporal", "sandbox", "worker") if st.pid(part) is not None]
     with console.status("starting the embedded stack (Postgres, Temporal dev server + Web UI, sandbox, worker)"):
         try:
             st.up()
         except RuntimeError as exc:
-            st.down()
+            if not already_up:
+                st.down()
             raise SystemExit(f"error: {exc}") from None
-    console.print(f"stack up in {time.perf_counter() - began:.1f}s")
+    console.print(f"stack up in {time.perf_counter() - began:.1f}s"
+                  + (f" (already running: {', '.join(already_up)})" if already_up else ""))
     try:
-        run_demo(st, began)
+        run_demo(st, began, shared=bool(already_up))
     finally:
-        if os.environ.get("KEEP") == "1":
+        if already_up:
+            console.print("the stack was running before the demo (`starter.py dev up`): it keeps running; "
+                          "stop it with `python starter.py dev down`")
+        elif os.environ.get("KEEP") == "1":
             console.print("KEEP=1: the stack keeps running; stop it with `python starter.py dev down`")
         else:
             st.down()
             console.print("stack stopped (KEEP=1 keeps it running)")
 
 
-def run_demo(st: DevStack, began: float) -> None:
+def run_demo(st: DevStack, began: float, shared: bool = False) -> None:
     run = uuid.uuid4().hex[:6]
     files = write_lists(st.root / "demo", run)
     env = {**os.environ, **st.env()}
@@ -165,7 +173,7 @@ def run_demo(st: DevStack, began: float) -> None:
         asyncio.run(asyncio.wait_for(follow(st, ids), timeout=300))
     except TimeoutError:
         raise SystemExit(f"error: the demo's user batches did not finish in 5 minutes; see {st.root}/worker.log")
-    report(st, ids)
+    report(st, ids, shared)
     console.print(f"Temporal Web UI: http://127.0.0.1:{st.ui_port}  (workflows user-batch-*, scheduler-deliverability, "
                   "bouncer-batch-*)")
     console.print(f"demo finished in {time.perf_counter() - began:.1f}s")
