@@ -427,6 +427,21 @@ async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_setti
     assert "127.0.0.1:1" in caplog.text
 
 
+async def test_healthz_names_no_error_when_postgres_is_down_and_logs_why(api_settings, caplog, tmp_path):
+    """The same for Postgres: the answer names it, the log has the error (it had neither the log
+    line nor a fixed text: the exception's class name was the answer)."""
+    from api.app import create_app
+
+    nowhere = f"postgresql://postgres@/postgres?host={tmp_path}&connect_timeout=1"
+    app = create_app(api_settings.model_copy(update={"database_url": nowhere}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
+        resp = await http.get("/healthz")
+    assert resp.status_code == 503
+    assert resp.json() == {"status": "degraded", "postgres": "down: Postgres unreachable", "temporal": "ok"}
+    assert "/healthz: Postgres check failed" in caplog.text
+
+
 def _copying(settings) -> int:
     """COPYs running in this test's database (the view lists every database's)."""
     with psycopg.connect(settings.database_url) as conn:
