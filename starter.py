@@ -134,7 +134,9 @@ def dev_up(
     with out.status("starting the embedded stack..."):
         st.up(worker=worker)
     out.print(f"stack up: Temporal {st.temporal_address}, Web UI http://127.0.0.1:{st.ui_port}, "
-              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}, metrics http://127.0.0.1:{st.metrics_port}/metrics")
+              f"sandbox {st.sandbox_url}, Postgres {st.pgdata}, "
+              + (f"metrics http://127.0.0.1:{st.metrics_port}/metrics" if worker
+                 else "no worker (start one with `python worker.py`; it serves the metrics)"))
 
 
 @dev_app.command("down")

@@ -250,6 +250,17 @@ def test_pause_or_resume_without_a_target_says_what_to_give_not_that_both_were_g
     assert_one_line(run)
 
 
+def test_dev_up_without_a_worker_promises_no_metrics_endpoint(read_only_db, monkeypatch):
+    """The metrics URL is the worker's: `dev up --no-worker` printed it although nothing served it."""
+    from devstack import DevStack
+
+    monkeypatch.setattr(DevStack, "up", lambda self, worker=True: None)
+    without, with_worker = cli(read_only_db, "dev", "up", "--no-worker"), cli(read_only_db, "dev", "up")
+    assert without.code == 0 and with_worker.code == 0, (without, with_worker)
+    assert "/metrics" not in without.out and "no worker" in without.out, without.out
+    assert "http://127.0.0.1:9464/metrics" in with_worker.out.replace("\n", ""), with_worker.out
+
+
 def test_error_for_a_missing_file_with_a_long_path_is_one_line_naming_the_file(read_only_db, tmp_path):
     missing = tmp_path / "a-rather-long-folder-name-as-uploads-get" / "leads-2026-11-22-export-final.csv"
     run = cli(read_only_db, "submit", str(missing), "--user", "u")
