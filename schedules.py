@@ -114,7 +114,8 @@ async def create_recurring(client: Client, settings: Settings, user_batch_id: in
                 ),
                 spec=interval_spec(every, anchor),
                 policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP, catchup_window=timedelta(days=1)),
-                state=ScheduleState(note=f"re-verifies user batch {user_batch_id}'s list every {every}"),
+                state=ScheduleState(note=f"re-verifies user batch {user_batch_id}'s list every "
+                                         f"{format_duration(every.total_seconds())}"),
             ),
         )
     return schedule_id

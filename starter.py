@@ -297,7 +297,7 @@ def submit(
         print_header(stats)
         print_invalid_rows(ub_id, stats)
         if period is not None:
-            out.print(f"re-verified every {period} by schedule {result['schedule_id']} (`starter.py schedules list`)")
+            out.print(f"re-verified every {schedules.format_duration(period.total_seconds())} by schedule {result['schedule_id']} (`starter.py schedules list`)")
         if summary is not None:
             print_summary(summary)
 

@@ -60,6 +60,7 @@ async def test_submit_at_starts_later_and_every_creates_a_schedule(dev_env, db_u
             assert json.loads(shown.stdout)["state"] == "scheduled", shown.stdout
         # Meanwhile, the schedule: every 30 days counted from `at`, listed, paused, unpaused, deleted.
         sched = await dev_env.client.get_schedule_handle(doc["schedule_id"]).describe()
+        assert sched.schedule.state.note == f"re-verifies user batch {ub}'s list every 30d"  # not `30 days, 0:00:00`
         assert abs((sched.info.next_action_times[0] - (at + timedelta(days=30))).total_seconds()) < 1
         listed = json.loads((await asyncio.to_thread(starter, settings, dev_env, "schedules", "list", "--json")).stdout)
         assert [(d["schedule_id"], d["user"], d["every"], d["paused"]) for d in listed] == [
