@@ -427,13 +427,14 @@ async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_setti
     assert "127.0.0.1:1" in caplog.text
 
 
-async def test_healthz_names_no_error_when_postgres_is_down_and_logs_why(api_settings, caplog, tmp_path):
+async def test_healthz_names_no_error_when_postgres_is_down_and_logs_why(dev_env, api_settings, caplog, tmp_path):
     """The same for Postgres: the answer names it, the log has the error (it had neither the log
     line nor a fixed text: the exception's class name was the answer)."""
     from api.app import create_app
 
     nowhere = f"postgresql://postgres@/postgres?host={tmp_path}&connect_timeout=1"
-    app = create_app(api_settings.model_copy(update={"database_url": nowhere}))
+    app = create_app(api_settings.model_copy(update={
+        "database_url": nowhere, "temporal_address": dev_env.client.service_client.config.target_host}))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
         resp = await http.get("/healthz")
