@@ -42,7 +42,7 @@ from activities.ingest import IngestStats, UnreadableInput, copy_rows
 from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
 from api.uploads import BadBody, arriving, charset_codec, csv_rows, decoded, gunzipped, json_rows, limited
-from api.uploads import multipart_file, pull
+from api.uploads import multipart_file, part_decoded, pull
 from settings import LANES, Settings
 from workflows import search
 from workflows.models import FINISHED_STATES, PRIORITIES, LanePause, SchedulerStatus, UserBatchInput
@@ -193,9 +193,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/lanes/{lane}/resume", resume_lane, methods=["POST"]),
     ]
 
-    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         messages = {404: "no such route", 405: "method not allowed on this route"}
-        resp = error(exc.status_code, messages.get(exc.status_code, exc.detail))
+        message = messages.get(exc.status_code, exc.detail)
+        path = request.url.path
+        if exc.status_code == 404 and path != "/" and path.endswith("/"):
+            message += f" (routes have no trailing slash: {path.rstrip('/') or '/'})"
+        resp = error(exc.status_code, message)
         resp.headers.update(exc.headers or {})  # 405: Allow names the route's methods
         return resp
 
@@ -227,6 +231,10 @@ def create_app(settings: Settings) -> Starlette:
                             psycopg.OperationalError: on_db_down, PoolTimeout: on_db_down,
                             Exception: on_unexpected},
     )
+    # No redirect of `/v1/batches/` to `/v1/batches`: Starlette's is an absolute URL of the scheme the
+    # API sees, plain http behind a TLS ingress, and a client following it re-sends its key and list
+    # there (or cannot replay a streamed body at all). A 404 that names the route instead.
+    app.router.redirect_slashes = False
     app.state.services = services
     return app
 
@@ -325,13 +333,17 @@ def _only_params(request: Request, *known: str) -> None:
     """Refuse query parameters the route does not know (a typo must not be silently ignored), and
     a query string whose percent-escapes are not UTF-8 (they would be read as U+FFFD)."""
     try:
-        parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True, errors="strict")
+        pairs = parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise ApiError(400, "the query string's percent-escapes are not UTF-8: encode values as UTF-8") from None
     unknown = sorted(set(request.query_params) - set(known))
     if unknown:
         raise ApiError(400, f"unknown query parameter {', '.join(map(repr, unknown))}; "
                             f"this route takes: {', '.join(known) or 'none'}")
+    # `?status=deliverable&status=risky` would be read as its last value alone, silently.
+    if repeated := sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1):
+        raise ApiError(400, f"query parameter {', '.join(map(repr, repeated))} given more than once; give it once"
+                            " (a list: comma-separated, as status=deliverable,risky)")
 
 
 def _submit_options(request: Request, settings: Settings) -> dict:
@@ -482,6 +494,10 @@ async def submit_batch(request: Request) -> JSONResponse:
     if ctype not in ("multipart/form-data", "text/csv", "text/plain", "application/json"):
         raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'}: send multipart/form-data with a "
                             "`file` part, text/csv, or application/json (an array of address strings)")
+    # Only gzip is decompressed (told by its magic bytes); a deflate or br body would be read as text.
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip"):
+        raise ApiError(415, f"unsupported Content-Encoding {encoding!r}: send the body as is, or gzip")
     if ctype == "application/json" and opts["column"] is not None:
         raise ApiError(400, "column applies to CSV bodies; a JSON body is an array of address strings")
     try:
@@ -490,8 +506,9 @@ async def submit_batch(request: Request) -> JSONResponse:
         raise ApiError(exc.status, str(exc)) from None
     # A gzip body (or `file` part) is decompressed first, then its charset applies.
     if ctype == "multipart/form-data":
-        chunks = gunzipped(pull(multipart_file(body, content_type), loop), "the `file` part", max_bytes)
-        rows, source = csv_rows(chunks, opts["column"]), "api: multipart upload"
+        part: dict[str, str] = {}  # the `file` part's own Content-Type, its charset read as a body's
+        chunks = gunzipped(pull(multipart_file(body, content_type, part), loop), "the `file` part", max_bytes)
+        rows, source = csv_rows(part_decoded(chunks, part), opts["column"]), "api: multipart upload"
     elif ctype == "application/json":
         chunks = gunzipped(pull(body, loop), "the request body", max_bytes)
         rows, source = json_rows(decoded(chunks, codec)), "api: json list"
@@ -593,8 +610,10 @@ class ResultDownload(StreamingResponse):
                  **kwargs) -> None:
         super().__init__(chunks, **kwargs)
         self.chunks, self.idle_s, self.give_back = chunks, idle_s, give_back
+        self.head = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.head = scope.get("method") == "HEAD"  # the status and headers only: no export for nobody
         try:
             await super().__call__(scope, receive, send)
         except ClientStalled:
@@ -611,7 +630,7 @@ class ResultDownload(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         chunk = await anext(self.chunks, b"")
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        while True:
+        while not self.head:
             for at in range(0, len(chunk), SEND_PIECE):
                 try:
                     await asyncio.wait_for(send({"type": "http.response.body", "body": chunk[at:at + SEND_PIECE],

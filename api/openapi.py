@@ -23,6 +23,7 @@ def _err(description: str) -> dict:
 
 
 _AUTH = {"401": _err("missing, unknown or revoked API key")}
+_LOCATION = {"description": "the batch's path, /v1/batches/{id}", "schema": {"type": "string"}}
 _DOWN = {"503": _err("Postgres or Temporal unreachable, or no worker answered")}
 _BATCH_ID = {"name": "id", "in": "path", "required": True, "description": "user batch id",
              "schema": {"type": "integer", "format": "int64", "minimum": 1}}
@@ -136,7 +137,7 @@ def _json(schema: dict, description: str) -> dict:
 
 def _batch_op(summary: str, ok: dict, extra: dict | None = None) -> dict:
     return {"summary": summary, "parameters": [_BATCH_ID], "security": [{"apiKey": []}],
-            "responses": {**ok, "400": _err("unknown query parameter"), **_AUTH,
+            "responses": {**ok, "400": _err("unknown or repeated query parameter"), **_AUTH,
                           "404": _err("no such user batch for this key's user"), **_DOWN, **(extra or {})}}
 
 
@@ -180,29 +181,38 @@ DOCUMENT: dict = {
                      "a repeat (a retry after a lost answer) returns the batch the first one created, with 200",
                      "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
                 ],
-                "requestBody": {"required": True, "content": {
+                "requestBody": {"required": True, "description": "gzip too (told by its magic bytes); a charset"
+                                " of the Content-Type, or of the `file` part's own, is read as such",
+                                "content": {
                     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                         "file": {"type": "string", "format": "binary"}}}},
                     "text/csv": {"schema": {"type": "string"}},
+                    "text/plain": {"schema": {"type": "string"}},  # read as text/csv
                     "application/json": {"schema": {"type": "array", "minItems": 1, "items": {
                         "description": "an address string; any other element is reported as an invalid row"}}},
                 }},
                 "responses": {
-                    "200": _json({"$ref": "#/components/schemas/Batch"},
-                                 "this Idempotency-Key was used before: the batch it created (nothing stored)"),
-                    "201": _json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
-                    "400": _err("unreadable body (corrupt or truncated gzip too), bad option, or no rows"),
+                    "200": {**_json({"$ref": "#/components/schemas/Batch"},
+                                    "this Idempotency-Key was used before: the batch it created (nothing stored)"),
+                            "headers": {"Location": _LOCATION,
+                                        "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}}},
+                    "201": {**_json(_SUBMITTED, "stored; its workflow started. Invalid rows are reported, never sent"),
+                            "headers": {"Location": _LOCATION}},
+                    "400": _err("unreadable body (corrupt or truncated gzip too), bad option, unknown or repeated"
+                                " query parameter, or no rows"),
                     **_AUTH,
                     "408": _err("the body stalled: less than 1 KiB a second arrived over API_CLIENT_IDLE_TIMEOUT_S"
                                 " (nothing stored)"),
                     "413": _err("body (or a gzip body's list, decompressed) over API_MAX_UPLOAD_MB"),
-                    "415": _err("unsupported Content-Type, or an unknown charset"),
+                    "415": _err("unsupported Content-Type, a Content-Encoding other than gzip, or an unknown"
+                                " charset"),
                     "429": {**_err("API_SUBMISSIONS_PER_HOUR lists of this user in the last hour, or "
                                    "API_UPLOADS_PER_USER of the user's uploads in progress"),
                             "headers": {"Retry-After": {"description": "seconds until the next is accepted",
                                                         "schema": {"type": "integer"}}}},
-                    "503": _err("Postgres or Temporal unreachable, or API_UPLOADS uploads in progress "
-                                "(then with Retry-After)"),
+                    "503": {**_err("Postgres or Temporal unreachable, or API_UPLOADS uploads in progress "
+                                   "(then with Retry-After)"),
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
                 },
             },
             "get": {
@@ -213,7 +223,7 @@ DOCUMENT: dict = {
                 "responses": {
                     "200": _json({"type": "object", "required": ["batches"], "properties": {
                         "batches": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}}}}, "batches"),
-                    "400": _err("bad limit"),
+                    "400": _err("bad limit, unknown or repeated query parameter"),
                     **_AUTH,
                     **_DOWN,
                 },
@@ -229,7 +239,9 @@ DOCUMENT: dict = {
         "/v1/batches/{id}/results": {"get": {
             **_batch_op(
                 "Per-row results in input order, streamed",
-                {"200": {"description": "one row per input row", "content": {
+                {"200": {"description": "one row per input row", "headers": {"Content-Disposition": {
+                    "description": 'attachment; filename="user-batch-{id}.{format}"', "schema": {"type": "string"}}},
+                    "content": {
                     "text/csv": {"schema": {"type": "string"}},
                     "application/json": {"schema": {"type": "array", "items": _RESULT_ROW}},
                     "application/jsonl": {"schema": {"type": "string"}}}}},  # JSON Lines: a row object a line
@@ -254,11 +266,11 @@ DOCUMENT: dict = {
         "/v1/batches/{id}/pause": {"post": _batch_op(
             "Pause: queued addresses withdrawn, in-flight ones finish (pausing a paused batch changes nothing)",
             {"200": _json({"$ref": "#/components/schemas/Batch"}, "paused")},
-            {"409": _err("finished"), "503": _DOWN["503"]})},
+            {"409": _err("finished, or not started yet (a delayed start)"), "503": _DOWN["503"]})},
         "/v1/batches/{id}/resume": {"post": _batch_op(
             "Resume a paused user batch (resuming one that is not paused changes nothing)",
             {"200": _json({"$ref": "#/components/schemas/Batch"}, "resumed")},
-            {"409": _err("finished"), "503": _DOWN["503"]})},
+            {"409": _err("finished, or not started yet (a delayed start)"), "503": _DOWN["503"]})},
         "/v1/batches/{id}/dead-letters": {"get": {
             **_batch_op(
                 "Addresses of the batch that got no result: why, and how often each was sent",

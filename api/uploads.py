@@ -69,17 +69,19 @@ async def arriving(stream: AsyncIterator[bytes], idle_s: float) -> AsyncIterator
         yield chunk
 
 
-async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> AsyncIterator[bytes]:
-    """The bytes of the part named `file` of a multipart/form-data body, as they arrive."""
+async def multipart_file(stream: AsyncIterator[bytes], content_type: str,
+                         part: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+    """The bytes of the part named `file` of a multipart/form-data body, as they arrive; `part`
+    gets that part's own Content-Type (key "content_type") before its first bytes are yielded."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadBody("multipart body without a boundary in its Content-Type")
-    state = {"field": b"", "value": b"", "name": None, "found": False}
+    state = {"field": b"", "value": b"", "name": None, "found": False, "type": b""}
     out: list[bytes] = []
 
     def on_part_begin() -> None:
-        state["name"] = None
+        state["name"], state["type"] = None, b""
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state["field"] += data[start:end]
@@ -91,6 +93,8 @@ async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> Asy
         if state["field"].lower() == b"content-disposition":
             _, opts = parse_options_header(state["value"])
             state["name"] = opts.get(b"name")
+        elif state["field"].lower() == b"content-type":
+            state["type"] = state["value"]
         state["field"] = state["value"] = b""
 
     def on_headers_finished() -> None:
@@ -98,6 +102,8 @@ async def multipart_file(stream: AsyncIterator[bytes], content_type: str) -> Asy
             if state["found"]:  # two lists would be read as one, the first's last line joined to the next's header
                 raise BadBody("multipart body has more than one part named `file`: send one list per request")
             state["found"] = True
+            if part is not None:
+                part["content_type"] = state["type"].decode("latin-1")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["name"] == b"file":
@@ -161,6 +167,15 @@ def gunzipped(chunks: Iterator[bytes], source: str, max_bytes: int) -> Iterator[
 def decoded(chunks: Iterator[bytes], codec: str | None) -> Iterator[bytes]:
     """The body as UTF-8, transcoded from its declared charset when that is another."""
     return chunks if codec is None else as_utf8(chunks, codec)
+
+
+def part_decoded(chunks: Iterator[bytes], part: dict[str, str]) -> Iterator[bytes]:
+    """The `file` part as UTF-8, transcoded from the charset its own Content-Type names
+    (`-F 'file=@list.csv;type=text/csv; charset=windows-1252'`); known once its first bytes came."""
+    chunks = iter(chunks)
+    if (first := next(chunks, None)) is None:
+        return
+    yield from decoded(itertools.chain([first], chunks), charset_codec(part.get("content_type", "")))
 
 
 def pull(agen: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> Iterator[bytes]:

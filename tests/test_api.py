@@ -898,6 +898,123 @@ async def test_admin_key_pauses_and_resumes_a_lane(dev_env, api_settings, api_ur
         assert resumed.status_code == 200 and resumed.json()["paused"] is False
 
 
+async def test_a_query_parameter_given_twice_is_refused_not_read_as_its_last_value(api_settings, api_url):
+    """`?status=deliverable&status=risky` was read as `status=risky` alone, and `?priority=high&priority=low`
+    stored a low-priority batch: a 200 or 201 that silently dropped what the client asked for."""
+    auth = new_key(api_settings, "ivan")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        ub = (await http.post("/v1/batches", headers=auth, json=["a@b.example"])).json()["id"]
+        for method, url in (("GET", f"/v1/batches/{ub}/results?status=deliverable&status=risky"),
+                            ("GET", "/v1/batches?limit=1&limit=2"),
+                            ("GET", f"/v1/batches/{ub}/dead-letters?limit=5&limit=6"),
+                            ("POST", "/v1/batches?priority=high&priority=low")):
+            resp = await http.request(method, url, headers=auth, json=["c@d.example"] if method == "POST" else None)
+            assert resp.status_code == 400, (url, resp.status_code, resp.text)
+            assert "given more than once" in resp.json()["error"], resp.text
+        listed = (await http.get("/v1/batches", headers=auth)).json()["batches"]
+        assert [b["id"] for b in listed] == [ub]  # the refused POST stored nothing
+        ok = await http.get(f"/v1/batches/{ub}/results?status=deliverable,risky&format=json", headers=auth)
+        assert ok.status_code == 200, ok.text
+
+
+async def test_a_content_encoding_other_than_gzip_is_a_415_and_stores_nothing(api_settings, api_url):
+    """A deflate (or br) body was read as text: 201, its addresses lost as a few garbage invalid rows."""
+    import zlib
+
+    auth = new_key(api_settings, "jana")
+    body = "".join(f"user{i}@example.com\n" for i in range(50)).encode()
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        for encoding, content in (("deflate", zlib.compress(body)), ("br", body), ("gzip, deflate", body)):
+            resp = await http.post("/v1/batches", headers={**auth, "Content-Type": "text/csv",
+                                                           "Content-Encoding": encoding}, content=content)
+            assert resp.status_code == 415, (encoding, resp.status_code, resp.text)
+            assert "Content-Encoding" in resp.json()["error"]
+        assert (await http.get("/v1/batches", headers=auth)).json()["batches"] == []
+        for encoding, content in (("gzip", gzip.compress(body)), ("identity", body)):
+            resp = await http.post("/v1/batches", headers={**auth, "Content-Type": "text/csv",
+                                                           "Content-Encoding": encoding}, content=content)
+            assert resp.status_code == 201 and (resp.json()["rows"], resp.json()["invalid"]) == (50, 0), resp.text
+
+
+async def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_plain_http(api_settings, api_url):
+    """`/v1/batches/` answered 307 with an absolute `Location: http://...` (the scheme the API sees,
+    plain http behind a TLS ingress), an empty body, and for POST a body the client must send again."""
+    auth = new_key(api_settings, "karl")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        for method, path in (("GET", "/v1/batches/"), ("POST", "/v1/batches/"), ("GET", "/v1/lanes/")):
+            resp = await http.request(method, path, headers={**auth, "Host": "api.example.com"},
+                                      json=["a@b.example"] if method == "POST" else None)
+            assert resp.status_code == 404 and "location" not in resp.headers, (path, resp.status_code, resp.headers)
+            assert resp.json() == {"error": f"no such route (routes have no trailing slash: {path.rstrip('/')})"}
+        assert (await http.get("/v1/batches", headers=auth)).json()["batches"] == []
+
+
+async def test_a_multipart_file_parts_own_charset_is_read_as_such(api_settings, api_url):
+    """`-F 'file=@list.csv;type=text/csv; charset=windows-1252'`: the part's charset was ignored and
+    its rows read as UTF-8, so an address with a non-ASCII letter was an invalid row."""
+    auth = new_key(api_settings, "lena")
+    body = "name,email\nJosé,josé@exámple.com\nRené,rene@example.com\n".encode("windows-1252")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        resp = await http.post("/v1/batches", headers=auth,
+                               files={"file": ("l.csv", body, "text/csv; charset=windows-1252")})
+        assert resp.status_code == 201 and resp.json()["invalid"] == 0, resp.text
+        rows = (await http.get(f"/v1/batches/{resp.json()['id']}/results?format=json&columns=input,email",
+                               headers=auth)).json()
+        assert rows == [{"input": "josé@exámple.com", "email": "josé@xn--exmple-qta.com"},
+                        {"input": "rene@example.com", "email": "rene@example.com"}]
+        gz = await http.post("/v1/batches", headers=auth,  # decompressed first, then decoded
+                             files={"file": ("l.csv.gz", gzip.compress(body), "text/csv; charset=windows-1252")})
+        assert gz.status_code == 201 and gz.json()["invalid"] == 0, gz.text
+        bad = await http.post("/v1/batches", headers=auth, files={"file": ("l.csv", body, "text/csv; charset=klingon")})
+        assert bad.status_code == 415 and "charset 'klingon' is unknown" in bad.json()["error"], bad.text
+        plain = await http.post("/v1/batches", headers=auth, files={"file": ("l.csv", b"x@y.example\n")})
+        assert plain.status_code == 201 and plain.json()["invalid"] == 0, plain.text
+
+
+async def test_a_head_of_results_answers_the_headers_without_running_the_export():
+    """HEAD streamed the whole export from Postgres (and held an export slot and connection for it)
+    only for the server to drop the body."""
+    from api.app import ResultDownload
+
+    pulled, sent, given_back = [], [], []
+
+    async def chunks():
+        for i in range(100):
+            pulled.append(i)
+            yield b"x" * 1000
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    scope = {"type": "http", "method": "HEAD", "path": "/v1/batches/1/results", "asgi": {"spec_version": "2.4"}}
+    resp = ResultDownload(chunks(), 5.0, lambda: given_back.append(1), media_type="text/csv")
+    await resp(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"" and sent[-1]["more_body"] is False
+    assert len(pulled) == 1 and given_back == [1]  # the first chunk only (a 503 if Postgres is down)
+    pulled.clear(), sent.clear()
+    resp = ResultDownload(chunks(), 5.0, lambda: given_back.append(1), media_type="text/csv")
+    await resp({**scope, "method": "GET"}, receive, send)
+    assert len(pulled) == 100 and len(b"".join(m.get("body", b"") for m in sent[1:])) == 100_000
+
+
+def test_the_openapi_document_declares_the_bodies_and_headers_the_api_answers_with():
+    """text/plain bodies were accepted but not in the document; Location, Idempotent-Replayed and
+    Content-Disposition were sent but not declared."""
+    from api.openapi import DOCUMENT
+
+    post = DOCUMENT["paths"]["/v1/batches"]["post"]
+    assert set(post["requestBody"]["content"]) == {"multipart/form-data", "text/csv", "text/plain",
+                                                    "application/json"}
+    assert set(post["responses"]["201"]["headers"]) == {"Location"}
+    assert set(post["responses"]["200"]["headers"]) == {"Location", "Idempotent-Replayed"}
+    results = DOCUMENT["paths"]["/v1/batches/{id}/results"]["get"]
+    assert "Content-Disposition" in results["responses"]["200"]["headers"]
+
+
 # ---- the running server against its OpenAPI document (schemathesis) ---------------------
 
 
