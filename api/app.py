@@ -555,15 +555,19 @@ async def submit_batch(request: Request) -> JSONResponse:
 
 async def list_batches(request: Request) -> JSONResponse:
     """The caller's most recent user batches (newest first)."""
-    _only_params(request, "limit")
+    _only_params(request, "limit", "before")
     raw = request.query_params.get("limit", "50")
     if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 500:
         raise ApiError(400, "limit must be a whole number from 1 to 500")
+    before = request.query_params.get("before", str(MAX_BIGINT))  # the next page: the last id of this one
+    if not before.isascii() or not before.isdigit() or not 1 <= int(before) <= MAX_BIGINT:
+        raise ApiError(400, "before must be a batch id (a whole number from 1): the last id of the previous page")
     async with _services(request).pool.connection() as conn:
         rows = await (await conn.execute(
             "select id, user_id, name, priority, lanes, state, rows_total, invalid, duplicates, workflow_id,"
-            " created_at, finished_at, summary from user_batches where user_id = %s order by id desc limit %s",
-            (_user(request), int(raw)),
+            " created_at, finished_at, summary from user_batches where user_id = %s and id < %s"
+            " order by id desc limit %s",
+            (_user(request), int(before), int(raw)),
         )).fetchall()
     return JSONResponse({"batches": [batch_doc(r, None) for r in rows]})
 

@@ -216,14 +216,17 @@ DOCUMENT: dict = {
                 },
             },
             "get": {
-                "summary": "The caller's recent user batches, newest first",
+                "summary": "The caller's user batches, newest first, a page of `limit` at a time",
                 "security": [{"apiKey": []}],
                 "parameters": [{"name": "limit", "in": "query",
-                                "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
+                               {"name": "before", "in": "query", "description": "only batches with a lower id: "
+                                "the next page is `before` the last id of this one (an empty page: no more)",
+                                "schema": {"type": "integer", "format": "int64", "minimum": 1}}],
                 "responses": {
                     "200": _json({"type": "object", "required": ["batches"], "properties": {
                         "batches": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}}}}, "batches"),
-                    "400": _err("bad limit, unknown or repeated query parameter"),
+                    "400": _err("bad limit or before, unknown or repeated query parameter"),
                     **_AUTH,
                     **_DOWN,
                 },

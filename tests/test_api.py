@@ -917,6 +917,25 @@ async def test_a_query_parameter_given_twice_is_refused_not_read_as_its_last_val
         assert ok.status_code == 200, ok.text
 
 
+async def test_the_batch_listing_pages_past_its_limit_with_before(api_settings, api_url):
+    """Only the newest `limit` (at most 500) batches could be listed: older ones were out of reach."""
+    auth = new_key(api_settings, "mona")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        ids = [(await http.post("/v1/batches", headers=auth, json=[f"p{i}@b.example"])).json()["id"] for i in range(5)]
+        seen, url = [], "/v1/batches?limit=2"
+        while True:
+            resp = await http.get(url, headers=auth)
+            assert resp.status_code == 200, resp.text
+            if not (page := [b["id"] for b in resp.json()["batches"]]):
+                break
+            seen += page
+            url = f"/v1/batches?limit=2&before={page[-1]}"
+        assert seen == ids[::-1]
+        for bad in ("0", "x", "-1", "99999999999999999999"):
+            resp = await http.get(f"/v1/batches?before={bad}", headers=auth)
+            assert resp.status_code == 400 and "before" in resp.json()["error"], (bad, resp.text)
+
+
 async def test_a_content_encoding_other_than_gzip_is_a_415_and_stores_nothing(api_settings, api_url):
     """A deflate (or br) body was read as text: 201, its addresses lost as a few garbage invalid rows."""
     import zlib
