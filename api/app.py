@@ -38,6 +38,7 @@ import db
 import schedules
 from db import outcomes
 import temporal_client
+from activities.events import record_event
 from activities.ingest import IngestStats, UnreadableInput, copy_rows
 from activities.user_batches import in_lane_order, lane_problem
 from api import keys, openapi
@@ -545,9 +546,15 @@ async def submit_batch(request: Request) -> JSONResponse:
                            " (HTTP API)",
         )
     except RPCError as exc:
-        async with services.pool.connection() as conn:
-            await conn.execute("update user_batches set state = 'failed', finished_at = now() where id = %s", (ub,))
-        raise ApiError(503, f"user batch {ub} stored but its workflow did not start: {exc.message}") from None
+        # The answer says "retry": the batch gives its Idempotency-Key back, so a retry with the same
+        # key stores the list anew instead of replaying this failed batch for good.
+        async with services.pool.connection() as conn, conn.transaction():
+            await conn.execute("update user_batches set state = 'failed', finished_at = now(), idempotency_key = null"
+                               " where id = %s", (ub,))
+            await record_event(conn, "user_batch.failed", ub, _user(request),
+                               {"user_batch_id": ub, "reason": "workflow did not start"})
+        raise ApiError(503, f"user batch {ub} stored but its workflow did not start: {exc.message}; retry (with the"
+                            " same Idempotency-Key, if any: it was not used up)") from None
     doc = {"id": ub, "workflow_id": user_batch_workflow_id(ub), "state": "receiving", "rows": stats.rows,
            "invalid": stats.invalid, "invalid_rows": stats.invalid_rows, "header": stats.header}
     return JSONResponse(doc, status_code=201, headers={"Location": f"/v1/batches/{ub}"})

@@ -1079,3 +1079,40 @@ def test_a_json_number_too_large_for_64_bits_refuses_the_body_instead_of_crashin
     rows = list(json_rows(iter([b'["a@x.example", 7, 1.5]'])))
     assert [(r[0], r[1], r[3]) for r in rows[1:]] == [(2, "7", "not a string (JSON number)"),
                                                       (3, "1.5", "not a string (JSON number)")]
+
+
+async def test_a_batch_whose_workflow_did_not_start_gives_its_idempotency_key_back(api_settings, dev_env, monkeypatch):
+    """Temporal refuses the start (here: unavailable, a stand-in for an outage): the answer is a 503
+    that says to retry, and a retry with the same Idempotency-Key stores the list anew. It used to
+    replay the failed batch (200) for that key for good."""
+    from temporalio.client import Client
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from api.app import create_app
+
+    auth = {**new_key(api_settings, "olga"), "Idempotency-Key": "nightly-import-7"}
+    real_start = Client.start_workflow
+
+    async def refused(*_args, **_kwargs):
+        raise RPCError("server unavailable", RPCStatusCode.UNAVAILABLE, b"")
+
+    app = create_app(api_settings.model_copy(update={
+        "temporal_address": dev_env.client.service_client.config.target_host}))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
+        monkeypatch.setattr(Client, "start_workflow", refused)
+        first = await http.post("/v1/batches", headers=auth, json=["olga@one.example", "olga@two.example"])
+        assert first.status_code == 503, first.text
+        monkeypatch.setattr(Client, "start_workflow", real_start)
+        again = await http.post("/v1/batches", headers=auth, json=["olga@one.example", "olga@two.example"])
+        assert again.status_code == 201, again.text
+        assert "retry (with the same Idempotency-Key" in first.json()["error"]
+        replay = await http.post("/v1/batches", headers=auth, json=["olga@one.example", "olga@two.example"])
+        assert (replay.status_code, replay.json()["id"]) == (200, again.json()["id"])
+    with psycopg.connect(api_settings.database_url) as conn:
+        rows = conn.execute("select state, idempotency_key from user_batches where user_id = 'olga' order by id").fetchall()
+        failed = conn.execute("select count(*) from events where kind = 'user_batch.failed' and user_id = 'olga'"
+                              ).fetchone()[0]
+    assert rows[0] == ("failed", None) and rows[1][1] == "nightly-import-7" and len(rows) == 2
+    assert failed == 1
+    await dev_env.client.get_workflow_handle(again.json()["workflow_id"]).terminate("test done")
