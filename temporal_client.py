@@ -30,6 +30,7 @@ from temporalio.client import Client
 from temporalio.converter import PayloadCodec
 from temporalio.service import TLSConfig
 
+from activities.inputs import InputCheckingPayloadConverter
 from settings import Settings
 
 ENCODING = b"binary/encrypted"
@@ -92,10 +93,13 @@ class EncryptionCodec(PayloadCodec):
 
 
 def data_converter(settings: Settings) -> temporalio.converter.DataConverter:
+    """The SDK's JSON converter, naming a client's malformed UserBatchInput (it fails that workflow
+    instead of its workflow task, for ever: `InputCheckingPayloadConverter`), plus the codec."""
     spec = settings.payload_keys.get_secret_value()
+    converter = dataclasses.replace(temporalio.converter.default(), payload_converter_class=InputCheckingPayloadConverter)
     if not spec:
-        return temporalio.converter.default()
-    return dataclasses.replace(temporalio.converter.default(), payload_codec=EncryptionCodec(parse_keys(spec)))
+        return converter
+    return dataclasses.replace(converter, payload_codec=EncryptionCodec(parse_keys(spec)))
 
 
 def _read_pem(setting: str, path: str) -> bytes | None:

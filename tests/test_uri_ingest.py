@@ -417,3 +417,39 @@ async def test_a_list_whose_source_fails_for_good_midway_ends_failed_with_no_row
             assert reason.startswith("the list failed: ") and "HTTP 404" in reason
     finally:
         server.close()
+
+
+async def test_an_sdk_input_of_the_wrong_type_fails_the_workflow_at_once_naming_the_fields(dev_env, db_url, sandbox):
+    """A start input the SDK cannot decode (a field of the wrong type, a misspelled one) used to fail
+    the workflow *task*, retried for ever: the workflow stayed running and `result()` never came."""
+    import temporal_client
+
+    settings = make_settings(db_url, sandbox, temporal_address=dev_env.client.service_client.config.target_host)
+    client = await temporal_client.connect(settings)  # as worker.py connects
+    async with running_pipeline(client, settings) as p:
+        # Untyped starts, as a client of another language (or a dict) would send them.
+        bad = {
+            "types": {"source": {"uri": "x.csv", "user_id": None, "priority": 1, "max_result_age_s": "7d"}},
+            "misspelled": {"source": {"url": "x.csv", "user_id": "u"}, "progres_recheck_s": 5},
+            "not an object": "https://files.example.com/leads.csv",
+        }
+        handles = {case: await dev_env.client.start_workflow(
+            "UserBatchWorkflow", arg, id=f"sdk-{uuid.uuid4().hex[:8]}", task_queue=settings.task_queue)
+            for case, arg in bad.items()}
+        messages = {}
+        for case, handle in handles.items():
+            with pytest.raises(WorkflowFailureError) as failure:
+                await asyncio.wait_for(handle.result(), timeout=30)
+            cause = failure.value.cause
+            assert isinstance(cause, ApplicationError) and cause.type == "InvalidInput" and cause.non_retryable
+            messages[case] = cause.message
+        assert all(m.startswith("invalid UserBatchInput: ") for m in messages.values()), messages
+        for words in ("source.user_id None", "source.priority 1", "source.max_result_age_s '7d'"):
+            assert words in messages["types"], messages["types"]
+        for words in ("source.url", "Extra inputs are not permitted", "source.uri: Field required",
+                      "progres_recheck_s"):
+            assert words in messages["misspelled"], messages["misspelled"]
+        assert messages["not an object"].endswith("input 'https://files.example.com/leads.csv': Input should be a"
+                                                  " valid dictionary or instance of UserBatchInput"), messages
+        assert p.sql("select count(*) from user_batches") == [(0,)]
+
