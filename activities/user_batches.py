@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -440,6 +441,12 @@ class UserBatchActivities:
         problems = source_problems(src) or lane_problem(src.lanes, self.settings)
         if problems:
             raise ApplicationError("invalid user batch source: " + problems, type="InvalidInput", non_retryable=True)
+        if re.fullmatch(r"user-batch-\d+", request.workflow_id):
+            # starter.py, the HTTP API and recurring runs name their lists' workflows so, by row id.
+            raise ApplicationError(
+                f"workflow id {request.workflow_id!r} is of the form user-batch-<n>, which the CLI and the HTTP"
+                " API give their lists: start this list under another workflow id",
+                type="InvalidInput", non_retryable=True)
         async with self.pool.connection() as conn:
             row = await (
                 await conn.execute(
@@ -447,13 +454,28 @@ class UserBatchActivities:
                     insert into user_batches (user_id, name, priority, lanes, source, workflow_id, max_result_age_s)
                     values (%s, %s, %s, %s, %s, %s, %s)
                     on conflict (workflow_id) do update set workflow_id = excluded.workflow_id
-                    returning id
+                    returning id, user_id, source, state
                     """,
                     (src.user_id, src.name or src.uri.rsplit("/", 1)[-1], PRIORITIES.index(src.priority),
                      in_lane_order(src.lanes), src.uri, request.workflow_id, src.max_result_age_s),
                 )
             ).fetchone()
-        return int(row[0])
+        ub, user_id, uri, state = row
+        # The row is keyed by workflow id so that a retry of this activity finds the row its first
+        # attempt made. A later run under the same id (Temporal allows one once the first has closed,
+        # or was terminated) must not take that row over: its list would be read from the old list's
+        # last line on, into the old list (another user's, perhaps), and a finished one not at all.
+        if state in FINISHED_STATES:
+            raise ApplicationError(
+                f"workflow id {request.workflow_id!r} already ran as user batch {ub}, which is {state}: a"
+                " workflow id names one list; start this list under a new workflow id",
+                type="WorkflowIdReused", non_retryable=True)
+        if (user_id, uri) != (src.user_id, src.uri):
+            raise ApplicationError(
+                f"workflow id {request.workflow_id!r} is user batch {ub}, another list (another source or"
+                f" user), still {state}: start this list under a new workflow id",
+                type="WorkflowIdReused", non_retryable=True)
+        return int(ub)
 
     @activity.defn
     @heartbeats

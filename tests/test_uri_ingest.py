@@ -453,3 +453,51 @@ async def test_an_sdk_input_of_the_wrong_type_fails_the_workflow_at_once_naming_
                                                   " valid dictionary or instance of UserBatchInput"), messages
         assert p.sql("select count(*) from user_batches") == [(0,)]
 
+
+async def test_a_workflow_id_reused_for_another_list_is_refused_and_the_first_list_keeps_its_rows(
+    dev_env, db_url, sandbox, tmp_path
+):
+    """The user batch row is keyed by workflow id. A second run under an id (Temporal allows one once
+    the first closed) took the first run's row over: a finished list answered `BatchEnded`, and a
+    list whose run was terminated mid-file got the new list's rows from its own last line on
+    (another user's rows appended to it, the new list's first rows lost; all of them when none
+    was committed)."""
+    first = write_list(tmp_path / "first.csv", _emails("first", 300))
+    second = write_list(tmp_path / "second.csv", _emails("second", 500))
+    server = _FileServer(b"email\nx@y.example\n", [503])  # unavailable: the ingest retries (for 15 minutes)
+    settings = make_settings(db_url, sandbox, batch_size=1000)
+    try:
+        async with running_pipeline(dev_env.client, settings) as p:
+            done = await _start(dev_env.client, settings, SourceSpec(uri=str(first), user_id="ann"))
+            await asyncio.wait_for(done.result(), timeout=60)
+            cut = await _start(dev_env.client, settings, SourceSpec(uri=server.url, user_id="ann"))
+            await eventually(lambda: server.requests >= 2, "the unavailable list's retries", timeout=30)
+            await cut.terminate("operator")  # no workflow code runs: the row stays `receiving`
+            kept = {wid: p.sql("select user_id, state, (select count(*) from items i where i.user_batch_id = b.id)"
+                               " from user_batches b where workflow_id = %s", (wid,)) for wid in (done.id, cut.id)}
+            assert kept == {done.id: [("ann", "completed", 300)], cut.id: [("ann", "receiving", 0)]}
+            for wid in (done.id, cut.id):
+                again = await dev_env.client.start_workflow(
+                    UserBatchWorkflow.run, UserBatchInput(source=SourceSpec(uri=str(second), user_id="bob")),
+                    id=wid, task_queue=settings.task_queue)
+                with pytest.raises(WorkflowFailureError) as failure:
+                    await asyncio.wait_for(again.result(), timeout=30)
+                cause = failure.value.cause.cause
+                assert isinstance(cause, ApplicationError) and cause.type == "WorkflowIdReused", cause
+                assert f"workflow id {wid!r}" in str(cause) and "new workflow id" in str(cause)
+                assert p.sql("select user_id, state, (select count(*) from items i where i.user_batch_id = b.id)"
+                             " from user_batches b where workflow_id = %s", (wid,)) == kept[wid]
+            assert p.sql("select count(*) from items where email like 'second.%%'") == [(0,)]
+            # The CLI's and the HTTP API's workflow ids are theirs.
+            clash = await dev_env.client.start_workflow(
+                UserBatchWorkflow.run, UserBatchInput(source=SourceSpec(uri=str(second), user_id="bob")),
+                id="user-batch-999", task_queue=settings.task_queue)
+            with pytest.raises(WorkflowFailureError) as failure:
+                await asyncio.wait_for(clash.result(), timeout=30)
+            assert "user-batch-<n>" in str(failure.value.cause.cause)
+            # Under an id of its own, the list is verified as usual.
+            fresh = await _start(dev_env.client, settings, SourceSpec(uri=str(second), user_id="bob"))
+            assert (await asyncio.wait_for(fresh.result(), timeout=60)).by_state == {"verified": 500}
+    finally:
+        server.close()
+
