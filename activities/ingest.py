@@ -250,6 +250,34 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), 600.0) if seconds is not None and math.isfinite(seconds) else None
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` as messages, names and events show it: an http(s) URL without its userinfo's password
+    and its query (a presigned URL's signature, a token), which must not reach a failure message
+    (Temporal's history), a `user_batch.failed` event's subscribers or the rows' `reason`."""
+    if not uri.lower().startswith(("http://", "https://")):
+        return uri
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:  # an unparsable port or host: show the scheme only
+        return uri.split(":", 1)[0] + "://(unparsable URL)"
+    user = "***@" if parts.username is not None or parts.password is not None else ""  # a user, a token...
+    host = f"[{host}]" if ":" in host else host
+    return (f"{parts.scheme}://{user}{host}{f':{port}' if port is not None else ''}{parts.path}"
+            + ("?(query hidden)" if parts.query else ""))
+
+
+def list_name(uri: str) -> str:
+    """A list's default name: the last segment of its path (no query, no credentials)."""
+    from urllib.parse import unquote, urlsplit
+
+    path = urlsplit(uri).path if uri.lower().startswith(("http://", "https://", "file:")) else uri
+    return unquote(path.rstrip("/").rsplit("/", 1)[-1])[:500] or shown_uri(uri)
+
+
 def _local_path(text: str) -> Path:
     """A plain path, or a `file:` URI (percent-decoded; host empty or `localhost`)."""
     if not text.lower().startswith("file:"):
@@ -340,7 +368,7 @@ def open_source(uri: str | Path | Iterable[bytes], name: str = "the upload", gun
         if not (gunzip and head.startswith(GZIP_MAGIC)):
             yield head, raw
             return
-        source = name if not isinstance(uri, (str, Path)) else str(uri)
+        source = name if not isinstance(uri, (str, Path)) else shown_uri(str(uri))
         yield _head_and_stream(_gunzip(iter(functools.partial(raw.read, _GZIP_READ), b""), source))
 
 
@@ -352,6 +380,7 @@ def _opened(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIO
         return
     text = str(uri)
     if text.startswith(("http://", "https://")):
+        shown = shown_uri(text)
         import httpx  # here: `starter.py submit` reads files, and httpx costs ~0.08 CPU-s to import
 
         try:
@@ -360,24 +389,24 @@ def _opened(uri: str | Path | Iterable[bytes]) -> Iterator[tuple[bytes, io.RawIO
             with httpx.stream("GET", text, timeout=60.0, follow_redirects=True,
                               headers={"Accept-Encoding": "gzip"}) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
-                    raise SourceUnavailable(f"cannot read {text} now: HTTP {resp.status_code}",
+                    raise SourceUnavailable(f"cannot read {shown} now: HTTP {resp.status_code}",
                                             _retry_after(resp.headers.get("retry-after")))
                 if resp.status_code != 200:
-                    raise UnreadableInput(f"cannot read {text}: HTTP {resp.status_code} (check the URL and that"
+                    raise UnreadableInput(f"cannot read {shown}: HTTP {resp.status_code} (check the URL and that"
                                           " the workers may read it)")
                 coding = resp.headers.get("content-encoding", "").strip().lower()
                 if coding in ("", "identity"):
                     yield _head_and_stream(resp.iter_raw(256 * 1024))
                 elif coding in ("gzip", "x-gzip"):
-                    yield _head_and_stream(_gunzip(resp.iter_raw(_GZIP_READ), f"{text} (Content-Encoding gzip)"))
+                    yield _head_and_stream(_gunzip(resp.iter_raw(_GZIP_READ), f"{shown} (Content-Encoding gzip)"))
                 else:
-                    raise UnreadableInput(f"cannot read {text}: it is sent with Content-Encoding {coding!r};"
+                    raise UnreadableInput(f"cannot read {shown}: it is sent with Content-Encoding {coding!r};"
                                           " serve it plain or gzip")
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             # Also raised mid-download (a dropped connection): transient, unlike a bad URL.
-            raise SourceUnavailable(f"cannot read {text} now: {exc or type(exc).__name__}") from exc
+            raise SourceUnavailable(f"cannot read {shown} now: {exc or type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
-            raise UnreadableInput(f"cannot read {text}: {exc}") from exc
+            raise UnreadableInput(f"cannot read {shown}: {exc}") from exc
         return
     path = _local_path(text)
     try:
@@ -914,7 +943,7 @@ class IngestActivities:
             delay = timedelta(seconds=exc.retry_after_s) if exc.retry_after_s is not None else None
             raise ApplicationError(str(exc), type="SourceUnavailable", next_retry_delay=delay) from None
         if stats.rows == 0:  # as `submit` and the HTTP API refuse such a list
-            raise ApplicationError(f"{request.uri} has no rows (empty, or a header only): nothing to verify",
+            raise ApplicationError(f"{shown_uri(request.uri)} has no rows (empty, or a header only): nothing to verify",
                                    type="UnreadableInput", non_retryable=True)
         with psycopg.connect(self.database_url) as conn:
             conn.execute("update user_batches set rows_total = %s, invalid = %s where id = %s",

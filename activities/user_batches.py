@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.catchall import CANDIDATES
 from activities.events import record_event
 from activities.heartbeat import heartbeats
+from activities.ingest import list_name
 from activities.inputs import source_problems
 from db import fresh_result, lock_lanes
 from settings import CATCHALL, DELIVERABILITY, LANES, Settings
@@ -456,7 +457,7 @@ class UserBatchActivities:
                     on conflict (workflow_id) do update set workflow_id = excluded.workflow_id
                     returning id, user_id, source, state
                     """,
-                    (src.user_id, src.name or src.uri.rsplit("/", 1)[-1], PRIORITIES.index(src.priority),
+                    (src.user_id, src.name or list_name(src.uri), PRIORITIES.index(src.priority),
                      in_lane_order(src.lanes), src.uri, request.workflow_id, src.max_result_age_s),
                 )
             ).fetchone()

@@ -501,3 +501,31 @@ async def test_a_workflow_id_reused_for_another_list_is_refused_and_the_first_li
     finally:
         server.close()
 
+
+async def test_a_url_s_credentials_stay_out_of_failures_names_events_and_rows(dev_env, db_url, sandbox):
+    """A URL's userinfo and query (`https://user:pw@host/list.csv`, a presigned URL's signature) were
+    copied into the failure message (Temporal's history), the `user_batch.failed` event sent to
+    subscribers, every failed row's `reason` (the results export) and the list's name."""
+    body = ("email\n" + "".join(f"cred.{i}@x{i % 7}.example\n" for i in range(60_000))).encode()
+    server = _FileServer(body, ["drop", 404])  # some chunks committed, then gone
+    url = server.url.replace("http://", "http://ann:pw-SECRET1@") + "?X-Amz-Signature=SECRET2"
+    settings = make_settings(db_url, sandbox, ingest_chunk_rows=1000)
+    try:
+        async with running_pipeline(dev_env.client, settings) as p:
+            handle = await _start(dev_env.client, settings, SourceSpec(uri=url, user_id="cred"))
+            with pytest.raises(WorkflowFailureError) as failure:
+                await asyncio.wait_for(handle.result(), timeout=60)
+            message = str(failure.value.cause.cause)
+            assert "HTTP 404" in message and "http://***@127.0.0.1:" in message and "?(query hidden)" in message
+            seen = [message, *map(str, p.sql("select name, state from user_batches")),
+                    *map(str, p.sql("select distinct reason from items")), *map(str, p.sql("select * from events"))]
+            async for event in handle.fetch_history_events():
+                if event.event_type in (EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+                                        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED):
+                    seen.append(str(event))
+            assert p.sql("select name, state from user_batches") == [("list.csv", "failed")]
+            assert any("the list failed: " in s for s in seen) and any("user_batch.failed" in s for s in seen)
+            leaks = [s for s in seen if "SECRET" in s]
+            assert not leaks, leaks
+    finally:
+        server.close()
