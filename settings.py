@@ -6,6 +6,7 @@ environment. Every field is listed in the README with its env var and default.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pydantic import Field, SecretStr
@@ -31,8 +32,15 @@ class LaneApi:
     max_concurrent_batches: int
 
 
+# The files read for settings, weakest first (`.env` wins over the dev stack's), from the working
+# directory; SETTINGS_FILES (comma-separated, empty: none) names others. The tests set it empty, so
+# that a dev stack running beside them (`.dev/stack.env`) or a developer's `.env` changes nothing.
+SETTINGS_FILES = tuple(f.strip() for f in os.environ.get("SETTINGS_FILES", ".dev/stack.env,.env").split(",")
+                       if f.strip())
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=(".dev/stack.env", ".env"), env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(env_file=SETTINGS_FILES or None, env_file_encoding="utf-8", extra="ignore")
 
     # Temporal
     temporal_address: str = Field("localhost:7233", description="Temporal frontend host:port")

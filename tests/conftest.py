@@ -20,6 +20,9 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# No settings files, here or in the processes tests start: a dev stack running in this checkout
+# (`.dev/stack.env`) or a `.env` would point their workers and CLIs elsewhere.
+os.environ["SETTINGS_FILES"] = ""
 
 import db  # noqa: E402
 from sandbox.process import running_sandbox  # noqa: E402

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from devstack import DevStack, _alive, _started
 
@@ -32,3 +34,22 @@ def test_a_pid_file_naming_a_process_we_did_not_start_is_never_signalled(tmp_pat
         for proc in (ours, theirs):
             proc.kill()
             proc.wait()
+
+
+def test_settings_files_can_be_named_or_turned_off(tmp_path):
+    """A dev stack's `.dev/stack.env` is read from the working directory unless SETTINGS_FILES says
+    otherwise: the tests set it empty, so a stack running in the checkout does not steer their workers."""
+    (tmp_path / ".dev").mkdir()
+    (tmp_path / ".dev" / "stack.env").write_text("CATCHALL_BASE_URL=http://127.0.0.1:8299/catchall\n")
+    (tmp_path / "other.env").write_text("CATCHALL_BASE_URL=http://other.example\n")
+    probe = [sys.executable, "-c", "from settings import Settings; print(Settings().catchall_base_url)"]
+    env = {k: v for k, v in os.environ.items() if k not in ("SETTINGS_FILES", "CATCHALL_BASE_URL")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+
+    def read(**extra: str) -> str:
+        return subprocess.run(probe, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert read() == "http://127.0.0.1:8299/catchall"
+    assert read(SETTINGS_FILES="") == ""
+    assert read(SETTINGS_FILES=".dev/stack.env, other.env") == "http://other.example"
