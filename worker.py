@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -154,9 +156,27 @@ class _Server(uvicorn.Server):
         yield
 
 
-def http_server(app, listen: str) -> uvicorn.Server:
+def listening(listen: str, setting: str) -> socket.socket:
+    """A socket bound to `listen` (host:port) before anything else starts: a port in use stops the
+    worker at once with its setting named, before it polls any work (uvicorn binding later exited
+    the process from inside a task, past the drain, with activities already taken)."""
     host, _, port = listen.rpartition(":")
-    return _Server(uvicorn.Config(app, host=host or "0.0.0.0", port=int(port), log_level="warning"))
+    host = host.strip("[]") or "0.0.0.0"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise SystemExit(f"worker: cannot listen on {listen} ({setting}): {getattr(exc, 'strerror', None) or exc};"
+                         f" stop what listens there, or set {setting} to a free host:port") from None
+    return sock
+
+
+def http_server(app, sock: socket.socket) -> uvicorn.Server:
+    server = _Server(uvicorn.Config(app, log_level="warning"))
+    server.serve = functools.partial(server.serve, sockets=[sock])  # the socket bound at start
+    return server
 
 
 async def require_search_attributes(client: Client, settings: Settings) -> None:
@@ -177,6 +197,8 @@ async def require_search_attributes(client: Client, settings: Settings) -> None:
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    callback_sock = listening(settings.callback_listen, "CALLBACK_LISTEN") if settings.callback_listen else None
+    ops_sock = listening(settings.metrics_listen, "METRICS_LISTEN") if settings.metrics_listen else None
     db.migrate(settings.database_url)
     sdk = telemetry.sdk_metrics(telemetry.free_port()) if settings.metrics_listen else None
     tracing = telemetry.tracing(settings)
@@ -208,8 +230,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(w.run()) for w in workers]
         worker_tasks = list(tasks)
         await ensure_dispatcher(client, settings)  # delivers events to subscribers; one per namespace
-        if settings.callback_listen:
-            servers.append(http_server(callbacks.create_app(pool, client), settings.callback_listen))
+        if callback_sock is not None:
+            servers.append(http_server(callbacks.create_app(pool, client), callback_sock))
             if not settings.callback_base_url:
                 log.warning("CALLBACK_LISTEN %s binds every interface and CALLBACK_PUBLIC_URL is unset: Bouncer is"
                             " given no callback address, so completions are found by polling; set"
@@ -217,13 +239,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         sampling = asyncio.Event()
         sampler = asyncio.create_task(metrics.sample_forever(settings, pool, usage, bouncer, sampling))
         ops = None
-        if settings.metrics_listen:
+        if ops_sock is not None:
             ops = http_server(
                 # A draining worker is alive (its workers stop one by one, on purpose); one whose
                 # worker stopped on its own is not.
                 ops_server.create_app(pool, sdk.url, draining=stop.is_set,
                                       alive=lambda: stop.is_set() or not any(t.done() for t in worker_tasks)),
-                settings.metrics_listen,
+                ops_sock,
             )
         tasks += [asyncio.create_task(s.serve()) for s in (*servers, *([ops] if ops else []))]
         log.info("worker up: queues %s, %s, %s", settings.task_queue, settings.api_create_task_queue,

@@ -382,3 +382,25 @@ async def test_readyz_holds_while_every_pooled_connection_is_busy(db_url):
         answer = await httpx.AsyncClient(transport=httpx.ASGITransport(
             app=create_app(broken, None, alive=lambda: True, draining=lambda: False)), base_url="http://w").get("/readyz")
         assert answer.status_code == 503 and answer.json()["reason"].startswith("postgres:")
+
+
+def test_a_worker_whose_port_is_taken_stops_at_once_naming_the_setting(dev_env, db_url, sandbox):
+    """CALLBACK_LISTEN on a port something else holds: the worker exits before it polls any work,
+    with the setting named. It used to start its pollers, log "worker up", and then leave from
+    inside uvicorn's task (sys.exit, past the drain) with a bare bind error."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = f"127.0.0.1:{held.getsockname()[1]}"
+    settings = make_settings(db_url, sandbox, callback_listen=taken,
+                             temporal_address=dev_env.client.service_client.config.target_host)
+    try:
+        run = subprocess.run([sys.executable, "worker.py"], cwd=ROOT, env=settings_env(settings),
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        held.close()
+    assert run.returncode != 0
+    assert f"cannot listen on {taken} (CALLBACK_LISTEN)" in run.stderr, run.stderr[-2000:]
+    assert "worker up" not in run.stderr
