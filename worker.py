@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import socket
@@ -148,8 +147,16 @@ def bouncer_client(settings: Settings, lane: str = DELIVERABILITY, on_response=N
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves SIGTERM/SIGINT to the worker: the drain decides when each
-    server stops (the callbacks' at once, the ops endpoint's last, answering /readyz "draining")."""
+    """A uvicorn server on a socket bound at start (`listening`) that leaves SIGTERM/SIGINT to the
+    worker: the drain decides when each server stops (the callbacks' at once, the ops endpoint's
+    last, answering /readyz "draining")."""
+
+    def __init__(self, app, sock: socket.socket) -> None:
+        super().__init__(uvicorn.Config(app, log_level="warning"))
+        self.sock = sock
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().serve(sockets=[self.sock])
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -171,12 +178,6 @@ def listening(listen: str, setting: str) -> socket.socket:
         raise SystemExit(f"worker: cannot listen on {listen} ({setting}): {getattr(exc, 'strerror', None) or exc};"
                          f" stop what listens there, or set {setting} to a free host:port") from None
     return sock
-
-
-def http_server(app, sock: socket.socket) -> uvicorn.Server:
-    server = _Server(uvicorn.Config(app, log_level="warning"))
-    server.serve = functools.partial(server.serve, sockets=[sock])  # the socket bound at start
-    return server
 
 
 async def require_search_attributes(client: Client, settings: Settings) -> None:
@@ -231,7 +232,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         worker_tasks = list(tasks)
         await ensure_dispatcher(client, settings)  # delivers events to subscribers; one per namespace
         if callback_sock is not None:
-            servers.append(http_server(callbacks.create_app(pool, client), callback_sock))
+            servers.append(_Server(callbacks.create_app(pool, client), callback_sock))
             if not settings.callback_base_url:
                 log.warning("CALLBACK_LISTEN %s binds every interface and CALLBACK_PUBLIC_URL is unset: Bouncer is"
                             " given no callback address, so completions are found by polling; set"
@@ -240,7 +241,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         sampler = asyncio.create_task(metrics.sample_forever(settings, pool, usage, bouncer, sampling))
         ops = None
         if ops_sock is not None:
-            ops = http_server(
+            ops = _Server(
                 # A draining worker is alive (its workers stop one by one, on purpose); one whose
                 # worker stopped on its own is not.
                 ops_server.create_app(pool, sdk.url, draining=stop.is_set,

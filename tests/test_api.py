@@ -414,14 +414,19 @@ async def test_stalled_result_downloads_leave_requests_and_healthz_their_connect
     assert "read nothing for 5 s (API_CLIENT_IDLE_TIMEOUT_S)" in log.read_text()
 
 
-async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_settings, caplog):
-    """/healthz is unauthenticated: it says what is down, the log says why."""
+async def _healthz(settings, **update) -> httpx.Response:
+    """`GET /healthz` of an API app in this process, on `settings` changed by `update`."""
     from api.app import create_app
 
-    app = create_app(api_settings.model_copy(update={"temporal_address": "127.0.0.1:1"}))
+    app = create_app(settings.model_copy(update=update))
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
-        resp = await http.get("/healthz")
+        return await http.get("/healthz")
+
+
+async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_settings, caplog):
+    """/healthz is unauthenticated: it says what is down, the log says why."""
+    resp = await _healthz(api_settings, temporal_address="127.0.0.1:1")
     assert resp.status_code == 503
     assert resp.json() == {"status": "degraded", "postgres": "ok", "temporal": "down: Temporal unreachable"}
     assert "127.0.0.1:1" in caplog.text
@@ -430,14 +435,8 @@ async def test_healthz_names_no_address_or_error_when_temporal_is_down(api_setti
 async def test_healthz_names_no_error_when_postgres_is_down_and_logs_why(dev_env, api_settings, caplog, tmp_path):
     """The same for Postgres: the answer names it, the log has the error (it had neither the log
     line nor a fixed text: the exception's class name was the answer)."""
-    from api.app import create_app
-
-    nowhere = f"postgresql://postgres@/postgres?host={tmp_path}&connect_timeout=1"
-    app = create_app(api_settings.model_copy(update={
-        "database_url": nowhere, "temporal_address": dev_env.client.service_client.config.target_host}))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
-        resp = await http.get("/healthz")
+    resp = await _healthz(api_settings, database_url=f"postgresql://postgres@/postgres?host={tmp_path}&connect_timeout=1",
+                          temporal_address=dev_env.client.service_client.config.target_host)
     assert resp.status_code == 503
     assert resp.json() == {"status": "degraded", "postgres": "down: Postgres unreachable", "temporal": "ok"}
     assert "/healthz: Postgres check failed" in caplog.text
